@@ -1,0 +1,36 @@
+"""fastlstm: low-latency CPU inference for LSTM networks trained in any framework.
+
+    model = fastlstm.load("model.pt")            # a file path or an in-memory framework object
+    y = model.predict(x)                          # whole sequences, batch first
+    stream = model.stream()                       # one time step per call, state kept
+    y_t = stream.step(x_t)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import FastLSTMError, InvalidInputError, InvalidModelError, ModelFormatError, UnsupportedModelError
+from .model import Model, Stream
+from .spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
+
+__version__ = "0.1.0"
+__all__ = [
+    "load", "Model", "Stream", "ModelSpec", "LSTMLayer", "LSTMCellWeights", "DenseLayer",
+    "FastLSTMError", "ModelFormatError", "InvalidModelError", "UnsupportedModelError", "InvalidInputError",
+]
+
+logging.getLogger("fastlstm").addHandler(logging.NullHandler())
+
+
+def load(source, *, backend: str = "auto", dtype="float32", **options) -> Model:
+    """Load a model from a file path or an in-memory object, ready to run.
+
+    ``backend`` is ``"auto"`` (the fastest available; see ``Model.backend``), ``"cython"``, ``"numba"`` or
+    ``"numpy"``; ``dtype`` is ``"float32"`` or ``"float64"``. Importer options (e.g. which parameters form
+    the head of a PyTorch state_dict) are passed as further keywords; see the README.
+    Loading never executes code from the file.
+    """
+    from .importers import read_model
+
+    return Model(read_model(source, **options), backend=backend, dtype=dtype)

@@ -1,0 +1,59 @@
+"""Backend registry: name -> factory, and the ``"auto"`` choice.
+
+Compiled backends are imported lazily, so a missing or unbuilt one costs nothing until asked for, and an
+explicit request for it fails with the reason (e.g. how to build the Cython extension).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import numpy as np
+
+from ..spec import ModelSpec
+from .base import PreparedLSTM
+
+logger = logging.getLogger("fastlstm")
+
+# name -> "module:class". "auto" tries them in this order (fastest first, as measured by bench/).
+BACKENDS = {
+    "cython": "fastlstm.backends.cython_backend:CythonLSTM",
+    "numba": "fastlstm.backends.numba_backend:NumbaLSTM",
+    "numpy": "fastlstm.backends.numpy_backend:NumpyLSTM",
+}
+
+
+def backend_class(name: str) -> type[PreparedLSTM]:
+    """The ``PreparedLSTM`` class of backend ``name``; raises ``ImportError`` saying why it is unavailable."""
+    module_name, class_name = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that import on this machine, fastest first."""
+    names = []
+    for name in BACKENDS:
+        try:
+            backend_class(name)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def prepare(spec: ModelSpec, backend: str, dtype: np.dtype) -> PreparedLSTM:
+    """Prepare ``spec`` on ``backend`` (a name from ``BACKENDS`` or ``"auto"``)."""
+    if backend == "auto":
+        for name in BACKENDS:
+            try:
+                cls = backend_class(name)
+            except ImportError as exc:
+                logger.info("backend %r unavailable: %s", name, exc)
+                continue
+            logger.info("backend 'auto' chose %r", name)
+            return cls(spec, dtype)
+        raise ImportError("no fastlstm backend could be imported")  # unreachable: numpy always imports
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+    return backend_class(backend)(spec, dtype)

@@ -1,0 +1,95 @@
+"""The NumPy backend: the readable reference every other backend is tested against.
+
+It follows the equations of ``fastlstm.spec`` line by line, for every option (activations, clip,
+peepholes, coupled gates, projection, directions), with no concern for speed beyond hoisting the input
+projection of all time steps into one matrix product.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..activations import apply_activation
+from ..spec import LSTMCellWeights, LSTMLayer, ModelSpec
+from .base import PreparedLSTM
+
+
+class NumpyLSTM(PreparedLSTM):
+    backend = "numpy"
+
+    def __init__(self, spec: ModelSpec, dtype: np.dtype):
+        super().__init__(spec, dtype)
+        # Weights cast once to the run dtype; the spec's own arrays are left untouched.
+        self._cells = [
+            [
+                LSTMCellWeights(
+                    *(None if a is None else np.ascontiguousarray(a, dtype=self.dtype)
+                      for a in (cell.w_ih, cell.w_hh, cell.bias, cell.w_hr, cell.peephole))
+                )
+                for cell in layer.cells
+            ]
+            for layer in spec.layers
+        ]
+
+    def run_sequence(self, x, h, c):
+        layer_input = x
+        row = 0
+        for layer, cells in zip(self.spec.layers, self._cells):
+            outputs = []
+            for d, cell in enumerate(cells):
+                reverse = layer.direction == "reverse" or d == 1
+                outputs.append(run_cell_sequence(layer, cell, layer_input, h[row], c[row], reverse))
+                row += 1
+            layer_input = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=-1)
+        return layer_input
+
+    def new_workspace(self, batch_size):
+        return None
+
+    def step(self, x, h, c, workspace):
+        layer_input = x
+        for n, (layer, cells) in enumerate(zip(self.spec.layers, self._cells)):
+            cell_step(layer, cells[0], layer_input @ cells[0].w_ih.T, h[n], c[n])
+            layer_input = h[n]
+        return h[len(self.spec.layers) - 1]
+
+
+def run_cell_sequence(
+    layer: LSTMLayer, cell: LSTMCellWeights, x: np.ndarray, h: np.ndarray, c: np.ndarray, reverse: bool
+) -> np.ndarray:
+    """One direction of one layer over ``x`` ``(B, T, I)``; updates ``h``/``c`` ``(B, ·)`` in place."""
+    batch, steps, _ = x.shape
+    x_proj = x @ cell.w_ih.T  # (B, T, 4H): the input projection of every step in one product
+    y = np.empty((batch, steps, layer.output_size), dtype=x.dtype)
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        cell_step(layer, cell, x_proj[:, t], h, c)
+        y[:, t] = h
+    return y
+
+
+def cell_step(layer: LSTMLayer, cell: LSTMCellWeights, x_proj: np.ndarray, h: np.ndarray, c: np.ndarray) -> None:
+    """One time step of one cell given ``x_proj = x @ w_ih.T`` ``(B, 4H)``; updates ``h`` and ``c`` in place."""
+    H = layer.hidden_size
+    z = x_proj + h @ cell.w_hh.T + cell.bias
+    zi, zf, zg, zo = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H], z[:, 3 * H:]
+    if cell.peephole is not None:
+        p_i, p_f, p_o = cell.peephole
+        zi = zi + p_i * c
+        zf = zf + p_f * c
+    clip = _clipper(layer.clip)
+    i = apply_activation(layer.gate_activation, clip(zi))
+    f = 1 - i if layer.input_forget else apply_activation(layer.gate_activation, clip(zf))
+    g = apply_activation(layer.cell_activation, clip(zg))
+    c_new = f * c + i * g
+    if cell.peephole is not None:
+        zo = zo + p_o * c_new
+    o = apply_activation(layer.gate_activation, clip(zo))
+    h_full = o * apply_activation(layer.output_activation, clip(c_new))
+    c[...] = c_new
+    h[...] = h_full @ cell.w_hr.T if cell.w_hr is not None else h_full
+
+
+def _clipper(bound):
+    if bound is None:
+        return lambda z: z
+    return lambda z: np.clip(z, -bound, bound)

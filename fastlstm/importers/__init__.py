@@ -1,0 +1,86 @@
+"""Importers: turn a file or an in-memory framework object into a ``ModelSpec``.
+
+``read_model`` recognises the source (a file's leading bytes and contents, never its extension alone; an
+object's type, without importing the framework it comes from) and hands it to the importer for that
+format. Each importer only translates into the canonical description; none knows about backends.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+from ..errors import ModelFormatError
+from ..spec import ModelSpec
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL_2_PLUS = b"\x80"
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+SUPPORTED_FORMATS = (
+    "fastlstm native files (Model.save)",
+    "PyTorch state_dict files (torch.save, zip and legacy formats)",
+    "TorchScript files (torch.jit.save)",
+)
+
+
+def read_model(source, **options) -> ModelSpec:
+    """The validated ``ModelSpec`` of ``source`` (a path, a ``ModelSpec`` or a framework object)."""
+    if isinstance(source, ModelSpec):
+        _no_options(options, "a ModelSpec")
+        return source.validate()
+    if isinstance(source, (str, os.PathLike)):
+        return _read_file(os.fspath(source), options)
+    module = type(source).__module__ or ""
+    if module.split(".")[0] == "torch" or _is_torch_module(source):
+        from . import pytorch
+
+        return pytorch.spec_from_module(source, **options)
+    raise TypeError(
+        f"cannot load a {type(source).__module__}.{type(source).__qualname__}: expected a file path, "
+        "a fastlstm ModelSpec, or a torch.nn.Module containing an nn.LSTM"
+    )
+
+
+def _read_file(path: str, options: dict) -> ModelSpec:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such model file: {path!r}")
+    if os.path.isdir(path):
+        raise ModelFormatError(f"{path!r} is a directory, not a model file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(_ZIP_MAGIC):
+        try:
+            archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise ModelFormatError(f"{path!r} looks like a zip archive but cannot be opened: {exc}") from None
+        with archive:
+            names = archive.namelist()
+            from . import native
+
+            if native.is_native_zip(archive):
+                _no_options(options, "a fastlstm native file")
+                return native.load_native(archive, path)
+            if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+                from . import pytorch
+
+                return pytorch.spec_from_file(path, **options)
+        raise ModelFormatError(f"{path!r} is a zip archive but not a model fastlstm reads; supported: "
+                               + "; ".join(SUPPORTED_FORMATS))
+    if head.startswith(_PICKLE_PROTOCOL_2_PLUS):
+        from . import pytorch
+
+        return pytorch.spec_from_file(path, **options)
+    raise ModelFormatError(
+        f"{path!r} is not a model file fastlstm recognises (leading bytes {head!r}); supported: "
+        + "; ".join(SUPPORTED_FORMATS)
+    )
+
+
+def _is_torch_module(obj) -> bool:
+    return any(cls.__module__.split(".")[0] == "torch" for cls in type(obj).__mro__)
+
+
+def _no_options(options: dict, what: str) -> None:
+    if options:
+        raise TypeError(f"options {sorted(options)} do not apply to {what}")

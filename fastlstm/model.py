@@ -1,0 +1,227 @@
+"""The user-facing objects: ``Model`` (immutable, shared) and ``Stream`` (one per live sequence).
+
+``Model`` pairs a validated ``ModelSpec`` with its backend-prepared LSTM stack and dense head. It holds no
+mutable state, so one model serves any number of threads. ``Stream`` owns the recurrent state and every
+buffer a step needs, allocated and validated once at creation, so ``step`` only copies the input in,
+runs the kernel and copies the output out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backends import prepare
+from .errors import InvalidInputError
+from .head import PreparedHead
+from .spec import ModelSpec
+
+SUPPORTED_DTYPES = ("float32", "float64")
+
+
+class Model:
+    """An LSTM network ready to run. Build one with ``fastlstm.load``."""
+
+    def __init__(self, spec: ModelSpec, *, backend: str = "auto", dtype="float32"):
+        if str(np.dtype(dtype)) not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype: expected one of {SUPPORTED_DTYPES}, got {np.dtype(dtype)}")
+        self.spec = spec.validate()
+        self.dtype = np.dtype(dtype)
+        self._lstm = prepare(spec, backend, self.dtype)
+        self._head = PreparedHead(spec.head, self.dtype)
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs this model (what ``backend="auto"`` chose)."""
+        return self._lstm.backend
+
+    @property
+    def input_size(self) -> int:
+        return self.spec.input_size
+
+    @property
+    def output_size(self) -> int:
+        return self.spec.output_size
+
+    def __repr__(self) -> str:
+        layers = self.spec.layers
+        desc = ", ".join(
+            f"{l.direction} {l.input_size}->{l.hidden_size}" + (f" proj {l.proj_size}" if l.proj_size else "")
+            for l in layers
+        )
+        head = f", head {[d.out_features for d in self.spec.head]}" if self.spec.head else ""
+        return (f"<fastlstm.Model {len(layers)} layer(s) [{desc}]{head}, output={self.spec.output!r}, "
+                f"backend={self.backend!r}, dtype={self.dtype}>")
+
+    # ------------------------------------------------------------------ whole sequences
+    def predict(self, x, state=None, *, return_state: bool = False):
+        """Run whole sequences.
+
+        ``x`` is ``(B, T, F)`` (batch first) or one sequence ``(T, F)``; any real dtype and memory layout.
+        ``state`` is an optional ``(h0, c0)`` in PyTorch's shapes ``(layers * directions, B, size)``
+        (``(layers * directions, size)`` for one unbatched sequence); zeros when left out.
+        Returns ``y`` — ``(B, T, O)`` when the model outputs every step, ``(B, O)`` when it outputs the last
+        step only (without the batch axis for an unbatched ``x``) — and, with ``return_state=True``,
+        ``(y, (h_n, c_n))``.
+        """
+        x = _as_real_array(x, "x")
+        if x.ndim not in (2, 3):
+            raise InvalidInputError(f"x: expected shape (batch, time, {self.input_size}) or (time, {self.input_size}), got {x.shape}")
+        unbatched = x.ndim == 2
+        if unbatched:
+            x = x[None]
+        batch, steps, features = x.shape
+        if features != self.input_size:
+            raise InvalidInputError(f"x: expected {self.input_size} features on the last axis, got shape {_shape(x, unbatched)}")
+        if batch == 0 or steps == 0:
+            raise InvalidInputError(f"x: expected at least one sequence of at least one step, got shape {_shape(x, unbatched)}")
+        x = np.ascontiguousarray(x, dtype=self.dtype)
+        h, c = self._initial_state(state, batch, unbatched)
+
+        y = self._lstm.run_sequence(x, h, c)
+        if self.spec.output == "last_step":
+            y = y[:, -1]
+        elif self.spec.output == "final_state":
+            last = self.spec.layers[-1]
+            y = np.concatenate(list(h[h.shape[0] - last.num_directions:]), axis=-1)
+        if self._head:
+            y = self._head.apply(y)
+        if unbatched:
+            y, h, c = y[0], h[:, 0], c[:, 0]
+        return (y, (h, c)) if return_state else y
+
+    def _initial_state(self, state, batch: int, unbatched: bool) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.spec.num_state_rows
+        h_size, c_size = self.spec.state_sizes()
+        if state is None:
+            return (np.zeros((rows, batch, h_size), self.dtype), np.zeros((rows, batch, c_size), self.dtype))
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise InvalidInputError(f"state: expected a pair (h0, c0), got {type(state).__name__}")
+        arrays = []
+        for name, value, size in (("h0", state[0], h_size), ("c0", state[1], c_size)):
+            value = _as_real_array(value, name)
+            expected = (rows, size) if unbatched else (rows, batch, size)
+            if value.shape != expected:
+                raise InvalidInputError(f"{name}: expected shape {expected} (layers * directions, "
+                                        f"{'' if unbatched else 'batch, '}size), got {value.shape}")
+            # A fresh copy: the caller's arrays are never written.
+            arrays.append(np.array(value[:, None] if unbatched else value, dtype=self.dtype, order="C"))
+        return arrays[0], arrays[1]
+
+    # ------------------------------------------------------------------ streaming
+    def stream(self, batch_size: int = 1) -> "Stream":
+        """A ``Stream`` that steps ``batch_size`` sequences together, one time step per call, from zero state."""
+        return Stream(self, batch_size)
+
+    def save(self, path) -> None:
+        """Write the model to ``path`` in fastlstm's native format (read back by ``fastlstm.load``, NumPy only)."""
+        from .importers.native import save_native
+
+        save_native(self.spec, path)
+
+
+class Stream:
+    """The recurrent state of ``batch_size`` sequences advanced one time step per ``step`` call.
+
+    Only forward (unidirectional) models stream: a reverse direction needs the future of the sequence.
+    A stream is not thread-safe; give each thread (or each live sequence) its own.
+    """
+
+    def __init__(self, model: Model, batch_size: int = 1):
+        spec = model.spec
+        if not spec.is_unidirectional_forward:
+            directions = sorted({layer.direction for layer in spec.layers} - {"forward"})
+            raise InvalidInputError(
+                f"stream(): this model has {' and '.join(directions)} layers, which need the whole sequence; "
+                "use predict() on complete sequences instead"
+            )
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InvalidInputError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        self.model = model
+        self.batch_size = int(batch_size)
+        h_size, c_size = spec.state_sizes()
+        rows = spec.num_state_rows
+        self._h = np.zeros((rows, batch_size, h_size), model.dtype)
+        self._c = np.zeros((rows, batch_size, c_size), model.dtype)
+        self._x = np.zeros((batch_size, spec.input_size), model.dtype)
+        self._workspace = model._lstm.new_workspace(self.batch_size)
+        self._head_buffers = model._head.new_buffers(self.batch_size)
+        self._step = model._lstm.step
+        self._head = model._head if model._head else None
+        self._batched_shape = (self.batch_size, spec.input_size)
+        self._unbatched_shape = (spec.input_size,) if batch_size == 1 else None
+
+    def step(self, x_t, out: np.ndarray | None = None) -> np.ndarray:
+        """Feed one time step ``x_t`` ``(B, F)`` (or ``(F,)`` when ``batch_size`` is 1); return its output.
+
+        The output is ``(B, O)`` (``(O,)`` for an unbatched ``x_t``), a new array unless ``out`` is given,
+        in which case it is written there and ``out`` is returned.
+        """
+        shape = np.shape(x_t)
+        if shape == self._batched_shape:
+            unbatched = False
+        elif shape == self._unbatched_shape:
+            unbatched = True
+        else:
+            raise InvalidInputError(
+                f"x_t: expected shape {self._batched_shape}"
+                + (f" or {self._unbatched_shape}" if self._unbatched_shape else "")
+                + f", got {shape}"
+            )
+        kind = getattr(x_t, "dtype", np.asarray(x_t).dtype).kind
+        if kind not in "biuf":
+            raise InvalidInputError(f"x_t: expected real numbers, got dtype {np.asarray(x_t).dtype}")
+        np.copyto(self._x[0] if unbatched else self._x, x_t, casting="unsafe")
+        y = self._step(self._x, self._h, self._c, self._workspace)
+        if self._head is not None:
+            y = self._head.apply_into(y, self._head_buffers)
+        if unbatched:
+            y = y[0]
+        if out is None:
+            return y.copy()
+        if not isinstance(out, np.ndarray) or out.shape != y.shape or out.dtype != y.dtype:
+            raise InvalidInputError(
+                f"out: expected an array of shape {y.shape} and dtype {y.dtype}, got "
+                + (f"shape {out.shape} dtype {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__)
+            )
+        np.copyto(out, y)
+        return out
+
+    def reset(self) -> None:
+        """Zero the state, as at creation."""
+        self._h[...] = 0
+        self._c[...] = 0
+
+    @property
+    def state(self) -> tuple[np.ndarray, np.ndarray]:
+        """A copy of ``(h, c)``, each ``(layers, batch_size, size)`` as PyTorch lays them out."""
+        return self._h.copy(), self._c.copy()
+
+    @state.setter
+    def state(self, value) -> None:
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise InvalidInputError(f"state: expected a pair (h, c), got {type(value).__name__}")
+        arrays = []
+        for name, new, current in (("h", value[0], self._h), ("c", value[1], self._c)):
+            new = _as_real_array(new, name)
+            if new.shape == (current.shape[0], current.shape[2]) and self.batch_size == 1:
+                new = new[:, None]
+            if new.shape != current.shape:
+                raise InvalidInputError(f"state {name}: expected shape {current.shape}, got {new.shape}")
+            arrays.append(new)
+        # Both checked before either is written: a rejected state leaves the stream untouched.
+        for new, current in zip(arrays, (self._h, self._c)):
+            np.copyto(current, new, casting="unsafe")
+
+
+def _as_real_array(value, name: str) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise InvalidInputError(f"{name}: could not be read as an array ({exc})") from None
+    if array.dtype.kind not in "biuf":
+        raise InvalidInputError(f"{name}: expected real numbers, got dtype {array.dtype}")
+    return array
+
+
+def _shape(x: np.ndarray, unbatched: bool) -> tuple[int, ...]:
+    return x.shape[1:] if unbatched else x.shape
