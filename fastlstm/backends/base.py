@@ -28,12 +28,19 @@ class PreparedLSTM(ABC):
         self.dtype = np.dtype(dtype)
 
     @abstractmethod
-    def run_sequence(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndarray:
+    def run_sequence(self, x: np.ndarray, h: np.ndarray, c: np.ndarray,
+                     lengths: np.ndarray | None = None) -> np.ndarray:
         """Run every layer over whole sequences.
 
         ``x`` is ``(B, T, I)``, C-contiguous, of ``self.dtype``. ``h`` ``(rows, B, P or H)`` and ``c``
         ``(rows, B, H)`` (``rows = num_layers * num_directions``) hold the initial state on entry and are
-        overwritten with the final state. Returns the last layer's output ``(B, T, D * (P or H))``.
+        overwritten with the final state. Returns the last layer's output ``(B, T, D * (P or H))``, a new
+        C-contiguous array.
+
+        ``lengths`` (``None``, or int64 ``(B,)`` with ``1 <= lengths[b] <= T``, already checked) gives each
+        sequence's own length, with ONNX ``sequence_lens`` semantics: row ``b`` runs steps
+        ``0 .. lengths[b]-1`` only (a reverse direction runs them from ``lengths[b]-1`` down to 0), outputs at
+        ``t >= lengths[b]`` are zero, and the final state is the one after the row's last valid step.
         """
 
     @abstractmethod

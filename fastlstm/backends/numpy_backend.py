@@ -31,14 +31,14 @@ class NumpyLSTM(PreparedLSTM):
             for layer in spec.layers
         ]
 
-    def run_sequence(self, x, h, c):
+    def run_sequence(self, x, h, c, lengths=None):
         layer_input = x
         row = 0
         for layer, cells in zip(self.spec.layers, self._cells):
             outputs = []
             for d, cell in enumerate(cells):
                 reverse = layer.direction == "reverse" or d == 1
-                outputs.append(run_cell_sequence(layer, cell, layer_input, h[row], c[row], reverse))
+                outputs.append(run_cell_sequence(layer, cell, layer_input, h[row], c[row], reverse, lengths))
                 row += 1
             layer_input = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=-1)
         return layer_input
@@ -55,15 +55,27 @@ class NumpyLSTM(PreparedLSTM):
 
 
 def run_cell_sequence(
-    layer: LSTMLayer, cell: LSTMCellWeights, x: np.ndarray, h: np.ndarray, c: np.ndarray, reverse: bool
+    layer: LSTMLayer, cell: LSTMCellWeights, x: np.ndarray, h: np.ndarray, c: np.ndarray, reverse: bool,
+    lengths: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One direction of one layer over ``x`` ``(B, T, I)``; updates ``h``/``c`` ``(B, ·)`` in place."""
+    """One direction of one layer over ``x`` ``(B, T, I)``; updates ``h``/``c`` ``(B, ·)`` in place.
+
+    With ``lengths``, each row is run on its own valid steps only (see ``PreparedLSTM.run_sequence``).
+    """
     batch, steps, _ = x.shape
     x_proj = x @ cell.w_ih.T  # (B, T, 4H): the input projection of every step in one product
-    y = np.empty((batch, steps, layer.output_size), dtype=x.dtype)
-    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
-        cell_step(layer, cell, x_proj[:, t], h, c)
-        y[:, t] = h
+    y = np.zeros((batch, steps, layer.output_size), dtype=x.dtype)
+    if lengths is None:
+        for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+            cell_step(layer, cell, x_proj[:, t], h, c)
+            y[:, t] = h
+        return y
+    for b in range(batch):  # each row alone: slow, but the plainest statement of the semantics
+        n = int(lengths[b])
+        hb, cb = h[b:b + 1], c[b:b + 1]
+        for t in (range(n - 1, -1, -1) if reverse else range(n)):
+            cell_step(layer, cell, x_proj[b:b + 1, t], hb, cb)
+            y[b, t] = hb[0]
     return y
 
 
