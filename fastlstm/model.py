@@ -53,12 +53,15 @@ class Model:
                 f"backend={self.backend!r}, dtype={self.dtype}>")
 
     # ------------------------------------------------------------------ whole sequences
-    def predict(self, x, state=None, *, return_state: bool = False):
+    def predict(self, x, state=None, *, lengths=None, return_state: bool = False):
         """Run whole sequences.
 
         ``x`` is ``(B, T, F)`` (batch first) or one sequence ``(T, F)``; any real dtype and memory layout.
         ``state`` is an optional ``(h0, c0)`` in PyTorch's shapes ``(layers * directions, B, size)``
         (``(layers * directions, size)`` for one unbatched sequence); zeros when left out.
+        ``lengths`` (``(B,)`` integers in ``1..T``) gives each sequence of a padded batch its own length, with
+        ONNX ``sequence_lens`` semantics: outputs past a sequence's end are zero, the returned state and a
+        last-step output are those of its last valid step, and a reverse direction starts from its own end.
         Returns ``y`` — ``(B, T, O)`` when the model outputs every step, ``(B, O)`` when it outputs the last
         step only (without the batch axis for an unbatched ``x``) — and, with ``return_state=True``,
         ``(y, (h_n, c_n))``.
@@ -74,12 +77,13 @@ class Model:
             raise InvalidInputError(f"x: expected {self.input_size} features on the last axis, got shape {_shape(x, unbatched)}")
         if batch == 0 or steps == 0:
             raise InvalidInputError(f"x: expected at least one sequence of at least one step, got shape {_shape(x, unbatched)}")
+        lengths = self._lengths(x, lengths, unbatched)
         x = np.ascontiguousarray(x, dtype=self.dtype)
         h, c = self._initial_state(state, batch, unbatched)
 
-        y = self._lstm.run_sequence(x, h, c)
+        y = self._lstm.run_sequence(x, h, c, lengths)
         if self.spec.output == "last_step":
-            y = y[:, -1]
+            y = y[:, -1] if lengths is None else y[np.arange(batch), lengths - 1]
         elif self.spec.output == "final_state":
             last = self.spec.layers[-1]
             y = np.concatenate(list(h[h.shape[0] - last.num_directions:]), axis=-1)
@@ -88,6 +92,35 @@ class Model:
         if unbatched:
             y, h, c = y[0], h[:, 0], c[:, 0]
         return (y, (h, c)) if return_state else y
+
+    def _lengths(self, x: np.ndarray, lengths, unbatched: bool) -> np.ndarray | None:
+        """Checked per-sequence lengths (int64), from ``lengths`` or the model's mask; None when all are T."""
+        batch, steps, _ = x.shape
+        if lengths is not None:
+            given = _as_real_array(lengths, "lengths")
+            expected = () if unbatched else (batch,)
+            if given.shape != expected and not (unbatched and given.shape == (1,)):
+                raise InvalidInputError(f"lengths: expected shape {expected} (one length per sequence), got {given.shape}")
+            if given.dtype.kind == "f" and not np.all(given == np.round(given)):
+                raise InvalidInputError(f"lengths: expected whole numbers, got {given}")
+            lengths = given.reshape(batch).astype(np.int64)
+            if np.any(lengths < 1) or np.any(lengths > steps):
+                raise InvalidInputError(f"lengths: expected values in 1..{steps} (the time axis), got {lengths.tolist()}")
+        if self.spec.mask_value is not None:
+            masked = np.all(x == self.spec.mask_value, axis=-1)  # (B, T)
+            unmasked_count = steps - np.argmin(masked[:, ::-1], axis=1)
+            unmasked_count[np.all(masked, axis=1)] = 0
+            trailing = np.arange(steps)[None, :] >= unmasked_count[:, None]
+            if np.any(masked & ~trailing):
+                raise InvalidInputError(
+                    f"x: masked time steps (all features == {self.spec.mask_value}) occur before the end of a "
+                    "sequence; fastlstm supports masks that pad the end of sequences only")
+            if np.any(unmasked_count == 0):
+                raise InvalidInputError(f"x: a sequence is masked at every time step (mask value {self.spec.mask_value})")
+            lengths = unmasked_count if lengths is None else np.minimum(lengths, unmasked_count)
+        if lengths is not None and np.all(lengths == steps):
+            return None
+        return lengths
 
     def _initial_state(self, state, batch: int, unbatched: bool) -> tuple[np.ndarray, np.ndarray]:
         rows = self.spec.num_state_rows

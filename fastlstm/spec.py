@@ -126,6 +126,9 @@ class ModelSpec:
     layers: tuple[LSTMLayer, ...]
     head: tuple[DenseLayer, ...] = ()
     output: OutputMode = "sequence"
+    # Keras ``Masking``: a time step whose features all equal this value is padding. fastlstm turns the mask
+    # into per-sequence lengths, so masked steps must form a suffix of each sequence (trailing padding).
+    mask_value: float | None = None
     # Where the model came from, for messages and ``repr`` only (e.g. "pytorch state_dict foo.pt").
     source: str = field(default="", compare=False)
 
@@ -161,6 +164,8 @@ class ModelSpec:
         problems: list[str] = []
         if not self.layers:
             problems.append("layers: expected at least one LSTM layer, got none")
+        if self.mask_value is not None and not np.isfinite(self.mask_value):
+            problems.append(f"mask_value: expected a finite number or None, got {self.mask_value!r}")
         if self.output not in OUTPUT_MODES:
             problems.append(f"output: got {self.output!r}, expected one of {OUTPUT_MODES}")
         expected_in = self.layers[0].input_size if self.layers else 0

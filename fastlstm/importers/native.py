@@ -63,7 +63,7 @@ def save_native(spec: ModelSpec, path) -> None:
         }
         for n, dense in enumerate(spec.head)
     ]
-    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "output": spec.output,
+    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "output": spec.output, "mask_value": spec.mask_value,
                 "source": spec.source, "layers": layers, "head": head}
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr(MANIFEST, json.dumps(manifest, indent=1))
@@ -163,9 +163,13 @@ class _ManifestReader:
             weight = self.array(self.field(dense, "weight", str, where), f"{where}.weight")
             head.append(DenseLayer(weight, self.array(dense.get("bias"), f"{where}.bias"),
                                    self.activation(dense.get("activation"), f"{where}.activation")))
+        mask_value = manifest.get("mask_value")
+        if mask_value is not None and (not isinstance(mask_value, (int, float)) or isinstance(mask_value, bool)):
+            self.fail("mask_value", f"expected a number or null, got {mask_value!r}")
         source = manifest.get("source", "")
         spec = ModelSpec(layers=tuple(layers), head=tuple(head),
                          output=self.field(manifest, "output", str, "model"),
+                         mask_value=None if mask_value is None else float(mask_value),
                          source=source if isinstance(source, str) else "")
         return spec.validate()
 
