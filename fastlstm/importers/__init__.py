@@ -21,6 +21,8 @@ SUPPORTED_FORMATS = (
     "fastlstm native files (Model.save)",
     "PyTorch state_dict files (torch.save, zip and legacy formats)",
     "TorchScript files (torch.jit.save)",
+    "Keras 3 .keras files and legacy Keras .h5 model files",
+    "ONNX files (.onnx)",
 )
 
 
@@ -32,10 +34,18 @@ def read_model(source, **options) -> ModelSpec:
     if isinstance(source, (str, os.PathLike)):
         return _read_file(os.fspath(source), options)
     module = type(source).__module__ or ""
-    if module.split(".")[0] == "torch" or _is_torch_module(source):
+    if module.split(".")[0] == "torch" or _has_base_from(source, "torch"):
         from . import pytorch
 
         return pytorch.spec_from_module(source, **options)
+    if module.split(".")[0] == "keras" or _has_base_from(source, "keras"):
+        from . import keras
+
+        return keras.spec_from_keras_model(source, **options)
+    if module.split(".")[0] == "onnx" and type(source).__name__ == "ModelProto":
+        from . import onnx
+
+        return onnx.spec_from_model_proto(source, name="ModelProto", **options)
     raise TypeError(
         f"cannot load a {type(source).__module__}.{type(source).__qualname__}: expected a file path, "
         "a fastlstm ModelSpec, or a torch.nn.Module containing an nn.LSTM"
@@ -65,20 +75,33 @@ def _read_file(path: str, options: dict) -> ModelSpec:
                 from . import pytorch
 
                 return pytorch.spec_from_file(path, **options)
+            if "config.json" in names:
+                from . import keras
+
+                return keras.spec_from_file(path, **options)
         raise ModelFormatError(f"{path!r} is a zip archive but not a model fastlstm reads; supported: "
                                + "; ".join(SUPPORTED_FORMATS))
     if head.startswith(_PICKLE_PROTOCOL_2_PLUS):
         from . import pytorch
 
         return pytorch.spec_from_file(path, **options)
+    if head.startswith(_HDF5_MAGIC):
+        from . import keras
+
+        return keras.spec_from_file(path, **options)
+    if path.lower().endswith(".onnx"):  # protobuf has no magic number: the extension is the only sign
+        from . import onnx
+
+        return onnx.spec_from_file(path, **options)
     raise ModelFormatError(
         f"{path!r} is not a model file fastlstm recognises (leading bytes {head!r}); supported: "
         + "; ".join(SUPPORTED_FORMATS)
     )
 
 
-def _is_torch_module(obj) -> bool:
-    return any(cls.__module__.split(".")[0] == "torch" for cls in type(obj).__mro__)
+def _has_base_from(obj, package: str) -> bool:
+    """True if ``obj``'s class derives from a class defined in ``package`` (without importing it)."""
+    return any((cls.__module__ or "").split(".")[0] == package for cls in type(obj).__mro__)
 
 
 def _no_options(options: dict, what: str) -> None:
