@@ -254,7 +254,7 @@ def _array_problems(where: str, array, shape: Sequence[int | None]) -> list[str]
         return [f"{where}: expected a NumPy array, got {type(array).__name__}"]
     if array.dtype.kind != "f":
         return [f"{where}: expected a floating-point array, got dtype {array.dtype}"]
-    wanted = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+    wanted = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
     if array.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, array.shape)):
         return [f"{where}: expected shape {wanted}, got {tuple(array.shape)}"]
     if not np.all(np.isfinite(array)):
