@@ -1,0 +1,249 @@
+"""The engines the harness compares, each behind the same two small interfaces.
+
+A ``Stepper`` advances ``batch`` sequences by one time step per ``step(x_t)`` call, carrying state the way a
+user of that engine would (PyTorch modules get the previous ``(h, c)``; ONNX Runtime gets them as inputs).
+A ``SequenceRunner`` runs a whole ``(B, T, I)`` batch per call from zero state.
+
+Every engine is built from the same PyTorch ``nn.LSTM`` (weights from a fixed seed), so outputs can be
+checked equal before anything is timed.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+import fastlstm
+from fastlstm.backends import available_backends
+
+STREAM_ENGINES = ("fastlstm-cython", "fastlstm-numba", "fastlstm-numpy", "torch-lstm", "torch-lstmcell",
+                  "ort-run", "ort-iobinding")
+SEQUENCE_ENGINES = ("fastlstm-cython", "fastlstm-numba", "torch-lstm", "ort-run")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One LSTM size: input I, hidden H, L layers."""
+
+    input_size: int
+    hidden_size: int
+    num_layers: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"I={self.input_size} H={self.hidden_size} L={self.num_layers}"
+
+    def flops_per_step(self, batch: int = 1) -> int:
+        """Multiply-adds x2 of the gate products of one time step, all layers (the dominant work)."""
+        total, layer_input = 0, self.input_size
+        for _ in range(self.num_layers):
+            total += 2 * 4 * self.hidden_size * (layer_input + self.hidden_size)
+            layer_input = self.hidden_size
+        return total * batch
+
+
+def set_threads(threads: int) -> None:
+    """The same thread count for every engine in this process (PyTorch, BLAS via threadpoolctl, fastlstm)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+
+
+def torch_lstm(config: Config):
+    import torch
+
+    torch.manual_seed(1234)
+    module = torch.nn.LSTM(config.input_size, config.hidden_size, num_layers=config.num_layers, batch_first=True)
+    return module.eval()
+
+
+# ----------------------------------------------------------------------------------------------- streaming
+class FastlstmStepper:
+    def __init__(self, module, backend: str, batch: int, threads: int):
+        self.model = fastlstm.load(module, backend=backend)
+        self.stream = self.model.stream(batch_size=batch)
+        self.out = np.empty((batch, self.model.output_size), np.float32)
+
+    def step(self, x_t):
+        return self.stream.step(x_t, out=self.out)
+
+
+class TorchLSTMStepper:
+    def __init__(self, module, batch: int, threads: int):
+        import torch
+
+        self.torch = torch
+        self.module = module
+        self.state = None
+
+    def step(self, x_t):
+        with self.torch.inference_mode():
+            y, self.state = self.module(self.torch.from_numpy(x_t)[:, None], self.state)
+        return y[:, 0].numpy()
+
+
+class TorchLSTMCellStepper:
+    """The cheapest PyTorch streaming path: one ``nn.LSTMCell`` per layer with the same weights."""
+
+    def __init__(self, module, batch: int, threads: int):
+        import torch
+
+        self.torch = torch
+        self.cells = []
+        for layer in range(module.num_layers):
+            cell = torch.nn.LSTMCell(module.input_size if layer == 0 else module.hidden_size, module.hidden_size)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, name).data.copy_(getattr(module, f"{name}_l{layer}"))
+            self.cells.append(cell.eval())
+        self.state = [None] * module.num_layers
+
+    def step(self, x_t):
+        with self.torch.inference_mode():
+            layer_input = self.torch.from_numpy(x_t)
+            for n, cell in enumerate(self.cells):
+                self.state[n] = cell(layer_input, self.state[n])
+                layer_input = self.state[n][0]
+        return layer_input.numpy()
+
+
+def onnx_bytes(module, config: Config, batch: int, steps: int | None) -> bytes:
+    """``torch.onnx.export`` of ``forward(x, h0, c0) -> (y, h_n, c_n)``; ``steps=None`` makes B and T dynamic."""
+    import torch
+
+    class WithState(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = module
+
+        def forward(self, x, h0, c0):
+            y, (h, c) = self.lstm(x, (h0, c0))
+            return y, h, c
+
+    shape_steps = steps or 5
+    args = (torch.zeros(batch, shape_steps, config.input_size),
+            torch.zeros(config.num_layers, batch, config.hidden_size),
+            torch.zeros(config.num_layers, batch, config.hidden_size))
+    dynamic = None
+    if steps is None:
+        dynamic = {"x": {0: "B", 1: "T"}, "h0": {1: "B"}, "c0": {1: "B"}, "y": {0: "B", 1: "T"}}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(WithState(), args, buffer, dynamo=False, opset_version=17,
+                          input_names=["x", "h0", "c0"], output_names=["y", "h_n", "c_n"], dynamic_axes=dynamic)
+    return buffer.getvalue()
+
+
+def ort_session(model_bytes: bytes, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+class OrtRunStepper:
+    def __init__(self, module, config: Config, batch: int, threads: int):
+        self.session = ort_session(onnx_bytes(module, config, batch, steps=1), threads)
+        self.h = np.zeros((config.num_layers, batch, config.hidden_size), np.float32)
+        self.c = np.zeros_like(self.h)
+
+    def step(self, x_t):
+        y, self.h, self.c = self.session.run(None, {"x": x_t[:, None], "h0": self.h, "c0": self.c})
+        return y[:, 0]
+
+
+class OrtIOBindingStepper:
+    """ONNX Runtime at its fastest per call: bound buffers shared with NumPy, state ping-ponged between two."""
+
+    def __init__(self, module, config: Config, batch: int, threads: int):
+        import onnxruntime as ort
+
+        self.session = ort_session(onnx_bytes(module, config, batch, steps=1), threads)
+        self.x = np.zeros((batch, 1, config.input_size), np.float32)
+        self.y = np.zeros((batch, 1, config.hidden_size), np.float32)
+        states = [np.zeros((config.num_layers, batch, config.hidden_size), np.float32) for _ in range(4)]
+        self.bindings = []
+        for (h_in, c_in), (h_out, c_out) in (((0, 1), (2, 3)), ((2, 3), (0, 1))):
+            binding = self.session.io_binding()
+            for name, array in (("x", self.x), ("h0", states[h_in]), ("c0", states[c_in])):
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+            for name, array in (("y", self.y), ("h_n", states[h_out]), ("c_n", states[c_out])):
+                binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+            self.bindings.append(binding)
+        self.turn = 0
+
+    def step(self, x_t):
+        np.copyto(self.x[:, 0], x_t)
+        self.session.run_with_iobinding(self.bindings[self.turn])
+        self.turn ^= 1
+        return self.y[:, 0]
+
+
+def make_stepper(engine: str, module, config: Config, batch: int, threads: int):
+    if engine.startswith("fastlstm-"):
+        return FastlstmStepper(module, engine.split("-", 1)[1], batch, threads)
+    if engine == "torch-lstm":
+        return TorchLSTMStepper(module, batch, threads)
+    if engine == "torch-lstmcell":
+        return TorchLSTMCellStepper(module, batch, threads)
+    if engine == "ort-run":
+        return OrtRunStepper(module, config, batch, threads)
+    if engine == "ort-iobinding":
+        return OrtIOBindingStepper(module, config, batch, threads)
+    raise ValueError(f"unknown engine {engine!r}")
+
+
+# ----------------------------------------------------------------------------------------------- sequences
+class FastlstmSequence:
+    def __init__(self, module, backend: str, config: Config):
+        self.model = fastlstm.load(module, backend=backend)
+
+    def run(self, x):
+        return self.model.predict(x)
+
+
+class TorchSequence:
+    def __init__(self, module, config: Config):
+        import torch
+
+        self.torch = torch
+        self.module = module
+
+    def run(self, x):
+        with self.torch.inference_mode():
+            return self.module(self.torch.from_numpy(x))[0].numpy()
+
+
+class OrtSequence:
+    def __init__(self, module, config: Config, threads: int):
+        self.session = ort_session(onnx_bytes(module, config, batch=1, steps=None), threads)
+        self.config = config
+
+    def run(self, x):
+        zeros = np.zeros((self.config.num_layers, x.shape[0], self.config.hidden_size), np.float32)
+        return self.session.run(["y"], {"x": x, "h0": zeros, "c0": zeros})[0]
+
+
+def make_sequence_runner(engine: str, module, config: Config, threads: int):
+    if engine.startswith("fastlstm-"):
+        return FastlstmSequence(module, engine.split("-", 1)[1], config)
+    if engine == "torch-lstm":
+        return TorchSequence(module, config)
+    if engine == "ort-run":
+        return OrtSequence(module, config, threads)
+    raise ValueError(f"unknown engine {engine!r}")
+
+
+def engines_available(engines) -> list[str]:
+    """Drop fastlstm backends that are not importable here (e.g. an unbuilt extension)."""
+    backends = set(available_backends())
+    return [e for e in engines if not e.startswith("fastlstm-") or e.split("-", 1)[1] in backends]
