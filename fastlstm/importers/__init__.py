@@ -34,7 +34,7 @@ def read_model(source, **options) -> ModelSpec:
     if isinstance(source, (str, os.PathLike)):
         return _read_file(os.fspath(source), options)
     module = type(source).__module__ or ""
-    if module.split(".")[0] == "torch" or _has_base_from(source, "torch"):
+    if module.split(".")[0] == "torch" or _has_base_from(source, "torch") or _is_torch_state_dict(source):
         from . import pytorch
 
         return pytorch.spec_from_module(source, **options)
@@ -97,6 +97,12 @@ def _read_file(path: str, options: dict) -> ModelSpec:
         f"{path!r} is not a model file fastlstm recognises (leading bytes {head!r}); supported: "
         + "; ".join(SUPPORTED_FORMATS)
     )
+
+
+def _is_torch_state_dict(obj) -> bool:
+    """A mapping of names to torch tensors, as ``module.state_dict()`` returns."""
+    return (isinstance(obj, dict) and bool(obj)
+            and all((type(v).__module__ or "").split(".")[0] == "torch" for v in obj.values()))
 
 
 def _has_base_from(obj, package: str) -> bool:

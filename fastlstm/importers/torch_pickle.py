@@ -1,0 +1,644 @@
+"""Read files written by ``torch.save`` and ``torch.jit.save`` without importing torch or running their code.
+
+Two layouts exist:
+
+* **zip** (torch >= 1.6, and every TorchScript archive): one top-level folder holding ``data.pkl`` (the
+  object, pickled), ``data/<key>`` (one member of raw bytes per storage), ``byteorder`` (``little`` or
+  ``big``; little when absent) and ``version``. TorchScript archives also hold ``code/`` (the module's
+  compiled source, which is never run here) and ``constants.pkl``.
+* **legacy** (``_use_new_zipfile_serialization=False``): five pickles in a row (torch's magic number, the
+  protocol version 1001, a ``sys_info`` dict, the object, the sorted list of storage keys), then for each key
+  a little-endian int64 element count and the storage's raw little-endian bytes.
+
+In both, a tensor is pickled as a call to ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
+...)`` whose storage is a *persistent id* ``('storage', <storage type>, key, location, numel[, view])``.
+
+The unpickler here is an allow-list: it rebuilds tensors (as NumPy arrays), plain containers, and, in zip
+archives only, the ``__torch__.*`` module objects of TorchScript as inert attribute holders
+(``ScriptObject``). Any other global (``os.system``, ``builtins.eval``, a model's own classes, a whole
+pickled ``nn.Module``) is refused with ``ModelFormatError`` naming it, before anything is called. It is
+Python's pure-Python unpickler, not the C one: the C one sizes its memo from indices read from the file, so
+a few crafted bytes could make it allocate gigabytes.
+
+Every size read from a file is checked against the bytes actually present before anything is allocated;
+tensors are returned as read-only views of their storage's bytes, and a file may not describe more tensor
+bytes than ``_MAX_VIEW_AMPLIFICATION`` times the storage bytes it holds (so overlapping views cannot turn a
+small file into a huge allocation when a caller copies them).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+import pickle
+import re
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ModelFormatError
+
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+
+_MAX_PICKLE_BYTES = 256 << 20       # data.pkl of the largest real models is a few MiB
+_MAX_CODE_FILE_BYTES = 16 << 20
+_MAX_TENSOR_DIMS = 32
+_MAX_SCRIPT_CLASSES = 10_000
+# A file's tensors may describe at most this many times the bytes its storages hold, plus a small allowance
+# (tied weights and views that partition a flat buffer stay far below it).
+_MAX_VIEW_AMPLIFICATION = 4
+_VIEW_ALLOWANCE_BYTES = 64 << 20
+
+# Storage type names (as pickled: ``torch.FloatStorage`` ...) -> element dtype. bfloat16 has no NumPy dtype:
+# it is read as uint16 bit patterns and widened to float32 (exactly) when its tensors are built.
+_BFLOAT16 = "bfloat16"
+STORAGE_DTYPES: dict[str, str] = {
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": _BFLOAT16,
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "UntypedStorage": "uint8",
+}
+
+_WHOLE_MODEL_HINT = (
+    "fastlstm rebuilds tensors and plain containers only and never runs code from a file. If this file is a "
+    "whole model saved with torch.save(model), save its weights instead: torch.save(model.state_dict(), path), "
+    "or pass the in-memory model to fastlstm.load."
+)
+
+
+@dataclass(frozen=True)
+class TorchFile:
+    """What a ``torch.save`` / ``torch.jit.save`` file holds.
+
+    ``root`` is the unpickled object: dicts (``OrderedDict`` for state_dicts), lists, tuples, scalars and
+    strings as pickled, every tensor replaced by a read-only ``np.ndarray``, and, in TorchScript archives,
+    ``ScriptObject``s for the module objects. ``layout`` is ``"zip"`` or ``"legacy"``; ``is_torchscript``
+    says whether the archive holds TorchScript code (``torch.jit.save``).
+    """
+
+    root: object
+    layout: str
+    is_torchscript: bool
+
+
+class ScriptObject:
+    """An inert stand-in for one TorchScript object (a module, usually) rebuilt from ``data.pkl``.
+
+    ``qualified_name`` is the class name the archive gives (``__torch__.torch.nn.modules.rnn.LSTM``,
+    possibly with ``___torch_mangle_N`` parts); ``attributes`` holds the pickled attributes in order
+    (parameters and buffers as arrays, submodules as ``ScriptObject``s); ``constants`` holds the class's
+    ``Final`` constants (``negative_slope``, ``dim`` ...) as declared in the archive's code, read as literals.
+    Nothing of the archive's code is executed.
+    """
+
+    # Set on the class made for each qualified name (see ``_RestrictedUnpickler._script_class``).
+    qualified_name = ""
+    declared_constants: dict = {}
+
+    def __new__(cls, *args, **kwargs):
+        if args or kwargs:
+            raise _PickleRefused(f"{cls.qualified_name} was constructed with arguments; TorchScript objects take none")
+        obj = super().__new__(cls)
+        obj.attributes = {}
+        return obj
+
+    @property
+    def constants(self) -> dict:
+        return dict(self.declared_constants)
+
+    @property
+    def type_name(self) -> str:
+        """The class name without TorchScript's ``__torch__.`` prefix and name-mangling parts."""
+        return script_type_name(self.qualified_name)
+
+    def __repr__(self) -> str:
+        return f"<ScriptObject {self.qualified_name}>"
+
+
+def script_type_name(qualified_name: str) -> str:
+    """``__torch__.torch.nn.modules.linear.___torch_mangle_3.Linear`` -> ``torch.nn.modules.linear.Linear``."""
+    parts = [p for p in qualified_name.split(".") if not re.fullmatch(r"___torch_mangle_\d+", p)]
+    if parts and parts[0] == "__torch__":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def read_torch_file(path: str) -> TorchFile:
+    """Read a ``torch.save`` (zip or legacy) or ``torch.jit.save`` file; ``ModelFormatError`` if it is none."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        return _read_zip(path)
+    return _read_legacy(path)
+
+
+# ----------------------------------------------------------------------------------------- the unpickler
+class _PickleRefused(Exception):
+    """Raised inside the unpickler; turned into ``ModelFormatError`` with the file's name."""
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    """A ``torch.<X>Storage`` named in a pickle: a marker, deliberately not callable."""
+
+    name: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    """One storage a tensor reads: ``numel`` elements of ``dtype`` under ``key``, or a slice of them (legacy views)."""
+
+    key: str
+    dtype: str
+    numel: int
+    view_offset: int = 0
+    view_numel: int | None = None
+
+
+@dataclass(eq=False)
+class _PendingTensor:
+    """A tensor whose storage bytes have not been read yet (legacy files put them after the object)."""
+
+    storage: _StorageRef
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _TensorTypeMarker:
+    """``torch.Tensor`` / ``torch.nn.Parameter`` named as the type in ``_rebuild_from_type_v2``."""
+
+    name: str
+
+
+def _check_int(value, what: str, minimum: int = 0) -> int:
+    if type(value) is not int or value < minimum:
+        raise _PickleRefused(f"{what}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_int_tuple(value, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or len(value) > _MAX_TENSOR_DIMS:
+        raise _PickleRefused(f"{what}: expected a tuple of at most {_MAX_TENSOR_DIMS} integers, got {value!r}")
+    return tuple(_check_int(v, what) for v in value)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused) -> _PendingTensor:
+    """``torch._utils._rebuild_tensor_v2`` (and the older ``_rebuild_tensor``): record a view of ``storage``."""
+    if not isinstance(storage, _StorageRef):
+        raise _PickleRefused(f"a tensor's storage must be a persistent storage reference, got {type(storage).__name__}")
+    size_ = _check_int_tuple(size, "tensor size")
+    stride_ = _check_int_tuple(stride, "tensor stride")
+    if len(size_) != len(stride_):
+        raise _PickleRefused(f"tensor size {size_} and stride {stride_} have different lengths")
+    return _PendingTensor(storage, _check_int(storage_offset, "tensor storage offset"), size_, stride_)
+
+
+def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *unused):
+    """``torch._utils._rebuild_parameter(_with_state)``: a Parameter is its data here."""
+    if not isinstance(data, _PendingTensor):
+        raise _PickleRefused(f"a Parameter must wrap a tensor, got {type(data).__name__}")
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state=None):
+    """``torch._tensor._rebuild_from_type_v2``: allowed for plain tensors and Parameters only."""
+    if not isinstance(new_type, _TensorTypeMarker) or func not in (_rebuild_tensor, _rebuild_parameter):
+        raise _PickleRefused(f"tensor of type {new_type!r} rebuilt by {func!r} is not a plain tensor")
+    if not isinstance(args, tuple):
+        raise _PickleRefused("_rebuild_from_type_v2: expected a tuple of arguments")
+    return func(*args)
+
+
+def _new_ordered_dict(*args):
+    if args:
+        raise _PickleRefused("collections.OrderedDict was given constructor arguments")
+    return OrderedDict()
+
+
+def _torch_size(values=()):
+    return tuple(_check_int_tuple(values, "torch.Size"))
+
+
+def _restore_type_tag(value, type_str=None):
+    """``torch.jit._pickle.restore_type_tag`` and ``build_*list``: the value itself (type tags are dropped)."""
+    return value
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """``_codecs.encode``, which protocol-2 pickles use for ``bytes``: only the latin-1 case is allowed."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _PickleRefused(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not allowed")
+    return text.encode("latin1")
+
+
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"): _new_ordered_dict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): _TensorTypeMarker("torch.Tensor"),
+    ("torch._tensor", "Tensor"): _TensorTypeMarker("torch.Tensor"),
+    ("torch.nn.parameter", "Parameter"): _TensorTypeMarker("torch.nn.Parameter"),
+    ("torch", "Size"): _torch_size,
+    ("_codecs", "encode"): _latin1_encode,
+}
+_TORCHSCRIPT_GLOBALS = {
+    ("torch.jit._pickle", "restore_type_tag"): _restore_type_tag,
+    ("torch.jit._pickle", "build_tensorlist"): _restore_type_tag,
+    ("torch.jit._pickle", "build_intlist"): _restore_type_tag,
+    ("torch.jit._pickle", "build_doublelist"): _restore_type_tag,
+    ("torch.jit._pickle", "build_boollist"): _restore_type_tag,
+}
+
+
+def _load_build_restricted(unpickler: "_RestrictedUnpickler") -> None:
+    """BUILD (set an object's state) only on the objects this unpickler itself makes.
+
+    A state_dict's ``OrderedDict`` carries ``_metadata`` (module versions), which is dropped; a TorchScript
+    object receives its attribute dict. Anything else is refused: the stock BUILD would call a
+    ``__setstate__`` of the object's class.
+    """
+    state = unpickler.stack.pop()
+    target = unpickler.stack[-1]
+    if isinstance(target, OrderedDict):
+        if state is not None and not isinstance(state, dict):
+            raise _PickleRefused("an OrderedDict's pickled state must be a dict")
+        return
+    if isinstance(target, ScriptObject):
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise _PickleRefused(f"{target.qualified_name}: expected a dict of attributes as its state")
+        target.attributes.update(state)
+        return
+    raise _PickleRefused(f"refusing to set the state of a {type(target).__name__} (pickle BUILD)")
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Python's pure-Python unpickler with an allow-list ``find_class`` and storage references.
+
+    ``allow_torchscript`` admits ``__torch__.*`` classes (as ``ScriptObject`` subclasses) and TorchScript's
+    own list/tag helpers; ``allow_globals=False`` admits no global at all (for torch's header pickles).
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = _load_build_restricted
+
+    def __init__(self, file, *, allow_globals: bool = True, allow_torchscript: bool = False, legacy: bool = False):
+        super().__init__(file, encoding="utf-8")
+        self.allow_globals = allow_globals
+        self.allow_torchscript = allow_torchscript
+        self.legacy = legacy
+        self.storages: dict[str, _StorageRef] = {}
+        self.script_classes: dict[str, type] = {}
+
+    def find_class(self, module, name):
+        if self.allow_globals and isinstance(module, str) and isinstance(name, str):
+            found = _ALLOWED_GLOBALS.get((module, name))
+            if found is not None:
+                return found
+            if module == "torch" and name in STORAGE_DTYPES:
+                return _StorageType(name, STORAGE_DTYPES[name])
+            if self.allow_torchscript:
+                found = _TORCHSCRIPT_GLOBALS.get((module, name))
+                if found is not None:
+                    return found
+                if module == "__torch__" or module.startswith("__torch__."):
+                    return self._script_class(f"{module}.{name}")
+        raise _PickleRefused(f"the pickle refers to the global {module}.{name}, which is not allowed. "
+                             + _WHOLE_MODEL_HINT)
+
+    def _script_class(self, qualified_name: str) -> type:
+        cls = self.script_classes.get(qualified_name)
+        if cls is None:
+            if len(self.script_classes) >= _MAX_SCRIPT_CLASSES:
+                raise _PickleRefused(f"more than {_MAX_SCRIPT_CLASSES} TorchScript classes")
+            cls = type("ScriptObject", (ScriptObject,), {"qualified_name": qualified_name, "declared_constants": {}})
+            self.script_classes[qualified_name] = cls
+        return cls
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or not pid:
+            raise _PickleRefused(f"unexpected persistent id {pid!r}")
+        typename = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
+        if typename == "module":
+            raise _PickleRefused("the file holds a pickled nn.Module class. " + _WHOLE_MODEL_HINT)
+        if typename != "storage":
+            raise _PickleRefused(f"unexpected persistent id of type {typename!r}")
+        if self.legacy:
+            if len(pid) != 6:
+                raise _PickleRefused(f"a legacy storage reference has 6 fields, got {len(pid)}")
+            _, storage_type, key, _location, numel, view = pid
+        else:
+            if len(pid) != 5:
+                raise _PickleRefused(f"a storage reference has 5 fields, got {len(pid)}")
+            _, storage_type, key, _location, numel = pid
+            view = None
+        if not isinstance(storage_type, _StorageType):
+            raise _PickleRefused(f"storage of unknown type {storage_type!r}")
+        if not isinstance(key, str) or not key or len(key) > 256:
+            raise _PickleRefused(f"invalid storage key {key!r}")
+        _check_int(numel, f"storage {key!r} size")
+        known = self.storages.get(key)
+        if known is None:
+            self.storages[key] = known = _StorageRef(key, storage_type.dtype, numel)
+        elif (known.dtype, known.numel) != (storage_type.dtype, numel):
+            raise _PickleRefused(f"storage {key!r} is referenced as {known.numel} x {known.dtype} and as "
+                                 f"{numel} x {storage_type.dtype}")
+        if view is None:
+            return known
+        if not isinstance(view, tuple) or len(view) != 3:
+            raise _PickleRefused(f"invalid storage view {view!r}")
+        _view_key, view_offset, view_numel = view
+        _check_int(view_offset, "storage view offset")
+        _check_int(view_numel, "storage view size")
+        if view_offset + view_numel > numel:
+            raise _PickleRefused(f"storage view [{view_offset}, {view_offset + view_numel}) exceeds storage {key!r} "
+                                 f"of {numel} elements")
+        return _StorageRef(key, known.dtype, numel, view_offset, view_numel)
+
+
+def _unpickle(file, what: str, name: str, **kwargs):
+    """Run one restricted unpickling; every failure becomes ``ModelFormatError`` naming ``name`` and ``what``."""
+    unpickler = _RestrictedUnpickler(file, **kwargs)
+    try:
+        return unpickler.load(), unpickler
+    except _PickleRefused as exc:
+        raise ModelFormatError(f"{name}: {what}: {exc}") from None
+    except RecursionError:
+        raise ModelFormatError(f"{name}: {what} is nested too deeply") from None
+    except Exception as exc:  # any malformed byte sequence: EOFError, UnpicklingError, struct.error, TypeError ...
+        raise ModelFormatError(f"{name}: {what} is not a valid pickle ({type(exc).__name__}: {exc})") from None
+
+
+# ----------------------------------------------------------------------------------------- zip layout
+def _read_zip(path: str) -> TorchFile:
+    name = os.path.basename(path)
+    file_size = os.path.getsize(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ModelFormatError(f"{name}: cannot open the zip archive: {exc}") from None
+    with archive:
+        members = {info.filename: info for info in archive.infolist()}
+        pickles = [n for n in members if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
+        if len(pickles) != 1:
+            raise ModelFormatError(f"{name}: expected one data.pkl at the top of the archive, found {len(pickles)}")
+        prefix = pickles[0][: -len("data.pkl")]
+        is_torchscript = any(n.startswith(prefix + "code/") for n in members)
+        data_pkl = _read_member(archive, members[pickles[0]], name, _MAX_PICKLE_BYTES)
+        root, unpickler = _unpickle(io.BytesIO(data_pkl), "data.pkl", name, allow_torchscript=is_torchscript)
+
+        byteorder = "little"
+        if prefix + "byteorder" in members:
+            byteorder = _read_member(archive, members[prefix + "byteorder"], name, 16).decode("ascii", "replace")
+            if byteorder not in ("little", "big"):
+                raise ModelFormatError(f"{name}: byteorder is {byteorder!r}; expected 'little' or 'big'")
+
+        storages: dict[str, bytes] = {}
+        for key, ref in unpickler.storages.items():
+            member = members.get(f"{prefix}data/{key}")
+            if member is None:
+                raise ModelFormatError(f"{name}: storage {key!r} is referenced but data/{key} is missing")
+            nbytes = ref.numel * _itemsize(ref.dtype)
+            if member.file_size != nbytes or nbytes > file_size:
+                raise ModelFormatError(f"{name}: storage data/{key} holds {member.file_size} bytes; its tensors "
+                                       f"expect {ref.numel} x {ref.dtype} = {nbytes} bytes")
+            if member.compress_type != zipfile.ZIP_STORED:
+                raise ModelFormatError(f"{name}: storage data/{key} is compressed; torch.save stores storages "
+                                       "uncompressed, so the archive was rewritten by another tool")
+            storages[key] = _read_member(archive, member, name, nbytes)
+
+        if is_torchscript:
+            _attach_script_constants(archive, members, prefix, unpickler.script_classes.values(), name)
+    root = _materialize(root, storages, "<" if byteorder == "little" else ">", name)
+    if is_torchscript and not isinstance(root, ScriptObject):
+        raise ModelFormatError(f"{name}: a TorchScript archive whose data.pkl holds a "
+                               f"{type(root).__name__}, not a module")
+    return TorchFile(root=root, layout="zip", is_torchscript=is_torchscript)
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, limit: int) -> bytes:
+    if info.file_size > limit:
+        raise ModelFormatError(f"{name}: {info.filename} is {info.file_size} bytes, more than the {limit} expected")
+    try:
+        with archive.open(info) as f:
+            data = f.read(limit + 1)
+    except Exception as exc:  # truncated, bad CRC, bad compression data ...
+        raise ModelFormatError(f"{name}: {info.filename} is unreadable: {exc}") from None
+    if len(data) != info.file_size:
+        raise ModelFormatError(f"{name}: {info.filename} holds {len(data)} bytes, its header says {info.file_size}")
+    return data
+
+
+_FINAL_CONSTANT = re.compile(r"^  (\w+) : Final\[(?:int|float|bool|str)\] = (.+)$")
+
+
+def _attach_script_constants(archive, members, prefix: str, classes, name: str) -> None:
+    """Give each TorchScript class its ``Final`` constants (``negative_slope : Final[float] = 0.3``) as literals.
+
+    Scripted modules declare their ``__constants__`` this way in ``code/<module path>.py``; the lines are
+    parsed with ``ast.literal_eval`` (numbers, booleans, strings only) and nothing else of the code is read.
+    Traced modules inline their constants into their code instead, so they have none here.
+    """
+    sources: dict[str, list[str] | None] = {}
+    for cls in classes:
+        module, _, class_name = cls.qualified_name.rpartition(".")
+        member = f"{prefix}code/{module.replace('.', '/')}.py"
+        if member not in sources:
+            info = members.get(member)
+            if info is None or info.file_size > _MAX_CODE_FILE_BYTES:
+                sources[member] = None
+            else:
+                sources[member] = _read_member(archive, info, name, _MAX_CODE_FILE_BYTES).decode(
+                    "utf-8", "replace").splitlines()
+        lines = sources[member]
+        if not lines:
+            continue
+        try:
+            start = lines.index(f"class {class_name}(Module):") + 1
+        except ValueError:
+            continue
+        constants = {}
+        for line in lines[start:]:
+            if line and not line.startswith(" "):
+                break
+            match = _FINAL_CONSTANT.match(line)
+            if match:
+                try:
+                    constants[match.group(1)] = ast.literal_eval(match.group(2))
+                except (ValueError, SyntaxError, MemoryError, RecursionError):
+                    pass
+        cls.declared_constants = constants
+
+
+# ----------------------------------------------------------------------------------------- legacy layout
+class _BoundedReader:
+    """A file reader that never asks for more bytes than remain (sizes in a pickle are untrusted)."""
+
+    def __init__(self, f, size: int):
+        self.f = f
+        self.size = size
+
+    def remaining(self) -> int:
+        return self.size - self.f.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        remaining = self.remaining()
+        return self.f.read(remaining if n is None or n < 0 else min(n, remaining))
+
+    def readline(self) -> bytes:
+        return self.f.readline(max(self.remaining(), 0))
+
+
+def _read_legacy(path: str) -> TorchFile:
+    name = os.path.basename(path)
+    with open(path, "rb") as raw:
+        f = _BoundedReader(raw, os.fstat(raw.fileno()).st_size)
+        magic, _ = _unpickle(f, "the header", name, allow_globals=False)
+        if magic != LEGACY_MAGIC_NUMBER:
+            raise ModelFormatError(f"{name}: not a torch.save file (it starts with a pickle of "
+                                   f"{_describe(magic)}, not torch's magic number)")
+        protocol, _ = _unpickle(f, "the header", name, allow_globals=False)
+        if protocol != LEGACY_PROTOCOL_VERSION:
+            raise ModelFormatError(f"{name}: torch.save protocol version {protocol!r}; "
+                                   f"fastlstm reads version {LEGACY_PROTOCOL_VERSION}")
+        sys_info, _ = _unpickle(f, "the header", name, allow_globals=False)
+        if not isinstance(sys_info, dict):
+            raise ModelFormatError(f"{name}: malformed header (sys_info is a {type(sys_info).__name__})")
+        root, unpickler = _unpickle(f, "the pickled object", name, legacy=True)
+        keys, _ = _unpickle(f, "the storage key list", name, allow_globals=False)
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
+            raise ModelFormatError(f"{name}: malformed storage key list")
+        unknown = [k for k in keys if k not in unpickler.storages]
+        missing = [k for k in unpickler.storages if k not in set(keys)]
+        if unknown or missing:
+            raise ModelFormatError(f"{name}: the storage key list does not match the storages the tensors use "
+                                   f"(unreferenced: {unknown[:5]}, absent: {missing[:5]})")
+        storages: dict[str, bytes] = {}
+        for key in keys:
+            ref = unpickler.storages[key]
+            header = f.read(8)
+            if len(header) != 8:
+                raise ModelFormatError(f"{name}: truncated before storage {key!r}")
+            (numel,) = struct.unpack("<q", header)
+            if numel != ref.numel:
+                raise ModelFormatError(f"{name}: storage {key!r} records {numel} elements; its tensors expect "
+                                       f"{ref.numel}")
+            nbytes = numel * _itemsize(ref.dtype)
+            if nbytes > f.remaining():
+                raise ModelFormatError(f"{name}: truncated: storage {key!r} needs {nbytes} bytes, "
+                                       f"{f.remaining()} remain")
+            storages[key] = f.read(nbytes)
+    # Legacy storages are always written little-endian, whatever machine wrote them.
+    root = _materialize(root, storages, "<", name)
+    return TorchFile(root=root, layout="legacy", is_torchscript=False)
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ----------------------------------------------------------------------------------------- tensors
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype == _BFLOAT16 else np.dtype(dtype).itemsize
+
+
+def _materialize(root, storages: dict[str, bytes], byteorder: str, name: str):
+    """Replace every ``_PendingTensor`` reachable from ``root`` by a read-only array over its storage's bytes.
+
+    Containers are updated in place (tuples rebuilt), each visited once, so shared and cyclic references
+    cost nothing extra.
+    """
+    storage_bytes = sum(len(b) for b in storages.values())
+    budget = {"bytes": _MAX_VIEW_AMPLIFICATION * storage_bytes + _VIEW_ALLOWANCE_BYTES}
+    tensors: dict[int, np.ndarray] = {}
+    done: dict[int, object] = {}
+
+    def tensor(pending: _PendingTensor) -> np.ndarray:
+        array = tensors.get(id(pending))
+        if array is None:
+            array = tensors[id(pending)] = _tensor_view(pending, storages, byteorder, name, budget)
+        return array
+
+    def visit(obj):
+        if isinstance(obj, _PendingTensor):
+            return tensor(obj)
+        if not isinstance(obj, (dict, list, tuple, ScriptObject)):
+            return obj
+        if id(obj) in done:
+            return done[id(obj)]
+        if isinstance(obj, tuple):
+            done[id(obj)] = obj  # a tuple cannot contain itself except through a mutable container
+            result = tuple(visit(v) for v in obj)
+            done[id(obj)] = result
+            return result
+        done[id(obj)] = obj
+        if isinstance(obj, dict):
+            for key in list(obj):
+                obj[key] = visit(obj[key])
+        elif isinstance(obj, list):
+            obj[:] = [visit(v) for v in obj]
+        else:
+            for key in list(obj.attributes):
+                obj.attributes[key] = visit(obj.attributes[key])
+        return obj
+
+    try:
+        return visit(root)
+    except RecursionError:  # the unpickler itself is iterative; a crafted file may nest containers deeply
+        raise ModelFormatError(f"{name}: the pickled object is nested too deeply") from None
+
+
+def _tensor_view(pending: _PendingTensor, storages: dict[str, bytes], byteorder: str, name: str,
+                 budget: dict) -> np.ndarray:
+    ref = pending.storage
+    available = ref.view_numel if ref.view_numel is not None else ref.numel
+    base = ref.view_offset
+    numel = 1
+    for s in pending.size:
+        numel *= s
+    where = f"{name}: tensor of shape {pending.size} in storage {ref.key!r}"
+    if numel:
+        last = pending.offset + sum((n - 1) * s for n, s in zip(pending.size, pending.stride))
+        if last >= available:
+            raise ModelFormatError(f"{where}: reaches element {last}, beyond the storage's {available}")
+        if numel > available:
+            raise ModelFormatError(f"{where}: has {numel} elements, more than its storage's {available} "
+                                   "(an expanded or overlapping view); save a contiguous copy instead")
+    itemsize = _itemsize(ref.dtype)
+    budget["bytes"] -= numel * itemsize
+    if budget["bytes"] < 0:
+        raise ModelFormatError(f"{name}: its tensors describe far more bytes than its storages hold")
+    raw = storages[ref.key]
+    dtype = np.dtype("uint16" if ref.dtype == _BFLOAT16 else ref.dtype).newbyteorder(byteorder)
+    flat = np.frombuffer(raw, dtype=dtype, count=ref.numel)
+    if numel:
+        array = np.lib.stride_tricks.as_strided(
+            flat[base + pending.offset:], shape=pending.size,
+            strides=tuple(s * itemsize for s in pending.stride), writeable=False)
+    else:
+        array = np.zeros(pending.size, dtype=dtype)
+    if ref.dtype == _BFLOAT16:
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    elif not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if array.flags.writeable:
+        array.flags.writeable = False
+    return array
