@@ -34,21 +34,45 @@ class PreparedHead:
         return x
 
     def new_buffers(self, batch_size: int) -> list[np.ndarray]:
-        """One output buffer per dense layer for ``apply_into``."""
-        return [np.empty((batch_size, w_t.shape[1]), dtype=w_t.dtype) for w_t in self.weights_t]
+        """Buffers for ``apply_into``: one output per dense layer, then a ``(B, 1)`` scratch column."""
+        outputs = [np.empty((batch_size, w_t.shape[1]), dtype=w_t.dtype) for w_t in self.weights_t]
+        return outputs + [np.empty((batch_size, 1), dtype=self.weights_t[0].dtype if self.weights_t else np.float32)]
 
     def apply_into(self, x: np.ndarray, buffers: list[np.ndarray]) -> np.ndarray:
-        """Run the head on ``x`` ``(B, F)`` into preallocated ``buffers``; returns the last buffer."""
+        """Run the head on ``x`` ``(B, F)`` into preallocated ``buffers``; returns the last output buffer."""
+        scratch = buffers[-1]
         for dense, w_t, b, out in zip(self.layers, self.weights_t, self.biases, buffers):
             np.matmul(x, w_t, out=out)
             if b is not None:
                 out += b
-            name = dense.activation.name
-            if name == "relu":
-                np.maximum(out, 0, out=out)
-            elif name == "tanh":
-                np.tanh(out, out=out)
-            elif name != "identity":  # the rarer ones: reference evaluation, copied back
-                out[...] = apply_activation(dense.activation, out)
+            _activate_in_place(dense.activation, out, scratch)
             x = out
         return x
+
+
+def _activate_in_place(activation, out: np.ndarray, scratch: np.ndarray) -> None:
+    """``out = activation(out)`` without allocating, for the common head activations.
+
+    ``scratch`` is a ``(B, 1)`` buffer for softmax's row maxima and sums. Other activations fall back to
+    the reference evaluation (which allocates).
+    """
+    name = activation.name
+    if name == "identity":
+        return
+    if name == "relu":
+        np.maximum(out, 0, out=out)
+    elif name == "tanh":
+        np.tanh(out, out=out)
+    elif name == "sigmoid":  # 0.5 * tanh(x / 2) + 0.5: the same function, with no overflow in exp
+        out *= 0.5
+        np.tanh(out, out=out)
+        out *= 0.5
+        out += 0.5
+    elif name == "softmax":
+        np.max(out, axis=-1, keepdims=True, out=scratch)
+        out -= scratch
+        np.exp(out, out=out)
+        np.sum(out, axis=-1, keepdims=True, out=scratch)
+        out /= scratch
+    else:
+        out[...] = apply_activation(activation, out)

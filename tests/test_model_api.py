@@ -238,3 +238,15 @@ def test_errors_are_value_errors():
 
 def test_repr_names_backend(model):
     assert f"backend={model.backend!r}" in repr(model)
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "tanh", "sigmoid", "softmax", "softsign"])
+def test_streamed_head_equals_predicted_head(activation):
+    """The stream runs the head in place into its own buffers; it must equal the whole-sequence head."""
+    rng = np.random.default_rng(11)
+    spec = random_spec(rng, input_size=3, hidden_size=5, head=[(4, "relu"), (6, activation)])
+    model = fastlstm.Model(spec, backend="numpy")
+    x = rng.normal(size=(8, 3)) * 4
+    stream = model.stream()
+    streamed = np.stack([stream.step(x_t) for x_t in x])
+    np.testing.assert_allclose(streamed, model.predict(x), rtol=1e-6, atol=1e-7)
