@@ -1,0 +1,868 @@
+"""Compiled LSTM kernels: the stacked streaming step and whole sequences, in float32 and float64.
+
+Everything here works in ``float`` and ``double`` through Cython's fused ``floating`` type, without the GIL,
+on weights packed once by ``LSTMKernels``. The only BLAS is SciPy's (``scipy.linalg.cython_blas``); there is
+no BLAS of our own to link.
+
+Weight layout (per direction of each layer), packed at construction:
+
+* ``weights`` is ``(4H, K)`` row-major, gate order i, f, g, o as in the spec, each row ``[w_ih | 0 | w_hh | 0]``:
+  the input block padded from I to ``I_pad`` and the recurrent block from R to ``R_pad``, both multiples of
+  one 64-byte vector (16 floats, 8 doubles), so ``K = I_pad + R_pad``. The step of a stream multiplies it
+  with the scratch vector ``[x | 0 | h | 0]`` in one pass over all four gates; whole sequences use the
+  ``w_ih`` block for one GEMM over all time steps and the ``w_hh`` block per step. BLAS reads the blocks
+  in place (leading dimension K). The padding puts every row and block on a 64-byte boundary, so the
+  hand-written loops run whole aligned vectors and never a scalar tail; the zeros add nothing to a sum.
+* ``projection`` (LSTMP) is ``w_hr`` ``(P, H_pad)`` with each row zero-padded the same way.
+
+A pre-activation vector ``z`` is ``(4H,)`` in gate order [i | f | g | o]; the pointwise kernels add the
+bias or the precomputed input projection to it, apply the activations and update ``c`` and ``h``.
+"""
+
+from cython cimport floating
+from libc.math cimport NAN, exp, expm1, fabs, log1p, tanh
+from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+
+cimport numpy as cnp
+from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
+
+import numpy as np
+
+cnp.import_array()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Constants shared with the Python side.
+
+cdef extern from *:
+    """
+    /* The rational tanh of fastlstm/fast_activations.py, repeated here because C cannot read the Python
+       module's constants at compile time; tests/test_cython_kernels.py checks both copies agree.
+       tanh(x) ~= x * N(x^2) / D(x^2) for |x| <= CLAMP (x clamped first). */
+    #define FASTLSTM_TANH_CLAMP 7.90531110763549805
+    #define FASTLSTM_TANH_N0 4.89352455891786e-03
+    #define FASTLSTM_TANH_N1 6.37261928875436e-04
+    #define FASTLSTM_TANH_N2 1.48572235717979e-05
+    #define FASTLSTM_TANH_N3 5.12229709037114e-08
+    #define FASTLSTM_TANH_N4 -8.60467152213735e-11
+    #define FASTLSTM_TANH_N5 2.00018790482477e-13
+    #define FASTLSTM_TANH_N6 -2.76076847742355e-16
+    #define FASTLSTM_TANH_D0 4.89352518554385e-03
+    #define FASTLSTM_TANH_D1 2.26843463243900e-03
+    #define FASTLSTM_TANH_D2 1.18534705686654e-04
+    #define FASTLSTM_TANH_D3 1.19825839466702e-06
+
+    /* Denormals flushed to zero (FTZ, MXCSR bit 15) and read as zero (DAZ, bit 6) while a kernel runs:
+       a decaying state that reaches the denormal range would otherwise slow every operation on it
+       by ~100x. The caller's mode is restored on exit. Other architectures keep their default mode. */
+    #if defined(__SSE2__) || defined(_M_X64)
+    #include <xmmintrin.h>
+    static inline unsigned int fastlstm_flush_denormals(void) {
+        unsigned int saved = _mm_getcsr();
+        _mm_setcsr(saved | 0x8040u);
+        return saved;
+    }
+    static inline void fastlstm_restore_fp_mode(unsigned int saved) { _mm_setcsr(saved); }
+    static inline unsigned int fastlstm_fp_mode(void) { return _mm_getcsr(); }
+    #define FASTLSTM_FLUSHES_DENORMALS 1
+    #else
+    static inline unsigned int fastlstm_flush_denormals(void) { return 0; }
+    static inline void fastlstm_restore_fp_mode(unsigned int saved) { (void)saved; }
+    static inline unsigned int fastlstm_fp_mode(void) { return 0; }
+    #define FASTLSTM_FLUSHES_DENORMALS 0
+    #endif
+    """
+    const double TANH_CLAMP_C "FASTLSTM_TANH_CLAMP"
+    const double N0 "FASTLSTM_TANH_N0"
+    const double N1 "FASTLSTM_TANH_N1"
+    const double N2 "FASTLSTM_TANH_N2"
+    const double N3 "FASTLSTM_TANH_N3"
+    const double N4 "FASTLSTM_TANH_N4"
+    const double N5 "FASTLSTM_TANH_N5"
+    const double N6 "FASTLSTM_TANH_N6"
+    const double D0 "FASTLSTM_TANH_D0"
+    const double D1 "FASTLSTM_TANH_D1"
+    const double D2 "FASTLSTM_TANH_D2"
+    const double D3 "FASTLSTM_TANH_D3"
+    const bint FLUSHES_DENORMALS_C "FASTLSTM_FLUSHES_DENORMALS"
+    unsigned int flush_denormals "fastlstm_flush_denormals"() noexcept nogil
+    void restore_fp_mode "fastlstm_restore_fp_mode"(unsigned int saved) noexcept nogil
+    unsigned int current_fp_mode "fastlstm_fp_mode"() noexcept nogil
+
+TANH_CLAMP = TANH_CLAMP_C
+TANH_NUMERATOR = (N0, N1, N2, N3, N4, N5, N6)
+TANH_DENOMINATOR = (D0, D1, D2, D3)
+FLUSHES_DENORMALS = bool(FLUSHES_DENORMALS_C)
+
+# Activation codes, in the order of fastlstm.activations.ACTIVATION_PARAMS (a test checks they agree).
+cdef enum ActivationCode:
+    ACT_IDENTITY = 0
+    ACT_SIGMOID = 1
+    ACT_TANH = 2
+    ACT_RELU = 3
+    ACT_AFFINE = 4
+    ACT_LEAKY_RELU = 5
+    ACT_THRESHOLDED_RELU = 6
+    ACT_SCALED_TANH = 7
+    ACT_HARD_SIGMOID = 8
+    ACT_ELU = 9
+    ACT_SOFTSIGN = 10
+    ACT_SOFTPLUS = 11
+
+ACTIVATION_CODES = {
+    "identity": ACT_IDENTITY, "sigmoid": ACT_SIGMOID, "tanh": ACT_TANH, "relu": ACT_RELU,
+    "affine": ACT_AFFINE, "leaky_relu": ACT_LEAKY_RELU, "thresholded_relu": ACT_THRESHOLDED_RELU,
+    "scaled_tanh": ACT_SCALED_TANH, "hard_sigmoid": ACT_HARD_SIGMOID, "elu": ACT_ELU,
+    "softsign": ACT_SOFTSIGN, "softplus": ACT_SOFTPLUS,
+}
+
+# Row padding unit of the packed weights and scratch vectors: one 64-byte vector (a cache line).
+cdef enum:
+    VECTOR_BYTES = 64
+
+# A stream step reading fewer weights than this keeps the GIL (see LSTMKernels.step).
+cdef enum:
+    RELEASE_GIL_MIN_WEIGHTS = 1 << 16
+
+
+# ------------------------------------------------------------------------------------------------------
+# Scalar maths. Every clamp is written so that a NaN passes through unchanged.
+
+cdef inline float fast_tanh(float x) noexcept nogil:
+    """tanh(x) by the rational approximation of fastlstm.fast_activations (|error| <= 4e-7)."""
+    cdef float clamp = <float>TANH_CLAMP_C
+    x = clamp if x > clamp else x
+    x = -clamp if x < -clamp else x
+    cdef float x2 = x * x
+    cdef float p = <float>N6
+    p = p * x2 + <float>N5
+    p = p * x2 + <float>N4
+    p = p * x2 + <float>N3
+    p = p * x2 + <float>N2
+    p = p * x2 + <float>N1
+    p = p * x2 + <float>N0
+    cdef float q = <float>D3
+    q = q * x2 + <float>D2
+    q = q * x2 + <float>D1
+    q = q * x2 + <float>D0
+    return x * p / q
+
+
+cdef inline floating tanh_(floating x) noexcept nogil:
+    """tanh: the rational approximation in float32, the exact function in float64."""
+    if floating is float:
+        return fast_tanh(x)
+    else:
+        return tanh(x)
+
+
+cdef inline floating sigmoid(floating x) noexcept nogil:
+    """1 / (1 + exp(-x)): 0.5 * tanh(x / 2) + 0.5 (an identity) in float32, the exact form in float64."""
+    cdef float half = 0.5  # a float constant: a bare 0.5 would promote the float32 arithmetic to double
+    if floating is float:
+        return half * fast_tanh(half * x) + half
+    else:
+        return 1.0 / (1.0 + exp(-x))  # exp overflowing to inf for x < -709 gives the right limit, 0
+
+
+cdef inline floating clamp(floating x, floating bound) noexcept nogil:
+    """x limited to [-bound, bound] (bound = inf for no clip)."""
+    x = bound if x > bound else x
+    return -bound if x < -bound else x
+
+
+cdef inline floating activation(floating x, int code, floating alpha, floating beta) noexcept nogil:
+    """The activation ``code`` of fastlstm.activations at x (formulas in ACTIVATION_PARAMS' comment)."""
+    cdef floating y
+    if code == ACT_SIGMOID:
+        return sigmoid(x)
+    if code == ACT_TANH:
+        return tanh_(x)
+    if code == ACT_IDENTITY:
+        return x
+    if code == ACT_RELU:
+        return 0 if x < 0 else x
+    if code == ACT_AFFINE:
+        return alpha * x + beta
+    if code == ACT_LEAKY_RELU:
+        return x if x >= 0 else alpha * x
+    if code == ACT_THRESHOLDED_RELU:
+        return x if x > alpha else 0
+    if code == ACT_SCALED_TANH:
+        return alpha * tanh_(beta * x)
+    if code == ACT_HARD_SIGMOID:
+        y = alpha * x + beta
+        y = 0 if y < 0 else y
+        return 1 if y > 1 else y
+    if code == ACT_ELU:
+        return x if x >= 0 else alpha * <floating>expm1(x)
+    if code == ACT_SOFTSIGN:
+        return x / (1 + fabs(x))
+    if code == ACT_SOFTPLUS:  # log(1 + e^x) = max(x, 0) + log1p(e^-|x|), never overflowing
+        return (x if x > 0 else 0) + <floating>log1p(exp(-fabs(x)))
+    return <floating>NAN  # unknown code: rejected at construction, never reached
+
+
+# ------------------------------------------------------------------------------------------------------
+# Packed cell description: what the nogil kernels need, as plain C.
+
+ctypedef void (*PointwiseFloat)(const CellDesc*, const float*, const float*, float*, float*) noexcept nogil
+ctypedef void (*PointwiseDouble)(const CellDesc*, const double*, const double*, double*, double*) noexcept nogil
+
+cdef struct CellDesc:
+    void* weights        # (4H, row_stride): [w_ih | 0 | w_hh | 0] per row
+    void* bias           # (4H,)
+    void* peephole       # (3, H) in order i, f, o, or NULL
+    void* projection     # (P, hidden_stride), or NULL
+    Py_ssize_t input_size, hidden_size, proj_size, rec_size   # I, H, P (0 = none), R = P or H
+    Py_ssize_t input_stride    # I_pad: where the recurrent block starts in a row
+    Py_ssize_t rec_stride      # R_pad
+    Py_ssize_t row_stride      # K = I_pad + R_pad
+    Py_ssize_t hidden_stride   # H_pad
+    int gate_code, cell_code, output_code
+    double gate_alpha, gate_beta, cell_alpha, cell_beta, output_alpha, output_beta
+    double clip                # +inf when the layer has no clip
+    bint input_forget
+    bint standard              # sigmoid/tanh/tanh, no clip, no peepholes, no coupled gates
+    # The pointwise kernel of this cell in each dtype, chosen once at packing. Called through a pointer,
+    # it is compiled once on its own, where gcc vectorises it, rather than inlined into every caller.
+    PointwiseFloat pointwise_float
+    PointwiseDouble pointwise_double
+
+
+# ------------------------------------------------------------------------------------------------------
+# Linear algebra: a thin typed layer over SciPy's BLAS (row-major handled here) and the hand-written GEMV.
+
+cdef inline void gemm_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
+                         const floating* b, Py_ssize_t ldb, floating beta, floating* c,
+                         Py_ssize_t ldc) noexcept nogil:
+    """Row-major C (m, n) = A (m, k) @ B (n, k).T + beta * C."""
+    # Column-major BLAS sees the row-major C as C.T (n, m) = B @ A.T: B's buffer is B.T column-major
+    # (hence 'T'), A's buffer is A.T column-major (hence 'N').
+    cdef char trans_b = b'T'
+    cdef char trans_a = b'N'
+    cdef int m_ = <int>n, n_ = <int>m, k_ = <int>k, lda_ = <int>ldb, ldb_ = <int>lda, ldc_ = <int>ldc
+    cdef floating one = 1
+    if floating is float:
+        sgemm(&trans_b, &trans_a, &m_, &n_, &k_, &one, <float*>b, &lda_, <float*>a, &ldb_, &beta, c, &ldc_)
+    else:
+        dgemm(&trans_b, &trans_a, &m_, &n_, &k_, &one, <double*>b, &lda_, <double*>a, &ldb_, &beta, c, &ldc_)
+
+
+cdef inline void gemv_n(Py_ssize_t m, Py_ssize_t k, const floating* a, Py_ssize_t lda, const floating* x,
+                        floating beta, floating* y) noexcept nogil:
+    """Row-major y (m,) = A (m, k) @ x + beta * y."""
+    # A's buffer is A.T column-major (k, m): y = (A.T).T @ x.
+    cdef char trans = b'T'
+    cdef int m_ = <int>k, n_ = <int>m, lda_ = <int>lda, inc = 1
+    cdef floating one = 1
+    if floating is float:
+        sgemv(&trans, &m_, &n_, &one, <float*>a, &lda_, <float*>x, &inc, &beta, y, &inc)
+    else:
+        dgemv(&trans, &m_, &n_, &one, <double*>a, &lda_, <double*>x, &inc, &beta, y, &inc)
+
+
+cdef inline void dot_rows(const floating* a, Py_ssize_t lda, Py_ssize_t rows, const floating* x,
+                          Py_ssize_t ldx, Py_ssize_t batch, Py_ssize_t n, floating* y,
+                          Py_ssize_t ldy) noexcept nogil:
+    """y[b, r] = a[r, :n] . x[b, :n] for r < rows, b < batch.
+
+    Four rows at a time share each load of x: four independent sums that gcc turns into four vector FMA
+    chains (the build allows it to reassociate the sums, see setup.py), added across lanes once per row.
+    Each group of four rows is taken by every batch row in turn, so its weights come from memory once and
+    from L1 for the other batch rows.
+    """
+    cdef floating s0, s1, s2, s3, xv
+    cdef const floating* r0
+    cdef const floating* r1
+    cdef const floating* r2
+    cdef const floating* r3
+    cdef const floating* xb
+    cdef Py_ssize_t r = 0, b, k
+    while r + 4 <= rows:
+        r0 = a + r * lda
+        r1 = r0 + lda
+        r2 = r1 + lda
+        r3 = r2 + lda
+        for b in range(batch):
+            xb = x + b * ldx
+            s0 = s1 = s2 = s3 = 0
+            for k in range(n):
+                xv = xb[k]
+                s0 += r0[k] * xv
+                s1 += r1[k] * xv
+                s2 += r2[k] * xv
+                s3 += r3[k] * xv
+            y[b * ldy + r] = s0
+            y[b * ldy + r + 1] = s1
+            y[b * ldy + r + 2] = s2
+            y[b * ldy + r + 3] = s3
+        r += 4
+    while r < rows:  # a projection size that is not a multiple of 4
+        r0 = a + r * lda
+        for b in range(batch):
+            xb = x + b * ldx
+            s0 = 0
+            for k in range(n):
+                s0 += r0[k] * xb[k]
+            y[b * ldy + r] = s0
+        r += 1
+
+
+# When the hand-written loop beats BLAS (medians over whole sequences, one or two OpenBLAS threads):
+# * at batch 1 it is as fast as OpenBLAS gemv or faster (by 0-12%) on one thread at every size measured;
+#   from about 2 MiB of weights OpenBLAS splits its gemv over threads and wins with two cores (1.8x at
+#   2 MiB), so larger matrices go to BLAS;
+# * at batches 2 to 8 OpenBLAS sgemm re-packs the whole weight matrix on every call, which the hand loop
+#   does not: up to 2.5x faster (H >= 128 from batch 4, H >= 256 from batch 2), at worst 5-25% slower
+#   (batch 2 to 4 at H <= 128); from batch 16 on, GEMM's register blocking wins (1.3-1.5x at batch 64).
+cdef enum:
+    HAND_GEMV_MAX_BYTES = 2 * 1024 * 1024
+    HAND_GEMM_MAX_BATCH = 8
+
+
+cdef inline void matmul_nt(Py_ssize_t batch, Py_ssize_t rows, const floating* a, Py_ssize_t lda,
+                           const floating* x, Py_ssize_t ldx, Py_ssize_t n, floating* y,
+                           Py_ssize_t ldy) noexcept nogil:
+    """Row-major y (batch, rows) = x (batch, n) @ A (rows, n).T: hand loop or BLAS, whichever is faster."""
+    if batch == 1:
+        if rows * n * <Py_ssize_t>sizeof(floating) < HAND_GEMV_MAX_BYTES:
+            dot_rows(a, lda, rows, x, ldx, 1, n, y, ldy)  # a constant batch: gcc drops the batch loop
+        else:
+            gemv_n(rows, n, a, lda, x, 0, y)
+    elif batch <= HAND_GEMM_MAX_BATCH:
+        dot_rows(a, lda, rows, x, ldx, batch, n, y, ldy)
+    else:
+        gemm_nt(batch, rows, n, x, ldx, a, lda, 0, y, ldy)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Pointwise part of a step: activations and the c/h update, for one batch row.
+
+cdef enum:
+    POINTWISE_CHUNK = 64
+
+
+cdef void pointwise_standard(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
+                             floating* h) noexcept nogil:
+    """The plain LSTM cell: i, f, o = sigmoid, g = tanh of (z + zadd); c = f*c + i*g; h = o*tanh(c).
+
+    Branch-free, so gcc vectorises it in float32 (the rational tanh is multiplies, adds and one divide).
+    The units go in chunks whose new c and h are first written to local arrays: a loop that only loads
+    from the caller's pointers needs no aliasing checks, which gcc would otherwise give up on.
+    """
+    cdef Py_ssize_t H = d.hidden_size, chunk, start, count, j, u
+    cdef floating c_chunk[POINTWISE_CHUNK]
+    cdef floating h_chunk[POINTWISE_CHUNK]
+    cdef floating i, f, g, o, c_new
+    for chunk in range((H + POINTWISE_CHUNK - 1) // POINTWISE_CHUNK):
+        start = chunk * POINTWISE_CHUNK
+        count = min(<Py_ssize_t>POINTWISE_CHUNK, H - start)
+        for j in range(count):
+            u = start + j
+            i = sigmoid(z[u] + zadd[u])
+            f = sigmoid(z[H + u] + zadd[H + u])
+            g = tanh_(z[2 * H + u] + zadd[2 * H + u])
+            o = sigmoid(z[3 * H + u] + zadd[3 * H + u])
+            c_new = f * c[u] + i * g
+            c_chunk[j] = c_new
+            h_chunk[j] = o * tanh_(c_new)
+        memcpy(c + start, c_chunk, count * sizeof(floating))
+        memcpy(h + start, h_chunk, count * sizeof(floating))
+
+
+cdef void pointwise_general(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
+                            floating* h) noexcept nogil:
+    """Every option of the spec: activations with parameters, clip, peepholes, coupled input/forget gates."""
+    cdef Py_ssize_t H = d.hidden_size, j
+    cdef const floating* peep = <const floating*>d.peephole
+    cdef floating bound = <floating>d.clip
+    cdef floating ga = <floating>d.gate_alpha, gb = <floating>d.gate_beta
+    cdef floating ca = <floating>d.cell_alpha, cb = <floating>d.cell_beta
+    cdef floating oa = <floating>d.output_alpha, ob = <floating>d.output_beta
+    cdef int gate = d.gate_code, cell = d.cell_code, out = d.output_code
+    cdef floating zi, zf, zg, zo, c_old, c_new, i, f, g, o
+    for j in range(H):
+        zi = z[j] + zadd[j]
+        zf = z[H + j] + zadd[H + j]
+        zg = z[2 * H + j] + zadd[2 * H + j]
+        zo = z[3 * H + j] + zadd[3 * H + j]
+        c_old = c[j]
+        if peep != NULL:
+            zi = zi + peep[j] * c_old
+            zf = zf + peep[H + j] * c_old
+        i = activation(clamp(zi, bound), gate, ga, gb)
+        if d.input_forget:
+            f = 1 - i
+        else:
+            f = activation(clamp(zf, bound), gate, ga, gb)
+        g = activation(clamp(zg, bound), cell, ca, cb)
+        c_new = f * c_old + i * g
+        if peep != NULL:
+            zo = zo + peep[2 * H + j] * c_new
+        o = activation(clamp(zo, bound), gate, ga, gb)
+        c[j] = c_new
+        h[j] = o * activation(clamp(c_new, bound), out, oa, ob)
+
+
+cdef inline void pointwise(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
+                           floating* h) noexcept nogil:
+    """The cell's pointwise kernel (see CellDesc.pointwise_float)."""
+    if floating is float:
+        d.pointwise_float(d, z, zadd, c, h)
+    else:
+        d.pointwise_double(d, z, zadd, c, h)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The stacked streaming step and one direction of one layer over whole sequences.
+
+cdef void step_stack(const CellDesc* cells, Py_ssize_t num_layers, Py_ssize_t batch, const floating* x,
+                     floating* h, floating* c, floating* scratch, const Py_ssize_t* xh_offsets,
+                     Py_ssize_t z_offset, Py_ssize_t hidden_offset) noexcept nogil:
+    """One time step of a forward stack: h (L, B, R) and c (L, B, H) in place, x (B, I).
+
+    Per layer: [x | h] is copied into its padded scratch row, one pass over the packed (4H, K) weights gives
+    all four gates (the hand loop at batch 1, GEMM above), then the pointwise update writes c and h (through
+    the projection when there is one). Scratch offsets come from ``StepWorkspace``.
+    """
+    cdef Py_ssize_t layer, b, H, R, P, K
+    cdef const CellDesc* d
+    cdef const floating* layer_input = x
+    cdef Py_ssize_t input_stride = cells[0].input_size
+    cdef floating* xh
+    cdef floating* z = scratch + z_offset
+    cdef floating* hidden = scratch + hidden_offset
+    cdef floating* h_layer
+    cdef floating* c_layer
+    cdef floating* out
+    cdef const floating* bias
+    for layer in range(num_layers):
+        d = &cells[layer]
+        H, R, P, K = d.hidden_size, d.rec_size, d.proj_size, d.row_stride
+        h_layer = h + layer * batch * R
+        c_layer = c + layer * batch * H
+        bias = <const floating*>d.bias
+        xh = scratch + xh_offsets[layer]
+        for b in range(batch):
+            memcpy(xh + b * K, layer_input + b * input_stride, d.input_size * sizeof(floating))
+            memcpy(xh + b * K + d.input_stride, h_layer + b * R, R * sizeof(floating))
+        matmul_nt(batch, 4 * H, <const floating*>d.weights, K, xh, K, K, z, 4 * H)
+        for b in range(batch):
+            out = hidden + b * d.hidden_stride if P else h_layer + b * R
+            pointwise(d, z + b * 4 * H, bias, c_layer + b * H, out)
+        if P:
+            matmul_nt(batch, P, <const floating*>d.projection, d.hidden_stride, hidden, d.hidden_stride,
+                      d.hidden_stride, h_layer, R)
+        layer_input = h_layer
+        input_stride = R
+
+
+cdef void run_cell(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, const floating* x, floating* h,
+                   floating* c, floating* y, Py_ssize_t y_stride, bint reverse, const int64_t* lengths,
+                   floating* x_proj, floating* z, floating* hidden, floating* h_pad) noexcept nogil:
+    """One direction of one layer over x (B, T, I); h (B, R) and c (B, H) in place; writes y[b, t, :R].
+
+    y points at this direction's first column and advances y_stride per time step. Row b runs its own
+    steps 0 .. lengths[b]-1 (all T without lengths), backwards when reverse; other outputs are left alone.
+    Scratch: x_proj (B*T, 4H), z (B, 4H), hidden (B, H_pad), h_pad (B, R_pad), the last two zero on entry.
+    """
+    cdef Py_ssize_t H = d.hidden_size, R = d.rec_size, P = d.proj_size
+    cdef Py_ssize_t G = 4 * H, Hs = d.hidden_stride, Rs = d.rec_stride, K = d.row_stride
+    cdef const floating* weights = <const floating*>d.weights
+    cdef const floating* recurrent = weights + d.input_stride
+    cdef const floating* bias = <const floating*>d.bias
+    cdef Py_ssize_t b, s, t, n, active_steps = steps
+    cdef floating* state
+    cdef floating* out
+
+    # The input projection of every step in one GEMM, the bias folded in.
+    for n in range(batch * steps):
+        memcpy(x_proj + n * G, bias, G * sizeof(floating))
+    gemm_nt(batch * steps, G, d.input_size, x, d.input_size, weights, K, 1, x_proj, G)
+
+    if lengths != NULL:
+        active_steps = 0
+        for b in range(batch):
+            active_steps = lengths[b] if lengths[b] > active_steps else active_steps
+    # At batch 1 the state lives in a zero-padded copy for the hand loop; above, GEMM reads h in place.
+    state = h_pad if batch == 1 else h
+    if batch == 1:
+        memcpy(h_pad, h, R * sizeof(floating))
+
+    for s in range(active_steps):
+        if batch == 1:
+            matmul_nt(1, G, recurrent, K, h_pad, Rs, Rs, z, G)
+        else:
+            matmul_nt(batch, G, recurrent, K, h, R, R, z, G)
+        for b in range(batch):
+            n = steps if lengths == NULL else lengths[b]
+            if s >= n:
+                continue
+            t = n - 1 - s if reverse else s
+            if P:
+                out = hidden + b * Hs
+            else:
+                out = state + b * R
+            pointwise(d, z + b * G, x_proj + (b * steps + t) * G, c + b * H, out)
+        if P:
+            # All rows at once (Hs columns: the padding is zero), then only the rows still running take
+            # their new state.
+            matmul_nt(batch, P, <const floating*>d.projection, Hs, hidden, Hs, Hs, h_pad, Rs)
+            if batch > 1:
+                for b in range(batch):
+                    n = steps if lengths == NULL else lengths[b]
+                    if s < n:
+                        memcpy(h + b * R, h_pad + b * Rs, R * sizeof(floating))
+        for b in range(batch):
+            n = steps if lengths == NULL else lengths[b]
+            if s < n:
+                t = n - 1 - s if reverse else s
+                memcpy(y + (b * steps + t) * y_stride, state + b * R, R * sizeof(floating))
+    if batch == 1:
+        memcpy(h, h_pad, R * sizeof(floating))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Python-facing objects.
+
+cdef Py_ssize_t padded(Py_ssize_t n, Py_ssize_t itemsize):
+    """n rounded up to a whole number of 64-byte vectors of items."""
+    cdef Py_ssize_t lanes = VECTOR_BYTES // itemsize
+    return (n + lanes - 1) // lanes * lanes
+
+
+def aligned_zeros(Py_ssize_t size, dtype):
+    """A zeroed 1-D array whose data starts on a 64-byte boundary (whole vectors never straddle a line)."""
+    dtype = np.dtype(dtype)
+    raw = np.zeros(size + VECTOR_BYTES // dtype.itemsize, dtype=dtype)
+    skip = (-raw.ctypes.data % VECTOR_BYTES) // dtype.itemsize
+    return raw[skip:skip + size]
+
+
+cdef class StepWorkspace:
+    """Scratch of one stream: padded [x | h] rows per layer, gate pre-activations, the unprojected h.
+
+    One aligned buffer holds all of it; ``step`` writes only here and into the caller's h and c.
+    """
+    cdef readonly Py_ssize_t batch_size
+    cdef cnp.ndarray buffer
+    cdef void* scratch
+    cdef Py_ssize_t* xh_offsets
+    cdef Py_ssize_t z_offset, hidden_offset
+    cdef object owner                 # the LSTMKernels whose layout the offsets follow
+    cdef object last_h, last_output   # the view of h that step returns, reused while h is the same array
+
+    def __cinit__(self):
+        self.xh_offsets = NULL
+
+    def __dealloc__(self):
+        free(self.xh_offsets)
+
+
+cdef class LSTMKernels:
+    """A ModelSpec's LSTM stack packed for the compiled kernels in one dtype; immutable once built."""
+
+    cdef readonly object dtype
+    cdef readonly bint is_double
+    cdef int type_num
+    cdef Py_ssize_t num_layers, num_cells, itemsize
+    cdef CellDesc* cells
+    cdef list arrays            # owners of the packed arrays the CellDesc pointers point into
+    cdef tuple directions       # per layer: 1 or 2
+    cdef tuple reverse_layer    # per layer: True for direction "reverse"
+    cdef Py_ssize_t input_size, rec_size, hidden_size, output_size
+    cdef bint streamable
+    cdef Py_ssize_t weights_per_step   # packed weights one batch row of a stream step reads
+
+    def __cinit__(self):
+        self.cells = NULL
+
+    def __dealloc__(self):
+        free(self.cells)
+
+    def __init__(self, spec, dtype):
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype: expected float32 or float64, got {self.dtype}")
+        self.is_double = self.dtype == np.float64
+        self.type_num = self.dtype.num
+        self.itemsize = self.dtype.itemsize
+        layers = spec.layers
+        self.num_layers = len(layers)
+        self.num_cells = sum(layer.num_directions for layer in layers)
+        self.cells = <CellDesc*>malloc(self.num_cells * sizeof(CellDesc))
+        if self.cells == NULL:
+            raise MemoryError()
+        memset(self.cells, 0, self.num_cells * sizeof(CellDesc))
+        self.arrays = []
+        self.directions = tuple(layer.num_directions for layer in layers)
+        self.reverse_layer = tuple(layer.direction == "reverse" for layer in layers)
+        self.input_size = layers[0].input_size
+        self.hidden_size = layers[0].hidden_size
+        self.rec_size = layers[0].output_size
+        last = layers[len(layers) - 1]
+        self.output_size = last.num_directions * last.output_size
+        self.streamable = all(layer.direction == "forward" for layer in layers)
+        n = 0
+        self.weights_per_step = 0
+        for layer in layers:
+            for cell in layer.cells:
+                self._pack_cell(&self.cells[n], layer, cell)
+                n += 1
+            self.weights_per_step += self.cells[n - 1].row_stride * 4 * layer.hidden_size
+        for array in self.arrays:
+            array.flags.writeable = False
+
+    cdef _pack_cell(self, CellDesc* d, layer, cell):
+        H, I, P = layer.hidden_size, layer.input_size, layer.proj_size
+        R = P or H
+        Ip, Rp, Hp = padded(I, self.itemsize), padded(R, self.itemsize), padded(H, self.itemsize)
+        K = Ip + Rp
+        weights = aligned_zeros(4 * H * K, self.dtype).reshape(4 * H, K)
+        weights[:, :I] = cell.w_ih
+        weights[:, Ip:Ip + R] = cell.w_hh
+        bias = aligned_zeros(4 * H, self.dtype)
+        bias[:] = cell.bias
+        d.weights = cnp.PyArray_DATA(weights)
+        d.bias = cnp.PyArray_DATA(bias)
+        self.arrays += [weights, bias]
+        if cell.peephole is not None:
+            peephole = np.ascontiguousarray(cell.peephole, dtype=self.dtype)
+            d.peephole = cnp.PyArray_DATA(peephole)
+            self.arrays.append(peephole)
+        if P:
+            projection = aligned_zeros(P * Hp, self.dtype).reshape(P, Hp)
+            projection[:, :H] = cell.w_hr
+            d.projection = cnp.PyArray_DATA(projection)
+            self.arrays.append(projection)
+        d.input_size, d.hidden_size, d.proj_size, d.rec_size = I, H, P, R
+        d.input_stride, d.rec_stride, d.row_stride, d.hidden_stride = Ip, Rp, K, Hp
+        acts = (layer.gate_activation, layer.cell_activation, layer.output_activation)
+        for act in acts:
+            if act.name not in ACTIVATION_CODES:
+                raise ValueError(f"activation {act.name!r} is not elementwise")
+        d.gate_code, d.cell_code, d.output_code = (ACTIVATION_CODES[a.name] for a in acts)
+        d.gate_alpha, d.gate_beta = layer.gate_activation.alpha, layer.gate_activation.beta
+        d.cell_alpha, d.cell_beta = layer.cell_activation.alpha, layer.cell_activation.beta
+        d.output_alpha, d.output_beta = layer.output_activation.alpha, layer.output_activation.beta
+        d.clip = np.inf if layer.clip is None else float(layer.clip)
+        d.input_forget = bool(layer.input_forget)
+        d.standard = bool(layer.is_standard)
+        if d.standard:
+            d.pointwise_float, d.pointwise_double = pointwise_standard[float], pointwise_standard[double]
+        else:
+            d.pointwise_float, d.pointwise_double = pointwise_general[float], pointwise_general[double]
+
+    # -------------------------------------------------------------------------------- streaming
+    def new_workspace(self, Py_ssize_t batch_size):
+        """Scratch for ``step`` at this batch size (see StepWorkspace)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+        cdef StepWorkspace ws = StepWorkspace()
+        cdef Py_ssize_t layer, offset = 0, lanes = VECTOR_BYTES // self.itemsize
+        ws.batch_size = batch_size
+        ws.owner = self
+        ws.xh_offsets = <Py_ssize_t*>malloc(self.num_layers * sizeof(Py_ssize_t))
+        if ws.xh_offsets == NULL:
+            raise MemoryError()
+        # Every region starts on a whole vector: offsets are multiples of the lane count.
+        for layer in range(self.num_layers):
+            ws.xh_offsets[layer] = offset
+            offset += batch_size * self.cells[self._first_cell(layer)].row_stride
+        ws.z_offset = offset
+        offset += padded(batch_size * 4 * self.hidden_size, self.itemsize)
+        ws.hidden_offset = offset
+        offset += batch_size * self.cells[0].hidden_stride
+        ws.buffer = aligned_zeros(offset + lanes, self.dtype)
+        ws.scratch = cnp.PyArray_DATA(ws.buffer)
+        return ws
+
+    cdef Py_ssize_t _first_cell(self, Py_ssize_t layer):
+        cdef Py_ssize_t n = 0, l
+        for l in range(layer):
+            n += self.directions[l]
+        return n
+
+    def step(self, cnp.ndarray x not None, cnp.ndarray h not None, cnp.ndarray c not None,
+             StepWorkspace workspace not None):
+        """Advance a forward stack one time step in place; returns the last layer's h ``(B, R)``, a view of h.
+
+        ``x`` is ``(B, I)`` (or ``(I,)`` at batch 1), ``h`` ``(L, B, R)``, ``c`` ``(L, B, H)``, all C-contiguous of
+        this dtype; B is the workspace's batch size. The checks are C macros on the array headers, so a call
+        costs little beyond them. The GIL is released when a step reads 64K weights or more: releasing and
+        re-taking it costs about 45 ns, a few percent of a smaller step, which no other thread could use.
+        """
+        cdef Py_ssize_t batch = workspace.batch_size
+        if not self.streamable:
+            raise ValueError("step(): only models whose layers are all forward can be stepped")
+        if workspace.owner is not self:
+            raise ValueError("step(): the workspace was made by another model's new_workspace()")
+        if not (cnp.PyArray_TYPE(x) == self.type_num and cnp.PyArray_TYPE(h) == self.type_num
+                and cnp.PyArray_TYPE(c) == self.type_num):
+            raise ValueError(f"step(): x, h and c must be {self.dtype} arrays")
+        if not (cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_IS_C_CONTIGUOUS(h)
+                and cnp.PyArray_IS_C_CONTIGUOUS(c) and cnp.PyArray_ISWRITEABLE(h)
+                and cnp.PyArray_ISWRITEABLE(c)):
+            raise ValueError("step(): x, h and c must be C-contiguous, h and c writeable")
+        cdef bint x_fits = (
+            (cnp.PyArray_NDIM(x) == 2 and cnp.PyArray_DIM(x, 0) == batch and cnp.PyArray_DIM(x, 1) == self.input_size)
+            or (cnp.PyArray_NDIM(x) == 1 and batch == 1 and cnp.PyArray_DIM(x, 0) == self.input_size))
+        if not (x_fits
+                and cnp.PyArray_NDIM(h) == 3 and cnp.PyArray_DIM(h, 0) == self.num_layers
+                and cnp.PyArray_DIM(h, 1) == batch and cnp.PyArray_DIM(h, 2) == self.rec_size
+                and cnp.PyArray_NDIM(c) == 3 and cnp.PyArray_DIM(c, 0) == self.num_layers
+                and cnp.PyArray_DIM(c, 1) == batch and cnp.PyArray_DIM(c, 2) == self.hidden_size):
+            raise ValueError(
+                f"step(): expected x ({batch}, {self.input_size}), h ({self.num_layers}, {batch}, "
+                f"{self.rec_size}), c ({self.num_layers}, {batch}, {self.hidden_size}); got "
+                f"{np.shape(x)}, {np.shape(h)}, {np.shape(c)}")
+        cdef void* xp = cnp.PyArray_DATA(x)
+        cdef void* hp = cnp.PyArray_DATA(h)
+        cdef void* cp = cnp.PyArray_DATA(c)
+        if self.weights_per_step * batch >= RELEASE_GIL_MIN_WEIGHTS:
+            with nogil:
+                self._step(batch, xp, hp, cp, workspace)
+        else:
+            self._step(batch, xp, hp, cp, workspace)
+        if workspace.last_h is not h:
+            workspace.last_h = h
+            workspace.last_output = h[self.num_layers - 1]
+        return workspace.last_output
+
+    cdef void _step(self, Py_ssize_t batch, void* x, void* h, void* c, StepWorkspace ws) noexcept nogil:
+        cdef unsigned int saved_mode = flush_denormals()
+        if self.is_double:
+            step_stack[double](self.cells, self.num_layers, batch, <double*>x, <double*>h, <double*>c,
+                               <double*>ws.scratch, ws.xh_offsets, ws.z_offset, ws.hidden_offset)
+        else:
+            step_stack[float](self.cells, self.num_layers, batch, <float*>x, <float*>h, <float*>c,
+                              <float*>ws.scratch, ws.xh_offsets, ws.z_offset, ws.hidden_offset)
+        restore_fp_mode(saved_mode)
+
+    # -------------------------------------------------------------------------------- whole sequences
+    def run_sequence(self, cnp.ndarray x not None, cnp.ndarray h not None, cnp.ndarray c not None,
+                     lengths=None):
+        """Every layer over x (B, T, I); h (rows, B, R) and c (rows, B, H) hold the initial state and get
+        the final one. Returns the last layer's output (B, T, D * R). Semantics of ``lengths`` as in
+        ``PreparedLSTM.run_sequence``."""
+        if not (cnp.PyArray_TYPE(x) == self.type_num and cnp.PyArray_TYPE(h) == self.type_num
+                and cnp.PyArray_TYPE(c) == self.type_num):
+            raise ValueError(f"run_sequence(): x, h and c must be {self.dtype} arrays")
+        if not (cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_IS_C_CONTIGUOUS(h)
+                and cnp.PyArray_IS_C_CONTIGUOUS(c) and cnp.PyArray_ISWRITEABLE(h)
+                and cnp.PyArray_ISWRITEABLE(c)):
+            raise ValueError("run_sequence(): x, h and c must be C-contiguous, h and c writeable")
+        cdef Py_ssize_t batch = x.shape[0], steps = x.shape[1]
+        if (x.ndim != 3 or x.shape[2] != self.input_size
+                or (<object>h).shape != (self.num_cells, batch, self.rec_size)
+                or (<object>c).shape != (self.num_cells, batch, self.hidden_size)):
+            raise ValueError(
+                f"run_sequence(): expected x (B, T, {self.input_size}), h ({self.num_cells}, B, {self.rec_size}), "
+                f"c ({self.num_cells}, B, {self.hidden_size}); got {np.shape(x)}, {np.shape(h)}, {np.shape(c)}")
+        cdef cnp.ndarray lengths_array = None
+        cdef const int64_t* lengths_ptr = NULL
+        if lengths is not None:
+            lengths_array = np.ascontiguousarray(lengths, dtype=np.int64)
+            if lengths_array.ndim != 1 or lengths_array.shape[0] != batch:
+                raise ValueError(f"lengths: expected shape ({batch},), got {np.shape(lengths_array)}")
+            if batch and not (lengths_array.min() >= 1 and lengths_array.max() <= steps):
+                raise ValueError(f"lengths: expected values in [1, {steps}]")
+            lengths_ptr = <const int64_t*>cnp.PyArray_DATA(lengths_array)
+
+        cdef Py_ssize_t R = self.rec_size, H = self.hidden_size, lanes = VECTOR_BYTES // self.itemsize
+        cdef Py_ssize_t layer, direction, cell_index = 0, num_dirs
+        cdef cnp.ndarray layer_input = x, layer_output
+        cdef cnp.ndarray x_proj = np.empty((batch * steps, 4 * H), dtype=self.dtype)
+        cdef cnp.ndarray z = np.empty((batch, 4 * H), dtype=self.dtype)
+        cdef cnp.ndarray hidden, h_pad
+        cdef const CellDesc* d
+        cdef bint reverse
+        cdef unsigned int saved_mode
+        cdef char* h_base = <char*>cnp.PyArray_DATA(h)
+        cdef char* c_base = <char*>cnp.PyArray_DATA(c)
+        cdef char* out_base
+        cdef Py_ssize_t out_width
+        for layer in range(self.num_layers):
+            num_dirs = self.directions[layer]
+            out_width = num_dirs * R
+            make = np.zeros if lengths is not None else np.empty  # outputs past a row's length are zero
+            layer_output = make((batch, steps, out_width), dtype=self.dtype)
+            out_base = <char*>cnp.PyArray_DATA(layer_output)
+            for direction in range(num_dirs):
+                d = &self.cells[cell_index]
+                reverse = self.reverse_layer[layer] or direction == 1
+                hidden = aligned_zeros(batch * d.hidden_stride + lanes, self.dtype)
+                h_pad = aligned_zeros(batch * d.rec_stride + lanes, self.dtype)
+                with nogil:
+                    saved_mode = flush_denormals()
+                    if self.is_double:
+                        run_cell[double](
+                            d, batch, steps, <const double*>cnp.PyArray_DATA(layer_input),
+                            <double*>(h_base + cell_index * batch * R * self.itemsize),
+                            <double*>(c_base + cell_index * batch * H * self.itemsize),
+                            <double*>out_base + direction * R, out_width, reverse, lengths_ptr,
+                            <double*>cnp.PyArray_DATA(x_proj), <double*>cnp.PyArray_DATA(z),
+                            <double*>cnp.PyArray_DATA(hidden), <double*>cnp.PyArray_DATA(h_pad))
+                    else:
+                        run_cell[float](
+                            d, batch, steps, <const float*>cnp.PyArray_DATA(layer_input),
+                            <float*>(h_base + cell_index * batch * R * self.itemsize),
+                            <float*>(c_base + cell_index * batch * H * self.itemsize),
+                            <float*>out_base + direction * R, out_width, reverse, lengths_ptr,
+                            <float*>cnp.PyArray_DATA(x_proj), <float*>cnp.PyArray_DATA(z),
+                            <float*>cnp.PyArray_DATA(hidden), <float*>cnp.PyArray_DATA(h_pad))
+                    restore_fp_mode(saved_mode)
+                cell_index += 1
+            layer_input = layer_output
+        return layer_input
+
+
+# ------------------------------------------------------------------------------------------------------
+# Kernel entry points for tests.
+
+def fast_tanh_array(x):
+    """The C float32 tanh applied to each element of ``x`` (cast to float32); for testing the bound."""
+    cdef cnp.ndarray[float, ndim=1, mode="c"] values = np.ascontiguousarray(x, dtype=np.float32).ravel().copy()
+    cdef float* p = &values[0] if values.shape[0] else NULL
+    cdef Py_ssize_t n
+    for n in range(values.shape[0]):
+        p[n] = fast_tanh(p[n])
+    return values.reshape(np.shape(x))
+
+
+def fast_sigmoid_array(x):
+    """The C float32 sigmoid applied to each element of ``x`` (cast to float32); for testing the bound."""
+    cdef cnp.ndarray[float, ndim=1, mode="c"] values = np.ascontiguousarray(x, dtype=np.float32).ravel().copy()
+    cdef float* p = &values[0] if values.shape[0] else NULL
+    cdef Py_ssize_t n
+    for n in range(values.shape[0]):
+        p[n] = sigmoid[float](p[n])
+    return values.reshape(np.shape(x))
+
+
+def activation_array(x, int code, double alpha=0.0, double beta=0.0):
+    """The kernels' activation ``code`` applied to each element of a float32 or float64 array."""
+    values = np.array(x, order="C", copy=True)
+    if values.dtype not in (np.float32, np.float64):
+        raise ValueError(f"expected float32 or float64, got {values.dtype}")
+    cdef Py_ssize_t n, size = values.size
+    cdef float* pf
+    cdef double* pd
+    if values.dtype == np.float32:
+        pf = <float*>cnp.PyArray_DATA(values)
+        for n in range(size):
+            pf[n] = activation[float](pf[n], code, <float>alpha, <float>beta)
+    else:
+        pd = <double*>cnp.PyArray_DATA(values)
+        for n in range(size):
+            pd[n] = activation[double](pd[n], code, alpha, beta)
+    return values
+
+
+def fp_mode():
+    """The calling thread's floating-point control word (MXCSR on x86-64, 0 elsewhere): kernels restore it."""
+    return current_fp_mode()
+
