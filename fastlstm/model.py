@@ -176,6 +176,7 @@ class Stream:
         self._h = np.zeros((rows, batch_size, h_size), model.dtype)
         self._c = np.zeros((rows, batch_size, c_size), model.dtype)
         self._x = np.zeros((batch_size, spec.input_size), model.dtype)
+        self._x_row = self._x[0]
         self._workspace = model._lstm.new_workspace(self.batch_size)
         self._head_buffers = model._head.new_buffers(self.batch_size)
         self._step = model._lstm.step
@@ -189,21 +190,23 @@ class Stream:
         The output is ``(B, O)`` (``(O,)`` for an unbatched ``x_t``), a new array unless ``out`` is given,
         in which case it is written there and ``out`` is returned.
         """
-        shape = np.shape(x_t)
-        if shape == self._batched_shape:
-            unbatched = False
-        elif shape == self._unbatched_shape:
+        # The hot path: an ndarray of a real dtype and the expected shape is copied (and cast) straight into
+        # the stream's input buffer; everything else goes through the general conversion and its errors.
+        if type(x_t) is not np.ndarray or x_t.dtype.kind not in "biuf":
+            x_t = _as_real_array(x_t, "x_t")
+        shape = x_t.shape
+        if shape == self._unbatched_shape:
+            self._x_row[...] = x_t
             unbatched = True
+        elif shape == self._batched_shape:
+            self._x[...] = x_t
+            unbatched = False
         else:
             raise InvalidInputError(
                 f"x_t: expected shape {self._batched_shape}"
                 + (f" or {self._unbatched_shape}" if self._unbatched_shape else "")
                 + f", got {shape}"
             )
-        kind = getattr(x_t, "dtype", np.asarray(x_t).dtype).kind
-        if kind not in "biuf":
-            raise InvalidInputError(f"x_t: expected real numbers, got dtype {np.asarray(x_t).dtype}")
-        np.copyto(self._x[0] if unbatched else self._x, x_t, casting="unsafe")
         y = self._step(self._x, self._h, self._c, self._workspace)
         if self._head is not None:
             y = self._head.apply_into(y, self._head_buffers)
@@ -211,12 +214,12 @@ class Stream:
             y = y[0]
         if out is None:
             return y.copy()
-        if not isinstance(out, np.ndarray) or out.shape != y.shape or out.dtype != y.dtype:
+        if type(out) is not np.ndarray or out.shape != y.shape or out.dtype != y.dtype:
             raise InvalidInputError(
                 f"out: expected an array of shape {y.shape} and dtype {y.dtype}, got "
                 + (f"shape {out.shape} dtype {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__)
             )
-        np.copyto(out, y)
+        out[...] = y
         return out
 
     def reset(self) -> None:

@@ -34,6 +34,7 @@ def random_spec(
     head=(),
     output="sequence",
     mask_value=None,
+    scale=0.3,
 ):
     """A validated ``ModelSpec``; ``head`` lists (out_features, activation name) per dense layer."""
     layers = []
@@ -42,7 +43,7 @@ def random_spec(
     num_directions = 2 if direction == "bidirectional" else 1
     for _ in range(num_layers):
         cells = tuple(
-            random_cell(rng, layer_input, hidden_size, proj_size, peepholes) for _ in range(num_directions)
+            random_cell(rng, layer_input, hidden_size, proj_size, peepholes, scale) for _ in range(num_directions)
         )
         layers.append(LSTMLayer(
             input_size=layer_input, hidden_size=hidden_size, cells=cells, direction=direction,

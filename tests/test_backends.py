@@ -34,17 +34,19 @@ def model_cases(draw, forward_only=False):
     direction = "forward" if forward_only else draw(st.sampled_from(["forward", "reverse", "bidirectional"]))
     hidden = draw(st.integers(1, 40))
     proj = draw(st.sampled_from([0, 0, max(hidden - 1, 0)])) if hidden > 1 else 0
-    activations = None
+    activations, scale = None, 0.3
     if draw(st.booleans()):
-        activations = tuple(
-            draw(st.sampled_from([
-                Activation.of("sigmoid"), Activation.of("tanh"), Activation.of("hard_sigmoid", 1 / 6, 0.5),
-                Activation.of("relu"), Activation.of("scaled_tanh", 0.9, 1.1), Activation.of("softsign"),
-                Activation.of("elu", 0.7), Activation.of("leaky_relu", 0.1), Activation.of("affine", 0.5, 0.1),
-                Activation.of("thresholded_relu", 0.2), Activation.of("softplus"),
-            ]))
-            for _ in range(3)
-        )
+        # Gates from bounded functions; cell input/output from any continuous one. Unbounded activations
+        # get small weights: with large ones the recurrence is chaotic and float32 rounding alone (even
+        # NumPy against itself) moves the result past any tolerance.
+        bounded = [Activation.of("sigmoid"), Activation.of("tanh"), Activation.of("hard_sigmoid", 1 / 6, 0.5),
+                   Activation.of("scaled_tanh", 0.9, 1.1), Activation.of("softsign")]
+        unbounded = [Activation.of("relu"), Activation.of("elu", 0.7), Activation.of("leaky_relu", 0.1),
+                     Activation.of("affine", 0.5, 0.1), Activation.of("softplus")]
+        activations = (draw(st.sampled_from(bounded)), draw(st.sampled_from(bounded + unbounded)),
+                       draw(st.sampled_from(bounded + unbounded)))
+        if any(a in unbounded for a in activations):
+            scale = 0.1
     spec = random_spec(
         rng,
         input_size=draw(st.integers(1, 24)),
@@ -56,6 +58,7 @@ def model_cases(draw, forward_only=False):
         clip=draw(st.sampled_from([None, None, 0.8, 3.0])),
         input_forget=draw(st.booleans()),
         activations=activations,
+        scale=scale,
     )
     batch = draw(st.integers(1, 5))
     steps = draw(st.integers(1, 12))
@@ -144,6 +147,19 @@ def test_streams_are_independent(backend):
         ya = a.step(x[t])
         b.step(-x[t])
     np.testing.assert_allclose(ya, model.predict(x)[-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_discontinuous_activation_matches_reference(backend, dtype):
+    """thresholded_relu jumps at alpha, so it is kept out of the random draws; a fixed case covers it."""
+    rng = np.random.default_rng(12)
+    acts = (Activation.of("sigmoid"), Activation.of("thresholded_relu", 0.1), Activation.of("thresholded_relu", 0.02))
+    spec = random_spec(rng, input_size=4, hidden_size=6, num_layers=2, activations=acts, scale=0.5)
+    x = rng.normal(size=(2, 6, 4))
+    expected = fastlstm.Model(spec, backend="numpy", dtype="float64").predict(x)
+    assert np.count_nonzero(expected) > expected.size // 4  # the threshold is really crossed both ways
+    assert_close(fastlstm.Model(spec, backend=backend, dtype=dtype).predict(x), expected, dtype)
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
