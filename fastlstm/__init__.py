@@ -23,14 +23,16 @@ __all__ = [
 logging.getLogger("fastlstm").addHandler(logging.NullHandler())
 
 
-def load(source, *, backend: str = "auto", dtype="float32", **options) -> Model:
+def load(source, *, backend: str = "auto", dtype="float32", num_threads: int | None = None, **options) -> Model:
     """Load a model from a file path or an in-memory object, ready to run.
 
     ``backend`` is ``"auto"`` (the fastest available; see ``Model.backend``), ``"cython"``, ``"numba"`` or
-    ``"numpy"``; ``dtype`` is ``"float32"`` or ``"float64"``. Importer options (e.g. which parameters form
+    ``"numpy"``; ``dtype`` is ``"float32"`` or ``"float64"``; ``num_threads`` caps the threads one call may
+    use (default: the cores this process may run on; 1 suits a service stepping many streams in parallel
+    threads). Importer options (e.g. which parameters form
     the head of a PyTorch state_dict) are passed as further keywords; see the README.
     Loading never executes code from the file.
     """
     from .importers import read_model
 
-    return Model(read_model(source, **options), backend=backend, dtype=dtype)
+    return Model(read_model(source, **options), backend=backend, dtype=dtype, num_threads=num_threads)

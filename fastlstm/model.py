@@ -21,18 +21,23 @@ SUPPORTED_DTYPES = ("float32", "float64")
 class Model:
     """An LSTM network ready to run. Build one with ``fastlstm.load``."""
 
-    def __init__(self, spec: ModelSpec, *, backend: str = "auto", dtype="float32"):
+    def __init__(self, spec: ModelSpec, *, backend: str = "auto", dtype="float32", num_threads: int | None = None):
         if str(np.dtype(dtype)) not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype: expected one of {SUPPORTED_DTYPES}, got {np.dtype(dtype)}")
         self.spec = spec.validate()
         self.dtype = np.dtype(dtype)
-        self._lstm = prepare(spec, backend, self.dtype)
+        self._lstm = prepare(spec, backend, self.dtype, num_threads)
         self._head = PreparedHead(spec.head, self.dtype)
 
     @property
     def backend(self) -> str:
         """The backend that runs this model (what ``backend="auto"`` chose)."""
         return self._lstm.backend
+
+    @property
+    def num_threads(self) -> int:
+        """The most threads one call may use (the cores available unless ``num_threads`` was given)."""
+        return self._lstm.num_threads
 
     @property
     def input_size(self) -> int:

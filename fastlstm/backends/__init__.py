@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import numpy as np
 
@@ -42,8 +43,20 @@ def available_backends() -> list[str]:
     return names
 
 
-def prepare(spec: ModelSpec, backend: str, dtype: np.dtype) -> PreparedLSTM:
-    """Prepare ``spec`` on ``backend`` (a name from ``BACKENDS`` or ``"auto"``)."""
+def default_num_threads() -> int:
+    """The cores this process may run on (never more threads than that)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def prepare(spec: ModelSpec, backend: str, dtype: np.dtype, num_threads: int | None = None) -> PreparedLSTM:
+    """Prepare ``spec`` on ``backend`` (a name from ``BACKENDS`` or ``"auto"``) for up to ``num_threads``."""
+    if num_threads is None:
+        num_threads = default_num_threads()
+    if not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+        raise ValueError(f"num_threads: expected a positive integer or None, got {num_threads!r}")
     if backend == "auto":
         for name in BACKENDS:
             try:
@@ -52,8 +65,8 @@ def prepare(spec: ModelSpec, backend: str, dtype: np.dtype) -> PreparedLSTM:
                 logger.info("backend %r unavailable: %s", name, exc)
                 continue
             logger.info("backend 'auto' chose %r", name)
-            return cls(spec, dtype)
+            return cls(spec, dtype, int(num_threads))
         raise ImportError("no fastlstm backend could be imported")  # unreachable: numpy always imports
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
-    return backend_class(backend)(spec, dtype)
+    return backend_class(backend)(spec, dtype, int(num_threads))

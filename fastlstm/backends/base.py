@@ -23,9 +23,11 @@ class PreparedLSTM(ABC):
     #: backend name, as accepted by ``fastlstm.load(..., backend=...)``
     backend: str = ""
 
-    def __init__(self, spec: ModelSpec, dtype: np.dtype):
+    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
         self.spec = spec
         self.dtype = np.dtype(dtype)
+        #: the most threads a call may use; a backend uses fewer where more would not pay (small weights)
+        self.num_threads = num_threads
 
     @abstractmethod
     def run_sequence(self, x: np.ndarray, h: np.ndarray, c: np.ndarray,

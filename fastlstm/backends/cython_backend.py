@@ -24,8 +24,8 @@ except ImportError as exc:  # not compiled in this checkout
 class CythonLSTM(PreparedLSTM):
     backend = "cython"
 
-    def __init__(self, spec: ModelSpec, dtype: np.dtype):
-        super().__init__(spec, dtype)
+    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
+        super().__init__(spec, dtype, num_threads)
         self._kernels = _cykernels.LSTMKernels(spec, self.dtype)
         # The bound compiled method shadows the class's `step` below: one call layer less per stream step.
         self.step = self._kernels.step

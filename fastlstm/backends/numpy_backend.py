@@ -17,8 +17,8 @@ from .base import PreparedLSTM
 class NumpyLSTM(PreparedLSTM):
     backend = "numpy"
 
-    def __init__(self, spec: ModelSpec, dtype: np.dtype):
-        super().__init__(spec, dtype)
+    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
+        super().__init__(spec, dtype, num_threads)
         # Weights cast once to the run dtype; the spec's own arrays are left untouched.
         self._cells = [
             [
