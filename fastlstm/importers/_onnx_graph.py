@@ -1,0 +1,898 @@
+"""The ONNX graph walk: from the graph's outputs back to what they need, then forward through each node.
+
+Only the nodes the outputs depend on are looked at (dead branches are ignored), in the file's order (ONNX
+requires it to be topological). Each node's inputs are abstract values (see ``_onnx_values``) and so are
+its outputs: LSTM nodes become ``LSTMLayer``s, layout nodes rearrange Flows, ``Gemm``/``MatMul``/``Add`` and
+activations build the dense head. A node fastlstm cannot follow is recorded and its outputs poisoned, so
+one pass lists every unsupported op and attribute, not only the first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ..activations import IDENTITY, Activation
+from ..errors import InvalidModelError, ModelFormatError, UnsupportedModelError
+from ..spec import DIRECTIONS, DenseLayer
+from . import _onnx_values as v
+from ._onnx_proto import (FLOAT_TYPES, NUMPY_TYPES, attribute_value, declared_dims, declared_element_type,
+                          tensor_to_array)
+from ._onnx_lstm import (LSTM_ATTRIBUTES, LayerRecord, StateSource, lstm_activations, lstm_layer, output_mode,
+                          state_input)
+from ._onnx_values import (BATCH, DIRS, FEATURES, HIDDEN, INPUT_AXIS, TIME, Axis, Const, Dims, Flow,
+                           GraphInput, InputRows, Malformed, Part, Poison, Refused, Zeros)
+
+_STANDARD_DOMAINS = ("", "ai.onnx")
+# A folded constant or an identity dense layer larger than this is not something an LSTM model needs.
+_MAX_FOLDED_ELEMENTS = 1 << 26
+_MAX_IDENTITY_FEATURES = 4096
+
+# Elementwise activation operators -> (catalogue name, {attribute: default}).
+_ACTIVATION_OPS = {
+    "Relu": ("relu", {}), "Tanh": ("tanh", {}), "Sigmoid": ("sigmoid", {}), "Softsign": ("softsign", {}),
+    "Softplus": ("softplus", {}), "LeakyRelu": ("leaky_relu", {"alpha": 0.01}), "Elu": ("elu", {"alpha": 1.0}),
+    "ThresholdedRelu": ("thresholded_relu", {"alpha": 1.0}),
+    "HardSigmoid": ("hard_sigmoid", {"alpha": 0.2, "beta": 0.5}),
+}
+
+
+@dataclass
+class GraphResult:
+    """What the walk found: the layers in order, the head, the output mode and how to call the model."""
+
+    layers: list[LayerRecord]
+    head: tuple[DenseLayer, ...]
+    output: str
+    input_name: str
+    input_layout: tuple[str, ...]
+    sequence_lens: str | None
+    state_inputs: dict[str, str]
+    state_outputs: list[str] = field(default_factory=list)
+    main_output: str | None = None
+
+
+class GraphReader:
+    """Walks one ``GraphProto``; ``read()`` returns a ``GraphResult`` or raises listing every problem."""
+
+    def __init__(self, graph, opset: int, source: str):
+        self.graph = graph
+        self.opset = opset
+        self.source = source
+        self.unsupported: list[str] = []
+        self.invalid: list[str] = []
+        self.values: dict[str, object] = {}
+        self.initializers: dict[str, object] = {}
+        for tensor in graph.initializer:
+            if tensor.name in self.initializers:
+                raise ModelFormatError(f"{source}: initializer {tensor.name!r} is defined twice")
+            self.initializers[tensor.name] = tensor
+        if len(graph.sparse_initializer):
+            self.unsupported.append("sparse initializers (GraphProto.sparse_initializer)")
+        self.graph_inputs = {vi.name: vi for vi in graph.input if vi.name not in self.initializers}
+        self.layers: dict[int, LayerRecord] = {}
+        self.data_input: str | None = None
+        self.binding: dict[str, str] = {}  # input-axis role -> canonical role, once an LSTM reads the input
+        self.input_layout: tuple[str, ...] = ()
+        self.time_size: int | None = None
+        self.batch_size: int | None = None
+        self.needed_outputs: set[str] = set()
+
+    # ------------------------------------------------------------------------------------ the walk
+    def read(self) -> GraphResult:
+        nodes = list(self.graph.node)
+        needed = self._needed_nodes(nodes)
+        for index, node in enumerate(nodes):
+            if index in needed:
+                self._evaluate(node, index)
+        result = None
+        if not self.invalid and not self.unsupported:  # outputs are classified only after a clean walk
+            try:
+                result = self._finish()
+            except Refused as exc:
+                self.unsupported.append(str(exc))
+        if self.invalid:
+            raise InvalidModelError(self.invalid, self.source)
+        if self.unsupported:
+            raise UnsupportedModelError(self.unsupported, hint=(
+                "fastlstm runs ONNX graphs made of LSTM nodes, the layout operators exporters put around them "
+                "(Transpose, Squeeze, Unsqueeze, Reshape, Slice, Gather, Concat, ...), and a dense head "
+                "(Gemm, or MatMul and Add, with elementwise activations or Softmax)."))
+        return result
+
+    def _needed_nodes(self, nodes) -> set[int]:
+        """Indices of the nodes the graph outputs depend on (ConstantOfShape needs only its fill value)."""
+        producers: dict[str, int] = {}
+        for index, node in enumerate(nodes):
+            for name in node.output:
+                if not name:
+                    continue
+                if name in producers or name in self.initializers or name in self.graph_inputs:
+                    raise ModelFormatError(f"{self.source}: tensor {name!r} is defined more than once")
+                producers[name] = index
+        self.producers = producers
+        if not len(self.graph.output):
+            raise ModelFormatError(f"{self.source}: the graph has no outputs")
+        needed: set[int] = set()
+        seen: set[str] = set()
+        stack = []
+        for output in self.graph.output:
+            if output.name not in producers and output.name not in self.initializers \
+                    and output.name not in self.graph_inputs:
+                raise ModelFormatError(f"{self.source}: graph output {output.name!r} is produced by no node")
+            stack.append(output.name)
+        while stack:
+            name = stack.pop()
+            if not name or name in seen:
+                continue
+            seen.add(name)
+            index = producers.get(name)
+            if index is None or index in needed:
+                continue
+            needed.add(index)
+            node = nodes[index]
+            if node.op_type == "ConstantOfShape" and node.domain in _STANDARD_DOMAINS:
+                continue
+            stack.extend(node.input)
+        self.needed_outputs = seen
+        return needed
+
+    def _evaluate(self, node, index: int) -> None:
+        where = f"node {node.name!r} ({node.op_type})" if node.name else f"node #{index} ({node.op_type})"
+        handler = None
+        if node.domain in _STANDARD_DOMAINS:
+            handler = _HANDLERS.get(node.op_type)
+            if handler is None and node.op_type in _ACTIVATION_OPS:
+                handler = GraphReader._activation
+        if handler is None:
+            op = node.op_type if node.domain in _STANDARD_DOMAINS else f"{node.domain}::{node.op_type}"
+            self.unsupported.append(f"{where}: operator {op} is not supported")
+            self._set_outputs(node, [])
+            return
+        unknown = [a.name for a in node.attribute if a.name not in _ATTRIBUTE_NAMES.get(node.op_type, ())]
+        if unknown:  # checked before anything else, so every node's unknown attributes are listed
+            self.unsupported.append(f"{where}: attribute(s) {', '.join(repr(u) for u in unknown)} not supported")
+            self._set_outputs(node, [])
+            return
+        low, high = _INPUT_COUNTS.get(node.op_type, (1, 1))
+        if len(node.input) < low or (high is not None and len(node.input) > high) or not all(node.input[:low]):
+            self.invalid.append(f"{where}: {len(node.input)} inputs ({', '.join(map(repr, node.input))}); "
+                                f"expected {low}{f' to {high}' if high != low else ''}, the first {low} present")
+            self._set_outputs(node, [])
+            return
+        # ConstantOfShape's shape is never looked at (see _needed_nodes): only its fill value matters.
+        shape_only = node.op_type == "ConstantOfShape"
+        inputs = [] if shape_only else [self._lookup(name, where) for name in node.input]
+        if any(isinstance(value, Poison) for value in inputs):
+            self._set_outputs(node, [])
+            return
+        try:
+            outputs = handler(self, node, inputs, where)
+        except Refused as exc:  # one message per refused feature of the node
+            self.unsupported.extend(f"{where}: {message}" for message in exc.args)
+            outputs = []
+        except Malformed as exc:
+            self.invalid.append(f"{where}: {exc}")
+            outputs = []
+        except UnsupportedModelError as exc:
+            self.unsupported.extend(exc.unsupported)
+            outputs = []
+        except InvalidModelError as exc:
+            self.invalid.extend(exc.problems)
+            outputs = []
+        self._set_outputs(node, outputs)
+
+    def _set_outputs(self, node, outputs: list) -> None:
+        for n, name in enumerate(node.output):
+            if name:
+                self.values[name] = outputs[n] if n < len(outputs) else Poison()
+
+    def _lookup(self, name: str, where: str):
+        if not name:
+            return None
+        if name in self.values:
+            return self.values[name]
+        if name in self.initializers:
+            try:
+                value = Const(tensor_to_array(self.initializers[name], f"initializer {name!r}"))
+            except UnsupportedModelError as exc:
+                self.unsupported.extend(exc.unsupported)
+                value = Poison()
+            except InvalidModelError as exc:
+                self.invalid.extend(exc.problems)
+                value = Poison()
+            self.values[name] = value
+            return value
+        if name in self.graph_inputs:
+            vi = self.graph_inputs[name]
+            return GraphInput(name, declared_dims(vi), declared_element_type(vi))
+        if name in self.producers:
+            raise ModelFormatError(f"{self.source}: {where} reads {name!r} before the node producing it; the "
+                                   "graph is not in topological order")
+        raise ModelFormatError(f"{self.source}: {where} reads {name!r}, which no node, input or initializer "
+                               "defines")
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _attributes(self, node, spec: dict[str, tuple[str, object]], where: str) -> dict:
+        values: dict[str, object] = {}
+        unknown = []
+        for attribute in node.attribute:
+            if attribute.name not in spec:
+                unknown.append(attribute.name)
+                continue
+            kind, value = attribute_value(attribute, f"{where} attribute {attribute.name!r}")
+            expected = spec[attribute.name][0]
+            if kind != expected:
+                raise Malformed(f"attribute {attribute.name!r} is a {kind}, expected a {expected}")
+            if attribute.name in values:
+                raise Malformed(f"attribute {attribute.name!r} is given twice")
+            values[attribute.name] = value
+        if unknown:
+            raise Refused(f"attribute(s) {', '.join(repr(u) for u in unknown)} not supported")
+        for name, (_, default) in spec.items():
+            values.setdefault(name, default)
+        return values
+
+    def _as_flow(self, value, what: str) -> Flow:
+        """The Flow a data operand is, registering the graph input it starts from."""
+        if isinstance(value, Flow):
+            return value
+        if isinstance(value, GraphInput):
+            if self.data_input is not None and self.data_input != value.name:
+                raise Refused(f"{what} reads graph input {value.name!r} as data, but the model's input is "
+                              f"{self.data_input!r}; fastlstm models have one input")
+            if value.dims is None:
+                raise Refused(f"{what}: graph input {value.name!r} declares no shape")
+            if value.element_type is not None and value.element_type not in FLOAT_TYPES:
+                raise Refused(f"{what}: graph input {value.name!r} is not a floating-point tensor")
+            self.data_input = value.name
+            axes = tuple(Axis(f"{INPUT_AXIS}{n}", size) for n, size in enumerate(value.dims))
+            return Flow(axes, (Part("x"),), part_size=None)
+        if isinstance(value, InputRows):
+            raise Refused(f"{what} slices graph input {value.name!r} and uses it as data")
+        if value is None:
+            raise Malformed(f"{what}: a required input is missing")
+        raise Refused(f"{what} applies to a constant where fastlstm expects data computed from the input")
+
+    def _ints(self, value, what: str, scalar_ok: bool = True) -> list[int] | int:
+        """A constant integer operand (axes, starts, indices, ...) as a list (or an int for a scalar)."""
+        if not isinstance(value, Const) or value.array.dtype.kind not in "iu":
+            raise Refused(f"{what} must be a constant integer tensor")
+        array = value.array
+        if array.ndim == 0 and scalar_ok:
+            return int(array)
+        if array.ndim != 1:
+            raise Malformed(f"{what} must be 1-D, got shape {array.shape}")
+        return [int(a) for a in array]
+
+    def _float_const(self, value, what: str) -> np.ndarray:
+        if not isinstance(value, Const):
+            raise Refused(f"{what} must be a constant (an initializer or Constant node)")
+        array = value.array
+        if array.dtype.kind != "f":
+            raise Malformed(f"{what} must hold floating-point values, got {array.dtype}")
+        return array.astype(np.float32) if array.dtype == np.float16 else array
+
+    def _check_fold_size(self, size: int, what: str) -> None:
+        if size > _MAX_FOLDED_ELEMENTS:
+            raise Refused(f"{what} would make a {size}-element constant")
+
+    def _axes_operand(self, node, inputs, attributes, position: int, what: str) -> list[int] | None:
+        """Squeeze/Unsqueeze/ReduceX axes: an attribute before opset 13, an input from 13 on."""
+        if self.opset < 13:
+            return attributes.get("axes")
+        if len(inputs) > position and inputs[position] is not None:
+            axes = self._ints(inputs[position], f"{what} axes")
+            return [axes] if isinstance(axes, int) else axes
+        return None
+
+    # ------------------------------------------------------------------------------------ constants
+    def _constant(self, node, inputs, where):
+        if len(node.attribute) != 1:
+            raise Malformed("a Constant node needs exactly one value attribute")
+        attribute = node.attribute[0]
+        kind, value = attribute_value(attribute, f"{where} attribute {attribute.name!r}")
+        name = attribute.name
+        if name == "value" and kind == "tensor":
+            return [Const(tensor_to_array(value, f"{where} value"))]
+        if name == "value_float" and kind == "float":
+            return [Const(np.array(value, dtype=np.float32))]
+        if name == "value_floats" and kind == "floats":
+            return [Const(np.array(value, dtype=np.float32))]
+        if name == "value_int" and kind == "int":
+            return [Const(np.array(value, dtype=np.int64))]
+        if name == "value_ints" and kind == "ints":
+            return [Const(np.array(value, dtype=np.int64))]
+        raise Refused(f"constant attribute {name!r} ({kind}) not supported")
+
+    def _constant_of_shape(self, node, inputs, where):
+        attributes = self._attributes(node, {"value": ("tensor", None)}, where)
+        if attributes["value"] is not None:
+            fill = tensor_to_array(attributes["value"], f"{where} value")
+            if fill.size != 1:
+                raise Malformed(f"value must hold one element, got shape {fill.shape}")
+            if fill.reshape(-1)[0] != 0:
+                raise Refused(f"fills a tensor with {fill.reshape(-1)[0]!r}; fastlstm follows zero-filled "
+                              "tensors only (a zero initial state)")
+        return [Zeros()]
+
+    def _expand(self, node, inputs, where):
+        data = inputs[0]
+        if isinstance(data, Zeros) or (isinstance(data, Const) and not np.any(data.array)):
+            return [Zeros()]
+        raise Refused("expands a tensor; fastlstm follows Expand only of zeros (a zero initial state)")
+
+    # ------------------------------------------------------------------------------------ layout ops
+    def _identity(self, node, inputs, where):
+        return [inputs[0]]
+
+    def _dropout(self, node, inputs, where):
+        spec = {"seed": ("int", None)}
+        if self.opset < 12:
+            spec.update(ratio=("float", None), is_test=("int", None))
+        if self.opset < 6:
+            spec.update(consumed_inputs=("ints", None))
+        self._attributes(node, spec, where)
+        if len(inputs) > 2 and inputs[2] is not None:
+            training = inputs[2]
+            if not isinstance(training, Const) or np.any(training.array):
+                raise Refused("runs in training mode (training_mode is not a constant false)")
+        if len(node.output) > 1 and node.output[1] in self.needed_outputs:
+            raise Refused("its mask output is used")
+        return [inputs[0]]
+
+    def _cast(self, node, inputs, where):
+        attributes = self._attributes(node, {"to": ("int", None), "saturate": ("int", 1),
+                                             "round_mode": ("string", None)}, where)
+        to = attributes["to"]
+        data = inputs[0]
+        if isinstance(data, Const):
+            if to not in NUMPY_TYPES:
+                raise Refused(f"casts a constant to element type {to}")
+            return [Const(data.array.astype(NUMPY_TYPES[to]))]
+        if isinstance(data, (Zeros, Dims)):
+            return [data]
+        flow = self._as_flow(data, "Cast")
+        if to not in FLOAT_TYPES:
+            raise Refused(f"casts data to element type {to}; fastlstm computes in floating point")
+        return [flow]
+
+    def _transpose(self, node, inputs, where):
+        perm = self._attributes(node, {"perm": ("ints", None)}, where)["perm"]
+        data = inputs[0]
+        if isinstance(data, Const):
+            return [_fold(lambda: np.transpose(data.array, perm), "Transpose")]
+        if isinstance(data, Zeros):
+            return [data]
+        return [v.transpose(self._as_flow(data, "Transpose"), perm, "Transpose")]
+
+    def _squeeze(self, node, inputs, where):
+        attributes = self._attributes(node, {"axes": ("ints", None)} if self.opset < 13 else {}, where)
+        axes = self._axes_operand(node, inputs, attributes, 1, "Squeeze")
+        data = inputs[0]
+        if isinstance(data, Const):
+            return [_fold(lambda: np.squeeze(data.array, axis=None if axes is None else tuple(axes)), "Squeeze")]
+        if isinstance(data, Zeros):
+            return [data]
+        if isinstance(data, Dims):
+            if not data.scalar and len(data.entries) == 1 and axes in (None, [0], [-1]):
+                return [Dims(data.entries, scalar=True)]
+            raise Refused("squeezes a shape tensor")
+        return [v.squeeze(self._as_flow(data, "Squeeze"), axes, "Squeeze")]
+
+    def _unsqueeze(self, node, inputs, where):
+        attributes = self._attributes(node, {"axes": ("ints", None)} if self.opset < 13 else {}, where)
+        axes = self._axes_operand(node, inputs, attributes, 1, "Unsqueeze")
+        if not axes:
+            raise Malformed("Unsqueeze needs axes")
+        data = inputs[0]
+        if isinstance(data, Const):
+            return [_fold(lambda: np.expand_dims(data.array, tuple(axes)), "Unsqueeze")]
+        if isinstance(data, Zeros):
+            return [data]
+        if isinstance(data, Dims):
+            if data.scalar and axes in ([0], [-1]):
+                return [Dims(data.entries)]
+            raise Refused("unsqueezes a shape tensor")
+        return [v.unsqueeze(self._as_flow(data, "Unsqueeze"), axes, "Unsqueeze")]
+
+    def _reshape(self, node, inputs, where):
+        attributes = self._attributes(node, {"allowzero": ("int", 0)}, where)
+        if self.opset < 5:
+            raise Refused("Reshape before opset 5 (shape as an attribute)")
+        data, shape = inputs[0], inputs[1] if len(inputs) > 1 else None
+        allowzero = bool(attributes["allowzero"])
+        if isinstance(shape, Dims) and not shape.scalar:
+            # A dimension read from the model input before an LSTM named its axes: use the name it got.
+            target = [Axis(self.binding.get(e.role, e.role), e.size) if isinstance(e, Axis) else e
+                      for e in shape.entries]
+        else:
+            target = self._ints(shape, "Reshape shape", scalar_ok=False)
+        if isinstance(data, Const):
+            if any(isinstance(t, Axis) for t in target):
+                raise Refused("reshapes a constant to a shape computed at run time")
+            dims = [data.array.shape[n] if t == 0 and not allowzero and n < data.array.ndim else t
+                    for n, t in enumerate(target)]
+            try:
+                return [Const(data.array.reshape(dims))]
+            except ValueError as exc:
+                raise Malformed(f"cannot reshape a constant of shape {data.array.shape} to {target}: {exc}")
+        if isinstance(data, Zeros):
+            return [data]
+        return [v.reshape(self._as_flow(data, "Reshape"), target, allowzero, f"Reshape to {list(target)}")]
+
+    def _flatten(self, node, inputs, where):
+        axis = self._attributes(node, {"axis": ("int", 1)}, where)["axis"]
+        data = inputs[0]
+        if isinstance(data, Const):
+            array = data.array
+            axis = v.normalize_axis(axis, array.ndim + 1, "Flatten")
+            return [_fold(lambda: array.reshape(math.prod(array.shape[:axis]), -1), "Flatten")]
+        if isinstance(data, Zeros):
+            return [data]
+        return [v.flatten(self._as_flow(data, "Flatten"), axis, f"Flatten(axis={axis})")]
+
+    def _shape(self, node, inputs, where):
+        attributes = self._attributes(node, {"start": ("int", 0), "end": ("int", None)}, where)
+        data = inputs[0]
+        if isinstance(data, Const):
+            entries: tuple = tuple(int(d) for d in data.array.shape)
+        elif isinstance(data, GraphInput):
+            if data.dims is None:
+                raise Refused(f"takes the shape of graph input {data.name!r}, which declares none")
+            entries = tuple(Axis(f"{INPUT_AXIS}{n}", size) for n, size in enumerate(data.dims))
+        elif isinstance(data, Flow):
+            entries = data.axes
+        else:
+            raise Refused("takes the shape of a tensor fastlstm does not follow")
+        start, end = attributes["start"], attributes["end"]
+        return [Dims(tuple(entries[start:end]))]
+
+    def _gather(self, node, inputs, where):
+        axis = self._attributes(node, {"axis": ("int", 0)}, where)["axis"]
+        data = inputs[0]
+        if not isinstance(inputs[1], Const) or inputs[1].array.dtype.kind not in "iu":
+            raise Refused("gathers with indices that are not a constant")
+        indices = inputs[1].array
+        if isinstance(data, Const):
+            array = data.array
+            axis = v.normalize_axis(axis, array.ndim, "Gather")
+            self._check_fold_size(array.size // max(array.shape[axis], 1) * indices.size, "Gather")
+            if indices.size and (indices.min() < -array.shape[axis] or indices.max() >= array.shape[axis]):
+                raise Malformed(f"index out of range for axis {axis} of size {array.shape[axis]}")
+            return [Const(np.take(array, indices, axis=axis))]
+        if isinstance(data, Zeros):
+            return [data]
+        if isinstance(data, Dims):
+            if axis not in (0, -1) or data.scalar or indices.ndim > 1:
+                raise Refused("gathers from a shape tensor in a way fastlstm does not follow")
+            count = len(data.entries)
+            values = [int(i) for i in indices.reshape(-1)]
+            if any(not -count <= i < count for i in values):
+                raise Malformed(f"index {values} out of range for a shape of {count} entries")
+            return [Dims(tuple(data.entries[i] for i in values), scalar=indices.ndim == 0)]
+        flow = self._as_flow(data, "Gather")
+        axis = v.normalize_axis(axis, len(flow.axes), "Gather")
+        return [v.gather(flow, axis, indices, f"Gather(axis={axis}, indices={indices.tolist()})")]
+
+    def _slice_bounds(self, node, inputs, where) -> tuple[list[int], list[int], list[int] | None, list[int] | None]:
+        if self.opset < 10:
+            attributes = self._attributes(node, {"starts": ("ints", None), "ends": ("ints", None),
+                                                 "axes": ("ints", None)}, where)
+            if attributes["starts"] is None or attributes["ends"] is None:
+                raise Malformed("Slice needs starts and ends")
+            return attributes["starts"], attributes["ends"], attributes["axes"], None
+        self._attributes(node, {}, where)
+        operands = list(inputs[1:]) + [None] * (5 - len(inputs))
+        starts = self._ints(operands[0], "Slice starts", scalar_ok=False)
+        ends = self._ints(operands[1], "Slice ends", scalar_ok=False)
+        axes = None if operands[2] is None else self._ints(operands[2], "Slice axes", scalar_ok=False)
+        steps = None if operands[3] is None else self._ints(operands[3], "Slice steps", scalar_ok=False)
+        return starts, ends, axes, steps
+
+    def _slice(self, node, inputs, where):
+        starts, ends, axes, steps = self._slice_bounds(node, inputs, where)
+        axes = list(range(len(starts))) if axes is None else axes
+        steps = [1] * len(starts) if steps is None else steps
+        if not len(starts) == len(ends) == len(axes) == len(steps):
+            raise Malformed("starts, ends, axes and steps differ in length")
+        if 0 in steps:
+            raise Malformed("a step of 0")
+        data = inputs[0]
+        if isinstance(data, Const):
+            array = data.array
+            index = [slice(None)] * array.ndim
+            for start, end, axis, step in zip(starts, ends, axes, steps):
+                index[v.normalize_axis(axis, array.ndim, "Slice")] = slice(start, end, step)
+            return [_fold(lambda: array[tuple(index)].copy(), "Slice")]
+        if isinstance(data, Zeros):
+            return [data]
+        if isinstance(data, Dims):
+            if len(starts) != 1 or axes[0] not in (0, -1) or data.scalar:
+                raise Refused("slices a shape tensor in a way fastlstm does not follow")
+            return [Dims(data.entries[starts[0]:ends[0]:steps[0]])]
+        if isinstance(data, GraphInput) and len(starts) == 1 and steps[0] == 1 and data.dims is not None:
+            # Possibly the rows of an initial state for one layer; decided when (and if) an LSTM reads it.
+            axis = v.normalize_axis(axes[0], len(data.dims), "Slice")
+            return [InputRows(data.name, axis, starts[0], ends[0], data.dims)]
+        flow = self._as_flow(data, "Slice")
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            axis = v.normalize_axis(axis, len(flow.axes), "Slice")
+            flow = v.slice_axis(flow, axis, start, end, step, f"Slice(axis={axis})")
+        return [flow]
+
+    def _split(self, node, inputs, where):
+        spec = {"axis": ("int", 0)}
+        if self.opset < 13:
+            spec["split"] = ("ints", None)
+        if self.opset >= 18:
+            spec["num_outputs"] = ("int", None)
+        attributes = self._attributes(node, spec, where)
+        sizes = attributes.get("split")
+        if self.opset >= 13 and len(inputs) > 1 and inputs[1] is not None:
+            sizes = self._ints(inputs[1], "Split sizes", scalar_ok=False)
+        data = inputs[0]
+        if isinstance(data, Zeros):
+            return [data] * len(node.output)
+        flow = self._as_flow(data, "Split")
+        axis = v.normalize_axis(attributes["axis"], len(flow.axes), "Split")
+        size = flow.axes[axis].size
+        if size is None:
+            raise Refused(f"splits the {flow.axes[axis].role} axis, whose size is known only at run time")
+        count = len(node.output)
+        if sizes is None:
+            if attributes.get("num_outputs") is not None:  # opset 18: equal parts, the last one smaller
+                if attributes["num_outputs"] != count:
+                    raise Malformed(f"num_outputs={attributes['num_outputs']} but the node has {count} outputs")
+                chunk = -(-size // count)
+                sizes = [chunk] * (count - 1) + [size - chunk * (count - 1)]
+            elif size % count:
+                raise Malformed(f"cannot split {size} entries into {count} equal outputs")
+            else:
+                sizes = [size // count] * count
+        if len(sizes) != count or sum(sizes) != size or any(s < 0 for s in sizes):
+            raise Malformed(f"split sizes {sizes} do not add up to the axis size {size} over {count} outputs")
+        outputs, start = [], 0
+        for s in sizes:
+            outputs.append(v.slice_axis(flow, axis, start, start + s, 1, f"Split(axis={axis})"))
+            start += s
+        return outputs
+
+    def _concat(self, node, inputs, where):
+        axis = self._attributes(node, {"axis": ("int", None)}, where)["axis"]
+        if axis is None:
+            raise Malformed("Concat needs an axis")
+        if not inputs or any(value is None for value in inputs):
+            raise Malformed("Concat with a missing input")
+        if all(isinstance(value, Const) for value in inputs):
+            self._check_fold_size(sum(value.array.size for value in inputs), "Concat")
+            return [_fold(lambda: np.concatenate([value.array for value in inputs], axis=axis), "Concat")]
+        if all(isinstance(value, Zeros) or (isinstance(value, Const) and not np.any(value.array))
+               for value in inputs):
+            return [Zeros()]
+        if any(isinstance(value, Dims) for value in inputs):
+            entries: list = []
+            for value in inputs:
+                if isinstance(value, Dims) and not value.scalar:
+                    entries.extend(value.entries)
+                elif isinstance(value, Const) and value.array.ndim == 1 and value.array.dtype.kind in "iu":
+                    entries.extend(int(e) for e in value.array)
+                else:
+                    raise Refused("concatenates a shape tensor with something else")
+            return [Dims(tuple(entries))]
+        flows = [self._as_flow(value, "Concat") for value in inputs]
+        axis = v.normalize_axis(axis, len(flows[0].axes), "Concat")
+        return [v.concat(flows, axis, f"Concat(axis={axis})")]
+
+    # ------------------------------------------------------------------------------------ head
+    def _with_dense(self, flow: Flow, dense: DenseLayer) -> Flow:
+        size = flow.feature_size
+        if size is not None and dense.in_features != size:
+            raise Malformed(f"the dense weight expects {dense.in_features} features, the data has {size}")
+        if flow.head and flow.head[-1].activation.name == "softmax":
+            raise Refused("applies a layer after a softmax; fastlstm supports softmax as the last operation")
+        axes = flow.axes[:-1] + (Axis(FEATURES, dense.out_features),)
+        return replace(flow, axes=axes, head=flow.head + (dense,))
+
+    def _identity_dense(self, flow: Flow, what: str) -> DenseLayer:
+        size = flow.feature_size
+        if size is None or size > _MAX_IDENTITY_FEATURES:
+            raise Refused(f"{what} applied straight to a wide LSTM output ({size} features)")
+        return DenseLayer(weight=np.eye(size, dtype=np.float32))
+
+    def _matmul(self, node, inputs, where):
+        self._attributes(node, {}, where)
+        data, weight = inputs
+        if isinstance(data, Const) and not isinstance(weight, Const):
+            raise Refused("multiplies a constant by the data from the left; fastlstm runs x @ W heads")
+        flow = self._as_flow(data, "MatMul")
+        v.features_last(flow, "MatMul")
+        matrix = self._float_const(weight, "MatMul weight")
+        if matrix.ndim != 2:
+            raise Refused(f"MatMul with a {matrix.ndim}-D weight; fastlstm runs 2-D dense weights")
+        return [self._with_dense(flow, DenseLayer(weight=np.ascontiguousarray(matrix.T)))]
+
+    def _gemm(self, node, inputs, where):
+        attributes = self._attributes(node, {"alpha": ("float", 1.0), "beta": ("float", 1.0),
+                                             "transA": ("int", 0), "transB": ("int", 0),
+                                             "broadcast": ("int", None)}, where)
+        if attributes["transA"]:
+            raise Refused("transA=1 (the data transposed)")
+        flow = self._as_flow(inputs[0], "Gemm")
+        if len(flow.axes) != 2:
+            raise Refused(f"Gemm on data of layout {flow.describe()}; expected (batch, features)")
+        v.features_last(flow, "Gemm")
+        matrix = self._float_const(inputs[1], "Gemm B")
+        if matrix.ndim != 2:
+            raise Malformed(f"Gemm B must be 2-D, got shape {matrix.shape}")
+        weight = matrix if attributes["transB"] else matrix.T
+        weight = np.ascontiguousarray(weight * matrix.dtype.type(attributes["alpha"]))
+        bias = None
+        if len(inputs) > 2 and inputs[2] is not None:
+            bias = self._bias_vector(inputs[2], weight.shape[0], 2, "Gemm C") * attributes["beta"]
+            bias = bias.astype(weight.dtype)
+        return [self._with_dense(flow, DenseLayer(weight=weight, bias=bias))]
+
+    def _bias_vector(self, value, size: int, data_rank: int, what: str) -> np.ndarray:
+        """A constant that broadcasts along the last axis only, as a (size,) vector."""
+        if isinstance(value, Zeros):
+            return np.zeros(size, dtype=np.float32)
+        array = self._float_const(value, what)
+        if array.ndim > data_rank or any(d != 1 for d in array.shape[:-1]) \
+                or (array.ndim and array.shape[-1] not in (1, size)):
+            raise Refused(f"{what} of shape {array.shape} does not broadcast along the features only")
+        return np.broadcast_to(array.reshape(-1), (size,)).copy()
+
+    def _add(self, node, inputs, where):
+        self._attributes(node, {}, where)
+        first, second = inputs
+        data_like = (Flow, GraphInput)
+        if isinstance(first, data_like) and isinstance(second, data_like):
+            raise Refused("adds two tensors computed from the input (a residual connection or a sum merge); "
+                          "fastlstm runs LSTM layers in a chain")
+        if isinstance(first, data_like):
+            data, constant = first, second
+        elif isinstance(second, data_like):
+            data, constant = second, first
+        elif isinstance(first, (Zeros, Const)) and isinstance(second, (Zeros, Const)):
+            raise Refused("adds two constants")
+        else:
+            raise Refused("adds tensors fastlstm does not follow")
+        flow = self._as_flow(data, "Add")
+        v.features_last(flow, "Add")
+        bias = self._bias_vector(constant, flow.feature_size, len(flow.axes), "Add operand")
+        if flow.head and flow.head[-1].activation == IDENTITY:
+            last = flow.head[-1]
+            total = bias.astype(last.weight.dtype) if last.bias is None else last.bias + bias
+            return [replace(flow, head=flow.head[:-1] + (replace(last, bias=total),))]
+        dense = replace(self._identity_dense(flow, "Add"), bias=bias)
+        return [self._with_dense(flow, dense)]
+
+    def _activation(self, node, inputs, where):
+        name, defaults = _ACTIVATION_OPS[node.op_type]
+        attributes = self._attributes(node, {k: ("float", d) for k, d in defaults.items()}, where)
+        return [self._apply_activation(inputs[0], Activation.of(name, attributes.get("alpha"),
+                                                                attributes.get("beta")), node.op_type)]
+
+    def _softmax(self, node, inputs, where):
+        default = -1 if self.opset >= 13 else 1
+        axis = self._attributes(node, {"axis": ("int", default)}, where)["axis"]
+        flow = self._as_flow(inputs[0], "Softmax")
+        rank = len(flow.axes)
+        axis = v.normalize_axis(axis, rank, "Softmax")
+        if flow.axes[axis].role != FEATURES or DIRS in flow.roles():
+            raise Refused(f"Softmax over the {flow.axes[axis].role} axis of {flow.describe()}; fastlstm "
+                          "applies softmax over the features")
+        if self.opset < 13 and axis != rank - 1:
+            raise Refused("Softmax before opset 13 over more than the last axis")
+        return [self._apply_activation(flow, Activation.of("softmax"), "Softmax")]
+
+    def _apply_activation(self, value, activation: Activation, what: str) -> Flow:
+        flow = self._as_flow(value, what)
+        if FEATURES not in flow.roles() or DIRS in flow.roles():
+            raise Refused(f"{what} applied to {flow.describe()} before the directions are concatenated")
+        if flow.parts[0].kind == "x":
+            raise Refused(f"{what} applied to the model input before any LSTM")
+        if flow.head and flow.head[-1].activation == IDENTITY:
+            last = flow.head[-1]
+            return replace(flow, head=flow.head[:-1] + (replace(last, activation=activation),))
+        if flow.head and flow.head[-1].activation.name == "softmax":
+            raise Refused(f"{what} after a softmax; fastlstm supports softmax as the last operation")
+        dense = replace(self._identity_dense(flow, what), activation=activation)
+        return replace(flow, head=flow.head + (dense,))
+
+    # ------------------------------------------------------------------------------------ LSTM
+    def _lstm(self, node, inputs, where):
+        attributes = self._attributes(node, LSTM_ATTRIBUTES, where)
+        if len(node.output) > 3:
+            raise Malformed("an LSTM node has at most 3 outputs")
+        x, w, r, b, lengths, h0, c0, p = (list(inputs) + [None] * 8)[:8]
+        direction, layout = attributes["direction"], attributes["layout"]
+        if direction not in DIRECTIONS:
+            raise Malformed(f"direction {direction!r}, expected one of {DIRECTIONS}")
+        if layout not in (0, 1):
+            raise Malformed(f"layout {layout}, expected 0 or 1")
+        directions = 2 if direction == "bidirectional" else 1
+        optional = {name: None if value is None or isinstance(value, Zeros) else self._float_const(value, name)
+                    for name, value in (("B", b), ("P", p))}
+        layer = lstm_layer(
+            self._float_const(w, "W"), self._float_const(r, "R"), optional["B"], optional["P"],
+            direction=direction, hidden_size=attributes["hidden_size"], clip=attributes["clip"],
+            input_forget=bool(attributes["input_forget"]),
+            activations=lstm_activations(attributes["activations"], attributes["activation_alpha"],
+                                         attributes["activation_beta"], directions, f"{self.source} {where}"))
+        index = self._layer_index(self._as_flow(x, "LSTM input X"), layout, layer.input_size)
+        refused, bound = [], {}
+        for name, bind in (("sequence_lens", lambda: self._sequence_lens(lengths)),
+                           ("initial_h", lambda: self._initial_state(h0, "initial_h", layout)),
+                           ("initial_c", lambda: self._initial_state(c0, "initial_c", layout))):
+            try:
+                bound[name] = bind()
+            except Refused as exc:
+                refused.extend(exc.args)
+        if refused:
+            raise Refused(*refused)
+        initial = {"h": bound["initial_h"], "c": bound["initial_c"]}
+        self.layers[index] = LayerRecord(layer, node.name or where, layout, bound["sequence_lens"], initial)
+
+        time, batch = Axis(TIME, self.time_size), Axis(BATCH, self.batch_size)
+        dirs, units = Axis(DIRS, directions), Axis(HIDDEN, layer.hidden_size)
+        y_axes = (time, dirs, batch, units) if layout == 0 else (batch, time, dirs, units)
+        state_axes = (dirs, batch, units) if layout == 0 else (batch, dirs, units)
+        return [Flow(axes, tuple(Part(kind, index, d) for d in range(directions)), layer.hidden_size)
+                for kind, axes in (("Y", y_axes), ("Y_h", state_axes), ("Y_c", state_axes))]
+
+    def _layer_index(self, flow: Flow, layout: int, input_size: int) -> int:
+        """Which layer of the stack this LSTM is, from what its input X holds (binding the model input)."""
+        expected = (TIME, BATCH, FEATURES) if layout == 0 else (BATCH, TIME, FEATURES)
+        if flow.head:
+            raise Refused("a dense layer or activation between LSTM layers")
+        if flow.parts == (Part("x"),):
+            index = 0
+            roles = flow.roles()
+            if len(roles) != 3 or len(set(roles)) != 3 or not all(r.startswith(INPUT_AXIS) for r in roles):
+                raise Refused(f"the LSTM reads the model input rearranged to {flow.describe()}; fastlstm "
+                              "follows transposes of a (batch, time, features) or (time, batch, features) input")
+            binding = dict(zip(roles, expected))
+            size = flow.axes[2].size
+            if size is not None and size != input_size:
+                raise Malformed(f"the input has {size} features but W expects {input_size}")
+            if 0 in self.layers:
+                raise Refused("several LSTM nodes read the model input; fastlstm runs one stack of layers")
+            self.binding = binding
+            by_role = {binding[a.role]: a for a in flow.axes}
+            self.time_size, self.batch_size = by_role[TIME].size, by_role[BATCH].size
+            order = sorted(flow.axes, key=lambda a: int(a.role[len(INPUT_AXIS):]))
+            self.input_layout = tuple(binding[a.role] for a in order)
+            return index
+        previous = flow.parts[0].layer
+        record = self.layers.get(previous)
+        wanted = tuple(Part("Y", previous, d) for d in range(record.layer.num_directions)) if record else None
+        if flow.parts != wanted:
+            raise Refused(f"the LSTM reads {', '.join(str(p) for p in flow.parts)}; fastlstm stacks layers on "
+                          "the previous layer's full output sequence (all directions, forward first)")
+        if flow.roles() != expected:
+            raise Refused(f"the LSTM (layout {layout}) reads the previous layer's output as {flow.describe()}")
+        if flow.feature_size != input_size:
+            raise Malformed(f"W expects {input_size} input features, the previous layer gives {flow.feature_size}")
+        if previous + 1 in self.layers:
+            raise Refused(f"several LSTM nodes read layer {previous}'s output; fastlstm runs one stack of layers")
+        return previous + 1
+
+    def _sequence_lens(self, value) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, GraphInput):
+            return value.name
+        if isinstance(value, (Const, Zeros)):
+            raise Refused("sequence_lens is a constant; fastlstm takes sequence lengths per call "
+                          "(predict(x, lengths=...)): make sequence_lens a graph input")
+        raise Refused("sequence_lens is computed in the graph; fastlstm takes it as a graph input only")
+
+    def _initial_state(self, value, name: str, layout: int) -> StateSource | None:
+        """Where an initial state comes from: None for zeros, else the graph input rows it reads."""
+        rows_axis = 0 if layout == 0 else 1
+        if value is None or isinstance(value, Zeros):
+            return None
+        if isinstance(value, Const):
+            if not np.any(value.array):
+                return None
+            raise Refused(f"{name} is a non-zero constant; fastlstm starts from zeros or from the state "
+                          "passed to predict(x, state=(h0, c0)): make it a graph input")
+        if isinstance(value, GraphInput):
+            if value.dims is not None and len(value.dims) != 3:
+                raise Malformed(f"{name} (graph input {value.name!r}) has rank {len(value.dims)}, expected 3")
+            return StateSource(value.name, rows_axis, 0, None, value.dims)
+        if isinstance(value, InputRows):
+            if value.axis != rows_axis:
+                raise Refused(f"{name} slices graph input {value.name!r} along axis {value.axis}, not along "
+                              f"its layer/direction axis ({rows_axis})")
+            return StateSource(value.name, value.axis, value.start, value.stop, value.dims)
+        raise Refused(f"{name} is computed in the graph; fastlstm takes initial states as graph inputs "
+                      "(the state argument of predict) or zeros")
+
+    # ------------------------------------------------------------------------------------ outputs
+    def _finish(self) -> GraphResult:
+        if not self.layers:
+            raise Refused("the graph's outputs depend on no LSTM node")
+        layers = [self.layers[k] for k in range(len(self.layers))]
+        data_outputs, state_outputs = [], []
+        for output in self.graph.output:
+            value = self.values.get(output.name)
+            if isinstance(value, Poison):
+                continue
+            if not isinstance(value, Flow) or value.parts[0].kind == "x":
+                raise Refused(f"graph output {output.name!r} is not computed by the LSTM stack")
+            if value.head or any(p.kind == "Y" for p in value.parts):
+                data_outputs.append((output.name, value))
+            else:
+                if len({p.kind for p in value.parts}) != 1:
+                    raise Refused(f"graph output {output.name!r} mixes hidden and cell states")
+                state_outputs.append(output.name)
+        if len(data_outputs) > 1:
+            raise Refused(f"graph outputs {', '.join(repr(n) for n, _ in data_outputs)} are all computed from "
+                          "LSTM outputs; a fastlstm model has one output (states come with return_state=True)")
+        lengths = {record.sequence_lens for record in layers}
+        if len(lengths) > 1:
+            raise Refused("sequence_lens is given to some LSTM layers only, or differs between them")
+        sequence_lens = lengths.pop()
+        if data_outputs:
+            main_name, flow = data_outputs[0]
+            output = output_mode(main_name, flow, layers, sequence_lens is not None)
+            head = flow.head
+        else:
+            main_name, output, head = None, "final_state", ()
+        hidden_sizes = [record.layer.hidden_size for record in layers]
+        if len(set(hidden_sizes)) > 1:
+            raise Refused(f"the LSTM layers have hidden sizes {hidden_sizes}; fastlstm needs one size for all "
+                          "layers (its state is one (layers * directions, batch, hidden) array, as PyTorch's)")
+        state_inputs = {kind: state_input(kind, layers) for kind in ("h", "c")}
+        return GraphResult(
+            layers=layers, head=head, output=output, input_name=self.data_input or "",
+            input_layout=self.input_layout, sequence_lens=sequence_lens,
+            state_inputs={k: s for k, s in state_inputs.items() if s}, state_outputs=state_outputs,
+            main_output=main_name)
+
+
+def _fold(compute, what: str) -> Const:
+    """``Const(compute())``, a NumPy error (axes that do not fit the constant) reported as a malformed model."""
+    try:
+        return Const(np.asarray(compute()))
+    except (ValueError, IndexError, TypeError) as exc:  # numpy's AxisError is both a ValueError and an IndexError
+        raise Malformed(f"{what} of a constant: {exc}") from None
+
+
+# Every attribute each operator may carry in any opset fastlstm reads (types and opset checks are in the
+# handlers); anything else is refused before the node is looked at.
+_ATTRIBUTE_NAMES = {
+    "Constant": {"value", "value_float", "value_floats", "value_int", "value_ints", "value_string",
+                 "value_strings", "sparse_value"},
+    "ConstantOfShape": {"value"}, "Expand": set(), "Identity": set(),
+    "Dropout": {"seed", "ratio", "is_test", "consumed_inputs"}, "Cast": {"to", "saturate", "round_mode"},
+    "Transpose": {"perm"}, "Squeeze": {"axes"}, "Unsqueeze": {"axes"}, "Reshape": {"allowzero"},
+    "Flatten": {"axis"}, "Shape": {"start", "end"}, "Gather": {"axis"}, "Slice": {"starts", "ends", "axes"},
+    "Split": {"axis", "split", "num_outputs"}, "Concat": {"axis"}, "MatMul": set(),
+    "Gemm": {"alpha", "beta", "transA", "transB", "broadcast"}, "Add": set(), "Softmax": {"axis"},
+    "LSTM": set(LSTM_ATTRIBUTES),
+    **{op: set(defaults) for op, (_, defaults) in _ACTIVATION_OPS.items()},
+}
+
+# (fewest, most) inputs of each operator (None: any number); the fewest are required.
+_INPUT_COUNTS = {
+    "Constant": (0, 0), "ConstantOfShape": (1, 1), "Expand": (2, 2), "Dropout": (1, 3), "Squeeze": (1, 2),
+    "Unsqueeze": (1, 2), "Reshape": (2, 2), "Gather": (2, 2), "Slice": (1, 5), "Split": (1, 2),
+    "Concat": (1, None), "MatMul": (2, 2), "Gemm": (2, 3), "Add": (2, 2), "LSTM": (3, 8),
+}
+
+_HANDLERS = {
+    "Constant": GraphReader._constant, "ConstantOfShape": GraphReader._constant_of_shape,
+    "Expand": GraphReader._expand, "Identity": GraphReader._identity, "Dropout": GraphReader._dropout,
+    "Cast": GraphReader._cast, "Transpose": GraphReader._transpose, "Squeeze": GraphReader._squeeze,
+    "Unsqueeze": GraphReader._unsqueeze, "Reshape": GraphReader._reshape, "Flatten": GraphReader._flatten,
+    "Shape": GraphReader._shape, "Gather": GraphReader._gather, "Slice": GraphReader._slice,
+    "Split": GraphReader._split, "Concat": GraphReader._concat, "MatMul": GraphReader._matmul,
+    "Gemm": GraphReader._gemm, "Add": GraphReader._add, "Softmax": GraphReader._softmax,
+    "LSTM": GraphReader._lstm,
+}

@@ -1,0 +1,444 @@
+"""What the ONNX importer knows about each tensor of a graph, and how layout operators change it.
+
+The importer never runs the graph. It follows the data flow and describes every tensor *structurally*:
+
+* ``Flow``: a tensor computed from the model's input. Its ``axes`` say what each dimension is (time,
+  batch, direction, hidden units, features, or a size-1 axis), its ``parts`` say which LSTM results it holds
+  along the direction or feature axis and at which time step, and ``head`` lists the dense layers already
+  applied to it. A layout operator (Transpose, Squeeze, Reshape, Slice, Gather, Concat, ...) maps a Flow to
+  a Flow when it only rearranges what the canonical model computes, and is refused otherwise.
+* ``Const``: a constant known in full (an initializer, a Constant node, or a fold of small layout ops on them).
+* ``Zeros``: an all-zero tensor of a shape computed at run time (PyTorch's zero initial state).
+* ``Dims``: a shape computed at run time (``Shape`` and the ops on it), for ``Reshape`` targets.
+* ``GraphInput`` / ``InputRows``: a graph input (or rows of one) not yet known to be data or initial state.
+
+The functions here are pure: they take values and return new ones, raising ``Refused`` (a construct
+fastlstm does not run) or ``Malformed`` (the model contradicts itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..spec import DenseLayer
+
+TIME, BATCH, DIRS, HIDDEN, FEATURES, UNIT = "time", "batch", "directions", "hidden", "features", "size-1"
+INPUT_AXIS = "input axis "  # prefix of the axes of the model input before an LSTM says what they are
+# An end index at or beyond this reads "to the end" (exporters write INT32_MAX or INT64_MAX).
+_OPEN_END = 2**31 - 1
+
+
+class Refused(Exception):
+    """A construct fastlstm does not run; the message says what and why."""
+
+
+class Malformed(Exception):
+    """The model contradicts itself (sizes, attribute types, indices out of range)."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One dimension of a Flow: its role and, when known, its size."""
+
+    role: str
+    size: int | None = None
+
+    @property
+    def is_unit(self) -> bool:
+        """True for an axis of size 1 that carries nothing (a kept or squeezable singleton)."""
+        return self.role == UNIT or (self.role == FEATURES and self.size == 1)
+
+    def __str__(self) -> str:
+        return self.role if self.size is None else f"{self.role}({self.size})"
+
+
+UNIT_AXIS = Axis(UNIT, 1)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One block along a Flow's direction or feature axis.
+
+    ``kind`` is "x" (the model input), "Y" (an LSTM's per-step output), "Y_h" or "Y_c" (its final states);
+    ``layer`` and ``direction`` say which LSTM cell; ``time`` says which steps of a "Y" it holds: "all",
+    "last" (the last time step) or "first".
+    """
+
+    kind: str
+    layer: int = -1
+    direction: int = 0
+    time: str = "all"
+
+    def __str__(self) -> str:
+        if self.kind == "x":
+            return "the input"
+        where = f"{self.kind} of LSTM layer {self.layer} direction {self.direction}"
+        return where if self.kind != "Y" or self.time == "all" else f"{where} at its {self.time} step"
+
+
+@dataclass(frozen=True, eq=False)
+class Flow:
+    """A tensor computed from the model input (see the module docstring)."""
+
+    axes: tuple[Axis, ...]
+    parts: tuple[Part, ...]
+    part_size: int | None = None
+    head: tuple[DenseLayer, ...] = ()
+
+    def roles(self) -> tuple[str, ...]:
+        return tuple(a.role for a in self.axes)
+
+    @property
+    def feature_size(self) -> int | None:
+        """Size of the (canonical, directions-concatenated) feature axis."""
+        if self.head:
+            return self.head[-1].out_features
+        return None if self.part_size is None else self.part_size * len(self.parts)
+
+    def describe(self) -> str:
+        return "(" + ", ".join(str(a) for a in self.axes) + ")"
+
+
+@dataclass(frozen=True, eq=False)
+class Const:
+    array: np.ndarray
+
+
+@dataclass(frozen=True)
+class Zeros:
+    """An all-zero tensor whose shape is only known at run time."""
+
+
+@dataclass(frozen=True)
+class Dims:
+    """A 1-D shape tensor computed at run time: each entry an int or the Axis whose size it is."""
+
+    entries: tuple[int | Axis, ...]
+    scalar: bool = False
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    name: str
+    dims: tuple[int | None, ...] | None
+    element_type: int | None
+
+
+@dataclass(frozen=True)
+class InputRows:
+    """``graph_input[start:stop]`` along ``axis`` (how PyTorch hands each layer its rows of ``h0``)."""
+
+    name: str
+    axis: int
+    start: int
+    stop: int | None
+    dims: tuple[int | None, ...] | None
+
+
+@dataclass(frozen=True)
+class Poison:
+    """The value of a tensor whose producer was already reported; consumers stay silent about it."""
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def normalize_axis(axis: int, rank: int, what: str) -> int:
+    if not -rank <= axis < rank:
+        raise Malformed(f"{what}: axis {axis} out of range for rank {rank}")
+    return axis % rank
+
+
+def _without_axis(flow: Flow, i: int) -> Flow:
+    """Drop axis ``i``, which must be of size 1; a one-direction axis hands its part to the features."""
+    axis = flow.axes[i]
+    axes = list(flow.axes)
+    del axes[i]
+    if axis.role == DIRS and axis.size == 1:
+        axes = [Axis(FEATURES, a.size) if a.role == HIDDEN else a for a in axes]
+    elif not axis.is_unit:
+        raise Refused(f"removes the {axis.role} axis of {flow.describe()}, which is not of size 1"
+                      + ("; export with a dynamic batch axis" if axis.role == BATCH else ""))
+    return replace(flow, axes=tuple(axes))
+
+
+def _fold_single_direction(flow: Flow) -> Flow:
+    """A direction axis holding one direction is a size-1 axis: its part moves into the features."""
+    roles = flow.roles()
+    if DIRS in roles and flow.axes[roles.index(DIRS)].size == 1:
+        axes = [UNIT_AXIS if a.role == DIRS else Axis(FEATURES, a.size) if a.role == HIDDEN else a
+                for a in flow.axes]
+        return replace(flow, axes=tuple(axes))
+    return flow
+
+
+def _merge(group: list[Axis], what: str) -> Axis:
+    """The one axis a run of axes becomes when a reshape merges them."""
+    if not group:
+        return UNIT_AXIS
+    if len(group) == 1:
+        return group[0]
+    if [a.role for a in group] == [DIRS, HIDDEN]:
+        # (directions, hidden) row-major is the directions' outputs concatenated, forward first.
+        return Axis(FEATURES, group[0].size * group[1].size)
+    raise Refused(f"{what} merges the {', '.join(a.role for a in group)} axes; fastlstm follows reshapes "
+                  "that only merge the direction axis into the features or add and remove size-1 axes")
+
+
+def _time_window(start: int, end: int, step: int, steps: int | None, what: str) -> str:
+    """Which time steps ``[start:end:step]`` keeps: "all", "last" or "first" (anything else is refused)."""
+    if step == 1:
+        if steps is not None:
+            kept = range(steps)[start:end]
+            if len(kept) == steps:
+                return "all"
+            if list(kept) == [steps - 1]:
+                return "last"
+            if list(kept) == [0]:
+                return "first"
+        elif end >= _OPEN_END:
+            if start == -1:
+                return "last"
+            if start == 0 or start <= -_OPEN_END:
+                return "all"
+        elif start == 0 and end == 1:
+            return "first"
+    raise Refused(f"{what} keeps time steps [{start}:{end}:{step}]; fastlstm outputs every step, the last "
+                  "step or the final state")
+
+
+def _is_full_range(start: int, end: int, step: int, size: int | None) -> bool:
+    if size is not None:
+        return len(range(size)[start:end:step]) == size and step == 1
+    return step == 1 and (start == 0 or start <= -_OPEN_END) and end >= _OPEN_END
+
+
+def with_time(flow: Flow, which: str, what: str) -> Flow:
+    parts = []
+    for part in flow.parts:
+        if part.kind != "Y" or part.time != "all":
+            raise Refused(f"{what} selects a time step of {part}, which has none")
+        parts.append(replace(part, time=which))
+    return replace(flow, parts=tuple(parts))
+
+
+# ----------------------------------------------------------------------------------------- layout ops
+def transpose(flow: Flow, perm: list[int] | None, what: str) -> Flow:
+    rank = len(flow.axes)
+    perm = list(range(rank))[::-1] if perm is None else perm
+    if sorted(perm) != list(range(rank)):
+        raise Malformed(f"{what}: perm {perm} is not a permutation of the {rank} axes")
+    return replace(flow, axes=tuple(flow.axes[p] for p in perm))
+
+
+def squeeze(flow: Flow, axes: list[int] | None, what: str) -> Flow:
+    rank = len(flow.axes)
+    if axes is None:  # every dimension of size 1, which must not depend on the batch or the sequence
+        fixed = [a for a in flow.axes if a.size == 1 and (a.role in (TIME, BATCH) or a.role.startswith(INPUT_AXIS))]
+        if fixed:
+            raise Refused(f"{what} has no axes, so whether it removes the {fixed[0].role} axis depends on the "
+                          "batch size or sequence length; give its axes")
+        flow = _fold_single_direction(flow)
+        axes = [i for i, a in enumerate(flow.axes) if a.is_unit]
+        rank = len(flow.axes)
+    positions = sorted({normalize_axis(a, rank, what) for a in axes}, reverse=True)
+    for i in positions:
+        flow = _without_axis(flow, i)
+    return flow
+
+
+def unsqueeze(flow: Flow, axes: list[int], what: str) -> Flow:
+    rank = len(flow.axes) + len(axes)
+    positions = sorted({normalize_axis(a, rank, what) for a in axes})
+    if len(positions) != len(axes):
+        raise Malformed(f"{what}: repeated axes {axes}")
+    new = list(flow.axes)
+    for i in positions:
+        new.insert(i, UNIT_AXIS)
+    return replace(flow, axes=tuple(new))
+
+
+def reshape(flow: Flow, target: list[int | Axis], allowzero: bool, what: str) -> Flow:
+    """Follow a Reshape that keeps every axis apart from merging (directions, hidden) into the features.
+
+    ``target`` entries are ints (ONNX semantics: 0 copies the input dimension, -1 is inferred) or Axis
+    objects (a dimension read from a ``Shape``).
+    """
+    flow = _fold_single_direction(flow)
+    entries: list[int | Axis] = []
+    for i, entry in enumerate(target):
+        if isinstance(entry, Axis):
+            if entry.role == DIRS and entry.size == 1:
+                entry = UNIT_AXIS
+            elif entry.role == HIDDEN and DIRS not in flow.roles():
+                entry = Axis(FEATURES, entry.size)
+            entries.append(entry)
+        elif entry == 0 and not allowzero:
+            if i >= len(flow.axes):
+                raise Malformed(f"{what}: shape entry {i} copies a dimension the input does not have")
+            entries.append(flow.axes[i])
+        elif entry == -1 or entry >= 1:
+            entries.append(int(entry))
+        else:
+            raise Refused(f"{what} has shape entry {entry} (a size-0 or invalid dimension)")
+    if entries.count(-1) > 1:
+        raise Malformed(f"{what}: more than one -1 in the target shape {target}")
+    core = [a for a in flow.axes if not a.is_unit]
+    minus = entries.index(-1) if -1 in entries else None
+    left = entries if minus is None else entries[:minus]
+    right = [] if minus is None else entries[minus + 1:]
+    lo, hi = 0, len(core)
+    out_left: list[Axis] = []
+    out_right: list[Axis] = []
+    for entry in left:
+        axis, used = _match_dimension(entry, core[lo:hi], True, what)
+        out_left.append(axis)
+        lo += used
+    for entry in reversed(right):
+        axis, used = _match_dimension(entry, core[lo:hi], False, what)
+        out_right.append(axis)
+        hi -= used
+    middle: list[Axis] = []
+    if minus is not None:
+        middle = [_merge(core[lo:hi], what)]
+    elif lo != hi:
+        raise Refused(f"{what} to {list(target)} does not keep the {', '.join(a.role for a in core[lo:hi])} "
+                      f"axes of {flow.describe()} apart")
+    return replace(flow, axes=tuple(out_left + middle + out_right[::-1]))
+
+
+def _match_dimension(entry: int | Axis, available: list[Axis], from_left: bool, what: str) -> tuple[Axis, int]:
+    """The output axis a target-shape entry stands for, and how many input axes it takes."""
+    nearest = (available[0] if from_left else available[-1]) if available else None
+    if isinstance(entry, Axis):
+        if entry.is_unit:
+            return UNIT_AXIS, 0
+        if nearest is not None and nearest.role == entry.role:
+            return nearest, 1
+        raise Refused(f"{what} moves the {entry.role} axis; fastlstm follows reshapes that keep the axes in order")
+    if nearest is not None and nearest.size == entry:
+        return nearest, 1
+    if entry == 1:
+        return UNIT_AXIS, 0
+    pair = available[:2] if from_left else available[-2:]
+    if len(pair) == 2 and [a.role for a in pair] == [DIRS, HIDDEN] and pair[0].size * pair[1].size == entry:
+        return _merge(pair, what), 2
+    if nearest is not None and nearest.size is None:
+        raise Refused(f"{what} fixes the {nearest.role} axis to {entry}; export with that axis dynamic")
+    raise Refused(f"{what} to a dimension of {entry} splits or merges the axes of its input")
+
+
+def flatten(flow: Flow, axis: int, what: str) -> Flow:
+    flow = _fold_single_direction(flow)
+    rank = len(flow.axes)
+    if not -rank <= axis <= rank:
+        raise Malformed(f"{what}: axis {axis} out of range for rank {rank}")
+    axis %= rank + 1
+    groups = ([a for a in flow.axes[:axis] if not a.is_unit], [a for a in flow.axes[axis:] if not a.is_unit])
+    return replace(flow, axes=(_merge(groups[0], what), _merge(groups[1], what)))
+
+
+def slice_axis(flow: Flow, i: int, start: int, end: int, step: int, what: str) -> Flow:
+    """Follow ``flow[..., start:end:step, ...]`` on axis ``i``."""
+    axis = flow.axes[i]
+    if step == 0:
+        raise Malformed(f"{what}: step 0")
+    if axis.role == TIME:
+        which = _time_window(start, end, step, axis.size, what)
+        if which == "all":
+            return flow
+        flow = with_time(flow, which, what)
+        return replace(flow, axes=flow.axes[:i] + (UNIT_AXIS,) + flow.axes[i + 1:])
+    if axis.role == DIRS:
+        kept = range(len(flow.parts))[start:end:step]
+        if not kept:
+            raise Malformed(f"{what} keeps no direction")
+        axes = flow.axes[:i] + (Axis(DIRS, len(kept)),) + flow.axes[i + 1:]
+        return replace(flow, axes=axes, parts=tuple(flow.parts[k] for k in kept))
+    if axis.role == FEATURES and not flow.head and flow.part_size and flow.parts[0].kind != "x":
+        kept = range(flow.feature_size)[start:end:step]
+        size = flow.part_size
+        if _is_full_range(start, end, step, flow.feature_size):
+            return flow
+        if step == 1 and kept and kept.start % size == 0 and kept.stop % size == 0:
+            parts = flow.parts[kept.start // size: kept.stop // size]
+            axes = flow.axes[:i] + (Axis(FEATURES, len(parts) * size),) + flow.axes[i + 1:]
+            return replace(flow, axes=axes, parts=parts)
+        raise Refused(f"{what} keeps features [{start}:{end}:{step}], which do not line up with the "
+                      f"directions' outputs ({size} each)")
+    if _is_full_range(start, end, step, 1 if axis.is_unit else axis.size):
+        return flow
+    raise Refused(f"{what} slices the {axis.role} axis [{start}:{end}:{step}]")
+
+
+def gather(flow: Flow, i: int, indices: np.ndarray, what: str) -> Flow:
+    """Follow ``Gather(flow, indices, axis=i)`` for a scalar or one-element (or, on directions, any) index."""
+    axis = flow.axes[i]
+    values = [int(v) for v in indices.reshape(-1)]
+    keep_axis = indices.ndim == 1
+    if indices.ndim > 1:
+        raise Refused(f"{what} with {indices.ndim}-D indices")
+    if axis.role == DIRS:
+        count = len(flow.parts)
+        if any(not -count <= v < count for v in values):
+            raise Malformed(f"{what}: index {values} out of range for {count} direction(s)")
+        parts = tuple(flow.parts[v % count] for v in values)
+        if not parts:
+            raise Malformed(f"{what} keeps no direction")
+        if keep_axis:
+            axes = flow.axes[:i] + (Axis(DIRS, len(parts)),) + flow.axes[i + 1:]
+            return replace(flow, axes=axes, parts=parts)
+        flow = replace(flow, parts=parts, axes=flow.axes[:i] + (Axis(DIRS, 1),) + flow.axes[i + 1:])
+        return _without_axis(flow, i)
+    if len(values) != 1:
+        raise Refused(f"{what} gathers {len(values)} entries of the {axis.role} axis")
+    value = values[0]
+    if axis.role == TIME:
+        steps = axis.size
+        if value == -1 or (steps is not None and value == steps - 1):
+            which = "last"
+        elif value == 0:
+            which = "first"
+        else:
+            raise Refused(f"{what} takes time step {value}; fastlstm outputs every step, the last step or "
+                          "the final state")
+        flow = with_time(flow, which, what)
+        if keep_axis:
+            return replace(flow, axes=flow.axes[:i] + (UNIT_AXIS,) + flow.axes[i + 1:])
+        return replace(flow, axes=flow.axes[:i] + flow.axes[i + 1:])
+    if axis.is_unit and value in (0, -1):
+        return flow if keep_axis else _without_axis(flow, i)
+    raise Refused(f"{what} picks entry {value} of the {axis.role} axis")
+
+
+def concat(flows: list[Flow], i: int, what: str) -> Flow:
+    """Follow a Concat of Flows along the direction or feature axis (directions or layers side by side)."""
+    first = flows[0]
+    roles = first.roles()
+    for flow in flows[1:]:
+        if len(flow.axes) != len(first.axes) or any(
+                n != i and (a.role != b.role or (a.size is not None and b.size is not None and a.size != b.size))
+                for n, (a, b) in enumerate(zip(flow.axes, first.axes))):
+            raise Refused(f"{what} joins tensors of layouts {first.describe()} and {flow.describe()}")
+    role = roles[i]
+    if any(f.axes[i].role != role for f in flows):
+        raise Refused(f"{what} joins tensors along different axes")
+    if any(f.head for f in flows):
+        raise Refused(f"{what} joins tensors after a dense layer or activation was applied to them")
+    if role not in (DIRS, FEATURES) or any(f.parts[0].kind == "x" for f in flows):
+        raise Refused(f"{what} concatenates along the {role} axis")
+    if len({f.part_size for f in flows}) != 1:
+        raise Refused(f"{what} joins outputs of layers of different sizes")
+    parts = tuple(p for f in flows for p in f.parts)
+    size = len(parts) if role == DIRS else len(parts) * first.part_size
+    axes = first.axes[:i] + (Axis(role, size),) + first.axes[i + 1:]
+    return replace(first, axes=axes, parts=parts)
+
+
+def features_last(flow: Flow, what: str) -> None:
+    """Refuse unless the flow's last axis is its (canonical) feature axis, as a dense layer needs."""
+    if not flow.axes or flow.axes[-1].role != FEATURES or DIRS in flow.roles():
+        raise Refused(f"{what} acts on the last axis of {flow.describe()}, which is not the LSTM's "
+                      "feature axis with the directions concatenated")
+    if flow.parts[0].kind == "x":
+        raise Refused(f"{what} is applied to the model input before any LSTM")
