@@ -25,6 +25,8 @@ compile_args = [
 ]
 if not portable and sys.platform != "win32":
     compile_args.append("-march=native")
+# The thread pool of the threaded kernels (csrc/lstm_parallel.h) uses POSIX threads.
+thread_args = [] if sys.platform == "win32" else ["-pthread"]
 
 # One set of directives for the whole build; the debug switch turns the safety checks back on.
 directives = {
@@ -40,8 +42,10 @@ extensions = [
     Extension(
         "fastlstm._cykernels",
         ["csrc/_cykernels.pyx"],
-        include_dirs=[np.get_include()],
-        extra_compile_args=compile_args,
+        include_dirs=[np.get_include(), "csrc"],
+        depends=["csrc/lstm_parallel.h"],
+        extra_compile_args=compile_args + thread_args,
+        extra_link_args=thread_args,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 ]

@@ -13,10 +13,19 @@ Weight layout (per direction of each layer), packed at construction:
   ``w_ih`` block for one GEMM over all time steps and the ``w_hh`` block per step. BLAS reads the blocks
   in place (leading dimension K). The padding puts every row and block on a 64-byte boundary, so the
   hand-written loops run whole aligned vectors and never a scalar tail; the zeros add nothing to a sum.
+* ``packed`` (float32 only) is ``weights`` again as panels of 32 gate rows stored k-major (layout in
+  lstm_parallel.h), which the float32 products of 4 rows or more stream instead of BLAS: BLAS would pack
+  the weights anew on every call of a time loop.
 * ``projection`` (LSTMP) is ``w_hr`` ``(P, H_pad)`` with each row zero-padded the same way.
 
 A pre-activation vector ``z`` is ``(4H,)`` in gate order [i | f | g | o]; the pointwise kernels add the
 bias or the precomputed input projection to it, apply the activations and update ``c`` and ``h``.
+
+Threads (at most ``num_threads``, from the pool of lstm_parallel.h): a time loop runs as one job over the
+whole sequence (or stack step). At batch 1 each thread owns a block of hidden units, all four gates of them,
+so its slice of the weights stays in its own cache from step to step, and the threads meet once per step
+(once per layer in a stream step); above batch 1 each thread runs its own rows' whole loop and they never
+meet. BLAS is never called inside a thread: it may start threads of its own.
 """
 
 from cython cimport floating
@@ -90,6 +99,19 @@ cdef extern from *:
     unsigned int flush_denormals "fastlstm_flush_denormals"() noexcept nogil
     void restore_fp_mode "fastlstm_restore_fp_mode"(unsigned int saved) noexcept nogil
     unsigned int current_fp_mode "fastlstm_fp_mode"() noexcept nogil
+
+cdef extern from "lstm_parallel.h" nogil:
+    ctypedef struct Barrier "fastlstm_barrier":
+        pass
+    void barrier_init "fastlstm_barrier_init"(Barrier* barrier)
+    void barrier_wait "fastlstm_barrier_wait"(Barrier* barrier, int team, int* local_sense)
+    ctypedef void (*ParallelJob "fastlstm_job")(void* arg, int part, int parts) noexcept nogil
+    void run_parallel "fastlstm_run_parallel"(ParallelJob job, void* arg, int parts)
+    void packed_gemm "fastlstm_packed_gemm"(
+        long rows, long cols, long k, const float* x, long ldx, const float* packed, long packed_k,
+        long k_offset, const float* bias, float* y, long ldy)
+    const int PANEL_COLUMNS "FASTLSTM_PANEL"
+    const int TILE_ROWS "FASTLSTM_TILE_ROWS"
 
 TANH_CLAMP = TANH_CLAMP_C
 TANH_NUMERATOR = (N0, N1, N2, N3, N4, N5, N6)
@@ -208,14 +230,17 @@ cdef inline floating activation(floating x, int code, floating alpha, floating b
 # ------------------------------------------------------------------------------------------------------
 # Packed cell description: what the nogil kernels need, as plain C.
 
-ctypedef void (*PointwiseFloat)(const CellDesc*, const float*, const float*, float*, float*) noexcept nogil
-ctypedef void (*PointwiseDouble)(const CellDesc*, const double*, const double*, double*, double*) noexcept nogil
+ctypedef void (*PointwiseFloat)(const CellDesc*, const float*, const float*, float*, float*,
+                                Py_ssize_t, Py_ssize_t) noexcept nogil
+ctypedef void (*PointwiseDouble)(const CellDesc*, const double*, const double*, double*, double*,
+                                 Py_ssize_t, Py_ssize_t) noexcept nogil
 
 cdef struct CellDesc:
     void* weights        # (4H, row_stride): [w_ih | 0 | w_hh | 0] per row
     void* bias           # (4H,)
     void* peephole       # (3, H) in order i, f, o, or NULL
     void* projection     # (P, hidden_stride), or NULL
+    const float* packed  # float32 only: ``weights`` again as GEMM panels (see lstm_parallel.h), else NULL
     Py_ssize_t input_size, hidden_size, proj_size, rec_size   # I, H, P (0 = none), R = P or H
     Py_ssize_t input_stride    # I_pad: where the recurrent block starts in a row
     Py_ssize_t rec_stride      # R_pad
@@ -311,7 +336,8 @@ cdef inline void dot_rows(const floating* a, Py_ssize_t lda, Py_ssize_t rows, co
         r += 1
 
 
-# When the hand-written loop beats BLAS (medians over whole sequences, one or two OpenBLAS threads):
+# When the hand-written loop beats BLAS in matmul_nt (float64 products and projections; float32 gate products
+# take the tiles from PACKED_MIN_BATCH rows). Medians over whole sequences, one or two OpenBLAS threads:
 # * at batch 1 it is as fast as OpenBLAS gemv or faster (by 0-12%) on one thread at every size measured;
 #   from about 2 MiB of weights OpenBLAS splits its gemv over threads and wins with two cores (1.8x at
 #   2 MiB), so larger matrices go to BLAS;
@@ -321,6 +347,28 @@ cdef inline void dot_rows(const floating* a, Py_ssize_t lda, Py_ssize_t rows, co
 cdef enum:
     HAND_GEMV_MAX_BYTES = 2 * 1024 * 1024
     HAND_GEMM_MAX_BATCH = 8
+
+# Float32 products of this many rows or more run on the prepacked tiles (lstm_parallel.h) instead, on one
+# thread: a stream step at (I, H) = (32, 64) took 2.4 us at batch 2 against 2.8 with the hand loop, 5.7 us
+# at batch 8 against 8.0; at (64, 256), 28 us at batch 3 against 34, and 87 us at batch 12 against 609
+# with BLAS GEMM (which packs the weights on every call).
+cdef enum:
+    PACKED_MIN_BATCH = 2
+
+# Threads. At batch 1 the product is split by blocks of UNIT_GRAIN hidden units (a cache line of h and c
+# each) once the recurrent weights of a sequence reach UNIT_SPLIT_MIN_WEIGHTS (256 KiB in float32), or the
+# whole stack's weights of a stream step reach STREAM_UNIT_SPLIT_MIN_WEIGHTS. Two threads on a quiet
+# machine, float32 stream step: (I, H) = (64, 128), 96K weights, 4.1 us against 4.9 on one; (32, 64), 24K
+# weights, 2.7 against 2.1 (posting the job, the meetings and the wait cost ~1 us); (128, 256) x 2 layers,
+# 458K weights, 25 us against 35. But when another process holds a core, every meeting may wait for a time
+# slice (a step at (64, 128) then took 110 us), so a stream step, which pays that per call, is split only
+# where the gain is large. Above batch 1, rows are split once a step's work (weights x rows) reaches
+# ROWS_SPLIT_MIN_WEIGHTS.
+cdef enum:
+    UNIT_GRAIN = 16
+    UNIT_SPLIT_MIN_WEIGHTS = 64 * 1024
+    STREAM_UNIT_SPLIT_MIN_WEIGHTS = 256 * 1024
+    ROWS_SPLIT_MIN_WEIGHTS = 256 * 1024
 
 
 cdef inline void matmul_nt(Py_ssize_t batch, Py_ssize_t rows, const floating* a, Py_ssize_t lda,
@@ -346,8 +394,10 @@ cdef enum:
 
 
 cdef void pointwise_standard(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                             floating* h) noexcept nogil:
+                             floating* h, Py_ssize_t first, Py_ssize_t stop) noexcept nogil:
     """The plain LSTM cell: i, f, o = sigmoid, g = tanh of (z + zadd); c = f*c + i*g; h = o*tanh(c).
+
+    Units ``first .. stop-1`` of one batch row (a thread of a hidden-unit split updates only its own).
 
     Branch-free, so gcc vectorises it in float32 (the rational tanh is multiplies, adds and one divide).
     The units go in chunks whose new c and h are first written to local arrays: a loop that only loads
@@ -357,9 +407,9 @@ cdef void pointwise_standard(const CellDesc* d, const floating* z, const floatin
     cdef floating c_chunk[POINTWISE_CHUNK]
     cdef floating h_chunk[POINTWISE_CHUNK]
     cdef floating i, f, g, o, c_new
-    for chunk in range((H + POINTWISE_CHUNK - 1) // POINTWISE_CHUNK):
-        start = chunk * POINTWISE_CHUNK
-        count = min(<Py_ssize_t>POINTWISE_CHUNK, H - start)
+    for chunk in range((stop - first + POINTWISE_CHUNK - 1) // POINTWISE_CHUNK):
+        start = first + chunk * POINTWISE_CHUNK
+        count = min(<Py_ssize_t>POINTWISE_CHUNK, stop - start)
         for j in range(count):
             u = start + j
             i = sigmoid(z[u] + zadd[u])
@@ -374,7 +424,7 @@ cdef void pointwise_standard(const CellDesc* d, const floating* z, const floatin
 
 
 cdef void pointwise_general(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                            floating* h) noexcept nogil:
+                            floating* h, Py_ssize_t first, Py_ssize_t stop) noexcept nogil:
     """Every option of the spec: activations with parameters, clip, peepholes, coupled input/forget gates."""
     cdef Py_ssize_t H = d.hidden_size, j
     cdef const floating* peep = <const floating*>d.peephole
@@ -384,7 +434,7 @@ cdef void pointwise_general(const CellDesc* d, const floating* z, const floating
     cdef floating oa = <floating>d.output_alpha, ob = <floating>d.output_beta
     cdef int gate = d.gate_code, cell = d.cell_code, out = d.output_code
     cdef floating zi, zf, zg, zo, c_old, c_new, i, f, g, o
-    for j in range(H):
+    for j in range(first, stop):
         zi = z[j] + zadd[j]
         zf = z[H + j] + zadd[H + j]
         zg = z[2 * H + j] + zadd[2 * H + j]
@@ -408,33 +458,61 @@ cdef void pointwise_general(const CellDesc* d, const floating* z, const floating
 
 
 cdef inline void pointwise(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                           floating* h) noexcept nogil:
-    """The cell's pointwise kernel (see CellDesc.pointwise_float)."""
+                           floating* h, Py_ssize_t first=0, Py_ssize_t stop=-1) noexcept nogil:
+    """The cell's pointwise kernel (see CellDesc.pointwise_float) over units first .. stop-1 (all by default)."""
+    if stop < 0:
+        stop = d.hidden_size
     if floating is float:
-        d.pointwise_float(d, z, zadd, c, h)
+        d.pointwise_float(d, z, zadd, c, h, first, stop)
     else:
-        d.pointwise_double(d, z, zadd, c, h)
+        d.pointwise_double(d, z, zadd, c, h, first, stop)
 
 
 # ------------------------------------------------------------------------------------------------------
-# The stacked streaming step and one direction of one layer over whole sequences.
+# The stacked streaming step and one direction of one layer over whole sequences, each single-threaded on
+# a range of batch rows, or split by hidden units over a team of threads at batch 1.
 
-cdef void step_stack(const CellDesc* cells, Py_ssize_t num_layers, Py_ssize_t batch, const floating* x,
-                     floating* h, floating* c, floating* scratch, const Py_ssize_t* xh_offsets,
-                     Py_ssize_t z_offset, Py_ssize_t hidden_offset) noexcept nogil:
-    """One time step of a forward stack: h (L, B, R) and c (L, B, H) in place, x (B, I).
+cdef inline void gate_product(const CellDesc* d, Py_ssize_t batch, const floating* x, Py_ssize_t ldx,
+                              Py_ssize_t k_offset, Py_ssize_t n, floating* z) noexcept nogil:
+    """z (batch, 4H) = x (batch, n) @ weights[:, k_offset : k_offset + n].T, on one thread.
+
+    Float32 from PACKED_MIN_BATCH rows: the tiles over prepacked panels; otherwise ``matmul_nt``.
+    """
+    cdef Py_ssize_t G = 4 * d.hidden_size
+    if floating is float:
+        if d.packed != NULL and batch >= PACKED_MIN_BATCH:
+            packed_gemm(batch, G, n, x, ldx, d.packed, d.row_stride, k_offset, NULL, z, G)
+            return
+    matmul_nt(batch, G, <const floating*>d.weights + k_offset, d.row_stride, x, ldx, n, z, G)
+
+
+cdef inline void split_range(Py_ssize_t size, Py_ssize_t grain, int part, int parts, Py_ssize_t* first,
+                             Py_ssize_t* stop) noexcept nogil:
+    """Part ``part`` of ``parts`` of range(size), in pieces that are whole multiples of ``grain`` but the last."""
+    cdef Py_ssize_t piece = (size + parts - 1) // parts
+    piece = (piece + grain - 1) // grain * grain
+    first[0] = min(part * piece, size)
+    stop[0] = min(first[0] + piece, size)
+
+
+cdef void step_stack(const CellDesc* cells, Py_ssize_t num_layers, Py_ssize_t batch, Py_ssize_t row0,
+                     Py_ssize_t rows, const floating* x, floating* h, floating* c, floating* scratch,
+                     const Py_ssize_t* xh_offsets, Py_ssize_t z_offset, Py_ssize_t hidden_offset) noexcept nogil:
+    """One time step of a forward stack for batch rows row0 .. row0+rows-1: h (L, B, R) and c (L, B, H) in
+    place, x (B, I).
 
     Per layer: [x | h] is copied into its padded scratch row, one pass over the packed (4H, K) weights gives
-    all four gates (the hand loop at batch 1, GEMM above), then the pointwise update writes c and h (through
-    the projection when there is one). Scratch offsets come from ``StepWorkspace``.
+    all four gates (``gate_product``), then the pointwise update writes c and h (through the projection when
+    there is one). Scratch offsets come from ``StepWorkspace``; rows use only their own scratch rows, so
+    threads may run disjoint row ranges at once.
     """
     cdef Py_ssize_t layer, b, H, R, P, K
     cdef const CellDesc* d
-    cdef const floating* layer_input = x
     cdef Py_ssize_t input_stride = cells[0].input_size
+    cdef const floating* layer_input = x + row0 * input_stride
     cdef floating* xh
-    cdef floating* z = scratch + z_offset
-    cdef floating* hidden = scratch + hidden_offset
+    cdef floating* z
+    cdef floating* hidden = scratch + hidden_offset + row0 * cells[0].hidden_stride
     cdef floating* h_layer
     cdef floating* c_layer
     cdef floating* out
@@ -442,61 +520,147 @@ cdef void step_stack(const CellDesc* cells, Py_ssize_t num_layers, Py_ssize_t ba
     for layer in range(num_layers):
         d = &cells[layer]
         H, R, P, K = d.hidden_size, d.rec_size, d.proj_size, d.row_stride
-        h_layer = h + layer * batch * R
-        c_layer = c + layer * batch * H
+        h_layer = h + (layer * batch + row0) * R
+        c_layer = c + (layer * batch + row0) * H
         bias = <const floating*>d.bias
-        xh = scratch + xh_offsets[layer]
-        for b in range(batch):
+        xh = scratch + xh_offsets[layer] + row0 * K
+        z = scratch + z_offset + row0 * 4 * H
+        for b in range(rows):
             memcpy(xh + b * K, layer_input + b * input_stride, d.input_size * sizeof(floating))
             memcpy(xh + b * K + d.input_stride, h_layer + b * R, R * sizeof(floating))
-        matmul_nt(batch, 4 * H, <const floating*>d.weights, K, xh, K, K, z, 4 * H)
-        for b in range(batch):
+        gate_product(d, rows, xh, K, 0, K, z)
+        for b in range(rows):
             out = hidden + b * d.hidden_stride if P else h_layer + b * R
             pointwise(d, z + b * 4 * H, bias, c_layer + b * H, out)
         if P:
-            matmul_nt(batch, P, <const floating*>d.projection, d.hidden_stride, hidden, d.hidden_stride,
+            matmul_nt(rows, P, <const floating*>d.projection, d.hidden_stride, hidden, d.hidden_stride,
                       d.hidden_stride, h_layer, R)
         layer_input = h_layer
         input_stride = R
 
 
-cdef void run_cell(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, const floating* x, floating* h,
-                   floating* c, floating* y, Py_ssize_t y_stride, bint reverse, const int64_t* lengths,
-                   floating* x_proj, floating* z, floating* hidden, floating* h_pad) noexcept nogil:
-    """One direction of one layer over x (B, T, I); h (B, R) and c (B, H) in place; writes y[b, t, :R].
+cdef void step_stack_units(const CellDesc* cells, Py_ssize_t num_layers, const floating* x, floating* h,
+                           floating* c, floating* scratch, const Py_ssize_t* xh_offsets, Py_ssize_t z_offset,
+                           int part, int team, Barrier* barrier, int* sense) noexcept nogil:
+    """``step_stack`` at batch 1, thread ``part`` of ``team``: this thread's block of hidden units, all four
+    gates, in every layer (no projection; every layer of the same H, so a thread's units of one layer's
+    output are the ones it feeds to the next).
 
-    y points at this direction's first column and advances y_stride per time step. Row b runs its own
-    steps 0 .. lengths[b]-1 (all T without lengths), backwards when reverse; other outputs are left alone.
-    Scratch: x_proj (B*T, 4H), z (B, 4H), hidden (B, H_pad), h_pad (B, R_pad), the last two zero on entry.
+    Per layer the thread copies its own units of the layer input and of h into the scratch [x | h], waits
+    for the others (then [x | h] is whole, and nobody reads this layer's h any more), multiplies its gate
+    rows and updates its units of c and h.
+    """
+    cdef Py_ssize_t layer, gate, H, K, first, stop
+    cdef const CellDesc* d
+    cdef floating* xh
+    cdef floating* z = scratch + z_offset
+    cdef floating* h_layer
+    cdef floating* c_layer
+    cdef const floating* weights
+    for layer in range(num_layers):
+        d = &cells[layer]
+        H, K = d.hidden_size, d.row_stride
+        split_range(H, UNIT_GRAIN, part, team, &first, &stop)
+        h_layer = h + layer * H
+        c_layer = c + layer * H
+        xh = scratch + xh_offsets[layer]
+        if layer == 0:
+            if part == 0:
+                memcpy(xh, x, d.input_size * sizeof(floating))
+        else:
+            memcpy(xh + first, h_layer - H + first, (stop - first) * sizeof(floating))
+        memcpy(xh + d.input_stride + first, h_layer + first, (stop - first) * sizeof(floating))
+        barrier_wait(barrier, team, sense)
+        weights = <const floating*>d.weights
+        for gate in range(4):
+            dot_rows(weights + (gate * H + first) * K, K, stop - first, xh, K, 1, K, z + gate * H + first,
+                     4 * H)
+        pointwise(d, z, <const floating*>d.bias, c_layer, h_layer, first, stop)
+
+
+cdef struct StepJob:
+    # step_stack's arguments, for the parts of one threaded step (see step_part)
+    const CellDesc* cells
+    Py_ssize_t num_layers, batch, z_offset, hidden_offset
+    const void* x
+    void* h
+    void* c
+    void* scratch
+    const Py_ssize_t* xh_offsets
+    Barrier barrier
+
+
+cdef void step_part(StepJob* job, const floating* x, int part, int parts) noexcept nogil:
+    """Part ``part`` of ``parts`` of a stream step: by hidden units at batch 1 (``step_stack_units``), by
+    rows above (``step_stack`` on this part's rows)."""
+    cdef int sense = 0
+    cdef Py_ssize_t first, stop
+    cdef unsigned int saved_mode = flush_denormals()
+    if job.batch == 1:
+        step_stack_units(job.cells, job.num_layers, x, <floating*>job.h, <floating*>job.c,
+                         <floating*>job.scratch, job.xh_offsets, job.z_offset, part, parts, &job.barrier, &sense)
+    else:
+        split_range(job.batch, TILE_ROWS, part, parts, &first, &stop)
+        if stop > first:
+            step_stack(job.cells, job.num_layers, job.batch, first, stop - first, x, <floating*>job.h,
+                       <floating*>job.c, <floating*>job.scratch, job.xh_offsets, job.z_offset, job.hidden_offset)
+    restore_fp_mode(saved_mode)
+
+
+cdef void step_job_float(void* job, int part, int parts) noexcept nogil:
+    step_part(<StepJob*>job, <const float*>(<StepJob*>job).x, part, parts)
+
+
+cdef void step_job_double(void* job, int part, int parts) noexcept nogil:
+    step_part(<StepJob*>job, <const double*>(<StepJob*>job).x, part, parts)
+
+
+cdef void input_projection(const CellDesc* d, Py_ssize_t rows, const floating* x,
+                           floating* x_proj) noexcept nogil:
+    """x_proj (rows, 4H) = bias + x (rows, I) @ w_ih.T: the input part of every step, before the time loop.
+
+    Float32 on the packed tiles, on the calling thread alone; float64 by BLAS, which may take threads of its
+    own, so never call it for float64 inside a parallel region.
+    """
+    cdef Py_ssize_t G = 4 * d.hidden_size, n
+    if floating is float:
+        if d.packed != NULL:
+            packed_gemm(rows, G, d.input_size, x, d.input_size, d.packed, d.row_stride, 0, <const float*>d.bias,
+                        x_proj, G)
+            return
+    for n in range(rows):
+        memcpy(x_proj + n * G, d.bias, G * sizeof(floating))
+    gemm_nt(rows, G, d.input_size, x, d.input_size, <const floating*>d.weights, d.row_stride, 1, x_proj, G)
+
+
+cdef void recurrence(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, floating* h, floating* c,
+                     floating* y, Py_ssize_t y_stride, bint reverse, const int64_t* lengths,
+                     const floating* x_proj, floating* z, floating* hidden, floating* h_pad) noexcept nogil:
+    """The time loop of ``run_cell`` for ``batch`` rows, on one thread (arguments as there).
+
+    Every pointer may start at some row of the caller's arrays: the rows touch nothing of other rows, so
+    threads may run disjoint row ranges at once.
     """
     cdef Py_ssize_t H = d.hidden_size, R = d.rec_size, P = d.proj_size
-    cdef Py_ssize_t G = 4 * H, Hs = d.hidden_stride, Rs = d.rec_stride, K = d.row_stride
-    cdef const floating* weights = <const floating*>d.weights
-    cdef const floating* recurrent = weights + d.input_stride
-    cdef const floating* bias = <const floating*>d.bias
+    cdef Py_ssize_t G = 4 * H, Hs = d.hidden_stride, Rs = d.rec_stride
     cdef Py_ssize_t b, s, t, n, active_steps = steps
     cdef floating* state
     cdef floating* out
-
-    # The input projection of every step in one GEMM, the bias folded in.
-    for n in range(batch * steps):
-        memcpy(x_proj + n * G, bias, G * sizeof(floating))
-    gemm_nt(batch * steps, G, d.input_size, x, d.input_size, weights, K, 1, x_proj, G)
 
     if lengths != NULL:
         active_steps = 0
         for b in range(batch):
             active_steps = lengths[b] if lengths[b] > active_steps else active_steps
-    # At batch 1 the state lives in a zero-padded copy for the hand loop; above, GEMM reads h in place.
+    # At batch 1 the state lives in a zero-padded copy for the hand loop; above, the product reads h in place.
     state = h_pad if batch == 1 else h
     if batch == 1:
         memcpy(h_pad, h, R * sizeof(floating))
 
     for s in range(active_steps):
         if batch == 1:
-            matmul_nt(1, G, recurrent, K, h_pad, Rs, Rs, z, G)
+            gate_product(d, 1, h_pad, Rs, d.input_stride, Rs, z)
         else:
-            matmul_nt(batch, G, recurrent, K, h, R, R, z, G)
+            gate_product(d, batch, h, R, d.input_stride, R, z)
         for b in range(batch):
             n = steps if lengths == NULL else lengths[b]
             if s >= n:
@@ -523,6 +687,133 @@ cdef void run_cell(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, const 
                 memcpy(y + (b * steps + t) * y_stride, state + b * R, R * sizeof(floating))
     if batch == 1:
         memcpy(h, h_pad, R * sizeof(floating))
+
+
+cdef void recurrence_units(const CellDesc* d, Py_ssize_t length, floating* h, floating* c, floating* y,
+                           Py_ssize_t y_stride, bint reverse, const floating* x_proj, floating* z, floating* h_pads,
+                           int part, int team, Barrier* barrier, int* sense) noexcept nogil:
+    """The time loop of ``run_cell`` at batch 1 (no projection), thread ``part`` of ``team``: this thread's
+    block of hidden units, all four gates, over ``length`` steps.
+
+    h_pads holds two zero-padded copies of h (2, R_pad): step s reads copy s % 2 whole and writes this
+    thread's units of the other, so one meeting per step suffices: after it, every unit of the new h is
+    written and nobody reads the old copy any more.
+    """
+    cdef Py_ssize_t H = d.hidden_size, G = 4 * H, K = d.row_stride, Rs = d.rec_stride
+    cdef Py_ssize_t s, t, gate, first, stop
+    cdef const floating* recurrent = <const floating*>d.weights + d.input_stride
+    cdef floating* h_old
+    cdef floating* h_new
+    split_range(H, UNIT_GRAIN, part, team, &first, &stop)
+    memcpy(h_pads + first, h + first, (stop - first) * sizeof(floating))
+    barrier_wait(barrier, team, sense)
+    for s in range(length):
+        h_old = h_pads + (s % 2) * Rs
+        h_new = h_pads + ((s + 1) % 2) * Rs
+        t = length - 1 - s if reverse else s
+        for gate in range(4):
+            dot_rows(recurrent + (gate * H + first) * K, K, stop - first, h_old, Rs, 1, Rs,
+                     z + gate * H + first, G)
+        pointwise(d, z, x_proj + t * G, c, h_new, first, stop)
+        memcpy(y + t * y_stride + first, h_new + first, (stop - first) * sizeof(floating))
+        barrier_wait(barrier, team, sense)
+    memcpy(h + first, h_pads + (length % 2) * Rs + first, (stop - first) * sizeof(floating))
+
+
+cdef int sequence_team(const CellDesc* d, Py_ssize_t batch, int num_threads) noexcept nogil:
+    """How many threads ``run_cell``'s time loop takes (see the thresholds' comment)."""
+    if num_threads < 2 or d.proj_size:
+        return 1
+    if batch == 1:
+        if 4 * d.hidden_size * d.rec_stride < UNIT_SPLIT_MIN_WEIGHTS:
+            return 1
+        return num_threads
+    # Threads over rows, each row range's own time loop: only where no BLAS call would run inside a thread.
+    if d.packed == NULL and (batch + num_threads - 1) // num_threads > HAND_GEMM_MAX_BATCH:
+        return 1
+    return <int>min(<Py_ssize_t>num_threads, batch)
+
+
+cdef struct SequenceJob:
+    # run_cell's arguments, for the parts of its threaded time loop (see sequence_part)
+    const CellDesc* cell
+    Py_ssize_t batch, steps, y_stride
+    const void* x
+    void* h
+    void* c
+    void* y
+    void* x_proj
+    void* z
+    void* hidden
+    void* h_pad
+    bint reverse
+    const int64_t* lengths
+    Barrier barrier
+
+
+cdef void sequence_part(SequenceJob* job, const floating* x, int part, int parts) noexcept nogil:
+    """Part ``part`` of ``parts`` of ``run_cell``'s time loop: by hidden units at batch 1, by rows above.
+
+    In float32 each part also projects the input of its own rows (at batch 1: of its own time steps, before
+    the first meeting); float64 had it projected before, by BLAS, outside the threads.
+    """
+    cdef const CellDesc* d = job.cell
+    cdef Py_ssize_t G = 4 * d.hidden_size, I = d.input_size, steps = job.steps, first, stop
+    cdef floating* x_proj = <floating*>job.x_proj
+    cdef int sense = 0
+    cdef unsigned int saved_mode = flush_denormals()
+    if job.batch == 1:
+        if floating is float:
+            split_range(steps, 1, part, parts, &first, &stop)
+            input_projection(d, stop - first, x + first * I, x_proj + first * G)
+        recurrence_units(d, steps if job.lengths == NULL else job.lengths[0], <floating*>job.h,
+                         <floating*>job.c, <floating*>job.y, job.y_stride, job.reverse, x_proj,
+                         <floating*>job.z, <floating*>job.h_pad, part, parts, &job.barrier, &sense)
+    else:
+        split_range(job.batch, TILE_ROWS, part, parts, &first, &stop)
+        if stop > first:
+            if floating is float:
+                input_projection(d, (stop - first) * steps, x + first * steps * I, x_proj + first * steps * G)
+            recurrence(d, stop - first, steps, <floating*>job.h + first * d.rec_size,
+                       <floating*>job.c + first * d.hidden_size,
+                       <floating*>job.y + first * steps * job.y_stride, job.y_stride, job.reverse,
+                       NULL if job.lengths == NULL else job.lengths + first, x_proj + first * steps * G,
+                       <floating*>job.z + first * G, <floating*>job.hidden + first * d.hidden_stride,
+                       <floating*>job.h_pad + first * d.rec_stride)
+    restore_fp_mode(saved_mode)
+
+
+cdef void sequence_job_float(void* job, int part, int parts) noexcept nogil:
+    sequence_part(<SequenceJob*>job, <const float*>(<SequenceJob*>job).x, part, parts)
+
+
+cdef void sequence_job_double(void* job, int part, int parts) noexcept nogil:
+    sequence_part(<SequenceJob*>job, <const double*>(<SequenceJob*>job).x, part, parts)
+
+
+cdef void run_cell(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, const floating* x, floating* h,
+                   floating* c, floating* y, Py_ssize_t y_stride, bint reverse, const int64_t* lengths,
+                   floating* x_proj, floating* z, floating* hidden, floating* h_pad,
+                   int num_threads) noexcept nogil:
+    """One direction of one layer over x (B, T, I); h (B, R) and c (B, H) in place; writes y[b, t, :R].
+
+    y points at this direction's first column and advances y_stride per time step. Row b runs its own
+    steps 0 .. lengths[b]-1 (all T without lengths), backwards when reverse; other outputs are left alone.
+    Scratch: x_proj (B*T, 4H), z (B, 4H), hidden (B, H_pad), h_pad (max(B, 2), R_pad), the last two zero
+    on entry. The time loop runs on up to ``num_threads`` threads (``sequence_team``, ``sequence_part``).
+    """
+    cdef int team = sequence_team(d, batch, num_threads)
+    cdef SequenceJob job
+    if team == 1 or floating is double:
+        input_projection(d, batch * steps, x, x_proj)
+    if team == 1:
+        recurrence(d, batch, steps, h, c, y, y_stride, reverse, lengths, x_proj, z, hidden, h_pad)
+        return
+    job.cell, job.batch, job.steps, job.y_stride = d, batch, steps, y_stride
+    job.x, job.h, job.c, job.y, job.x_proj = x, h, c, y, x_proj
+    job.z, job.hidden, job.h_pad, job.reverse, job.lengths = z, hidden, h_pad, reverse, lengths
+    barrier_init(&job.barrier)
+    run_parallel(sequence_job_float if floating is float else sequence_job_double, &job, team)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -553,6 +844,7 @@ cdef class StepWorkspace:
     cdef Py_ssize_t* xh_offsets
     cdef Py_ssize_t z_offset, hidden_offset
     cdef object owner                 # the LSTMKernels whose layout the offsets follow
+    cdef readonly int threads         # threads per step (LSTMKernels._stream_threads)
     cdef object last_h, last_output   # the view of h that step returns, reused while h is the same array
 
     def __cinit__(self):
@@ -563,7 +855,10 @@ cdef class StepWorkspace:
 
 
 cdef class LSTMKernels:
-    """A ModelSpec's LSTM stack packed for the compiled kernels in one dtype; immutable once built."""
+    """A ModelSpec's LSTM stack packed for the compiled kernels in one dtype; immutable once built.
+
+    ``num_threads`` is the most threads one call may take (1: the calling thread alone).
+    """
 
     cdef readonly object dtype
     cdef readonly bint is_double
@@ -576,6 +871,8 @@ cdef class LSTMKernels:
     cdef Py_ssize_t input_size, rec_size, hidden_size, output_size
     cdef bint streamable
     cdef Py_ssize_t weights_per_step   # packed weights one batch row of a stream step reads
+    cdef readonly int num_threads      # the most threads one call may use
+    cdef bint steps_threadable         # no projection, one H for all layers: stream steps may run threaded
 
     def __cinit__(self):
         self.cells = NULL
@@ -583,7 +880,10 @@ cdef class LSTMKernels:
     def __dealloc__(self):
         free(self.cells)
 
-    def __init__(self, spec, dtype):
+    def __init__(self, spec, dtype, int num_threads=1):
+        if num_threads < 1:
+            raise ValueError(f"num_threads: expected a positive integer, got {num_threads}")
+        self.num_threads = num_threads
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype: expected float32 or float64, got {self.dtype}")
@@ -613,6 +913,8 @@ cdef class LSTMKernels:
                 self._pack_cell(&self.cells[n], layer, cell)
                 n += 1
             self.weights_per_step += self.cells[n - 1].row_stride * 4 * layer.hidden_size
+        self.steps_threadable = all(layer.proj_size == 0 and layer.hidden_size == layers[0].hidden_size
+                                    for layer in layers)
         for array in self.arrays:
             array.flags.writeable = False
 
@@ -627,6 +929,15 @@ cdef class LSTMKernels:
         bias = aligned_zeros(4 * H, self.dtype)
         bias[:] = cell.bias
         d.weights = cnp.PyArray_DATA(weights)
+        if not self.is_double:
+            # Panels of PANEL_COLUMNS gate rows, each stored k-major: packed[p, k, j] = weights[p*PANEL + j, k].
+            panels = -(-4 * H // PANEL_COLUMNS)
+            rows = np.zeros((panels * PANEL_COLUMNS, K), self.dtype)
+            rows[:4 * H] = weights
+            packed = aligned_zeros(panels * K * PANEL_COLUMNS, self.dtype).reshape(panels, K, PANEL_COLUMNS)
+            packed[:] = rows.reshape(panels, PANEL_COLUMNS, K).transpose(0, 2, 1)
+            d.packed = <const float*>cnp.PyArray_DATA(packed)
+            self.arrays.append(packed)
         d.bias = cnp.PyArray_DATA(bias)
         self.arrays += [weights, bias]
         if cell.peephole is not None:
@@ -665,6 +976,7 @@ cdef class LSTMKernels:
         cdef Py_ssize_t layer, offset = 0, lanes = VECTOR_BYTES // self.itemsize
         ws.batch_size = batch_size
         ws.owner = self
+        ws.threads = self._stream_threads(batch_size)
         ws.xh_offsets = <Py_ssize_t*>malloc(self.num_layers * sizeof(Py_ssize_t))
         if ws.xh_offsets == NULL:
             raise MemoryError()
@@ -734,15 +1046,39 @@ cdef class LSTMKernels:
 
     cdef void _step(self, Py_ssize_t batch, void* x, void* h, void* c, StepWorkspace ws) noexcept nogil:
         cdef unsigned int saved_mode = flush_denormals()
-        if self.is_double:
-            step_stack[double](self.cells, self.num_layers, batch, <double*>x, <double*>h, <double*>c,
-                               <double*>ws.scratch, ws.xh_offsets, ws.z_offset, ws.hidden_offset)
+        cdef StepJob job
+        if ws.threads > 1:
+            job.cells, job.num_layers, job.batch = self.cells, self.num_layers, batch
+            job.z_offset, job.hidden_offset, job.xh_offsets = ws.z_offset, ws.hidden_offset, ws.xh_offsets
+            job.x, job.h, job.c, job.scratch = x, h, c, ws.scratch
+            barrier_init(&job.barrier)
+            run_parallel(step_job_double if self.is_double else step_job_float, &job, ws.threads)
+        elif self.is_double:
+            step_stack[double](self.cells, self.num_layers, batch, 0, batch, <double*>x, <double*>h,
+                               <double*>c, <double*>ws.scratch, ws.xh_offsets, ws.z_offset, ws.hidden_offset)
         else:
-            step_stack[float](self.cells, self.num_layers, batch, <float*>x, <float*>h, <float*>c,
+            step_stack[float](self.cells, self.num_layers, batch, 0, batch, <float*>x, <float*>h, <float*>c,
                               <float*>ws.scratch, ws.xh_offsets, ws.z_offset, ws.hidden_offset)
         restore_fp_mode(saved_mode)
 
+    cdef int _stream_threads(self, Py_ssize_t batch):
+        """How many threads a stream step at this batch size takes (see the thresholds' comment)."""
+        if self.num_threads < 2:
+            return 1
+        if batch == 1:
+            return self.num_threads if self.steps_threadable and self.weights_per_step >= STREAM_UNIT_SPLIT_MIN_WEIGHTS else 1
+        # By rows: no projection (its product may be BLAS, which must not run inside our threads).
+        if not self.steps_threadable or self.weights_per_step * batch < ROWS_SPLIT_MIN_WEIGHTS:
+            return 1
+        if self.is_double and (batch + self.num_threads - 1) // self.num_threads > HAND_GEMM_MAX_BATCH:
+            return 1
+        return <int>min(<Py_ssize_t>self.num_threads, batch)
+
     # -------------------------------------------------------------------------------- whole sequences
+    def sequence_threads(self, Py_ssize_t batch):
+        """The most threads ``run_sequence`` takes for a cell's time loop at this batch size."""
+        return max(sequence_team(&self.cells[n], batch, self.num_threads) for n in range(self.num_cells))
+
     def run_sequence(self, cnp.ndarray x not None, cnp.ndarray h not None, cnp.ndarray c not None,
                      lengths=None):
         """Every layer over x (B, T, I); h (rows, B, R) and c (rows, B, H) hold the initial state and get
@@ -795,7 +1131,7 @@ cdef class LSTMKernels:
                 d = &self.cells[cell_index]
                 reverse = self.reverse_layer[layer] or direction == 1
                 hidden = aligned_zeros(batch * d.hidden_stride + lanes, self.dtype)
-                h_pad = aligned_zeros(batch * d.rec_stride + lanes, self.dtype)
+                h_pad = aligned_zeros(max(batch, 2) * d.rec_stride + lanes, self.dtype)
                 with nogil:
                     saved_mode = flush_denormals()
                     if self.is_double:
@@ -805,7 +1141,8 @@ cdef class LSTMKernels:
                             <double*>(c_base + cell_index * batch * H * self.itemsize),
                             <double*>out_base + direction * R, out_width, reverse, lengths_ptr,
                             <double*>cnp.PyArray_DATA(x_proj), <double*>cnp.PyArray_DATA(z),
-                            <double*>cnp.PyArray_DATA(hidden), <double*>cnp.PyArray_DATA(h_pad))
+                            <double*>cnp.PyArray_DATA(hidden), <double*>cnp.PyArray_DATA(h_pad),
+                            self.num_threads)
                     else:
                         run_cell[float](
                             d, batch, steps, <const float*>cnp.PyArray_DATA(layer_input),
@@ -813,7 +1150,8 @@ cdef class LSTMKernels:
                             <float*>(c_base + cell_index * batch * H * self.itemsize),
                             <float*>out_base + direction * R, out_width, reverse, lengths_ptr,
                             <float*>cnp.PyArray_DATA(x_proj), <float*>cnp.PyArray_DATA(z),
-                            <float*>cnp.PyArray_DATA(hidden), <float*>cnp.PyArray_DATA(h_pad))
+                            <float*>cnp.PyArray_DATA(hidden), <float*>cnp.PyArray_DATA(h_pad),
+                            self.num_threads)
                     restore_fp_mode(saved_mode)
                 cell_index += 1
             layer_input = layer_output

@@ -3,14 +3,19 @@
 The shared backend suite compares every backend with the NumPy reference; these cover what only this
 backend has: its C copies of Python constants, its float32 rational tanh/sigmoid, its activation switch,
 each kernel path (hand-written loop at batch 1 and small batches, BLAS GEMV above the size threshold,
-BLAS GEMM at larger batches, projection tails, several pointwise chunks), the floating-point mode it restores, and its import error.
+BLAS GEMM at larger batches, the float32 tiles over prepacked weights, projection tails, several pointwise
+chunks), the threaded paths (hidden units split over threads at batch 1, rows split above; each against the
+reference and against one thread), the floating-point mode it restores, and its import error.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -101,14 +106,14 @@ def make_spec(rng, input_size, hidden, *, layers=1, proj=0, direction="forward",
     return ModelSpec(tuple(result)).validate()
 
 
-def run_both(spec, dtype, x, lengths=None, seed=0):
+def run_both(spec, dtype, x, lengths=None, seed=0, num_threads=1):
     rng = np.random.default_rng(seed)
     h_size, c_size = spec.state_sizes()
     shape = (spec.num_state_rows, x.shape[0])
     h0 = rng.normal(0, 0.5, shape + (h_size,)).astype(dtype)
     c0 = rng.normal(0, 0.5, shape + (c_size,)).astype(dtype)
     results = []
-    for backend in (NumpyLSTM(spec, dtype), CythonLSTM(spec, dtype)):
+    for backend in (NumpyLSTM(spec, dtype), CythonLSTM(spec, dtype, num_threads)):
         h, c = h0.copy(), c0.copy()
         y = backend.run_sequence(x.astype(dtype), h, c, lengths)
         results.append((y, h, c))
@@ -150,6 +155,99 @@ def test_run_sequence_matches_reference(case, dtype, with_lengths):
     x = rng.normal(0, 1, (batch, steps, spec.input_size))
     lengths = rng.integers(1, steps + 1, batch) if with_lengths else None
     assert_close(run_both(spec, dtype, x, lengths), dtype)
+
+
+# Cases on both sides of the threading thresholds of _cykernels.pyx (UNIT_SPLIT_MIN_WEIGHTS: 64K recurrent
+# weights at batch 1; float64 splits rows only while each thread has at most 8, which BLAS never gets).
+THREADED_SEQUENCE_CASES = {
+    # name: (spec options, batch, threads taken in float32, in float64)
+    "hidden units split at batch 1": (dict(input_size=16, hidden=128), 1, 2, 2),
+    "unit split, H not a multiple of the unit block, bidirectional":
+        (dict(input_size=5, hidden=133, direction="bidirectional"), 1, 2, 2),
+    "unit split, two layers reversed": (dict(input_size=7, hidden=130, layers=2, direction="reverse"), 1, 2, 2),
+    "below the unit split threshold": (dict(input_size=5, hidden=100), 1, 1, 1),
+    "rows split, 1 row each": (dict(input_size=9, hidden=21), 2, 2, 2),
+    "rows split, uneven": (dict(input_size=9, hidden=21), 3, 2, 2),
+    "rows split, one tile and a tail": (dict(input_size=9, hidden=21), 9, 2, 2),
+    "rows split, partial panel of gate columns": (dict(input_size=9, hidden=13), 17, 2, 1),
+    "rows split, all options": (dict(input_size=6, hidden=10, peepholes=True, clip=0.7, input_forget=True,
+                                     activations=(Activation.of("hard_sigmoid"), Activation.of("softsign"),
+                                                  Activation.of("elu"))), 20, 2, 1),
+    "projection stays on one thread": (dict(input_size=6, hidden=11, proj=7), 9, 1, 1),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", THREADED_SEQUENCE_CASES)
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_threaded_run_sequence_matches_reference_and_one_thread(case, dtype, with_lengths):
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    options, batch, threads_float32, threads_float64 = THREADED_SEQUENCE_CASES[case]
+    spec = make_spec(rng, **options)
+    expected_threads = threads_float32 if dtype == np.float32 else threads_float64
+    assert cy.LSTMKernels(spec, dtype, 2).sequence_threads(batch) == expected_threads
+    assert cy.LSTMKernels(spec, dtype, 1).sequence_threads(batch) == 1
+    steps = 6
+    # Small inputs keep the 128-unit recurrences far from chaos, so that rounding differences stay small.
+    x = rng.normal(0, 0.3, (batch, steps, spec.input_size))
+    lengths = rng.integers(1, steps + 1, batch) if with_lengths else None
+    threaded = run_both(spec, dtype, x, lengths, num_threads=2)
+    assert_close(threaded, dtype)
+    single = run_both(spec, dtype, x, lengths, num_threads=1)
+    for got, expected in zip(threaded[1], single[1]):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE[dtype] / 10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("input_size", "hidden", "layers", "batch", "threads"), [
+    (64, 192, 2, 1, 2),   # hidden units split over threads in every layer (256K+ weights per step)
+    (16, 128, 2, 1, 1),   # below the threshold
+    (7, 21, 2, 70, 2),    # rows split: 70 rows x 4K weights per step (float64: too many rows per thread)
+    (7, 21, 2, 9, 1),     # below the threshold: the tiles at 9 rows on one thread
+])
+def test_threaded_step_matches_reference(dtype, input_size, hidden, layers, batch, threads):
+    rng = np.random.default_rng(input_size * hidden + batch)
+    spec = make_spec(rng, input_size, hidden, layers=layers)
+    reference, backend = NumpyLSTM(spec, dtype), CythonLSTM(spec, dtype, num_threads=2)
+    states = [np.zeros((layers, batch, hidden), dtype) for _ in range(4)]
+    workspace = backend.new_workspace(batch)
+    assert workspace.threads == (1 if dtype == np.float64 and batch > 16 else threads)
+    assert CythonLSTM(spec, dtype, num_threads=1).new_workspace(batch).threads == 1
+    for _ in range(4):
+        x = rng.normal(0, 0.3, (batch, input_size)).astype(dtype)
+        expected = reference.step(x, states[0], states[1], None)
+        got = backend.step(x, states[2], states[3], workspace)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE[dtype])
+    np.testing.assert_allclose(states[3], states[1], rtol=0, atol=TOLERANCE[dtype])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_threads_work_in_a_forked_child():
+    # The child of a fork has none of the parent's pool threads: it must start its own, not wait for them.
+    spec = make_spec(np.random.default_rng(6), 16, 128)
+    backend = CythonLSTM(spec, np.float32, num_threads=2)
+    x = np.random.default_rng(7).normal(0, 0.3, (1, 5, 16)).astype(np.float32)
+
+    def run():
+        return backend.run_sequence(x, np.zeros((1, 1, 128), np.float32), np.zeros((1, 1, 128), np.float32))
+
+    expected = run()  # starts the parent's pool
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if np.array_equal(run(), expected) else 1)
+    deadline = time.monotonic() + 30
+    while (status := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if status[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    assert os.waitstatus_to_exitcode(status[1]) == 0
+
+
+def test_num_threads_must_be_positive():
+    with pytest.raises(ValueError, match="num_threads"):
+        cy.LSTMKernels(make_spec(np.random.default_rng(0), 3, 4), np.float32, 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -236,9 +334,12 @@ def test_nan_input_propagates(dtype):
     assert np.isnan(out).all() and np.isnan(c).all()
 
 
-def test_streams_on_one_model_in_threads_match_sequential():
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_streams_on_one_model_in_threads_match_sequential(num_threads):
+    # Large enough to release the GIL and, with two threads, to split hidden units: the calls that find the
+    # thread pool taken by another run on their own thread, with the same results.
     rng = np.random.default_rng(5)
-    backend = CythonLSTM(make_spec(rng, 8, 300), np.float32)  # large enough to release the GIL
+    backend = CythonLSTM(make_spec(rng, 8, 300), np.float32, num_threads)
     inputs = rng.normal(0, 1, (4, 50, 1, 8)).astype(np.float32)
 
     def run(sequence):

@@ -2,7 +2,8 @@
 
 The weights are packed once, at preparation, into ``LSTMKernels`` (layout in the extension's docstring); a
 stream's ``step`` is that object's compiled method itself, so a call goes from ``Stream.step`` straight into
-C with no Python frame in between.
+C with no Python frame in between. ``num_threads`` caps the extension's threads; it decides per call shape
+how many pay (by hidden units at batch 1, by batch rows above).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class CythonLSTM(PreparedLSTM):
 
     def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
         super().__init__(spec, dtype, num_threads)
-        self._kernels = _cykernels.LSTMKernels(spec, self.dtype)
+        self._kernels = _cykernels.LSTMKernels(spec, self.dtype, num_threads)
         # The bound compiled method shadows the class's `step` below: one call layer less per stream step.
         self.step = self._kernels.step
 
