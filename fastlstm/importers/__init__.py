@@ -34,21 +34,22 @@ def read_model(source, **options) -> ModelSpec:
     if isinstance(source, (str, os.PathLike)):
         return _read_file(os.fspath(source), options)
     module = type(source).__module__ or ""
-    if module.split(".")[0] == "torch" or _has_base_from(source, "torch") or _is_torch_state_dict(source):
-        from . import pytorch
-
-        return pytorch.spec_from_module(source, **options)
+    # Keras first: on Keras' torch backend a keras.Model is also a torch.nn.Module.
     if module.split(".")[0] == "keras" or _has_base_from(source, "keras"):
         from . import keras
 
         return keras.spec_from_keras_model(source, **options)
+    if module.split(".")[0] == "torch" or _has_base_from(source, "torch") or _is_torch_state_dict(source):
+        from . import pytorch
+
+        return pytorch.spec_from_module(source, **options)
     if module.split(".")[0] == "onnx" and type(source).__name__ == "ModelProto":
         from . import onnx
 
         return onnx.spec_from_model_proto(source, name="ModelProto", **options)
     raise TypeError(
         f"cannot load a {type(source).__module__}.{type(source).__qualname__}: expected a file path, "
-        "a fastlstm ModelSpec, or a torch.nn.Module containing an nn.LSTM"
+        "a fastlstm ModelSpec, a torch.nn.Module containing an nn.LSTM, a keras.Model or an onnx.ModelProto"
     )
 
 

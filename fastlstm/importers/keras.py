@@ -1,0 +1,543 @@
+"""Keras importer: ``.keras`` archives, legacy ``.h5`` model files and in-memory ``keras.Model`` -> ``ModelSpec``.
+
+Every source is reduced to the same two things and handed to one translator, ``spec_from_keras_config``:
+the model config (``config.json``, the ``model_config`` attribute, or ``model.get_config()``) and a function
+giving each layer's weights in ``layer.get_weights()`` order. Files are read with ``zipfile``, ``json`` and
+``h5py`` only (``_keras_files``; h5py runs in a child process, see ``_keras_hdf5``); Keras is imported only
+for in-memory models. Translation runs in two passes: the config alone decides what each layer becomes and
+collects everything fastlstm cannot run, raised together as one ``UnsupportedModelError``; then each weight's
+shape is checked against the one the config implies, all mismatches raised together.
+
+What the layers become (Keras' gate order i, f, c, o is fastlstm's i, f, g, o: no permutation):
+
+* ``LSTM``: ``w_ih = kernel.T``, ``w_hh = recurrent_kernel.T``, ``bias`` (zeros with ``use_bias=False``);
+  ``recurrent_activation`` drives the gates, ``activation`` both the cell input and the cell output.
+  ``go_backwards=True`` is a ``"reverse"`` layer. ``return_sequences`` must be true on all but the last LSTM;
+  the last one's ``False`` is ``output="final_state"`` (each direction's final state, as Keras returns it).
+  ``stateful`` is accepted: ``predict`` starts from zero state like a freshly reset stateful Keras model, and
+  ``Model.stream()`` carries state across calls as ``stateful=True`` does. ``unroll``, ``dropout``,
+  ``recurrent_dropout``, initializers, regularizers and constraints do not change inference.
+* ``Bidirectional(LSTM)``: a ``"bidirectional"`` layer. ``merge_mode="concat"`` is native; ``"sum"`` and
+  ``"ave"`` are linear, so they are folded into whatever reads the merged output: the next LSTM's ``w_ih``
+  or the first dense layer's weight is duplicated (and halved for ``"ave"``) across the two directions, or,
+  when nothing linear follows, a dense layer ``[I I]`` (``[I/2 I/2]``) is added to the head.
+* ``Dense`` and ``TimeDistributed(Dense)`` after the last LSTM form the head (``weight = kernel.T``); Keras
+  applies a ``Dense`` to a sequence per time step, as ``TimeDistributed`` does. ``Activation`` and
+  ``Softmax`` (last axis) layers join the dense layer before them, or become an identity-weight dense layer.
+* ``Masking`` before the first LSTM sets ``mask_value``; ``Dropout``, ``SpatialDropout1D``,
+  ``GaussianDropout``, ``GaussianNoise`` and ``AlphaDropout`` are identities at inference.
+
+Activations are those of the Keras version that wrote the model: ``hard_sigmoid`` is ``clip(0.2x + 0.5)``
+in Keras 2 / tf.keras and ``clip(x/6 + 0.5)`` in Keras 3. ``leaky_relu`` has Keras' slope 0.2.
+
+Refused, each named, all at once (``UnsupportedModelError``): any other layer; a layer outside the
+LSTM-then-head order; ``go_backwards=True`` with ``return_sequences=True`` outside ``Bidirectional`` (Keras
+returns that sequence in reversed time order, which the canonical model cannot express);
+``merge_mode="mul"`` or ``None``; LSTM layers of different ``units`` (fastlstm's state layout, like
+PyTorch's, needs one hidden size); a model whose outputs include the states of ``return_state=True``
+(``return_state`` is accepted when only the main output is used, in a functional model); activations
+outside fastlstm's catalogue; LoRA or quantized dense layers; functional models that are not a single
+chain; options this importer does not know, unless unset.
+
+Masked time steps: fastlstm turns a mask into per-sequence lengths, so the mask must pad the end of each
+sequence. The outputs at the padded steps of a sequence output differ from Keras' (Keras repeats the last
+valid output there unless ``zero_output_for_mask=True``; fastlstm writes zeros before the head); every
+valid step, and every final-state output, matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..activations import IDENTITY, SIGMOID, Activation
+from ..errors import InvalidModelError, ModelFormatError, UnsupportedModelError
+from ..spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
+from ._keras_files import WeightsOf, read_keras_file
+from ._keras_graph import FUNCTIONAL_CLASS_NAMES, SEQUENTIAL, KerasGraph, KerasLayer, model_graph
+
+NO_OPS_AT_INFERENCE = ("Dropout", "SpatialDropout1D", "GaussianDropout", "GaussianNoise", "AlphaDropout")
+SUPPORTED_LAYERS = ("InputLayer", "Masking", "LSTM", "Bidirectional(LSTM)", "Dense", "TimeDistributed(Dense)",
+                    "Activation", "Softmax") + NO_OPS_AT_INFERENCE
+
+# Keras activation names and what they are in fastlstm's catalogue ("hard_sigmoid" depends on the version).
+_ACTIVATIONS = {
+    "linear": IDENTITY,
+    "sigmoid": SIGMOID,
+    "tanh": Activation.of("tanh"),
+    "relu": Activation.of("relu"),
+    "elu": Activation.of("elu", alpha=1.0),
+    "leaky_relu": Activation.of("leaky_relu", alpha=0.2),
+    "softsign": Activation.of("softsign"),
+    "softplus": Activation.of("softplus"),
+    "softmax": Activation.of("softmax"),
+}
+_KERAS2_HARD_SIGMOID = Activation.of("hard_sigmoid", alpha=0.2, beta=0.5)
+_KERAS3_HARD_SIGMOID = Activation.of("hard_sigmoid", alpha=1 / 6, beta=0.5)
+_SUPPORTED_ACTIVATIONS = ", ".join(sorted([*_ACTIVATIONS, "hard_sigmoid"]))
+
+# Config keys every layer may carry without changing inference.
+_COMMON_KEYS = {"name", "trainable", "dtype", "batch_input_shape", "batch_shape", "batch_size", "input_shape",
+                "input_dim", "input_length"}
+_TRAINING_ONLY_KEYS = {"kernel_initializer", "recurrent_initializer", "bias_initializer", "unit_forget_bias",
+                       "kernel_regularizer", "recurrent_regularizer", "bias_regularizer", "activity_regularizer",
+                       "kernel_constraint", "recurrent_constraint", "bias_constraint", "dropout",
+                       "recurrent_dropout", "seed"}
+_LSTM_KEYS = _COMMON_KEYS | _TRAINING_ONLY_KEYS | {
+    "units", "activation", "recurrent_activation", "use_bias", "return_sequences", "return_state", "go_backwards",
+    "stateful", "unroll", "zero_output_for_mask", "implementation", "time_major", "use_cudnn"}
+_DENSE_KEYS = _COMMON_KEYS | _TRAINING_ONLY_KEYS | {"units", "activation", "use_bias", "lora_rank", "lora_alpha",
+                                                    "quantization_config"}
+_WRAPPER_KEYS = _COMMON_KEYS | {"layer", "backward_layer", "merge_mode"}
+_INPUT_KEYS = _COMMON_KEYS | {"sparse", "ragged", "optional", "shape"}
+
+
+# ----------------------------------------------------------------------------------------- entry points
+def spec_from_file(path, **options) -> ModelSpec:
+    """The ``ModelSpec`` of a ``.keras`` archive or a legacy Keras ``.h5`` model file (no Keras needed)."""
+    _no_options(options)
+    saved = read_keras_file(os.fspath(path))
+    return spec_from_keras_config(saved.model_config, saved.weights_of, keras_version=saved.keras_version,
+                                  source=saved.description)
+
+
+def spec_from_keras_model(model, **options) -> ModelSpec:
+    """The ``ModelSpec`` of an in-memory Keras ``Sequential`` or functional model, read through the Keras API."""
+    _no_options(options)
+    try:
+        import keras
+    except ImportError:  # pragma: no cover - only reachable when handed a keras object without keras
+        raise ImportError("loading an in-memory Keras model needs keras; saved .keras/.h5 files load with "
+                          "h5py only (pip install fastlstm[keras])") from None
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"expected a keras.Model, got {type(model).__module__}.{type(model).__qualname__}")
+    class_name = type(model).__name__
+    if class_name != SEQUENTIAL and class_name not in FUNCTIONAL_CLASS_NAMES:
+        raise UnsupportedModelError([f"model class {class_name!r}: fastlstm reads Sequential and functional Keras "
+                                     "models; a subclassed model's computation lives in its call() method"])
+    try:
+        # Through JSON, as Keras writes config.json: tuples become lists, and the config reads like a file's.
+        config = json.loads(json.dumps(model.get_config(), default=lambda value: f"<{type(value).__name__}>"))
+    except Exception as exc:
+        raise ModelFormatError(f"Keras model {model.name!r}: get_config() failed: {exc}") from None
+
+    def weights_of(layer: KerasLayer) -> list[np.ndarray]:
+        return model.get_layer(layer.name).get_weights()
+
+    return spec_from_keras_config({"class_name": class_name, "config": config}, weights_of,
+                                  keras_version=getattr(keras, "__version__", None),
+                                  source=f"Keras model {model.name!r} (in memory)")
+
+
+def spec_from_keras_config(model_config: dict, weights_of: WeightsOf, *, keras_version: str | None,
+                           source: str) -> ModelSpec:
+    """Translate a Keras model config and its weights into a validated ``ModelSpec``.
+
+    ``model_config`` is ``{"class_name": "Sequential" | "Functional", "config": {...}}``; ``weights_of(layer)``
+    returns a layer's weights in ``get_weights()`` order (each checked against the shape the config implies);
+    ``keras_version`` is the version that wrote the model (it decides what ``hard_sigmoid`` means).
+    Raises ``UnsupportedModelError`` listing everything fastlstm cannot run, ``ModelFormatError`` for a
+    malformed config and ``InvalidModelError`` (a ``ModelFormatError``) listing every missing or mis-shaped weight.
+    """
+    graph = model_graph(model_config, source)
+    major = _major_version(keras_version)
+    if major is not None and major < 2:
+        raise UnsupportedModelError([f"{source} was written by Keras {keras_version}; fastlstm reads models "
+                                     "written by Keras 2 (tf.keras) and Keras 3"])
+    plan = _Planner(graph, major, source).plan()
+    return _build(plan, weights_of, source).validate()
+
+
+# ----------------------------------------------------------------------------------------- pass 1: the config
+@dataclass
+class _Recurrent:
+    layer: KerasLayer
+    units: int
+    direction: str
+    use_bias: bool
+    return_sequences: bool
+    gate_activation: Activation
+    activation: Activation
+    # Bidirectional "sum" (1.0) and "ave" (0.5): the scale of the directions' sum; None for concatenation.
+    merge_scale: float | None = None
+
+
+@dataclass
+class _Dense:
+    layer: KerasLayer
+    units: int
+    use_bias: bool
+    activation: Activation
+
+
+@dataclass
+class _ActivationOnly:
+    layer: KerasLayer
+    activation: Activation
+
+
+@dataclass
+class _Plan:
+    recurrent: list[_Recurrent]
+    head: list[_Dense | _ActivationOnly]
+    mask_value: float | None
+    input_features: int | None  # declared by the InputLayer, when it says
+
+
+class _Planner:
+    """Decides from the config alone what each layer becomes, collecting every unsupported feature."""
+
+    def __init__(self, graph: KerasGraph, keras_major: int | None, source: str):
+        self.graph = graph
+        self.keras_major = keras_major
+        self.source = source
+        self.problems: list[str] = list(graph.problems)
+
+    def plan(self) -> _Plan:
+        recurrent: list[_Recurrent] = []
+        head: list[_Dense | _ActivationOnly] = []
+        mask_value = None
+        input_features = None
+        saw_lstm = False  # even one this importer refuses: "no LSTM layer" would then be wrong
+        for layer in self.graph.layers:
+            kind = layer.class_name
+            where = layer.describe()
+            if kind in NO_OPS_AT_INFERENCE:
+                continue
+            if kind == "InputLayer":
+                input_features = self._input_features(layer)
+            elif kind == "Masking":
+                if recurrent or head:
+                    self.problems.append(f"{where} comes after the first LSTM; fastlstm masks the model's input only")
+                elif mask_value is not None:
+                    self.problems.append(f"{where} is a second Masking layer")
+                else:
+                    mask_value = self._mask_value(layer)
+            elif kind in ("LSTM", "Bidirectional"):
+                saw_lstm = True
+                step = self._recurrent(layer)
+                if head:
+                    self.problems.append(f"{where} comes after {head[0].layer.describe()}; fastlstm runs the LSTM "
+                                         "layers first, then dense layers")
+                elif recurrent and not recurrent[-1].return_sequences:
+                    self.problems.append(f"{where} follows {recurrent[-1].layer.describe()}, which returns its final "
+                                         "state only (return_sequences=False)")
+                if step is not None:
+                    recurrent.append(step)
+            elif kind in ("Dense", "TimeDistributed", "Activation", "Softmax"):
+                step = self._dense(layer) if kind in ("Dense", "TimeDistributed") else self._activation_layer(layer)
+                if step is None:
+                    continue
+                if not recurrent:
+                    self.problems.append(f"{where} comes before the first LSTM; fastlstm models start with their "
+                                         "LSTM layers")
+                elif head and head[-1].activation.name == "softmax":
+                    self.problems.append(f"{where} follows the softmax of {head[-1].layer.describe()}; fastlstm "
+                                         "applies softmax as the model's last operation only")
+                head.append(step)
+            else:
+                self.problems.append(_not_supported(layer))
+        if not saw_lstm:
+            self.problems.append("the model has no LSTM layer")
+        unit_counts = sorted({step.units for step in recurrent})
+        if len(unit_counts) > 1:
+            self.problems.append(
+                f"LSTM layers of different sizes (units {unit_counts}): fastlstm requires stacked layers to share "
+                "one hidden size, as its (layers * directions, batch, size) state does")
+        if self.problems:
+            raise UnsupportedModelError(self.problems, hint=f"({self.source})")
+        return _Plan(recurrent, head, mask_value, input_features)
+
+    # -------------------------------------------------------------------- layers
+    def _input_features(self, layer: KerasLayer) -> int | None:
+        config = layer.config
+        self._unknown_options(layer, config, _INPUT_KEYS)
+        shape = config.get("batch_shape", config.get("batch_input_shape"))
+        if shape is None:
+            return None
+        if not isinstance(shape, (list, tuple)) or len(shape) != 3:
+            self.problems.append(f"{layer.describe()}: input shape {shape}; fastlstm reads (batch, time, features) "
+                                 "sequences")
+            return None
+        features = shape[-1]
+        return features if isinstance(features, int) and not isinstance(features, bool) else None
+
+    def _mask_value(self, layer: KerasLayer) -> float | None:
+        value = layer.config.get("mask_value", 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+            self.problems.append(f"{layer.describe()}: mask_value={value!r}; fastlstm masks with a finite number")
+            return None
+        return float(value)
+
+    def _recurrent(self, layer: KerasLayer) -> _Recurrent | None:
+        if layer.class_name == "LSTM":
+            options = self._lstm_options(layer, layer.config)
+            if options is None:
+                return None
+            if options.direction == "reverse" and options.return_sequences:
+                self.problems.append(
+                    f"{layer.describe()}: go_backwards=True with return_sequences=True returns the outputs in "
+                    "reversed time order, which fastlstm cannot express (wrap the LSTM in Bidirectional, or "
+                    "return only the final state)")
+            return options
+        # Bidirectional
+        config = layer.config
+        self._unknown_options(layer, config, _WRAPPER_KEYS)
+        forward_config = _wrapped_layer(config, "layer", self.source, layer)
+        if forward_config is None or forward_config.get("class_name") != "LSTM":
+            self.problems.append(_not_supported(layer))
+            return None
+        forward = self._lstm_options(layer, forward_config["config"], inner="forward layer")
+        backward_config = _wrapped_layer(config, "backward_layer", self.source, layer)
+        if backward_config is None:  # Keras 2 leaves it out when it is the forward layer run backwards
+            backward = None if forward is None else replace(forward, direction="reverse")
+        elif backward_config.get("class_name") != "LSTM":
+            self.problems.append(f"{layer.describe()}: backward layer {backward_config.get('class_name')!r} is not "
+                                 "an LSTM")
+            backward = None
+        else:
+            backward = self._lstm_options(layer, backward_config["config"], inner="backward layer")
+        if forward is None or backward is None:
+            return None
+        if forward.direction != "forward" or backward.direction != "reverse":
+            self.problems.append(f"{layer.describe()}: the forward layer has go_backwards=True; fastlstm's "
+                                 "bidirectional layers read forward first, then backward")
+        for attribute in ("units", "use_bias", "return_sequences", "gate_activation", "activation"):
+            if getattr(forward, attribute) != getattr(backward, attribute):
+                self.problems.append(f"{layer.describe()}: the forward and backward layers differ in {attribute} "
+                                     f"({getattr(forward, attribute)} vs {getattr(backward, attribute)})")
+        merge_mode = config.get("merge_mode", "concat")
+        merge_scale = {"concat": None, "sum": 1.0, "ave": 0.5}.get(merge_mode, "refused")
+        if merge_scale == "refused":
+            reason = ("multiplies the directions' outputs, which no linear layer can express" if merge_mode == "mul"
+                      else "returns the two directions as separate outputs" if merge_mode is None
+                      else "is not a Keras merge mode")
+            self.problems.append(f"{layer.describe()}: merge_mode={merge_mode!r} {reason}; fastlstm supports "
+                                 "'concat', 'sum' and 'ave'")
+            merge_scale = None
+        return replace(forward, layer=layer, direction="bidirectional", merge_scale=merge_scale)
+
+    def _lstm_options(self, layer: KerasLayer, config: dict, inner: str = "") -> _Recurrent | None:
+        where = layer.describe() + (f" ({inner})" if inner else "")
+        self._unknown_options(layer, config, _LSTM_KEYS, where)
+        units = config.get("units")
+        if not isinstance(units, int) or isinstance(units, bool) or units < 1:
+            raise ModelFormatError(f"{self.source}: {where}: units={units!r}, expected a positive integer")
+        if config.get("time_major"):
+            self.problems.append(f"{where}: time_major=True; fastlstm reads batch-major (batch, time, features) input")
+        if config.get("return_state") and self.graph.kind == SEQUENTIAL:
+            self.problems.append(f"{where}: return_state=True in a Sequential model passes the states on as outputs; "
+                                 "fastlstm returns states with predict(..., return_state=True)")
+        gate = self._activation(config.get("recurrent_activation", "sigmoid"), f"{where} recurrent_activation")
+        cell = self._activation(config.get("activation", "tanh"), f"{where} activation")
+        for name, act in (("recurrent_activation", gate), ("activation", cell)):
+            if act is not None and act.name == "softmax":
+                self.problems.append(f"{where}: {name}='softmax' is not elementwise; fastlstm's LSTM cells take "
+                                     "elementwise activations")
+        if gate is None or cell is None:
+            return None
+        return _Recurrent(layer, units, "reverse" if config.get("go_backwards") else "forward",
+                          bool(config.get("use_bias", True)), bool(config.get("return_sequences", False)), gate, cell)
+
+    def _dense(self, layer: KerasLayer) -> _Dense | None:
+        config = layer.config
+        where = layer.describe()
+        if layer.class_name == "TimeDistributed":
+            self._unknown_options(layer, config, _WRAPPER_KEYS)
+            inner = _wrapped_layer(config, "layer", self.source, layer)
+            if inner is None or inner.get("class_name") != "Dense":
+                self.problems.append(_not_supported(layer))
+                return None
+            config, where = inner["config"], f"{where} (inner Dense)"
+        self._unknown_options(layer, config, _DENSE_KEYS, where)
+        if config.get("lora_rank"):
+            self.problems.append(f"{where}: LoRA-adapted (lora_rank={config['lora_rank']!r}); merge the adapter "
+                                 "into the kernel before exporting")
+        if config.get("quantization_config"):
+            self.problems.append(f"{where}: quantized (quantization_config set); fastlstm runs float weights")
+        units = config.get("units")
+        if not isinstance(units, int) or isinstance(units, bool) or units < 1:
+            raise ModelFormatError(f"{self.source}: {where}: units={units!r}, expected a positive integer")
+        activation = self._activation(config.get("activation", "linear"), f"{where} activation")
+        if activation is None:
+            return None
+        return _Dense(layer, units, bool(config.get("use_bias", True)), activation)
+
+    def _activation_layer(self, layer: KerasLayer) -> _ActivationOnly | None:
+        config = layer.config
+        if layer.class_name == "Softmax":
+            self._unknown_options(layer, config, _COMMON_KEYS | {"axis"})
+            if config.get("axis", -1) not in (-1, [-1]):
+                self.problems.append(f"{layer.describe()}: softmax over axis {config.get('axis')!r}; fastlstm "
+                                     "applies softmax over the last (feature) axis")
+                return None
+            activation = _ACTIVATIONS["softmax"]
+        else:
+            self._unknown_options(layer, config, _COMMON_KEYS | {"activation"})
+            activation = self._activation(config.get("activation"), f"{layer.describe()} activation")
+        if activation is None or activation == IDENTITY:
+            return None
+        return _ActivationOnly(layer, activation)
+
+    # -------------------------------------------------------------------- options
+    def _activation(self, value, where: str) -> Activation | None:
+        """The catalogue entry for a Keras activation name, as the version that wrote the model defines it."""
+        name = value
+        if isinstance(value, dict) and str(value.get("module", "")).startswith("keras"):
+            name = value.get("config")  # Keras 3's serialised form of a built-in activation function
+        if name is None:
+            return IDENTITY
+        if name == "hard_sigmoid":
+            if self.keras_major is None:
+                self.problems.append(f"{where}: hard_sigmoid, but the file does not record which Keras version "
+                                     "wrote it, and Keras 2 (0.2x + 0.5) and Keras 3 (x/6 + 0.5) define it differently")
+                return None
+            return _KERAS3_HARD_SIGMOID if self.keras_major >= 3 else _KERAS2_HARD_SIGMOID
+        if isinstance(name, str) and name in _ACTIVATIONS:
+            return _ACTIVATIONS[name]
+        described = repr(name) if isinstance(name, str) else "(a custom function)"
+        self.problems.append(f"{where}: activation {described} is not supported; supported: {_SUPPORTED_ACTIVATIONS}")
+        return None
+
+    def _unknown_options(self, layer: KerasLayer, config: dict, known: set, where: str = "") -> None:
+        """Refuse options this importer does not know unless they are unset: ignoring one could change the maths."""
+        for key, value in config.items():
+            if key not in known and value not in (None, False, 0, "", [], {}):
+                self.problems.append(f"{where or layer.describe()}: option {key}={value!r} is not one fastlstm "
+                                     "knows; refusing rather than ignoring it")
+        dtype = config.get("dtype")
+        if isinstance(dtype, dict) and "Quantized" in str(dtype.get("class_name", "")):
+            self.problems.append(f"{where or layer.describe()}: quantized dtype policy; fastlstm runs float weights")
+
+
+def _not_supported(layer: KerasLayer) -> str:
+    wrapped = _wrapped_class(layer)
+    shown = f"{layer.class_name}({wrapped or '?'})" if "layer" in layer.config else layer.class_name
+    return (f"layer {shown} {layer.name!r} at position {layer.position} is not supported; supported: "
+            f"{', '.join(SUPPORTED_LAYERS)}")
+
+
+def _wrapped_layer(config: dict, key: str, source: str, layer: KerasLayer) -> dict | None:
+    inner = config.get(key)
+    if inner is None:
+        return None
+    if not isinstance(inner, dict) or not isinstance(inner.get("config"), dict):
+        raise ModelFormatError(f"{source}: {layer.describe()}: {key} is not a serialised layer")
+    return inner
+
+
+def _wrapped_class(layer: KerasLayer) -> str | None:
+    inner = layer.config.get("layer")
+    return inner.get("class_name") if isinstance(inner, dict) and isinstance(inner.get("class_name"), str) else None
+
+
+def _major_version(version: str | None) -> int | None:
+    head = (version or "").split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+# ----------------------------------------------------------------------------------------- pass 2: the weights
+def _build(plan: _Plan, weights_of: WeightsOf, source: str) -> ModelSpec:
+    reader = _WeightReader(weights_of, source)
+    layers: list[LSTMLayer] = []
+    width = plan.input_features  # Keras-side feature width entering the next layer (None: not declared)
+    merge_scale = None  # a pending Bidirectional sum/ave, folded into the next linear map
+    for step in plan.recurrent:
+        H, directions = step.units, 2 if step.direction == "bidirectional" else 1
+        per_direction = [(width, 4 * H), (H, 4 * H)] + ([(4 * H,)] if step.use_bias else [])
+        arrays = reader.read(step.layer, per_direction * directions)
+        if arrays is not None:
+            cells = []
+            for d in range(directions):
+                kernel, recurrent, *bias = arrays[d * len(per_direction):(d + 1) * len(per_direction)]
+                cells.append(LSTMCellWeights(
+                    w_ih=_fold_merge(np.ascontiguousarray(kernel.T), merge_scale),
+                    w_hh=np.ascontiguousarray(recurrent.T),
+                    bias=bias[0] if bias else np.zeros(4 * H, kernel.dtype)))
+            layers.append(LSTMLayer(input_size=cells[0].w_ih.shape[1], hidden_size=H, cells=tuple(cells),
+                                    direction=step.direction, gate_activation=step.gate_activation,
+                                    cell_activation=step.activation, output_activation=step.activation))
+        merge_scale = step.merge_scale
+        width = H if directions == 1 or merge_scale is not None else 2 * H
+
+    head: list[DenseLayer] = []
+    for step in plan.head:
+        if isinstance(step, _Dense):
+            shapes = [(width, step.units)] + ([(step.units,)] if step.use_bias else [])
+            arrays = reader.read(step.layer, shapes)
+            if arrays is not None:
+                weight = _fold_merge(np.ascontiguousarray(arrays[0].T), merge_scale)
+                head.append(DenseLayer(weight, arrays[1] if step.use_bias else None, step.activation))
+            merge_scale, width = None, step.units
+        elif merge_scale is not None:
+            head.append(DenseLayer(_merge_matrix(width, merge_scale), None, step.activation))
+            merge_scale = None
+        elif head and head[-1].activation == IDENTITY:
+            head[-1] = replace(head[-1], activation=step.activation)  # Dense(linear) then Activation(f) = Dense(f)
+        else:
+            head.append(DenseLayer(np.eye(width, dtype=np.float32), None, step.activation))
+    if merge_scale is not None:
+        head.append(DenseLayer(_merge_matrix(width, merge_scale), None, IDENTITY))
+    if reader.problems:
+        return reader.fail()
+    output = "sequence" if plan.recurrent[-1].return_sequences else "final_state"
+    return ModelSpec(layers=tuple(layers), head=tuple(head), output=output, mask_value=plan.mask_value,
+                     source=source)
+
+
+def _fold_merge(weight: np.ndarray, scale: float | None) -> np.ndarray:
+    """A linear map of ``scale * (y_forward + y_backward)`` as a map of ``concat(y_forward, y_backward)``:
+    the weight ``(out, H)`` repeated for both halves, ``(out, 2H)``. ``None``: nothing to fold."""
+    if scale is None:
+        return weight
+    return np.ascontiguousarray(np.concatenate([weight, weight], axis=1) * weight.dtype.type(scale))
+
+
+def _merge_matrix(width: int, scale: float) -> np.ndarray:
+    """``[sI sI]`` ``(H, 2H)``: Bidirectional's sum (s = 1) or average (s = 1/2) of the two directions."""
+    return _fold_merge(np.eye(width, dtype=np.float32), scale)
+
+
+class _WeightReader:
+    """Checks each layer's weights (count, shapes, dtypes) against the config; collects the problems."""
+
+    def __init__(self, weights_of: WeightsOf, source: str):
+        self.weights_of = weights_of
+        self.source = source
+        self.problems: list[str] = []
+
+    def read(self, layer: KerasLayer, shapes: list[tuple]) -> list[np.ndarray] | None:
+        """Copies of the weights of ``layer`` if they match ``shapes`` (``None`` matches any size), else None."""
+        where = layer.describe()
+        try:
+            weights = [np.asarray(weight) for weight in self.weights_of(layer)]
+        except ModelFormatError:
+            raise
+        except Exception as exc:
+            raise ModelFormatError(f"{self.source}: cannot get the weights of {where}: {exc}") from None
+        if len(weights) != len(shapes):
+            hint = " (was the model built? call it once or give it an Input)" if not weights else ""
+            self.problems.append(f"{where}: expected {len(shapes)} weight arrays, found {len(weights)}{hint}")
+            return None
+        problems = []
+        for n, (weight, expected) in enumerate(zip(weights, shapes)):
+            if weight.ndim != len(expected) or any(e is not None and e != s for e, s in zip(expected, weight.shape)):
+                wanted = tuple("?" if e is None else e for e in expected)
+                problems.append(f"{where}: weight {n} has shape {weight.shape}, expected {wanted}")
+            elif weight.dtype.kind != "f":
+                problems.append(f"{where}: weight {n} has dtype {weight.dtype}, expected floats")
+        self.problems += problems
+        if problems:
+            return None
+        return [np.array(w, dtype=np.float64 if w.dtype == np.float64 else np.float32) for w in weights]
+
+    def fail(self):
+        raise InvalidModelError(self.problems, context=f"Keras model ({self.source})")
+
+
+def _no_options(options: dict) -> None:
+    if options:
+        raise TypeError(f"options {sorted(options)} do not apply to Keras models (the file or model says it all)")

@@ -1,0 +1,376 @@
+"""Keras importer: parity with Keras 3 for every supported layer and option, and every refusal.
+
+Each model gets random weights (normal, scale 0.3, so a gate-order or transpose mistake shows), is saved as
+``.keras`` and as a legacy ``.h5``, and is loaded from both files and from memory; fastlstm's float32 output
+(NumPy backend) must match Keras' within 1e-5. Models are built once per module and shared.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastlstm
+from fastlstm.activations import Activation
+from fastlstm.errors import ModelFormatError, UnsupportedModelError
+from fastlstm.importers import _keras_hdf5
+from fastlstm.importers import keras as keras_importer
+
+os.environ["KERAS_BACKEND"] = "torch"
+keras = pytest.importorskip("keras")
+h5py = pytest.importorskip("h5py")
+if keras.backend.backend() != "torch":
+    pytest.skip("these tests run Keras on the torch backend", allow_module_level=True)
+
+# Keras' own arrays trip NumPy 2's __array__(copy=...) deprecation on every call; nothing of ours.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+L = keras.layers
+TOLERANCE = 1e-5
+BATCH, STEPS, FEATURES = 3, 6, 3
+LENGTHS = np.array([6, 4, 2])  # valid steps of each sequence in the masked models
+FORMATS = ["keras", "h5"]
+
+
+def sequential(*layers, batch_size=None):
+    return keras.Sequential([keras.Input((STEPS, FEATURES), batch_size=batch_size), *layers])
+
+
+def functional_return_state():
+    inputs = keras.Input((STEPS, FEATURES))
+    sequence, _, _ = L.LSTM(4, return_sequences=True, return_state=True)(inputs)
+    return keras.Model(inputs, L.Dense(2)(L.Dropout(0.2)(sequence)))
+
+
+MODELS = {
+    "sequence": lambda: sequential(L.LSTM(4, return_sequences=True)),
+    "final_state_softmax_head": lambda: sequential(L.LSTM(4), L.Dense(5, activation="relu"),
+                                                   L.Dense(3, activation="softmax")),
+    "stacked_time_distributed": lambda: sequential(
+        L.LSTM(4, return_sequences=True), L.LSTM(4, return_sequences=True),
+        L.TimeDistributed(L.Dense(5, activation="tanh")), L.Dense(3, activation="softmax")),
+    "bidirectional_concat": lambda: sequential(L.Bidirectional(L.LSTM(4, return_sequences=True)),
+                                               L.Bidirectional(L.LSTM(4)), L.Dense(2)),
+    # sum folded into the next LSTM's input weights, ave into the dense layer's
+    "bidirectional_sum_then_ave": lambda: sequential(
+        L.Bidirectional(L.LSTM(4, return_sequences=True), merge_mode="sum"), L.LSTM(4, return_sequences=True),
+        L.Bidirectional(L.LSTM(4, return_sequences=True), merge_mode="ave"), L.Dense(3, activation="softmax")),
+    "bidirectional_ave_final": lambda: sequential(L.Bidirectional(L.LSTM(4), merge_mode="ave")),
+    "go_backwards_final": lambda: sequential(L.LSTM(4, return_sequences=True), L.LSTM(4, go_backwards=True),
+                                             L.Dense(2)),
+    "activations_and_no_bias": lambda: sequential(
+        L.LSTM(4, return_sequences=True, use_bias=False, activation="softsign", recurrent_activation="hard_sigmoid"),
+        L.LSTM(4, return_sequences=True, activation="elu", unroll=True),
+        L.Dense(5, activation="leaky_relu"), L.Dense(2, activation="softplus", use_bias=False)),
+    "noise_layers": lambda: sequential(
+        L.Dropout(0.5), L.SpatialDropout1D(0.3), L.LSTM(4, return_sequences=True, dropout=0.3, recurrent_dropout=0.2),
+        L.GaussianNoise(0.5), L.GaussianDropout(0.3), L.AlphaDropout(0.2), L.Dense(2)),
+    "activation_layers": lambda: sequential(
+        L.LSTM(4, return_sequences=True), L.Bidirectional(L.LSTM(4, return_sequences=True), merge_mode="sum"),
+        L.Activation("tanh"), L.Dense(3), L.Softmax()),
+    "stateful": lambda: sequential(L.LSTM(4, return_sequences=True, stateful=True), L.Dense(2), batch_size=BATCH),
+    "masked_sequence": lambda: sequential(L.Masking(0.0), L.LSTM(4, return_sequences=True), L.Dense(2)),
+    "masked_bidirectional_backwards": lambda: sequential(
+        L.Masking(0.0), L.Bidirectional(L.LSTM(4, return_sequences=True)), L.LSTM(4, go_backwards=True), L.Dense(2)),
+    "functional_return_state": functional_return_state,
+}
+
+
+@dataclass
+class Built:
+    model: object
+    x: np.ndarray
+    expected: np.ndarray  # Keras' output on x
+    compared: np.ndarray  # boolean (B, T) mask of the output steps to compare (padding differs by design)
+    files: dict[str, str]
+
+
+def randomize(model, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(0.0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
+
+
+def keras_output(model, x: np.ndarray) -> np.ndarray:
+    return keras.ops.convert_to_numpy(model(x, training=False))
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, where=None) -> None:
+    assert actual.shape == expected.shape
+    if where is not None and actual.ndim == 3:
+        actual, expected = actual[where], expected[where]
+    assert np.max(np.abs(actual - expected)) <= TOLERANCE
+
+
+class Zoo:
+    """Builds, saves and runs each model the first time a test asks for it."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.built: dict[str, Built] = {}
+
+    def __getitem__(self, name: str) -> Built:
+        if name not in self.built:
+            model = MODELS[name]()
+            randomize(model, seed=list(MODELS).index(name))
+            x = np.random.default_rng(1).normal(size=(BATCH, STEPS, FEATURES)).astype(np.float32)
+            compared = np.ones((BATCH, STEPS), bool)
+            if name.startswith("masked"):
+                compared = np.arange(STEPS)[None, :] < LENGTHS[:, None]
+                x[~compared] = 0.0  # trailing padding
+            files = {}
+            for fmt in FORMATS:
+                files[fmt] = str(self.directory / f"{name}.{fmt}")
+                model.save(files[fmt])
+            self.built[name] = Built(model, x, keras_output(model, x), compared, files)
+        return self.built[name]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return Zoo(tmp_path_factory.mktemp("keras_models"))
+
+
+# ----------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_file_matches_keras(zoo, name, fmt):
+    built = zoo[name]
+    model = fastlstm.load(built.files[fmt], backend="numpy")
+    assert_close(model.predict(built.x), built.expected, built.compared)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_in_memory_model_matches_keras(zoo, name):
+    built = zoo[name]
+    model = fastlstm.Model(keras_importer.spec_from_keras_model(built.model), backend="numpy")
+    assert "in memory" in model.spec.source
+    assert_close(model.predict(built.x), built.expected, built.compared)
+
+
+def test_load_sends_in_memory_keras_models_here(zoo):
+    built = zoo["sequence"]
+    assert_close(fastlstm.load(built.model, backend="numpy").predict(built.x), built.expected)
+
+
+def test_what_the_layers_become(zoo):
+    spec = fastlstm.load(zoo["bidirectional_sum_then_ave"].files["keras"], backend="numpy").spec
+    assert [layer.direction for layer in spec.layers] == ["bidirectional", "forward", "bidirectional"]
+    assert spec.layers[1].input_size == 8  # the sum of 4 + 4 folded into (16, 8) input weights
+    assert spec.output == "sequence" and spec.head[0].weight.shape == (3, 8)
+    spec = fastlstm.load(zoo["go_backwards_final"].files["h5"], backend="numpy").spec
+    assert [layer.direction for layer in spec.layers] == ["forward", "reverse"] and spec.output == "final_state"
+    spec = fastlstm.load(zoo["activations_and_no_bias"].files["keras"], backend="numpy").spec
+    assert spec.layers[0].gate_activation == Activation("hard_sigmoid", 1 / 6, 0.5)  # Keras 3's definition
+    assert spec.layers[0].cell_activation == spec.layers[0].output_activation == Activation("softsign")
+    assert not np.any(spec.layers[0].cells[0].bias)
+    assert fastlstm.load(zoo["masked_sequence"].files["keras"], backend="numpy").spec.mask_value == 0.0
+
+
+def test_streaming_equals_whole_sequence(zoo):
+    built = zoo["stacked_time_distributed"]
+    model = fastlstm.load(built.files["keras"], backend="numpy")
+    stream = model.stream(batch_size=BATCH)
+    streamed = np.stack([stream.step(built.x[:, t]) for t in range(STEPS)], axis=1)
+    np.testing.assert_allclose(streamed, model.predict(built.x), rtol=0, atol=1e-6)
+    assert_close(streamed, built.expected)
+
+
+def test_keras2_files_get_keras2_hard_sigmoid(tmp_path):
+    """Keras 2 defined hard_sigmoid as clip(0.2x + 0.5), Keras 3 as clip(x/6 + 0.5): the writer's version decides."""
+    model = sequential(L.LSTM(4, return_sequences=True, recurrent_activation="hard_sigmoid"))
+    randomize(model, seed=7)
+    path = str(tmp_path / "keras2.h5")
+    model.save(path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["keras_version"] = "2.12.0"
+    reference = sequential(L.LSTM(4, return_sequences=True,
+                                  recurrent_activation=lambda z: keras.ops.clip(0.2 * z + 0.5, 0.0, 1.0)))
+    reference.set_weights(model.get_weights())
+    x = np.random.default_rng(2).normal(size=(BATCH, STEPS, FEATURES)).astype(np.float32)
+    keras2_output = keras_output(reference, x)
+    assert np.max(np.abs(keras2_output - keras_output(model, x))) > 100 * TOLERANCE  # the definitions differ
+
+    loaded = fastlstm.load(path, backend="numpy")
+    assert loaded.spec.layers[0].gate_activation == Activation("hard_sigmoid", 0.2, 0.5)
+    assert_close(loaded.predict(x), keras2_output)
+
+    with h5py.File(path, "r+") as f:
+        del f.attrs["keras_version"]
+    with pytest.raises(UnsupportedModelError, match="hard_sigmoid"):
+        fastlstm.load(path, backend="numpy")
+
+
+# ----------------------------------------------------------------------------------------- refusals
+def test_unsupported_layers_are_named_together(tmp_path):
+    model = sequential(L.Conv1D(4, 2, padding="same"), L.LSTM(4, return_sequences=True), L.GRU(4), L.Dense(2))
+    path = str(tmp_path / "conv_gru.keras")
+    model.save(path)
+    for load in (lambda: fastlstm.load(path, backend="numpy"), lambda: keras_importer.spec_from_keras_model(model)):
+        with pytest.raises(UnsupportedModelError) as info:
+            load()
+        message = str(info.value)
+        assert "layer Conv1D 'conv1d' at position 0 is not supported; supported: InputLayer, Masking, LSTM" in message
+        assert "layer GRU 'gru' at position 2 is not supported" in message
+        assert len(info.value.unsupported) == 2
+
+
+def branching_model():
+    inputs = keras.Input((STEPS, FEATURES))
+    merged = L.Concatenate()([L.LSTM(4)(inputs), L.LSTM(4)(inputs)])
+    return keras.Model(inputs, L.Dense(2)(merged))
+
+
+def states_as_outputs():
+    inputs = keras.Input((STEPS, FEATURES))
+    output, state_h, _ = L.LSTM(4, return_state=True)(inputs)
+    return keras.Model(inputs, [output, state_h])
+
+
+def separate_directions():
+    inputs = keras.Input((STEPS, FEATURES))
+    forward, backward = L.Bidirectional(L.LSTM(4), merge_mode=None)(inputs)
+    return keras.Model(inputs, [forward, backward])
+
+
+def dropout_at_inference():
+    inputs = keras.Input((STEPS, FEATURES))
+    return keras.Model(inputs, L.Dropout(0.5)(L.LSTM(4)(inputs), training=True))
+
+
+REFUSED = {
+    "reversed_sequence": (lambda: sequential(L.LSTM(4, return_sequences=True, go_backwards=True)),
+                          "reversed time order"),
+    "merge_mul": (lambda: sequential(L.Bidirectional(L.LSTM(4), merge_mode="mul")), "merge_mode='mul'"),
+    "merge_none": (separate_directions, "merge_mode=None"),
+    "different_units": (lambda: sequential(L.LSTM(4, return_sequences=True), L.LSTM(6)), r"units \[4, 6\]"),
+    "dense_first": (lambda: sequential(L.Dense(4), L.LSTM(4)), "comes before the first LSTM"),
+    "lstm_after_final_state": (lambda: sequential(L.LSTM(4), L.RepeatVector(2), L.LSTM(4)), "RepeatVector"),
+    "unsupported_activation": (lambda: sequential(L.LSTM(4, activation="gelu")), "activation 'gelu'"),
+    "branches": (branching_model, "Concatenate"),
+    "states_as_outputs": (states_as_outputs, "return_state=True"),
+    "dropout_at_inference": (dropout_at_inference, "training=True"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refused_models_say_why(name):
+    build, reason = REFUSED[name]
+    with pytest.raises(UnsupportedModelError, match=reason):
+        keras_importer.spec_from_keras_model(build())
+
+
+def test_options_do_not_apply(zoo):
+    with pytest.raises(TypeError, match="do not apply"):
+        fastlstm.load(zoo["sequence"].files["keras"], backend="numpy", head=[])
+    with pytest.raises(TypeError, match="do not apply"):
+        keras_importer.spec_from_keras_model(zoo["sequence"].model, head=[])
+
+
+def test_weights_only_file_is_refused(zoo, tmp_path):
+    path = str(tmp_path / "only.weights.h5")
+    zoo["sequence"].model.save_weights(path)
+    with pytest.raises(ModelFormatError, match="weights only"):
+        fastlstm.load(path, backend="numpy")
+
+
+# ----------------------------------------------------------------------------------------- damaged files
+CORRUPTION = settings(max_examples=10, deadline=None, database=None)
+
+
+@pytest.fixture(scope="module")
+def pristine(zoo):
+    """The bytes of a small model's files, and a directory to write damaged copies to."""
+    built = zoo["bidirectional_concat"]
+    contents = {}
+    for fmt in FORMATS:
+        with open(built.files[fmt], "rb") as f:
+            contents[fmt] = f.read()
+    return contents, os.path.dirname(built.files["keras"])
+
+
+def load_bytes(data: bytes, directory: str, fmt: str):
+    path = os.path.join(directory, f"damaged.{fmt}")
+    with open(path, "wb") as f:
+        f.write(data)
+    return fastlstm.load(path, backend="numpy")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@CORRUPTION
+@given(fraction=st.floats(0.0, 1.0, exclude_max=True))
+def test_truncated_files_are_format_errors(pristine, fmt, fraction):
+    contents, directory = pristine
+    data = contents[fmt]
+    with pytest.raises(ModelFormatError):
+        load_bytes(data[:int(fraction * len(data))], directory, fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@CORRUPTION
+@given(data=st.data())
+def test_bit_flips_load_or_raise_format_errors(pristine, fmt, data):
+    """A flipped bit either leaves a loadable model (e.g. in a weight) or is reported; nothing else escapes.
+    A flip inside the JSON config can turn "LSTM" into an unknown layer name: that is refused as unsupported."""
+    contents, directory = pristine
+    damaged = bytearray(contents[fmt])
+    for _ in range(data.draw(st.integers(1, 4), label="flips")):
+        position = data.draw(st.integers(0, len(damaged) - 1), label="byte")
+        damaged[position] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+    try:
+        load_bytes(bytes(damaged), directory, fmt)
+    except (ModelFormatError, UnsupportedModelError):
+        pass
+
+
+@pytest.mark.parametrize("magic", [b"\x89HDF\r\n\x1a\n", b"PK\x03\x04", b""])
+@CORRUPTION
+@given(noise=st.binary(max_size=4096))
+def test_random_bytes_are_format_errors(pristine, magic, noise):
+    with pytest.raises(ModelFormatError):
+        load_bytes(magic + noise, pristine[1], "keras")
+
+
+def test_damaged_config_is_a_format_error(pristine):
+    contents, directory = pristine
+    rewritten = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(contents["keras"])) as source, zipfile.ZipFile(rewritten, "w") as target:
+        for member in source.namelist():
+            payload = source.read(member)
+            if member == "config.json":
+                config = json.loads(payload)
+                config["config"]["layers"][-1]["config"]["units"] = 3  # the dense kernel is (8, 2)
+                payload = json.dumps(config).encode()
+            target.writestr(member, payload)
+    with pytest.raises(ModelFormatError, match="expected"):
+        load_bytes(rewritten.getvalue(), directory, "keras")
+
+
+def test_hdf5_global_heap_that_would_loop_forever_fails_at_once(pristine):
+    """HDF5 loops forever on a global heap entry of index 0 and size 0; the importer recognises it first."""
+    contents, directory = pristine
+    damaged = bytearray(contents["h5"])
+    position = damaged.index(b"GCOL\x01\x00\x00\x00") + 16  # the first object after the collection header
+    while int.from_bytes(damaged[position:position + 2], "little") != 0:  # walk to the free-space entry
+        position += 16 + -(-int.from_bytes(damaged[position + 8:position + 16], "little") // 8) * 8
+    damaged[position + 8:position + 16] = bytes(8)
+    with pytest.raises(ModelFormatError, match="loop"):
+        load_bytes(bytes(damaged), directory, "h5")
+
+
+@pytest.mark.parametrize("child, reported", [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "crashed"),
+    ("import time; time.sleep(30)", "did not finish"),
+])
+def test_hdf5_library_crash_or_hang_is_a_format_error(pristine, monkeypatch, child, reported):
+    monkeypatch.setattr(_keras_hdf5, "_RUN_CHILD", child)
+    monkeypatch.setattr(_keras_hdf5, "BASE_TIME_LIMIT_S", 1.0)
+    with pytest.raises(ModelFormatError, match=reported):
+        load_bytes(pristine[0]["h5"], pristine[1], "h5")
