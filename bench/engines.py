@@ -65,7 +65,7 @@ def torch_lstm(config: Config):
 # ----------------------------------------------------------------------------------------------- streaming
 class FastlstmStepper:
     def __init__(self, module, backend: str, batch: int, threads: int):
-        self.model = fastlstm.load(module, backend=backend)
+        self.model = fastlstm.load(module, backend=backend, num_threads=threads)
         self.stream = self.model.stream(batch_size=batch)
         self.out = np.empty((batch, self.model.output_size), np.float32)
 
@@ -204,8 +204,8 @@ def make_stepper(engine: str, module, config: Config, batch: int, threads: int):
 
 # ----------------------------------------------------------------------------------------------- sequences
 class FastlstmSequence:
-    def __init__(self, module, backend: str, config: Config):
-        self.model = fastlstm.load(module, backend=backend)
+    def __init__(self, module, backend: str, config: Config, threads: int):
+        self.model = fastlstm.load(module, backend=backend, num_threads=threads)
 
     def run(self, x):
         return self.model.predict(x)
@@ -235,7 +235,7 @@ class OrtSequence:
 
 def make_sequence_runner(engine: str, module, config: Config, threads: int):
     if engine.startswith("fastlstm-"):
-        return FastlstmSequence(module, engine.split("-", 1)[1], config)
+        return FastlstmSequence(module, engine.split("-", 1)[1], config, threads)
     if engine == "torch-lstm":
         return TorchSequence(module, config)
     if engine == "ort-run":
