@@ -454,7 +454,7 @@ cdef void pointwise_general(const CellDesc* d, const floating* z, const floating
             zo = zo + peep[2 * H + j] * c_new
         o = activation(clamp(zo, bound), gate, ga, gb)
         c[j] = c_new
-        h[j] = o * activation(clamp(c_new, bound), out, oa, ob)
+        h[j] = o * activation(c_new, out, oa, ob)
 
 
 cdef inline void pointwise(const CellDesc* d, const floating* z, const floating* zadd, floating* c,

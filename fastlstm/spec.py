@@ -21,10 +21,11 @@ The recurrence for one direction, with activations ``f`` (gates), ``g`` (cell in
     g = g(clip(W_g x + R_g h' + b_g))
     c = f * c' + i * g
     o = f(clip(W_o x + R_o h' + b_o + p_o * c))
-    h = o * h(clip(c))                               # then h = w_hr @ h with a projection
+    h = o * h(c)                                     # then h = w_hr @ h with a projection
 
-``clip`` follows ONNX (as ONNX Runtime computes it): gate pre-activations and the argument of ``h`` are
-bounded to ``[-clip, clip]``; the stored cell state is not clipped.
+``clip`` follows ONNX as ONNX Runtime computes it: the gate pre-activations are bounded to
+``[-clip, clip]``; the cell state and the argument of ``h`` are not (ONNX Runtime's ``h`` ignores the clipped
+copy of the cell it prepares, and parity with it is what users check).
 
 Direction ``reverse`` reads the sequence from its end; ``bidirectional`` runs a forward and a reverse cell
 (in that order in ``LSTMLayer.cells``) and concatenates their outputs on the feature axis, forward first.

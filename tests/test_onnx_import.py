@@ -188,8 +188,6 @@ def test_clip_and_input_forget_match_onnxruntime(attributes):
         assert np.max(np.abs(run_ort(unclipped, {"X": x.transpose(1, 0, 2)})[0] - y_ref)) > 1e-2
 
 
-@pytest.mark.xfail(strict=True, reason="fastlstm.spec clips the argument of h (the cell state) as well as the "
-                   "gates; ONNX Runtime clips the gate pre-activations only")
 def test_clip_below_the_cell_state_matches_onnxruntime():
     model = lstm_model("forward", attributes=dict(clip=0.4), scale=0.8)
     x = random_inputs() * 3

@@ -96,7 +96,7 @@ def cell_step(layer: LSTMLayer, cell: LSTMCellWeights, x_proj: np.ndarray, h: np
     if cell.peephole is not None:
         zo = zo + p_o * c_new
     o = apply_activation(layer.gate_activation, clip(zo))
-    h_full = o * apply_activation(layer.output_activation, clip(c_new))
+    h_full = o * apply_activation(layer.output_activation, c_new)
     c[...] = c_new
     h[...] = h_full @ cell.w_hr.T if cell.w_hr is not None else h_full
 
