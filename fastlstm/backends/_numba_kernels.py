@@ -1,0 +1,725 @@
+"""Jitted kernels of the Numba backend: the stacked streaming step and whole sequences, float32 and float64.
+
+Every kernel takes the weights as arguments (nothing is compiled per model) and is cached on disk. One
+compiled version exists per dtype; the float32 one evaluates sigmoid and tanh with the rational
+approximation of ``fastlstm.fast_activations``, the float64 one with the exact functions.
+
+Packed layout, built once per model by ``pack_cells``:
+
+* ``weights`` is one flat, 64-byte-aligned array of the run dtype, never written after packing (yet not
+  flagged read-only: Numba takes 0.1 us longer to dispatch each read-only argument, a stream step pays it
+  on every call). Each cell (one direction of one layer) owns segments of it, each on a 64-byte boundary:
+
+  - ``stacked`` ``(I + R, 4H)``: ``[w_ih.T ; w_hh.T]``, i.e. row k holds what input feature k (then
+    recurrent feature k - I) adds to the 4H gate pre-activations, gates in spec order [i | f | g | o].
+    Transposed so that both blocks are contiguous matrices: BLAS multiplies all time steps' inputs by
+    ``stacked[:I]`` in one GEMM, and the per-step products ``[x | h] @ stacked`` are one pass over the
+    whole matrix whose inner loop runs along a contiguous row (vectorised by LLVM, no reductions);
+  - ``bias`` ``(4H,)``; ``peephole`` ``(3, H)`` (i, f, o), when present; ``projection`` ``w_hr.T``
+    ``(H, P)``, when present;
+  - ``params`` ``(7,)``: the clip bound (+inf without clip) and alpha, beta of the gate, cell and output
+    activations, cast to the run dtype as the NumPy reference casts them.
+
+* ``cells`` is an int64 table with one row per cell, in state order (layer by layer, forward direction
+  first); its columns are the ``COL_*`` constants below.
+
+The layering is: drivers that Python calls (``step_stack``, ``run_stack``, ``step_scratch_size``), then
+one layer / one cell (``_layer_step``, ``_run_layer``, ``_run_cell``), then small helpers (products,
+pointwise updates, activations).
+
+The float32 rational-approximation constants are read from ``fastlstm.fast_activations`` when a kernel is
+compiled and are frozen into the on-disk cache; the cache is keyed on this file only, so after changing
+those constants delete this package's ``__pycache__`` (tests/test_numba_kernels.py would fail otherwise).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+from numba.np.numpy_support import as_dtype
+
+from ..activations import ACTIVATION_CODES
+from ..fast_activations import TANH_CLAMP, TANH_DENOMINATOR, TANH_NUMERATOR
+
+# ------------------------------------------------------------------------------------------------------
+# Compiler and threading choices, in one place.
+
+# "contract" lets LLVM fuse multiply-adds (FMA). Nothing here needs reassociation: the products are written
+# as elementwise updates along contiguous rows, which vectorise without reordering any sum, and the
+# NaN/inf semantics of the clip and the activations are kept. error_model="numpy": a float division needs no
+# zero check, which would keep the rational tanh from vectorising.
+FASTMATH = {"contract"}
+_KERNEL_OPTIONS = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy", boundscheck=False)
+_HELPER_OPTIONS = dict(fastmath=FASTMATH, error_model="numpy", boundscheck=False)
+# sigmoid and tanh without contraction, so that the float32 approximation rounds operation for operation as
+# fast_activations.tanh_approx does and the two agree exactly (tests/test_numba_kernels.py checks it).
+# Explicitly False: a callee that leaves fastmath unset inherits its caller's.
+_ACTIVATION_OPTIONS = dict(fastmath=False, error_model="numpy", boundscheck=False)
+
+# Threads. Every kernel runs on the calling thread only: a stream step is too short to split, and on the
+# 2 cores measured, splitting a batched step's small products made it slower. BLAS (SciPy's OpenBLAS,
+# through np.dot) runs the GEMMs of batches above HAND_MATMUL_MAX_ROWS and the input projection of whole
+# sequences, with the threads OpenBLAS is configured for; the model's num_threads only decides whether a
+# batch-1 product may go to BLAS (BLAS_GEMV_MIN_BYTES).
+# The kernels release the GIL, except the stream step of a small model (step_stack_holding_gil): releasing
+# and re-taking it costs about 40 ns, a few percent of a small step, which no other thread could use.
+RELEASE_GIL_MIN_WEIGHTS = 1 << 16  # weights a stream step reads (all layers, all batch rows)
+
+# Which product runs a cell's matrix multiplication (hand-written loop or BLAS), from measurements with one
+# OpenBLAS thread (AMD Zen 4, AVX-512, 1 MiB L2 per core):
+# * at batch 1 the hand loop is as fast as OpenBLAS gemv (both stream the weights from cache);
+# * from 2 to 8 rows the hand loop (two rows per pass over the weights) is 1.1-1.8x faster than OpenBLAS when
+#   the weights exceed L2 (1.5 MiB: OpenBLAS takes 150-170 us whatever the batch, the hand loop 20-100 us)
+#   and up to 1.4x slower below it; above 8 rows, GEMM's register blocking wins.
+HAND_MATMUL_MAX_ROWS = 8
+# * at batch 1, a matrix of at least this many bytes goes to BLAS GEMV when the model may use more than one
+#   thread: OpenBLAS then splits it over cores, which the hand loop cannot (recorded per cell by pack_cells).
+BLAS_GEMV_MIN_BYTES = 2 * 1024 * 1024
+
+# Every packed segment and scratch region starts on a 64-byte boundary.
+ALIGN_BYTES = 64
+
+# ------------------------------------------------------------------------------------------------------
+# The cell table.
+
+NUM_COLUMNS = 14
+(
+    COL_INPUT_SIZE,      # I
+    COL_HIDDEN_SIZE,     # H
+    COL_PROJ_SIZE,       # P, 0 without projection (then R = H)
+    COL_STACKED,         # offset of the (I + R, 4H) stacked transposed weights
+    COL_BIAS,            # offset of the (4H,) bias
+    COL_PEEPHOLE,        # offset of the (3, H) peepholes, -1 when none
+    COL_PROJECTION,      # offset of the (H, P) transposed projection, -1 when none
+    COL_PARAMS,          # offset of (clip, gate alpha, gate beta, cell alpha, cell beta, output alpha, beta)
+    COL_ACTIVATIONS,     # gate, cell and output activation codes, 8 bits each (gate lowest)
+    COL_INPUT_FORGET,    # 1 for coupled input/forget gates
+    COL_STANDARD,        # 1 for sigmoid/tanh/tanh without clip, peepholes or coupled gates (the fast path)
+    COL_REVERSE,         # 1 for a cell that reads the sequence from its end
+    COL_DIRECTIONS,      # 1 or 2: directions of the cell's layer
+    COL_BLAS_GEMV,       # 1 when its batch-1 products go to BLAS (see BLAS_GEMV_MIN_BYTES)
+) = range(NUM_COLUMNS)
+
+_ACT_IDENTITY = ACTIVATION_CODES["identity"]
+_ACT_SIGMOID = ACTIVATION_CODES["sigmoid"]
+_ACT_TANH = ACTIVATION_CODES["tanh"]
+_ACT_RELU = ACTIVATION_CODES["relu"]
+_ACT_AFFINE = ACTIVATION_CODES["affine"]
+_ACT_LEAKY_RELU = ACTIVATION_CODES["leaky_relu"]
+_ACT_THRESHOLDED_RELU = ACTIVATION_CODES["thresholded_relu"]
+_ACT_SCALED_TANH = ACTIVATION_CODES["scaled_tanh"]
+_ACT_HARD_SIGMOID = ACTIVATION_CODES["hard_sigmoid"]
+_ACT_ELU = ACTIVATION_CODES["elu"]
+_ACT_SOFTSIGN = ACTIVATION_CODES["softsign"]
+_ACT_SOFTPLUS = ACTIVATION_CODES["softplus"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Packing (plain Python, once per model).
+
+def aligned_zeros(size: int, dtype) -> np.ndarray:
+    """A zeroed 1-D array of ``size`` items whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    raw = np.zeros(size + ALIGN_BYTES // dtype.itemsize, dtype=dtype)
+    skip = (-raw.ctypes.data % ALIGN_BYTES) // dtype.itemsize
+    return raw[skip:skip + size]
+
+
+def pack_cells(spec, dtype, num_threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(weights, cells)`` for every cell of ``spec``'s LSTM layers, in the layout of the module docstring."""
+    dtype = np.dtype(dtype)
+    lanes = ALIGN_BYTES // dtype.itemsize
+    segments: list[tuple[int, np.ndarray]] = []
+    end = 0
+
+    def place(array) -> int:
+        nonlocal end
+        start = end
+        segments.append((start, np.asarray(array, dtype=dtype)))
+        end = start + (np.size(array) + lanes - 1) // lanes * lanes
+        return start
+
+    rows = []
+    for layer in spec.layers:
+        acts = (layer.gate_activation, layer.cell_activation, layer.output_activation)
+        params = [np.inf if layer.clip is None else layer.clip]
+        for act in acts:
+            params += [act.alpha, act.beta]
+        for direction, cell in enumerate(layer.cells):
+            stacked = np.concatenate([np.asarray(cell.w_ih).T, np.asarray(cell.w_hh).T])
+            row = np.zeros(NUM_COLUMNS, np.int64)
+            row[COL_INPUT_SIZE] = layer.input_size
+            row[COL_HIDDEN_SIZE] = layer.hidden_size
+            row[COL_PROJ_SIZE] = layer.proj_size
+            row[COL_STACKED] = place(stacked)
+            row[COL_BIAS] = place(cell.bias)
+            row[COL_PEEPHOLE] = -1 if cell.peephole is None else place(cell.peephole)
+            row[COL_PROJECTION] = -1 if cell.w_hr is None else place(np.asarray(cell.w_hr).T)
+            row[COL_PARAMS] = place(params)
+            row[COL_ACTIVATIONS] = acts[0].code | acts[1].code << 8 | acts[2].code << 16
+            row[COL_INPUT_FORGET] = layer.input_forget
+            row[COL_STANDARD] = layer.is_standard
+            row[COL_REVERSE] = layer.direction == "reverse" or direction == 1
+            row[COL_DIRECTIONS] = layer.num_directions
+            row[COL_BLAS_GEMV] = num_threads > 1 and stacked.size * dtype.itemsize >= BLAS_GEMV_MIN_BYTES
+            rows.append(row)
+    weights = aligned_zeros(end, dtype)
+    for start, array in segments:
+        weights[start:start + array.size] = array.ravel()
+    cells = np.array(rows, dtype=np.int64).reshape(len(rows), NUM_COLUMNS)
+    return weights, cells
+
+
+# ------------------------------------------------------------------------------------------------------
+# Denormals flushed to zero (FTZ, MXCSR bit 15) and read as zero (DAZ, bit 6) while a kernel computes:
+# a decaying state that reaches the denormal range would otherwise slow every operation on it ~100x.
+# The caller's mode is restored before the kernel returns, and never changed around code that could
+# raise or allocate. Other architectures keep their default mode.
+
+_FLUSH_DENORMALS_BITS = 0x8040
+FLUSHES_DENORMALS = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _call_mxcsr_intrinsic(builder, name, slot):
+    byte_pointer = ir.IntType(8).as_pointer()
+    function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer]), name)
+    builder.call(function, [builder.bitcast(slot, byte_pointer)])
+
+
+@intrinsic
+def _fp_mode(typingctx):
+    """The calling thread's MXCSR (0 where denormals are not flushed)."""
+    def codegen(context, builder, signature, args):
+        if not FLUSHES_DENORMALS:
+            return ir.Constant(ir.IntType(32), 0)
+        slot = cgutils.alloca_once(builder, ir.IntType(32))
+        _call_mxcsr_intrinsic(builder, "llvm.x86.sse.stmxcsr", slot)
+        return builder.load(slot)
+    return types.uint32(), codegen
+
+
+@intrinsic
+def _set_fp_mode(typingctx, mode):
+    """Load ``mode`` into the calling thread's MXCSR (nothing where denormals are not flushed)."""
+    def codegen(context, builder, signature, args):
+        if FLUSHES_DENORMALS:
+            slot = cgutils.alloca_once(builder, ir.IntType(32))
+            builder.store(args[0], slot)
+            _call_mxcsr_intrinsic(builder, "llvm.x86.sse.ldmxcsr", slot)
+        return context.get_dummy_value()
+    return types.void(types.uint32), codegen
+
+
+@njit(**_HELPER_OPTIONS)
+def _flush_denormals():
+    """Turn on FTZ/DAZ; returns the previous mode for ``_set_fp_mode``."""
+    saved = _fp_mode()
+    if FLUSHES_DENORMALS:
+        _set_fp_mode(saved | np.uint32(_FLUSH_DENORMALS_BITS))
+    return saved
+
+
+@njit(cache=True)
+def fp_mode():
+    """The calling thread's MXCSR, for tests: kernels must leave it as they found it."""
+    return _fp_mode()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Activations. sigmoid and tanh are chosen by argument type at compile time: the rational approximation in
+# float32, the exact functions in float64.
+
+_F32 = np.float32
+_CLAMP = _F32(TANH_CLAMP)
+_N0, _N1, _N2, _N3, _N4, _N5, _N6 = (_F32(v) for v in TANH_NUMERATOR)
+_D0, _D1, _D2, _D3 = (_F32(v) for v in TANH_DENOMINATOR)
+_HALF32 = _F32(0.5)
+
+
+@njit(**_ACTIVATION_OPTIONS)
+def _rational_tanh(x):
+    """tanh(x) ~= x * N(x^2) / D(x^2) on float32 x clamped to +-TANH_CLAMP (bound in fast_activations)."""
+    # Two comparisons rather than min/max: a NaN fails both and comes out NaN, as from np.clip.
+    if x > _CLAMP:
+        x = _CLAMP
+    if x < -_CLAMP:
+        x = -_CLAMP
+    x2 = x * x
+    p = ((((((_N6 * x2 + _N5) * x2 + _N4) * x2 + _N3) * x2 + _N2) * x2 + _N1) * x2 + _N0)
+    q = (((_D3 * x2 + _D2) * x2 + _D1) * x2 + _D0)
+    return x * p / q
+
+
+def _tanh(x):
+    """tanh inside a kernel (compiled by the overload below; not callable from Python)."""
+    raise NotImplementedError
+
+
+def _sigmoid(x):
+    """1 / (1 + exp(-x)) inside a kernel (compiled by the overload below; not callable from Python)."""
+    raise NotImplementedError
+
+
+def _activation(x, code, alpha, beta):
+    """Activation ``code`` of fastlstm.activations at x, inside a kernel (see the overload below)."""
+    raise NotImplementedError
+
+
+@overload(_tanh, jit_options=_ACTIVATION_OPTIONS)
+def _tanh_overload(x):
+    if x == types.float32:
+        return lambda x: _rational_tanh(x)
+    return lambda x: np.tanh(x)
+
+
+@overload(_sigmoid, jit_options=_ACTIVATION_OPTIONS)
+def _sigmoid_overload(x):
+    if x == types.float32:
+        # An identity, not a further approximation: sigmoid(x) = 0.5 * tanh(x / 2) + 0.5.
+        return lambda x: _HALF32 * _rational_tanh(_HALF32 * x) + _HALF32
+    # exp overflowing to inf for x < -709 gives the right limit, 0.
+    return lambda x: 1.0 / (1.0 + np.exp(-x))
+
+
+@overload(_activation, jit_options=_HELPER_OPTIONS)
+def _activation_overload(x, code, alpha, beta):
+    # Constants of x's own type: an untyped 0 or 1 would promote float32 arithmetic to float64.
+    as_float = as_dtype(x).type
+    zero, one, nan = as_float(0), as_float(1), as_float(np.nan)
+
+    def activation(x, code, alpha, beta):
+        if code == _ACT_SIGMOID:
+            return _sigmoid(x)
+        if code == _ACT_TANH:
+            return _tanh(x)
+        if code == _ACT_IDENTITY:
+            return x
+        if code == _ACT_RELU:
+            return zero if x < zero else x
+        if code == _ACT_AFFINE:
+            return alpha * x + beta
+        if code == _ACT_LEAKY_RELU:
+            return x if x >= zero else alpha * x
+        if code == _ACT_THRESHOLDED_RELU:
+            return x if x > alpha else zero
+        if code == _ACT_SCALED_TANH:
+            return alpha * _tanh(beta * x)
+        if code == _ACT_HARD_SIGMOID:
+            y = alpha * x + beta
+            y = zero if y < zero else y
+            return one if y > one else y
+        if code == _ACT_ELU:
+            return x if x >= zero else alpha * np.expm1(x)
+        if code == _ACT_SOFTSIGN:
+            return x / (one + abs(x))
+        if code == _ACT_SOFTPLUS:  # log(1 + e^x) = max(x, 0) + log1p(e^-|x|), never overflowing
+            return (x if x > zero else zero) + np.log1p(np.exp(-abs(x)))
+        return nan  # unknown code: rejected by the spec's validation, never reached
+
+    return activation
+
+
+@njit(**_HELPER_OPTIONS)
+def _clamp(x, bound):
+    """x limited to [-bound, bound] (bound = inf without clip); NaN stays NaN."""
+    if x > bound:
+        x = bound
+    if x < -bound:
+        x = -bound
+    return x
+
+
+@njit(cache=True, **_HELPER_OPTIONS)
+def apply_activation(values, code, alpha, beta):
+    """The kernels' activation ``code`` on a copy of ``values`` (for tests)."""
+    out = values.copy()
+    a, b = values.dtype.type(alpha), values.dtype.type(beta)
+    flat = out.reshape(-1)
+    for n in range(flat.size):
+        flat[n] = _activation(flat[n], code, a, b)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# Products.
+
+@njit(**_HELPER_OPTIONS)
+def _add_vector_matrix_product(v, m, out):
+    """out += v @ m for v (K,), m (K, N), out (N,).
+
+    Four rows of m per pass over out: each pass is an elementwise loop along contiguous rows, which LLVM
+    vectorises (FMA) without reordering any sum, and out is loaded and stored once per four rows.
+    """
+    rows, cols = m.shape
+    full = rows - rows % 4
+    for k in range(0, full, 4):
+        v0, v1, v2, v3 = v[k], v[k + 1], v[k + 2], v[k + 3]
+        m0, m1, m2, m3 = m[k], m[k + 1], m[k + 2], m[k + 3]
+        for n in range(cols):
+            out[n] += v0 * m0[n] + v1 * m1[n] + v2 * m2[n] + v3 * m3[n]
+    for k in range(full, rows):
+        vk = v[k]
+        mk = m[k]
+        for n in range(cols):
+            out[n] += vk * mk[n]
+
+
+@njit(**_HELPER_OPTIONS)
+def _add_two_vector_matrix_products(v0, v1, m, out0, out1):
+    """out0 += v0 @ m and out1 += v1 @ m in one pass over m: each loaded row of m serves both products."""
+    rows, cols = m.shape
+    full = rows - rows % 4
+    for k in range(0, full, 4):
+        a0, a1, a2, a3 = v0[k], v0[k + 1], v0[k + 2], v0[k + 3]
+        b0, b1, b2, b3 = v1[k], v1[k + 1], v1[k + 2], v1[k + 3]
+        m0, m1, m2, m3 = m[k], m[k + 1], m[k + 2], m[k + 3]
+        for n in range(cols):
+            w0, w1, w2, w3 = m0[n], m1[n], m2[n], m3[n]
+            out0[n] += a0 * w0 + a1 * w1 + a2 * w2 + a3 * w3
+            out1[n] += b0 * w0 + b1 * w1 + b2 * w2 + b3 * w3
+    for k in range(full, rows):
+        a, b = v0[k], v1[k]
+        mk = m[k]
+        for n in range(cols):
+            out0[n] += a * mk[n]
+            out1[n] += b * mk[n]
+
+
+@njit(**_HELPER_OPTIONS)
+def _add_matrix_product(a, m, out):
+    """out += a @ m for a (B, K), m (K, N), out (B, N), rows of a taken in pairs (see above)."""
+    batch = a.shape[0]
+    for b in range(0, batch - 1, 2):
+        _add_two_vector_matrix_products(a[b], a[b + 1], m, out[b], out[b + 1])
+    if batch % 2:
+        _add_vector_matrix_product(a[batch - 1], m, out[batch - 1])
+
+
+@njit(**_HELPER_OPTIONS)
+def _matmul(a, m, out, by_hand):
+    """out = a @ m for a (B, K), m (K, N), out (B, N): the hand loop, or BLAS."""
+    if by_hand:
+        out[:] = 0
+        _add_matrix_product(a, m, out)
+    else:
+        np.dot(a, m, out)
+
+
+@njit(**_HELPER_OPTIONS)
+def _uses_hand_loop(cell, batch):
+    return batch <= HAND_MATMUL_MAX_ROWS and not (batch == 1 and cell[COL_BLAS_GEMV])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Pointwise part of a step: activations and the c/h update of one batch row.
+
+@njit(**_HELPER_OPTIONS)
+def _pointwise_standard(z, z_add, c, h_out):
+    """The plain cell: i, f, o = sigmoid, g = tanh of (z + z_add); c = f*c + i*g; h_out = o*tanh(c).
+
+    Branch-free, so LLVM vectorises it in float32 (the rational tanh is multiplies, adds and a divide).
+    """
+    H = c.shape[0]
+    zi, zf, zg, zo = z[:H], z[H:2 * H], z[2 * H:3 * H], z[3 * H:4 * H]
+    ai, af, ag, ao = z_add[:H], z_add[H:2 * H], z_add[2 * H:3 * H], z_add[3 * H:4 * H]
+    for j in range(H):
+        i = _sigmoid(zi[j] + ai[j])
+        f = _sigmoid(zf[j] + af[j])
+        g = _tanh(zg[j] + ag[j])
+        o = _sigmoid(zo[j] + ao[j])
+        c_new = f * c[j] + i * g
+        c[j] = c_new
+        h_out[j] = o * _tanh(c_new)
+
+
+@njit(**_HELPER_OPTIONS)
+def _pointwise_general(z, z_add, c, h_out, weights, cell):
+    """Every option of the spec: activations with parameters, clip (of the gate pre-activations only),
+    peepholes, coupled input/forget gates."""
+    H = c.shape[0]
+    params = weights[cell[COL_PARAMS]:cell[COL_PARAMS] + 7]
+    bound = params[0]
+    gate_alpha, gate_beta, cell_alpha, cell_beta, out_alpha, out_beta = (
+        params[1], params[2], params[3], params[4], params[5], params[6])
+    codes = cell[COL_ACTIVATIONS]
+    gate_code, cell_code, out_code = codes & 255, (codes >> 8) & 255, (codes >> 16) & 255
+    input_forget = cell[COL_INPUT_FORGET] != 0
+    has_peepholes = cell[COL_PEEPHOLE] >= 0
+    peep = weights[max(cell[COL_PEEPHOLE], 0):max(cell[COL_PEEPHOLE], 0) + 3 * H]
+    one = c.dtype.type(1)
+    for j in range(H):
+        zi = z[j] + z_add[j]
+        zf = z[H + j] + z_add[H + j]
+        zg = z[2 * H + j] + z_add[2 * H + j]
+        zo = z[3 * H + j] + z_add[3 * H + j]
+        c_old = c[j]
+        if has_peepholes:
+            zi += peep[j] * c_old
+            zf += peep[H + j] * c_old
+        i = _activation(_clamp(zi, bound), gate_code, gate_alpha, gate_beta)
+        if input_forget:
+            f = one - i
+        else:
+            f = _activation(_clamp(zf, bound), gate_code, gate_alpha, gate_beta)
+        g = _activation(_clamp(zg, bound), cell_code, cell_alpha, cell_beta)
+        c_new = f * c_old + i * g
+        if has_peepholes:
+            zo += peep[2 * H + j] * c_new
+        o = _activation(_clamp(zo, bound), gate_code, gate_alpha, gate_beta)
+        c[j] = c_new
+        h_out[j] = o * _activation(c_new, out_code, out_alpha, out_beta)
+
+
+@njit(**_HELPER_OPTIONS)
+def _pointwise(z, z_add, c, h_out, weights, cell):
+    if cell[COL_STANDARD]:
+        _pointwise_standard(z, z_add, c, h_out)
+    else:
+        _pointwise_general(z, z_add, c, h_out, weights, cell)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Views of a cell's packed weights.
+
+@njit(**_HELPER_OPTIONS)
+def _stacked(weights, cell):
+    """The cell's (I + R, 4H) stacked transposed weights."""
+    I, H, P = cell[COL_INPUT_SIZE], cell[COL_HIDDEN_SIZE], cell[COL_PROJ_SIZE]
+    rows = I + (P if P else H)
+    start = cell[COL_STACKED]
+    return weights[start:start + rows * 4 * H].reshape(rows, 4 * H)
+
+
+@njit(**_HELPER_OPTIONS)
+def _projection(weights, cell):
+    """The cell's (H, P) transposed projection; (H, 0) without one."""
+    H, P = cell[COL_HIDDEN_SIZE], cell[COL_PROJ_SIZE]
+    start = max(cell[COL_PROJECTION], 0)
+    return weights[start:start + H * P].reshape(H, P)
+
+
+@njit(**_HELPER_OPTIONS)
+def _bias(weights, cell):
+    start = cell[COL_BIAS]
+    return weights[start:start + 4 * cell[COL_HIDDEN_SIZE]]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The streaming step.
+
+@njit(**_HELPER_OPTIONS)
+def _aligned(n):
+    return (n + 15) // 16 * 16  # 16 items: 64 bytes of float32, a multiple of 64 bytes of float64
+
+
+@njit(cache=True, **_HELPER_OPTIONS)
+def step_scratch_size(cells, batch):
+    """Items of scratch ``step_stack`` needs at this batch size: z (B, 4H), hidden (B, H), [x | h] (B, K)."""
+    H = cells[0, COL_HIDDEN_SIZE]
+    widest = 0
+    for n in range(cells.shape[0]):
+        R = cells[n, COL_PROJ_SIZE] if cells[n, COL_PROJ_SIZE] else H
+        widest = max(widest, cells[n, COL_INPUT_SIZE] + R)
+    return _aligned(batch * 4 * H) + _aligned(batch * H) + _aligned(batch * widest)
+
+
+@njit(**_HELPER_OPTIONS)
+def _layer_step(inputs, h, c, weights, cell, scratch):
+    """One layer of a forward stack one step: inputs (B, I), h (B, R) and c (B, H) in place.
+
+    All four gates come from one pass over the stacked weights ([x | h] @ stacked), then the pointwise
+    update writes c and h (through the projection when there is one).
+    """
+    batch = inputs.shape[0]
+    I, H, P = cell[COL_INPUT_SIZE], cell[COL_HIDDEN_SIZE], cell[COL_PROJ_SIZE]
+    R = P if P else H
+    G = 4 * H
+    z = scratch[:batch * G].reshape(batch, G)
+    hidden_start = _aligned(batch * G)
+    hidden = scratch[hidden_start:hidden_start + batch * H].reshape(batch, H)
+    stacked = _stacked(weights, cell)
+    by_hand = _uses_hand_loop(cell, batch)
+    if by_hand:
+        z[:] = 0
+        _add_matrix_product(inputs, stacked[:I], z)
+        _add_matrix_product(h, stacked[I:], z)
+    else:
+        xh_start = hidden_start + _aligned(batch * H)
+        xh = scratch[xh_start:xh_start + batch * (I + R)].reshape(batch, I + R)
+        for b in range(batch):
+            xh[b, :I] = inputs[b]
+            xh[b, I:] = h[b]
+        np.dot(xh, stacked, z)
+    bias = _bias(weights, cell)
+    for b in range(batch):
+        _pointwise(z[b], bias, c[b], hidden[b] if P else h[b], weights, cell)
+    if P:
+        _matmul(hidden, _projection(weights, cell), h, by_hand)
+
+
+@njit(**_HELPER_OPTIONS)
+def _layer_step_one_row(inputs, h, c, weights, cell, scratch):
+    """``_layer_step`` at batch 1 with the hand loop: inputs (I,), h (R,), c (H,).
+
+    The same computation on 1-D views only: on the streaming hot path the 2-D plumbing of the general
+    version (reshapes, row loops, the BLAS branch) costs about 0.15 us of a 1.2 us step.
+    """
+    I, H, P = cell[COL_INPUT_SIZE], cell[COL_HIDDEN_SIZE], cell[COL_PROJ_SIZE]
+    G = 4 * H
+    z = scratch[:G]
+    stacked = _stacked(weights, cell)
+    hidden_start = _aligned(G)
+    hidden = scratch[hidden_start:hidden_start + H]
+    z[:] = 0
+    _add_vector_matrix_product(inputs, stacked[:I], z)
+    _add_vector_matrix_product(h, stacked[I:], z)
+    _pointwise(z, _bias(weights, cell), c, hidden if P else h, weights, cell)
+    if P:
+        h[:] = 0
+        _add_vector_matrix_product(hidden, _projection(weights, cell), h)
+
+
+@njit(**_KERNEL_OPTIONS)
+def step_stack(x, h, c, scratch, weights, cells):
+    """One time step of a forward stack: x (B, I); h (L, B, R) and c (L, B, H) updated in place.
+
+    ``scratch`` holds at least ``step_scratch_size(cells, B)`` items. Raises ValueError (before touching
+    anything) when the shapes do not fit the model.
+    """
+    num_layers = cells.shape[0]
+    batch = x.shape[0]
+    fits = (x.shape[1] == cells[0, COL_INPUT_SIZE] and h.shape[0] == num_layers and c.shape[0] == num_layers
+            and h.shape[1] == batch and c.shape[1] == batch and c.shape[2] == cells[0, COL_HIDDEN_SIZE]
+            and h.shape[2] == (cells[0, COL_PROJ_SIZE] if cells[0, COL_PROJ_SIZE] else c.shape[2])
+            and scratch.size >= step_scratch_size(cells, batch))
+    for n in range(num_layers):
+        fits = fits and cells[n, COL_DIRECTIONS] == 1 and cells[n, COL_REVERSE] == 0
+    if not fits:
+        raise ValueError("step(): x, h, c or the workspace do not fit this model, or it is not forward-only")
+    one_row = batch == 1
+    for n in range(num_layers):
+        one_row = one_row and _uses_hand_loop(cells[n], batch)
+    saved_mode = _flush_denormals()
+    if one_row:
+        _layer_step_one_row(x[0], h[0, 0], c[0, 0], weights, cells[0], scratch)
+        for layer in range(1, num_layers):
+            _layer_step_one_row(h[layer - 1, 0], h[layer, 0], c[layer, 0], weights, cells[layer], scratch)
+    else:
+        _layer_step(x, h[0], c[0], weights, cells[0], scratch)
+        for layer in range(1, num_layers):
+            _layer_step(h[layer - 1], h[layer], c[layer], weights, cells[layer], scratch)
+    _set_fp_mode(saved_mode)
+
+
+@njit(**dict(_KERNEL_OPTIONS, nogil=False))
+def step_stack_holding_gil(x, h, c, scratch, weights, cells):
+    """``step_stack`` without releasing the GIL, for steps too short to be worth it."""
+    step_stack(x, h, c, scratch, weights, cells)
+
+
+def step_releases_gil(cells, batch: int) -> bool:
+    """Whether a stream step of this batch size reads enough weights to release the GIL while it runs."""
+    weights_per_row = 0
+    for cell in cells:
+        H, P = int(cell[COL_HIDDEN_SIZE]), int(cell[COL_PROJ_SIZE])
+        weights_per_row += (int(cell[COL_INPUT_SIZE]) + (P or H)) * 4 * H + H * P
+    return weights_per_row * batch >= RELEASE_GIL_MIN_WEIGHTS
+
+
+# ------------------------------------------------------------------------------------------------------
+# Whole sequences.
+
+@njit(**_HELPER_OPTIONS)
+def _run_cell(inputs, h, c, lengths, weights, cell, y, column, x_proj, z, hidden, projected):
+    """One direction of one layer over inputs (B, T, I); h (B, R) and c (B, H) in place.
+
+    Writes this direction's outputs into y[b, t, column:column + R] for the steps each row runs (row b runs
+    steps 0 .. lengths[b]-1, backwards when the cell is reverse). Scratch: x_proj (B*T, 4H), z (B, 4H),
+    hidden (B, H), projected (B, P).
+    """
+    batch, steps = inputs.shape[0], inputs.shape[1]
+    I, H, P = cell[COL_INPUT_SIZE], cell[COL_HIDDEN_SIZE], cell[COL_PROJ_SIZE]
+    R = P if P else H
+    G = 4 * H
+    stacked = _stacked(weights, cell)
+    bias = _bias(weights, cell)
+    projection = _projection(weights, cell)
+    reverse = cell[COL_REVERSE] != 0
+
+    # The input projection of every step in one GEMM, then the bias folded in.
+    np.dot(inputs.reshape(batch * steps, I), stacked[:I], x_proj)
+    for n in range(batch * steps):
+        row = x_proj[n]
+        for g in range(G):
+            row[g] += bias[g]
+    x_proj_steps = x_proj.reshape(batch, steps, G)
+
+    by_hand = _uses_hand_loop(cell, batch)
+    recurrent = stacked[I:]
+    for s in range(lengths.max()):
+        _matmul(h, recurrent, z, by_hand)
+        for b in range(batch):
+            if s < lengths[b]:
+                t = lengths[b] - 1 - s if reverse else s
+                _pointwise(z[b], x_proj_steps[b, t], c[b], hidden[b] if P else h[b], weights, cell)
+        if P:
+            _matmul(hidden, projection, projected, by_hand)
+        for b in range(batch):
+            if s < lengths[b]:
+                t = lengths[b] - 1 - s if reverse else s
+                if P:
+                    h[b] = projected[b]
+                y[b, t, column:column + R] = h[b]
+
+
+@njit(**_HELPER_OPTIONS)
+def _run_layer(inputs, h, c, lengths, weights, cells, first_cell, x_proj):
+    """Every direction of the layer whose first cell is ``first_cell``; returns its output (B, T, D * R)."""
+    batch, steps = inputs.shape[0], inputs.shape[1]
+    cell = cells[first_cell]
+    H, P = cell[COL_HIDDEN_SIZE], cell[COL_PROJ_SIZE]
+    R = P if P else H
+    directions = cell[COL_DIRECTIONS]
+    # Outputs past a row's length stay zero.
+    if lengths.min() < steps:
+        y = np.zeros((batch, steps, directions * R), dtype=inputs.dtype)
+    else:
+        y = np.empty((batch, steps, directions * R), dtype=inputs.dtype)
+    z = np.empty((batch, 4 * H), dtype=inputs.dtype)
+    hidden = np.empty((batch, H), dtype=inputs.dtype)
+    projected = np.empty((batch, P), dtype=inputs.dtype)
+    for d in range(directions):
+        n = first_cell + d
+        saved_mode = _flush_denormals()
+        _run_cell(inputs, h[n], c[n], lengths, weights, cells[n], y, d * R, x_proj, z, hidden, projected)
+        _set_fp_mode(saved_mode)
+    return y
+
+
+@njit(**_KERNEL_OPTIONS)
+def run_stack(x, h, c, lengths, weights, cells):
+    """Every layer over x (B, T, I); h (cells, B, R) and c (cells, B, H) hold the initial state and get the
+    final one; ``lengths`` (B,) int64 in 1..T. Returns the last layer's output (B, T, D * R), a new array."""
+    batch, steps = x.shape[0], x.shape[1]
+    num_cells = cells.shape[0]
+    H = cells[0, COL_HIDDEN_SIZE]
+    R = cells[0, COL_PROJ_SIZE] if cells[0, COL_PROJ_SIZE] else H
+    fits = (x.shape[2] == cells[0, COL_INPUT_SIZE] and h.shape[0] == num_cells and c.shape[0] == num_cells
+            and h.shape[1] == batch and c.shape[1] == batch and h.shape[2] == R and c.shape[2] == H
+            and lengths.shape[0] == batch and batch > 0 and steps > 0)
+    if not fits:
+        raise ValueError("run_sequence(): x, h or c do not fit this model")
+    if lengths.min() < 1 or lengths.max() > steps:
+        raise ValueError("run_sequence(): lengths must lie in 1..T")
+    x_proj = np.empty((batch * steps, 4 * H), dtype=x.dtype)
+    y = _run_layer(x, h, c, lengths, weights, cells, 0, x_proj)
+    n = cells[0, COL_DIRECTIONS]
+    while n < num_cells:
+        y = _run_layer(y, h, c, lengths, weights, cells, n, x_proj)
+        n += cells[n, COL_DIRECTIONS]
+    return y

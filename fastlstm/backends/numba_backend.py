@@ -1,0 +1,78 @@
+"""The Numba backend: the jitted kernels of ``_numba_kernels`` behind the ``PreparedLSTM`` interface.
+
+Preparation packs every cell's weights once into one flat buffer plus a small int64 table of sizes,
+offsets and options (layout in ``_numba_kernels``). The kernels take that buffer and table as arguments, so
+one compiled kernel per dtype serves every model, and a stream step passes six arrays: x, h, c, the
+stream's scratch, the weights and the table (Numba's dispatch costs about 0.05 us per array argument).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..spec import ModelSpec
+from . import _numba_kernels as kernels
+from .base import PreparedLSTM
+
+
+class StepWorkspace:
+    """One stream's scratch for ``NumbaLSTM.step``, and the output view it returns.
+
+    Nothing in it is shared: streams on different threads each have their own.
+    """
+
+    __slots__ = ("batch_size", "scratch", "kernel", "last_h", "last_output")
+
+    def __init__(self, batch_size: int, scratch: np.ndarray, kernel):
+        self.batch_size = batch_size
+        self.scratch = scratch
+        #: the jitted step: one that releases the GIL, or for small steps one that keeps it
+        self.kernel = kernel
+        # The view of h's last layer that step returns, kept while step is given the same h.
+        self.last_h = None
+        self.last_output = None
+
+
+class NumbaLSTM(PreparedLSTM):
+    """A spec's LSTM stack on the jitted kernels; immutable after construction, shared by every stream.
+
+    Kernels compile on first use per dtype (about 10 s each for the stream step and for whole sequences)
+    and load from the on-disk cache afterwards. Threads: the kernels run on the calling thread; BLAS runs
+    batched GEMMs with its own threads; ``num_threads > 1`` also lets batch-1 products of large matrices go
+    to BLAS (see ``_numba_kernels``).
+    """
+
+    backend = "numba"
+
+    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
+        super().__init__(spec, dtype, num_threads)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype: expected float32 or float64, got {self.dtype}")
+        self._weights, self._cells = kernels.pack_cells(spec, self.dtype, num_threads)
+        self._num_layers = len(spec.layers)
+        self._streamable = spec.is_unidirectional_forward
+
+    def run_sequence(self, x, h, c, lengths=None):
+        batch, steps = x.shape[0], x.shape[1]
+        if lengths is None:
+            lengths = np.full(batch, steps, dtype=np.int64)
+        return kernels.run_stack(x, h, c, np.ascontiguousarray(lengths, dtype=np.int64), self._weights, self._cells)
+
+    def new_workspace(self, batch_size):
+        if not self._streamable:
+            raise ValueError("step(): only models whose layers are all forward can be stepped")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        batch_size = int(batch_size)
+        scratch = kernels.aligned_zeros(kernels.step_scratch_size(self._cells, batch_size), self.dtype)
+        releases_gil = kernels.step_releases_gil(self._cells, batch_size)
+        kernel = kernels.step_stack if releases_gil else kernels.step_stack_holding_gil
+        return StepWorkspace(batch_size, scratch, kernel)
+
+    def step(self, x, h, c, workspace):
+        # The kernel checks every shape (and the scratch size) before it writes anything.
+        workspace.kernel(x, h, c, workspace.scratch, self._weights, self._cells)
+        if workspace.last_h is not h:
+            workspace.last_h = h
+            workspace.last_output = h[self._num_layers - 1]
+        return workspace.last_output
