@@ -69,8 +69,24 @@ def model_cases(draw, forward_only=False):
     return spec, x, state, dtype, rng
 
 
-def assert_close(actual, expected, dtype):
-    np.testing.assert_allclose(actual, expected, **TOLERANCE[dtype])
+def assert_close(actual, expected, dtype, slack=0.0):
+    """Equal within the dtype's tolerance, widened by ``slack``: how far NumPy's own result in this dtype
+    strays from float64 on the same case. Random recurrences can be ill-conditioned, and then rounding alone
+    moves the result; a kernel bug moves it much further than the reference's own rounding does."""
+    tolerance = dict(TOLERANCE[dtype])
+    tolerance["atol"] += 10 * slack
+    np.testing.assert_allclose(actual, expected, **tolerance)
+
+
+def compare_with_reference(spec, backend, dtype, x, state, **options):
+    """Run ``backend`` and the NumPy reference (in ``dtype`` and float64); assert y, h_n, c_n agree."""
+    run = lambda name, dt: fastlstm.Model(spec, backend=name, dtype=dt).predict(  # noqa: E731
+        x, state, return_state=True, **options)
+    exact, own, got = run("numpy", "float64"), run("numpy", dtype), run(backend, dtype)
+    flat = lambda result: (result[0], *result[1])  # noqa: E731
+    assert got[0].dtype == np.dtype(dtype)
+    for g, o, e in zip(flat(got), flat(own), flat(exact)):
+        assert_close(g, e, dtype, slack=float(np.max(np.abs(o - e))))
 
 
 @pytest.mark.parametrize("backend", COMPILED)
@@ -78,12 +94,7 @@ def assert_close(actual, expected, dtype):
 @given(case=model_cases())
 def test_predict_matches_numpy_reference(backend, case):
     spec, x, state, dtype, _ = case
-    expected, (h_ref, c_ref) = fastlstm.Model(spec, backend="numpy", dtype=dtype).predict(x, state, return_state=True)
-    y, (h, c) = fastlstm.Model(spec, backend=backend, dtype=dtype).predict(x, state, return_state=True)
-    assert y.dtype == np.dtype(dtype)
-    assert_close(y, expected, dtype)
-    assert_close(h, h_ref, dtype)
-    assert_close(c, c_ref, dtype)
+    compare_with_reference(spec, backend, dtype, x, state)
 
 
 @pytest.mark.parametrize("backend", COMPILED)
@@ -92,12 +103,7 @@ def test_predict_matches_numpy_reference(backend, case):
 def test_variable_lengths_match_numpy_reference(backend, case):
     spec, x, state, dtype, rng = case
     lengths = rng.integers(1, x.shape[1] + 1, size=x.shape[0])
-    reference = fastlstm.Model(spec, backend="numpy", dtype=dtype)
-    expected, (h_ref, c_ref) = reference.predict(x, state, lengths=lengths, return_state=True)
-    y, (h, c) = fastlstm.Model(spec, backend=backend, dtype=dtype).predict(x, state, lengths=lengths, return_state=True)
-    assert_close(y, expected, dtype)
-    assert_close(h, h_ref, dtype)
-    assert_close(c, c_ref, dtype)
+    compare_with_reference(spec, backend, dtype, x, state, lengths=lengths)
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -107,14 +113,16 @@ def test_streaming_equals_predict(backend, case):
     spec, x, state, dtype, _ = case
     model = fastlstm.Model(spec, backend=backend, dtype=dtype)
     expected, (h_n, c_n) = model.predict(x, state, return_state=True)
+    exact = fastlstm.Model(spec, backend="numpy", dtype="float64").predict(x, state)
+    slack = float(np.max(np.abs(expected - exact)))
     stream = model.stream(batch_size=x.shape[0])
     stream.state = state
     steps = np.stack([stream.step(x[:, t]) for t in range(x.shape[1])], axis=1)
-    # The same kernels in a different order of calls: equal to rounding only.
-    assert_close(steps, expected, dtype)
+    # The same maths in a different order of operations: equal to rounding only.
+    assert_close(steps, expected, dtype, slack)
     h, c = stream.state
-    assert_close(h, h_n, dtype)
-    assert_close(c, c_n, dtype)
+    assert_close(h, h_n, dtype, slack)
+    assert_close(c, c_n, dtype, slack)
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
