@@ -35,15 +35,6 @@ def kernel_activation(x, act):
 
 
 # ---------------------------------------------------------------------------------------------- activations
-def test_fast_tanh_and_sigmoid_within_documented_bound():
-    x = np.arange(-20.0, 20.0, 1e-4).astype(np.float32)
-    exact = x.astype(np.float64)
-    tanh_error = np.abs(kernel_activation(x, TANH).astype(np.float64) - np.tanh(exact))
-    sigmoid_error = np.abs(kernel_activation(x, SIGMOID).astype(np.float64) - 1 / (1 + np.exp(-exact)))
-    assert tanh_error.max() <= fast_activations.TANH_MAX_ABS_ERROR
-    assert sigmoid_error.max() <= fast_activations.SIGMOID_MAX_ABS_ERROR
-
-
 def test_fast_tanh_is_the_python_approximation():
     """Same constants, same float32 operations in the same order: equal to the last bit.
 
@@ -58,31 +49,6 @@ def test_float64_uses_the_exact_functions():
     x = np.linspace(-30, 30, 6001)
     np.testing.assert_allclose(kernel_activation(x, TANH), np.tanh(x), rtol=1e-15, atol=1e-16)
     np.testing.assert_allclose(kernel_activation(x, SIGMOID), 1 / (1 + np.exp(-x)), rtol=1e-15, atol=1e-300)
-
-
-def test_fast_tanh_special_values():
-    out = kernel_activation(np.float32([np.nan, np.inf, -np.inf, 0.0, 1e30, -1e30]), TANH)
-    assert np.isnan(out[0])
-    np.testing.assert_array_equal(out[1:], np.float32([1, -1, 0, 1, -1]))
-    sig = kernel_activation(np.float32([np.nan, np.inf, -np.inf]), SIGMOID)
-    assert np.isnan(sig[0]) and sig[1] == 1 and sig[2] == 0
-
-
-ELEMENTWISE_CASES = [Activation.of(name) for name in sorted(ELEMENTWISE)] + [
-    Activation.of("affine", 0.5, -0.25), Activation.of("leaky_relu", 0.3), Activation.of("thresholded_relu", 0.5),
-    Activation.of("scaled_tanh", 1.7, 0.6), Activation.of("hard_sigmoid", 1 / 6, 0.5), Activation.of("elu", 0.7),
-]
-
-
-@pytest.mark.parametrize("act", ELEMENTWISE_CASES, ids=str)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_activation_switch_matches_reference(act, dtype):
-    x = np.concatenate([np.linspace(-30, 30, 6001), [0.0, -0.0, 1e-3, -1e-3]]).astype(dtype)
-    got = kernel_activation(x, act)
-    assert got.dtype == dtype
-    # float32 sigmoid/tanh-based functions differ from the exact ones by the approximation's bound.
-    atol = 5e-7 * max(1.0, abs(act.alpha)) if dtype == np.float32 else 1e-15
-    np.testing.assert_allclose(got, apply_activation(act, x), rtol=1e-6 if dtype == np.float32 else 1e-14, atol=atol)
 
 
 # ---------------------------------------------------------------------------------------------- product paths
