@@ -47,9 +47,16 @@ class Config:
 
 def set_threads(threads: int) -> None:
     """The same thread count for every engine in this process (PyTorch, BLAS via threadpoolctl, fastlstm)."""
+    import scipy.linalg.cython_blas  # noqa: F401  (the BLAS that fastlstm's kernels call)
     import torch
     from threadpoolctl import threadpool_limits
 
+    # threadpoolctl only reaches libraries already loaded: load every BLAS an engine will use first.
+    for module in ("fastlstm._cykernels", "fastlstm.backends._numba_kernels"):
+        try:
+            __import__(module)
+        except ImportError:
+            pass
     torch.set_num_threads(threads)
     threadpool_limits(threads)
 
