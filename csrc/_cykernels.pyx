@@ -196,7 +196,11 @@ cdef inline floating clamp(floating x, floating bound) noexcept nogil:
 
 
 cdef inline floating activation(floating x, int code, floating alpha, floating beta) noexcept nogil:
-    """The activation ``code`` of fastlstm.activations at x (formulas in ACTIVATION_PARAMS' comment)."""
+    """The activation ``code`` of fastlstm.activations at x (formulas in ACTIVATION_PARAMS' comment).
+
+    The Numba backend repeats this switch (``_numba_kernels``): C and Numba cannot share code; both are
+    held to the NumPy definitions by tests/test_kernel_activations.py.
+    """
     cdef floating y
     if code == ACT_SIGMOID:
         return sigmoid(x)

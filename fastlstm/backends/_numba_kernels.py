@@ -293,6 +293,8 @@ def _activation_overload(x, code, alpha, beta):
     zero, one, nan = as_float(0), as_float(1), as_float(np.nan)
 
     def activation(x, code, alpha, beta):
+        # The Cython kernels repeat this switch in C (they cannot share code); tests/test_kernel_activations.py
+        # holds both to the NumPy definitions.
         if code == _ACT_SIGMOID:
             return _sigmoid(x)
         if code == _ACT_TANH:
