@@ -16,6 +16,8 @@ from .head import PreparedHead
 from .spec import ModelSpec
 
 SUPPORTED_DTYPES = ("float32", "float64")
+# Input dtypes a stream step accepts without conversion (a set lookup is the cheapest check per step).
+_REAL_DTYPES = frozenset(np.dtype(t) for t in "?bBhHiIlLqQefdg")
 
 
 class Model:
@@ -182,6 +184,8 @@ class Stream:
         self._c = np.zeros((rows, batch_size, c_size), model.dtype)
         self._x = np.zeros((batch_size, spec.input_size), model.dtype)
         self._x_row = self._x[0]
+        self._top = self._h[-1]
+        self._top_row = self._top[0]
         self._workspace = model._lstm.new_workspace(self.batch_size)
         self._head_buffers = model._head.new_buffers(self.batch_size)
         self._step = model._lstm.step
@@ -197,7 +201,7 @@ class Stream:
         """
         # The hot path: an ndarray of a real dtype and the expected shape is copied (and cast) straight into
         # the stream's input buffer; everything else goes through the general conversion and its errors.
-        if type(x_t) is not np.ndarray or x_t.dtype.kind not in "biuf":
+        if type(x_t) is not np.ndarray or x_t.dtype not in _REAL_DTYPES:
             x_t = _as_real_array(x_t, "x_t")
         shape = x_t.shape
         if shape == self._unbatched_shape:
@@ -212,11 +216,14 @@ class Stream:
                 + (f" or {self._unbatched_shape}" if self._unbatched_shape else "")
                 + f", got {shape}"
             )
-        y = self._step(self._x, self._h, self._c, self._workspace)
-        if self._head is not None:
-            y = self._head.apply_into(y, self._head_buffers)
-        if unbatched:
-            y = y[0]
+        # The backend updates h in place; its last layer (views made once, below) is the step's output.
+        self._step(self._x, self._h, self._c, self._workspace)
+        if self._head is None:
+            y = self._top_row if unbatched else self._top
+        else:
+            y = self._head.apply_into(self._top, self._head_buffers)
+            if unbatched:
+                y = y[0]
         if out is None:
             return y.copy()
         if type(out) is not np.ndarray or out.shape != y.shape or out.dtype != y.dtype:
