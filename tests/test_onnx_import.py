@@ -124,16 +124,20 @@ def export_torch(module, args, **kwargs) -> onnx.ModelProto:
 
 
 # ----------------------------------------------------------------------------------------- hand-built LSTM nodes
+
+def inputs_with_state(direction, seed, lengths):
+    """x, random initial h0/c0 ``(directions, 3, 5)`` and int32 sequence lengths for the graphs above."""
+    directions = 2 if direction == "bidirectional" else 1
+    rng = np.random.default_rng(seed)
+    h0, c0 = (rng.standard_normal((directions, 3, 5)).astype(np.float32) for _ in range(2))
+    return random_inputs(), h0, c0, np.array(lengths, dtype=np.int32)
+
 @pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
 def test_every_lstm_input_and_output_matches_onnxruntime(direction):
     """B, P, sequence_lens, initial_h/c as graph inputs; Y as the output, Y_h and Y_c as the state."""
     model = lstm_model(direction, peepholes=True, lengths=True, states=True)
     imported = load(model)
-    directions = 2 if direction == "bidirectional" else 1
-    rng = np.random.default_rng(1)
-    x = random_inputs()
-    h0, c0 = (rng.standard_normal((directions, 3, 5)).astype(np.float32) for _ in range(2))
-    lengths = np.array([6, 3, 1], dtype=np.int32)
+    x, h0, c0, lengths = inputs_with_state(direction, seed=1, lengths=[6, 3, 1])
     y_ref, h_ref, c_ref = run_ort(model, {"X": x.transpose(1, 0, 2), "lens": lengths, "h0": h0, "c0": c0})
     y, (h, c) = imported.predict(x, state=(h0, c0), lengths=lengths, return_state=True)
     assert imported.spec.output == "sequence"
@@ -213,11 +217,7 @@ def test_layout_1_matches_the_same_weights_run_as_layout_0(direction):
     batch_first = lstm_model(direction, layout=1, peepholes=True, lengths=True, states=True)
     time_major = lstm_model(direction, layout=0, peepholes=True, lengths=True, states=True)
     imported = load(batch_first)
-    directions = 2 if direction == "bidirectional" else 1
-    rng = np.random.default_rng(2)
-    x = random_inputs()
-    h0, c0 = (rng.standard_normal((directions, 3, 5)).astype(np.float32) for _ in range(2))
-    lengths = np.array([5, 6, 2], dtype=np.int32)
+    x, h0, c0, lengths = inputs_with_state(direction, seed=2, lengths=[5, 6, 2])
     y_ref, h_ref, c_ref = run_ort(time_major, {"X": x.transpose(1, 0, 2), "lens": lengths, "h0": h0, "c0": c0})
     y, (h, c) = imported.predict(x, state=(h0, c0), lengths=lengths, return_state=True)
     assert_close(y, canonical_y(y_ref))
