@@ -1,4 +1,5 @@
-"""The dense head (a chain of ``Linear`` + activation layers), run the same way for every backend.
+"""The dense head (an elementwise activation of the recurrent output, then a chain of ``Linear`` + activation
+layers), run the same way for every backend.
 
 ``PreparedHead.apply`` serves whole-sequence predictions; ``apply_into`` runs the head of a stream into buffers
 allocated once, so a streaming step allocates nothing here.
@@ -9,22 +10,27 @@ from __future__ import annotations
 import numpy as np
 
 from .activations import apply_activation
-from .spec import DenseLayer
+from .spec import ModelSpec
 
 
 class PreparedHead:
     """The head's weights cast once to the run dtype, transposed for ``x @ weight_t``."""
 
-    def __init__(self, layers: tuple[DenseLayer, ...], dtype: np.dtype):
-        self.layers = layers
-        self.weights_t = [np.ascontiguousarray(d.weight.T, dtype=dtype) for d in layers]
-        self.biases = [None if d.bias is None else np.asarray(d.bias, dtype=dtype) for d in layers]
+    def __init__(self, spec: ModelSpec, dtype: np.dtype):
+        self.dtype = np.dtype(dtype)
+        self.input_activation = spec.head_input_activation
+        self.input_size = spec.lstm_output_size
+        self.layers = spec.head
+        self.weights_t = [np.ascontiguousarray(d.weight.T, dtype=dtype) for d in self.layers]
+        self.biases = [None if d.bias is None else np.asarray(d.bias, dtype=dtype) for d in self.layers]
 
     def __bool__(self) -> bool:
-        return bool(self.layers)
+        return bool(self.layers) or self.input_activation.name != "identity"
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Run the head over the last axis of ``x`` (any leading shape); returns a new array."""
+        if self.input_activation.name != "identity":
+            x = apply_activation(self.input_activation, x)
         for dense, w_t, b in zip(self.layers, self.weights_t, self.biases):
             x = x @ w_t
             if b is not None:
@@ -33,14 +39,24 @@ class PreparedHead:
                 x = apply_activation(dense.activation, x)
         return x
 
+    def buffer_sizes(self) -> list[int]:
+        """Feature sizes of the buffers ``new_buffers`` makes per batch row (for allocation estimates)."""
+        activated = [self.input_size] if self.input_activation.name != "identity" else []
+        return activated + [w_t.shape[1] for w_t in self.weights_t] + [1]
+
     def new_buffers(self, batch_size: int) -> list[np.ndarray]:
-        """Buffers for ``apply_into``: one output per dense layer, then a ``(B, 1)`` scratch column."""
-        outputs = [np.empty((batch_size, w_t.shape[1]), dtype=w_t.dtype) for w_t in self.weights_t]
-        return outputs + [np.empty((batch_size, 1), dtype=self.weights_t[0].dtype if self.weights_t else np.float32)]
+        """Buffers for ``apply_into``: the activated input (when there is an input activation), one output per
+        dense layer, then a ``(B, 1)`` scratch column."""
+        return [np.empty((batch_size, size), dtype=self.dtype) for size in self.buffer_sizes()]
 
     def apply_into(self, x: np.ndarray, buffers: list[np.ndarray]) -> np.ndarray:
         """Run the head on ``x`` ``(B, F)`` into preallocated ``buffers``; returns the last output buffer."""
         scratch = buffers[-1]
+        if self.input_activation.name != "identity":
+            activated, buffers = buffers[0], buffers[1:]
+            activated[...] = x
+            _activate_in_place(self.input_activation, activated, scratch)
+            x = activated
         for dense, w_t, b, out in zip(self.layers, self.weights_t, self.biases, buffers):
             np.matmul(x, w_t, out=out)
             if b is not None:

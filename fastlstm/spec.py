@@ -27,6 +27,9 @@ The recurrence for one direction, with activations ``f`` (gates), ``g`` (cell in
 ``[-clip, clip]``; the cell state and the argument of ``h`` are not (ONNX Runtime's ``h`` ignores the clipped
 copy of the cell it prepares, and parity with it is what users check).
 
+The model's output is the last layer's output at every step, at the last step, or each direction's final
+state (``ModelSpec.output``), then ``head_input_activation`` (elementwise), then the dense head.
+
 Direction ``reverse`` reads the sequence from its end; ``bidirectional`` runs a forward and a reverse cell
 (in that order in ``LSTMLayer.cells``) and concatenates their outputs on the feature axis, forward first.
 """
@@ -130,6 +133,9 @@ class ModelSpec:
     # Keras ``Masking``: a time step whose features all equal this value is padding. fastlstm turns the mask
     # into per-sequence lengths, so masked steps must form a suffix of each sequence (trailing padding).
     mask_value: float | None = None
+    # An elementwise activation applied to what the recurrent stack outputs (after the output mode has chosen
+    # the steps), before the head: ``head(act(lstm_out))``, e.g. PyTorch's ``fc(relu(out))``.
+    head_input_activation: Activation = IDENTITY
     # Where the model came from, for messages and ``repr`` only (e.g. "pytorch state_dict foo.pt").
     source: str = field(default="", compare=False)
 
@@ -167,6 +173,7 @@ class ModelSpec:
             problems.append("layers: expected at least one LSTM layer, got none")
         if self.mask_value is not None and not np.isfinite(self.mask_value):
             problems.append(f"mask_value: expected a finite number or None, got {self.mask_value!r}")
+        problems += _activation_problems("head_input_activation", self.head_input_activation)
         if self.output not in OUTPUT_MODES:
             problems.append(f"output: got {self.output!r}, expected one of {OUTPUT_MODES}")
         expected_in = self.layers[0].input_size if self.layers else 0
@@ -189,9 +196,8 @@ class ModelSpec:
                 if dense.bias is not None:
                     problems += _array_problems(f"{where}.bias", dense.bias, (dense.weight.shape[0],))
                 expected_in = dense.weight.shape[0]
-            if not isinstance(dense.activation, Activation):
-                problems.append(f"{where}.activation: expected an Activation, got {dense.activation!r}")
-            elif dense.activation.name == "softmax" and n != len(self.head) - 1:
+            problems += _activation_problems(f"{where}.activation", dense.activation, allow_softmax=True)
+            if getattr(dense.activation, "name", None) == "softmax" and n != len(self.head) - 1:
                 problems.append(f"{where}.activation: softmax is supported on the last dense layer only")
         if problems:
             raise InvalidModelError(problems)
@@ -217,9 +223,7 @@ def _layer_problems(where: str, layer: LSTMLayer, expected_input: int | None) ->
     if layer.direction not in DIRECTIONS:
         problems.append(f"{where}.direction: got {layer.direction!r}, expected one of {DIRECTIONS}")
     for name in ("gate_activation", "cell_activation", "output_activation"):
-        act = getattr(layer, name)
-        if not isinstance(act, Activation) or act.name not in ELEMENTWISE:
-            problems.append(f"{where}.{name}: expected an elementwise Activation, got {act!r}")
+        problems += _activation_problems(f"{where}.{name}", getattr(layer, name))
     if layer.clip is not None and not (np.isfinite(layer.clip) and layer.clip > 0):
         problems.append(f"{where}.clip: expected a finite number > 0 or None, got {layer.clip!r}")
     if problems:  # sizes are unusable: shape checks would only repeat them
@@ -248,6 +252,16 @@ def _layer_problems(where: str, layer: LSTMLayer, expected_input: int | None) ->
         if cell.peephole is not None:
             problems += _array_problems(f"{cw}.peephole", cell.peephole, (3, H))
     return problems
+
+
+def _activation_problems(where: str, act, allow_softmax: bool = False) -> list[str]:
+    """An ``Activation`` of a known name whose parameters are finite (NaN or inf would make every output NaN)."""
+    if not isinstance(act, Activation) or not (act.name in ELEMENTWISE or allow_softmax and act.name == "softmax"):
+        kind = "an Activation" if allow_softmax else "an elementwise Activation"
+        return [f"{where}: expected {kind}, got {act!r}"]
+    bad = [f"{p}={getattr(act, p)!r}" for p in ("alpha", "beta")
+           if not isinstance(getattr(act, p), (int, float)) or not np.isfinite(getattr(act, p))]
+    return [f"{where}: {act.name} parameters must be finite numbers, got {', '.join(bad)}"] if bad else []
 
 
 def _array_problems(where: str, array, shape: Sequence[int | None]) -> list[str]:
