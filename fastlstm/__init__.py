@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from .errors import FastLSTMError, InvalidInputError, InvalidModelError, ModelFormatError, UnsupportedModelError
+from .limits import allocation_limit, set_allocation_limit
 from .model import Model, Stream
 from .spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
 
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "Model", "Stream", "ModelSpec", "LSTMLayer", "LSTMCellWeights", "DenseLayer",
     "FastLSTMError", "ModelFormatError", "InvalidModelError", "UnsupportedModelError", "InvalidInputError",
+    "allocation_limit", "set_allocation_limit",
 ]
 
 logging.getLogger("fastlstm").addHandler(logging.NullHandler())

@@ -13,6 +13,7 @@ import numpy as np
 from .backends import prepare
 from .errors import InvalidInputError
 from .head import PreparedHead
+from .limits import check_allocation
 from .spec import ModelSpec
 
 SUPPORTED_DTYPES = ("float32", "float64")
@@ -24,12 +25,10 @@ class Model:
     """An LSTM network ready to run. Build one with ``fastlstm.load``."""
 
     def __init__(self, spec: ModelSpec, *, backend: str = "auto", dtype="float32", num_threads: int | None = None):
-        if str(np.dtype(dtype)) not in SUPPORTED_DTYPES:
-            raise ValueError(f"dtype: expected one of {SUPPORTED_DTYPES}, got {np.dtype(dtype)}")
+        self.dtype = _run_dtype(dtype)
         self.spec = spec.validate()
-        self.dtype = np.dtype(dtype)
         self._lstm = prepare(spec, backend, self.dtype, num_threads)
-        self._head = PreparedHead(spec.head, self.dtype)
+        self._head = PreparedHead(spec, self.dtype)
 
     @property
     def backend(self) -> str:
@@ -66,9 +65,10 @@ class Model:
         ``x`` is ``(B, T, F)`` (batch first) or one sequence ``(T, F)``; any real dtype and memory layout.
         ``state`` is an optional ``(h0, c0)`` in PyTorch's shapes ``(layers * directions, B, size)``
         (``(layers * directions, size)`` for one unbatched sequence); zeros when left out.
-        ``lengths`` (``(B,)`` integers in ``1..T``) gives each sequence of a padded batch its own length, with
+        ``lengths`` (``(B,)`` integers in ``0..T``) gives each sequence of a padded batch its own length, with
         ONNX ``sequence_lens`` semantics: outputs past a sequence's end are zero, the returned state and a
-        last-step output are those of its last valid step, and a reverse direction starts from its own end.
+        last-step output are those of its last valid step, and a reverse direction starts from its own end;
+        a sequence of length 0 outputs zeros and returns its initial state.
         Returns ``y`` — ``(B, T, O)`` when the model outputs every step, ``(B, O)`` when it outputs the last
         step only (without the batch axis for an unbatched ``x``) — and, with ``return_state=True``,
         ``(y, (h_n, c_n))``.
@@ -84,13 +84,15 @@ class Model:
             raise InvalidInputError(f"x: expected {self.input_size} features on the last axis, got shape {_shape(x, unbatched)}")
         if batch == 0 or steps == 0:
             raise InvalidInputError(f"x: expected at least one sequence of at least one step, got shape {_shape(x, unbatched)}")
+        check_allocation(self._predict_bytes(batch, steps), f"predict() on x of shape {_shape(x, unbatched)}")
         lengths = self._lengths(x, lengths, unbatched)
-        x = np.ascontiguousarray(x, dtype=self.dtype)
         h, c = self._initial_state(state, batch, unbatched)
+        x = np.ascontiguousarray(x, dtype=self.dtype)
 
-        y = self._lstm.run_sequence(x, h, c, lengths)
+        y = self._run_rows_with_steps(x, h, c, lengths)
         if self.spec.output == "last_step":
-            y = y[:, -1] if lengths is None else y[np.arange(batch), lengths - 1]
+            # A row of length 0 has no last step: its output is zeros, like every output past a row's end.
+            y = y[:, -1] if lengths is None else y[np.arange(batch), np.maximum(lengths - 1, 0)]
         elif self.spec.output == "final_state":
             last = self.spec.layers[-1]
             y = np.concatenate(list(h[h.shape[0] - last.num_directions:]), axis=-1)
@@ -99,6 +101,34 @@ class Model:
         if unbatched:
             y, h, c = y[0], h[:, 0], c[:, 0]
         return (y, (h, c)) if return_state else y
+
+    def _run_rows_with_steps(self, x: np.ndarray, h: np.ndarray, c: np.ndarray, lengths) -> np.ndarray:
+        """The recurrent stack over ``x``, leaving rows of length 0 out of the backend call.
+
+        A row of length 0 (ONNX Runtime's semantics) outputs zeros at every step and keeps its initial
+        state; backends only ever see lengths in ``1..T``.
+        """
+        if lengths is None or np.all(lengths > 0):
+            return self._lstm.run_sequence(x, h, c, lengths)
+        batch, steps, _ = x.shape
+        y = np.zeros((batch, steps, self.spec.lstm_output_size), self.dtype)
+        rows = np.flatnonzero(lengths)
+        if rows.size:
+            h_rows, c_rows = np.ascontiguousarray(h[:, rows]), np.ascontiguousarray(c[:, rows])
+            row_lengths = lengths[rows]
+            y[rows] = self._lstm.run_sequence(np.ascontiguousarray(x[rows]), h_rows, c_rows,
+                                              None if np.all(row_lengths == steps) else row_lengths)
+            h[:, rows], c[:, rows] = h_rows, c_rows
+        return y
+
+    def _predict_bytes(self, batch: int, steps: int) -> int:
+        """An upper estimate of what ``predict`` allocates for ``(batch, steps)``: the input in the run dtype,
+        every layer's output and gate pre-activations, and the head's outputs."""
+        spec = self.spec
+        per_step = spec.input_size + sum(self._head.buffer_sizes()) + spec.output_size
+        for layer in spec.layers:
+            per_step += layer.num_directions * (layer.output_size + 4 * layer.hidden_size)
+        return int(batch) * int(steps) * per_step * self.dtype.itemsize
 
     def _lengths(self, x: np.ndarray, lengths, unbatched: bool) -> np.ndarray | None:
         """Checked per-sequence lengths (int64), from ``lengths`` or the model's mask; None when all are T."""
@@ -111,8 +141,8 @@ class Model:
             if given.dtype.kind == "f" and not np.all(given == np.round(given)):
                 raise InvalidInputError(f"lengths: expected whole numbers, got {given}")
             lengths = given.reshape(batch).astype(np.int64)
-            if np.any(lengths < 1) or np.any(lengths > steps):
-                raise InvalidInputError(f"lengths: expected values in 1..{steps} (the time axis), got {lengths.tolist()}")
+            if np.any(lengths < 0) or np.any(lengths > steps):
+                raise InvalidInputError(f"lengths: expected values in 0..{steps} (the time axis), got {lengths.tolist()}")
         if self.spec.mask_value is not None:
             masked = np.all(x == self.spec.mask_value, axis=-1)  # (B, T)
             unmasked_count = steps - np.argmin(masked[:, ::-1], axis=1)
@@ -122,8 +152,6 @@ class Model:
                 raise InvalidInputError(
                     f"x: masked time steps (all features == {self.spec.mask_value}) occur before the end of a "
                     "sequence; fastlstm supports masks that pad the end of sequences only")
-            if np.any(unmasked_count == 0):
-                raise InvalidInputError(f"x: a sequence is masked at every time step (mask value {self.spec.mask_value})")
             lengths = unmasked_count if lengths is None else np.minimum(lengths, unmasked_count)
         if lengths is not None and np.all(lengths == steps):
             return None
@@ -174,8 +202,9 @@ class Stream:
                 f"stream(): this model has {' and '.join(directions)} layers, which need the whole sequence; "
                 "use predict() on complete sequences instead"
             )
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InvalidInputError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        check_allocation(_stream_bytes(model, int(batch_size)), f"stream(batch_size={batch_size})")
         self.model = model
         self.batch_size = int(batch_size)
         h_size, c_size = spec.state_sizes()
@@ -192,6 +221,7 @@ class Stream:
         self._head = model._head if model._head else None
         self._batched_shape = (self.batch_size, spec.input_size)
         self._unbatched_shape = (spec.input_size,) if batch_size == 1 else None
+        self._batched_out_shape = (self.batch_size, spec.output_size)
 
     def step(self, x_t, out: np.ndarray | None = None) -> np.ndarray:
         """Feed one time step ``x_t`` ``(B, F)`` (or ``(F,)`` when ``batch_size`` is 1); return its output.
@@ -201,14 +231,13 @@ class Stream:
         """
         # The hot path: an ndarray of a real dtype and the expected shape is copied (and cast) straight into
         # the stream's input buffer; everything else goes through the general conversion and its errors.
+        # Every argument is checked before the state is touched: a refused call leaves the stream as it was.
         if type(x_t) is not np.ndarray or x_t.dtype not in _REAL_DTYPES:
             x_t = _as_real_array(x_t, "x_t")
         shape = x_t.shape
         if shape == self._unbatched_shape:
-            self._x_row[...] = x_t
             unbatched = True
         elif shape == self._batched_shape:
-            self._x[...] = x_t
             unbatched = False
         else:
             raise InvalidInputError(
@@ -216,6 +245,12 @@ class Stream:
                 + (f" or {self._unbatched_shape}" if self._unbatched_shape else "")
                 + f", got {shape}"
             )
+        if out is not None:
+            self._check_out(out, self._batched_out_shape[1:] if unbatched else self._batched_out_shape)
+        if unbatched:
+            self._x_row[...] = x_t
+        else:
+            self._x[...] = x_t
         # The backend updates h in place; its last layer (views made once, below) is the step's output.
         self._step(self._x, self._h, self._c, self._workspace)
         if self._head is None:
@@ -226,13 +261,17 @@ class Stream:
                 y = y[0]
         if out is None:
             return y.copy()
-        if type(out) is not np.ndarray or out.shape != y.shape or out.dtype != y.dtype:
-            raise InvalidInputError(
-                f"out: expected an array of shape {y.shape} and dtype {y.dtype}, got "
-                + (f"shape {out.shape} dtype {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__)
-            )
         out[...] = y
         return out
+
+    def _check_out(self, out, shape: tuple[int, ...]) -> None:
+        if type(out) is not np.ndarray or out.shape != shape or out.dtype != self.model.dtype:
+            raise InvalidInputError(
+                f"out: expected a NumPy array of shape {shape} and dtype {self.model.dtype}, got "
+                + (f"{type(out).__name__} of shape {out.shape} dtype {out.dtype}" if isinstance(out, np.ndarray)
+                   else type(out).__name__))
+        if not out.flags.writeable:
+            raise InvalidInputError("out: the array is read-only")
 
     def reset(self) -> None:
         """Zero the state, as at creation."""
@@ -259,6 +298,26 @@ class Stream:
         # Both checked before either is written: a rejected state leaves the stream untouched.
         for new, current in zip(arrays, (self._h, self._c)):
             np.copyto(current, new, casting="unsafe")
+
+
+def _run_dtype(value) -> np.dtype:
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or str(dtype) not in SUPPORTED_DTYPES:
+        raise InvalidInputError(f"dtype: expected one of {SUPPORTED_DTYPES}, got {value!r}")
+    return dtype
+
+
+def _stream_bytes(model: Model, batch_size: int) -> int:
+    """An upper estimate of what a stream of ``batch_size`` rows allocates: state, input, the backend's
+    scratch (at most the gate pre-activations and outputs of every layer) and the head's buffers."""
+    spec = model.spec
+    h_size, c_size = spec.state_sizes()
+    per_row = spec.num_state_rows * (h_size + c_size) + spec.input_size + sum(model._head.buffer_sizes())
+    per_row += sum(4 * layer.hidden_size + 2 * layer.output_size for layer in spec.layers)
+    return batch_size * per_row * model.dtype.itemsize
 
 
 def _as_real_array(value, name: str) -> np.ndarray:

@@ -183,8 +183,10 @@ def test_state_and_lengths_errors(model):
         model.predict(x, state=(np.zeros((2, 1, 6)), np.zeros((2, 2, 6))))
     with pytest.raises(InvalidInputError, match="pair"):
         model.predict(x, state=np.zeros((2, 2, 6)))
-    with pytest.raises(InvalidInputError, match=r"values in 1\.\.3"):
-        model.predict(x, lengths=[0, 3])
+    with pytest.raises(InvalidInputError, match=r"values in 0\.\.3"):
+        model.predict(x, lengths=[-1, 3])
+    with pytest.raises(InvalidInputError, match=r"values in 0\.\.3"):
+        model.predict(x, lengths=[4, 3])
     with pytest.raises(InvalidInputError, match="one length per sequence"):
         model.predict(x, lengths=[1, 2, 3])
 
@@ -195,7 +197,7 @@ def test_stream_input_errors(model):
         stream.step(np.zeros(5))
     with pytest.raises(InvalidInputError, match="real numbers"):
         stream.step(np.zeros(4, complex))
-    with pytest.raises(InvalidInputError, match="out: expected an array of shape"):
+    with pytest.raises(InvalidInputError, match="out: expected a NumPy array of shape"):
         stream.step(np.zeros(4), out=np.zeros(3, np.float64))
     with pytest.raises(InvalidInputError, match=r"state h: expected shape"):
         stream.state = (np.zeros((1, 1, 6)), np.zeros((2, 1, 6)))

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from ..errors import InvalidInputError
 from ..spec import ModelSpec
 from .base import PreparedLSTM
 
@@ -55,8 +56,10 @@ def prepare(spec: ModelSpec, backend: str, dtype: np.dtype, num_threads: int | N
     """Prepare ``spec`` on ``backend`` (a name from ``BACKENDS`` or ``"auto"``) for up to ``num_threads``."""
     if num_threads is None:
         num_threads = default_num_threads()
-    if not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
-        raise ValueError(f"num_threads: expected a positive integer or None, got {num_threads!r}")
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+        raise InvalidInputError(f"num_threads: expected a positive integer or None, got {num_threads!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a name (str), got {type(backend).__name__}")
     if backend == "auto":
         for name in BACKENDS:
             try:
@@ -68,5 +71,5 @@ def prepare(spec: ModelSpec, backend: str, dtype: np.dtype, num_threads: int | N
             return cls(spec, dtype, int(num_threads))
         raise ImportError("no fastlstm backend could be imported")  # unreachable: numpy always imports
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+        raise InvalidInputError(f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
     return backend_class(backend)(spec, dtype, int(num_threads))
