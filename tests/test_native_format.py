@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import zipfile
 
@@ -68,11 +70,14 @@ def rewrite_manifest(src, dst, change):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda m: m.update(version=99), "this fastlstm reads version 1"),
+        (lambda m: m.update(version=99), "this fastlstm reads versions \\(1, 2\\)"),
         (lambda m: m["layers"][0].update(hidden_size="5"), r"layers\[0\].hidden_size: expected int"),
         (lambda m: m["layers"][0]["cells"][0].update(w_ih="nowhere"), "which the file does not contain"),
         (lambda m: m["layers"][0].update(gate_activation=["swish", 0, 0]), "known name"),
-        (lambda m: m["layers"][0].update(hidden_size=6), r"expected shape \(24, 3\), got \(20, 3\)"),
+        (lambda m: m["layers"][0].update(hidden_size=6), r"has shape \(20, 3\); the manifest's sizes need \(24, 3\)"),
+        (lambda m: m["layers"][0].update(dropout=0.5), r"layers\[0\]: unknown field\(s\) \['dropout'\]"),
+        (lambda m: m.update(head_input_activation=["relu", float("nan"), 0]), "parameters must be finite"),
+        (lambda m: m["layers"][0].update(hidden_size=0), r"hidden_size: expected an integer >= 1"),
         (lambda m: m.pop("layers"), "missing field 'layers'"),
     ],
 )
@@ -97,7 +102,82 @@ def test_pickled_array_is_refused(saved, tmp_path):
     with zipfile.ZipFile(bad, "w") as archive:
         for name, data in members.items():
             archive.writestr(name, data)
-    with pytest.raises(ModelFormatError, match="unreadable"):
+    with pytest.raises(ModelFormatError, match="dtype object"):
+        fastlstm.load(bad)
+
+
+def test_version_1_file_still_loads(saved, tmp_path):
+    model, path = saved
+    old = tmp_path / "v1.fastlstm"
+
+    def as_version_1(manifest):
+        manifest["version"] = 1
+        del manifest["head_input_activation"]
+
+    rewrite_manifest(path, old, as_version_1)
+    x = np.random.default_rng(2).normal(size=(1, 4, 3))
+    np.testing.assert_array_equal(fastlstm.load(old, backend="numpy", dtype="float64").predict(x), model.predict(x))
+
+
+def test_head_input_activation_round_trips(tmp_path):
+    spec = random_spec(np.random.default_rng(3), input_size=3, hidden_size=5, head=[(2, "identity")])
+    spec = dataclasses.replace(spec, head_input_activation=Activation.of("elu", 0.7))
+    path = tmp_path / "act.fastlstm"
+    fastlstm.Model(spec, backend="numpy").save(path)
+    loaded = fastlstm.load(path, backend="numpy")
+    assert loaded.spec.head_input_activation == Activation("elu", 0.7, 0.0)
+
+
+def _with_member(path, dst, name: str, data: bytes, compression=zipfile.ZIP_STORED) -> None:
+    with zipfile.ZipFile(path) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    members[name] = data
+    with zipfile.ZipFile(dst, "w") as archive:
+        for n, payload in members.items():
+            archive.writestr(n, payload, compress_type=compression if n == name else zipfile.ZIP_STORED)
+
+
+def test_array_header_is_checked_before_anything_is_allocated(saved, tmp_path):
+    """A .npy header declaring 10**12 floats in a member of a few bytes is refused from the header alone."""
+    _, path = saved
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 10**6)})
+    bad = tmp_path / "huge.fastlstm"
+    _with_member(path, bad, "head/0/weight.npy", header.getvalue() + b"\0" * 64)
+    with pytest.raises(ModelFormatError, match="head/0/weight"):
+        fastlstm.load(bad)
+
+
+def test_deflate_bomb_is_refused_before_inflating(tmp_path):
+    """Arrays that deflate to far more than the file (here 256 MiB of zeros in about 256 KiB) are refused."""
+    H, I = 4096, 4096
+    manifest = {"format": "fastlstm", "version": 2, "output": "sequence", "mask_value": None, "source": "",
+                "head": [], "head_input_activation": ["identity", 0.0, 0.0],
+                "layers": [{"input_size": I, "hidden_size": H, "proj_size": 0, "direction": "forward",
+                            "gate_activation": ["sigmoid", 0, 0], "cell_activation": ["tanh", 0, 0],
+                            "output_activation": ["tanh", 0, 0], "clip": None, "input_forget": False,
+                            "cells": [{"w_ih": "w_ih", "w_hh": "w_hh", "bias": "bias", "w_hr": None,
+                                       "peephole": None}]}]}
+    bad = tmp_path / "bomb.fastlstm"
+    with zipfile.ZipFile(bad, "w") as archive:
+        archive.writestr("fastlstm.json", json.dumps(manifest))
+        for name, shape in (("w_ih", (4 * H, I)), ("w_hh", (4 * H, H)), ("bias", (4 * H,))):
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            payload = header.getvalue() + bytes(4 * int(np.prod(shape)))
+            archive.writestr(name + ".npy", payload, compress_type=zipfile.ZIP_DEFLATED)
+    assert bad.stat().st_size < 1 << 20
+    with pytest.raises(ModelFormatError, match="more bytes than a 16x inflation"):
+        fastlstm.load(bad)
+
+
+def test_unsupported_compression_is_a_format_error(saved, tmp_path):
+    _, path = saved
+    bad = tmp_path / "bzip.fastlstm"
+    with zipfile.ZipFile(path) as archive:
+        member = archive.read("layers/0/cells/0/w_ih.npy")
+    _with_member(path, bad, "layers/0/cells/0/w_ih.npy", member, compression=zipfile.ZIP_BZIP2)
+    with pytest.raises(ModelFormatError, match="compression method"):
         fastlstm.load(bad)
 
 

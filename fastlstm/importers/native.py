@@ -1,14 +1,20 @@
 """fastlstm's native file: a zip holding ``fastlstm.json`` (the model description) and one ``.npy`` per array.
 
 Readable with the standard library and NumPy only; arrays are read with ``allow_pickle=False``, so a file
-can hold nothing but plain numbers and JSON. Every field is checked against the schema and the result goes
-through ``ModelSpec.validate``.
+can hold nothing but plain numbers and JSON. Every field is checked against the schema (an unknown field is
+refused, never skipped) and the result goes through ``ModelSpec.validate``.
+
+Nothing is allocated on the file's word alone: each array's ``.npy`` header is read first and its shape
+checked against the sizes the manifest declares, its byte count against the zip member's, and the bytes all
+arrays declare against the file's size on disk (members are stored, or deflated by at most
+``MAX_INFLATION``), so a small file cannot make the reader allocate much more than its own size.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -19,9 +25,18 @@ from ..spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
 
 MANIFEST = "fastlstm.json"
 FORMAT_NAME = "fastlstm"
-FORMAT_VERSION = 1
+# Version 2 added ``head_input_activation``; version 1 files (which cannot hold it) still load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _CELL_ARRAYS = ("w_ih", "w_hh", "bias", "w_hr", "peephole")
 _MAX_MANIFEST_BYTES = 1 << 20
+# How much larger than the whole file on disk its arrays may be once inflated. fastlstm writes arrays
+# stored (1x); weights deflate by less than 2x, so only a crafted file comes near this.
+MAX_INFLATION = 16
+_MODEL_KEYS = {"format", "version", "output", "mask_value", "source", "layers", "head", "head_input_activation"}
+_LAYER_KEYS = {"input_size", "hidden_size", "proj_size", "direction", "gate_activation", "cell_activation",
+               "output_activation", "clip", "input_forget", "cells"}
+_DENSE_KEYS = {"weight", "bias", "activation"}
 
 
 def is_native_zip(archive: zipfile.ZipFile) -> bool:
@@ -64,7 +79,8 @@ def save_native(spec: ModelSpec, path) -> None:
         for n, dense in enumerate(spec.head)
     ]
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "output": spec.output, "mask_value": spec.mask_value,
-                "source": spec.source, "layers": layers, "head": head}
+                "source": spec.source, "layers": layers, "head": head,
+                "head_input_activation": _activation_to_json(spec.head_input_activation)}
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr(MANIFEST, json.dumps(manifest, indent=1))
         for key, array in arrays.items():
@@ -74,30 +90,47 @@ def save_native(spec: ModelSpec, path) -> None:
 
 
 def load_native(archive: zipfile.ZipFile, name: str) -> ModelSpec:
-    """Read the model in an open native ``archive``; ``name`` is used in messages."""
+    """Read the model in an open native ``archive`` (the file at path ``name``, also used in messages)."""
     try:
         info = archive.getinfo(MANIFEST)
         if info.file_size > _MAX_MANIFEST_BYTES:
             raise ModelFormatError(f"{name}: {MANIFEST} is {info.file_size} bytes, larger than any model description")
+        _check_compression(info, name)
         manifest = json.loads(archive.read(MANIFEST).decode("utf-8"))
     except ModelFormatError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # zlib, zipfile, UTF-8 and JSON errors, a RecursionError from deep nesting
         raise ModelFormatError(f"{name}: cannot read {MANIFEST}: {exc}") from None
-    reader = _ManifestReader(archive, name)
+    reader = _ManifestReader(archive, name, os.path.getsize(name))
     return reader.model(manifest)
+
+
+def _check_compression(info: zipfile.ZipInfo, name: str) -> None:
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise ModelFormatError(f"{name}: member {info.filename!r} uses zip compression method {info.compress_type}; "
+                               "native files are stored or deflated")
 
 
 class _ManifestReader:
     """Turns the JSON manifest into a ``ModelSpec``, raising ``ModelFormatError`` on any malformed field."""
 
-    def __init__(self, archive: zipfile.ZipFile, name: str):
+    def __init__(self, archive: zipfile.ZipFile, name: str, file_bytes: int):
         self.archive = archive
         self.name = name
         self.members = {info.filename: info for info in archive.infolist()}
+        #: what the arrays may still declare: the file's size times the largest inflation a real file has
+        self.bytes_left = MAX_INFLATION * file_bytes
 
     def fail(self, where: str, message: str):
         raise ModelFormatError(f"{self.name}: {MANIFEST}: {where}: {message}")
+
+    def keys(self, obj, allowed: set[str], where: str) -> None:
+        if not isinstance(obj, dict):
+            self.fail(where, f"expected an object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - allowed)
+        if unknown:
+            self.fail(where, f"unknown field(s) {unknown}: written by a newer fastlstm? (this one reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))})")
 
     def field(self, obj, key: str, kind, where: str):
         if not isinstance(obj, dict) or key not in obj:
@@ -107,20 +140,51 @@ class _ManifestReader:
             self.fail(f"{where}.{key}", f"expected {getattr(kind, '__name__', kind)}, got {value!r}")
         return value
 
-    def array(self, key, where: str) -> np.ndarray | None:
+    def size(self, obj, key: str, where: str, minimum: int = 1) -> int:
+        value = self.field(obj, key, int, where)
+        if value < minimum:
+            self.fail(f"{where}.{key}", f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    def array(self, key, where: str, shape: tuple[int | None, ...]) -> np.ndarray | None:
+        """The array stored under ``key``, whose shape must be ``shape`` (``None``: any size on that axis)."""
         if key is None:
             return None
         member = f"{key}.npy" if isinstance(key, str) else None
         if member not in self.members:
             self.fail(where, f"refers to array {key!r}, which the file does not contain")
+        info = self.members[member]
+        _check_compression(info, self.name)
         try:
-            with self.archive.open(member) as f:
-                array = np.lib.format.read_array(f, allow_pickle=False)
-        except Exception as exc:
+            with self.archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    self.fail(where, f"array {key!r} has .npy format version {version}; expected 1.0 or 2.0")
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                declared_shape, fortran_order, dtype = read_header(f, max_header_size=1 << 12)
+                if dtype not in (np.float32, np.float64):
+                    self.fail(where, f"array {key!r} has dtype {dtype}; expected float32 or float64")
+                if len(declared_shape) != len(shape) or any(
+                        want is not None and want != got for want, got in zip(shape, declared_shape)):
+                    wanted = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+                    self.fail(where, f"array {key!r} has shape {declared_shape}; the manifest's sizes need {wanted}")
+                nbytes = int(np.prod(declared_shape, dtype=object)) * dtype.itemsize
+                if info.file_size != f.tell() + nbytes:
+                    self.fail(where, f"array {key!r} declares {nbytes} bytes of data but its zip member holds "
+                                     f"{info.file_size - f.tell()}")
+                if nbytes > self.bytes_left:
+                    self.fail(where, f"the arrays declare more bytes than a {MAX_INFLATION}x inflation of the "
+                                     "file could hold: the file is truncated or crafted")
+                self.bytes_left -= nbytes
+                data = np.frombuffer(f.read(nbytes), dtype=dtype)
+        except ModelFormatError:
+            raise
+        except Exception as exc:  # zlib, zipfile (bad CRC, truncated) and .npy header errors
             raise ModelFormatError(f"{self.name}: array {key!r} is unreadable: {exc}") from None
-        if array.dtype not in (np.float32, np.float64):
-            self.fail(where, f"array {key!r} has dtype {array.dtype}; expected float32 or float64")
-        return array
+        if data.size * dtype.itemsize != nbytes:
+            self.fail(where, f"array {key!r} is truncated")
+        return data.reshape(declared_shape, order="F" if fortran_order else "C").copy()
 
     def activation(self, value, where: str) -> Activation:
         if (not isinstance(value, list) or len(value) != 3 or value[0] not in ACTIVATION_PARAMS
@@ -128,48 +192,66 @@ class _ManifestReader:
             self.fail(where, f"expected [name, alpha, beta] with a known name, got {value!r}")
         return Activation(value[0], float(value[1]), float(value[2]))
 
+    def number_or_none(self, obj: dict, key: str, where: str) -> float | None:
+        value = obj.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            self.fail(f"{where}.{key}", f"expected a number or null, got {value!r}")
+        return None if value is None else float(value)
+
     def model(self, manifest) -> ModelSpec:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             self.fail("format", f"expected {FORMAT_NAME!r}")
         version = manifest.get("version")
-        if version != FORMAT_VERSION:
-            self.fail("version", f"this fastlstm reads version {FORMAT_VERSION}, the file is version {version!r}")
+        if version not in READABLE_VERSIONS:
+            self.fail("version", f"this fastlstm reads versions {READABLE_VERSIONS}, the file is version {version!r}")
+        self.keys(manifest, _MODEL_KEYS if version >= 2 else _MODEL_KEYS - {"head_input_activation"}, "model")
         layers = []
+        expected_input = None
         for n, layer in enumerate(self.field(manifest, "layers", list, "model")):
             where = f"layers[{n}]"
+            self.keys(layer, _LAYER_KEYS, where)
+            input_size = self.size(layer, "input_size", where)
+            hidden_size = self.size(layer, "hidden_size", where)
+            proj_size = self.size(layer, "proj_size", where, minimum=0)
+            direction = self.field(layer, "direction", str, where)
+            recurrent = proj_size or hidden_size
+            shapes = {"w_ih": (4 * hidden_size, input_size), "w_hh": (4 * hidden_size, recurrent),
+                      "bias": (4 * hidden_size,), "w_hr": (proj_size, hidden_size), "peephole": (3, hidden_size)}
             cells = []
-            for d, cell in enumerate(self.field(layer, "cells", list, where)):
-                if not isinstance(cell, dict):
-                    self.fail(f"{where}.cells[{d}]", "expected an object")
-                cells.append(LSTMCellWeights(*(self.array(cell.get(k), f"{where}.cells[{d}].{k}") for k in _CELL_ARRAYS)))
-            clip = layer.get("clip") if isinstance(layer, dict) else None
-            if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool)):
-                self.fail(f"{where}.clip", f"expected a number or null, got {clip!r}")
+            for d, cell in enumerate(self.field(layer, "cells", list, where)[:2]):
+                cw = f"{where}.cells[{d}]"
+                self.keys(cell, set(_CELL_ARRAYS), cw)
+                cells.append(LSTMCellWeights(*(self.array(cell.get(k), f"{cw}.{k}", shapes[k]) for k in _CELL_ARRAYS)))
+            if len(layer["cells"]) > 2:
+                self.fail(f"{where}.cells", f"expected one or two cells (directions), got {len(layer['cells'])}")
             layers.append(LSTMLayer(
-                input_size=self.field(layer, "input_size", int, where),
-                hidden_size=self.field(layer, "hidden_size", int, where),
-                proj_size=self.field(layer, "proj_size", int, where),
-                direction=self.field(layer, "direction", str, where),
+                input_size=input_size,
+                hidden_size=hidden_size,
+                proj_size=proj_size,
+                direction=direction,
                 cells=tuple(cells),
                 gate_activation=self.activation(layer.get("gate_activation"), f"{where}.gate_activation"),
                 cell_activation=self.activation(layer.get("cell_activation"), f"{where}.cell_activation"),
                 output_activation=self.activation(layer.get("output_activation"), f"{where}.output_activation"),
-                clip=None if clip is None else float(clip),
+                clip=self.number_or_none(layer, "clip", where),
                 input_forget=self.field(layer, "input_forget", bool, where),
             ))
+            expected_input = (2 if direction == "bidirectional" else 1) * recurrent
         head = []
         for n, dense in enumerate(self.field(manifest, "head", list, "model")):
             where = f"head[{n}]"
-            weight = self.array(self.field(dense, "weight", str, where), f"{where}.weight")
-            head.append(DenseLayer(weight, self.array(dense.get("bias"), f"{where}.bias"),
+            self.keys(dense, _DENSE_KEYS, where)
+            weight = self.array(self.field(dense, "weight", str, where), f"{where}.weight", (None, expected_input))
+            expected_input = int(weight.shape[0])
+            head.append(DenseLayer(weight, self.array(dense.get("bias"), f"{where}.bias", (expected_input,)),
                                    self.activation(dense.get("activation"), f"{where}.activation")))
-        mask_value = manifest.get("mask_value")
-        if mask_value is not None and (not isinstance(mask_value, (int, float)) or isinstance(mask_value, bool)):
-            self.fail("mask_value", f"expected a number or null, got {mask_value!r}")
         source = manifest.get("source", "")
+        head_input = manifest.get("head_input_activation")
         spec = ModelSpec(layers=tuple(layers), head=tuple(head),
                          output=self.field(manifest, "output", str, "model"),
-                         mask_value=None if mask_value is None else float(mask_value),
+                         mask_value=self.number_or_none(manifest, "mask_value", "model"),
+                         head_input_activation=(Activation.of("identity") if head_input is None
+                                                else self.activation(head_input, "head_input_activation")),
                          source=source if isinstance(source, str) else "")
         return spec.validate()
 
