@@ -222,6 +222,7 @@ class Stream:
         self._batched_shape = (self.batch_size, spec.input_size)
         self._unbatched_shape = (spec.input_size,) if batch_size == 1 else None
         self._batched_out_shape = (self.batch_size, spec.output_size)
+        self._mask_value = spec.mask_value
 
     def step(self, x_t, out: np.ndarray | None = None) -> np.ndarray:
         """Feed one time step ``x_t`` ``(B, F)`` (or ``(F,)`` when ``batch_size`` is 1); return its output.
@@ -252,7 +253,10 @@ class Stream:
         else:
             self._x[...] = x_t
         # The backend updates h in place; its last layer (views made once, below) is the step's output.
-        self._step(self._x, self._h, self._c, self._workspace)
+        if self._mask_value is None:
+            self._step(self._x, self._h, self._c, self._workspace)
+        else:
+            self._step_with_mask()
         if self._head is None:
             y = self._top_row if unbatched else self._top
         else:
@@ -263,6 +267,17 @@ class Stream:
             return y.copy()
         out[...] = y
         return out
+
+    def _step_with_mask(self) -> None:
+        """A step of a model with a Keras ``Masking`` layer: a row whose features all equal the mask value is
+        skipped, as Keras skips it: its state is carried and its output is the previous step's."""
+        masked = np.flatnonzero(np.all(self._x == self._mask_value, axis=1))
+        if masked.size == 0:
+            self._step(self._x, self._h, self._c, self._workspace)
+            return
+        carried_h, carried_c = self._h[:, masked], self._c[:, masked]
+        self._step(self._x, self._h, self._c, self._workspace)
+        self._h[:, masked], self._c[:, masked] = carried_h, carried_c
 
     def _check_out(self, out, shape: tuple[int, ...]) -> None:
         if type(out) is not np.ndarray or out.shape != shape or out.dtype != self.model.dtype:
