@@ -41,4 +41,4 @@ $(VENV)/.installed-bench: $(VENV)/.installed-base
 	touch $@
 
 clean:
-	rm -rf build *.egg-info csrc/*.c fastlstm/*.so
+	rm -rf build *.egg-info csrc/*.c fastlstm/*.so fastlstm/backends/*.so

@@ -1,4 +1,4 @@
-"""Build the Cython kernels in csrc/ as the extension ``fastlstm._cykernels``.
+"""Build the Cython kernels in csrc/ as the extension ``fastlstm.backends._cykernels``.
 
 Flags: -O3 and SIMD for the machine it is built on (-march=native). Set FASTLSTM_PORTABLE=1 to build
 without -march=native (a binary that runs on any x86-64), and FASTLSTM_CYTHON_DEBUG=1 to turn Cython's
@@ -40,7 +40,7 @@ directives = {
 
 extensions = [
     Extension(
-        "fastlstm._cykernels",
+        "fastlstm.backends._cykernels",
         ["csrc/_cykernels.pyx"],
         include_dirs=[np.get_include(), "csrc"],
         depends=["csrc/lstm_parallel.h"],

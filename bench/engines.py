@@ -52,7 +52,7 @@ def set_threads(threads: int) -> None:
     from threadpoolctl import threadpool_limits
 
     # threadpoolctl only reaches libraries already loaded: load every BLAS an engine will use first.
-    for module in ("fastlstm._cykernels", "fastlstm.backends._numba_kernels"):
+    for module in ("fastlstm.backends._cykernels", "fastlstm.backends._numba_kernels"):
         try:
             __import__(module)
         except ImportError:

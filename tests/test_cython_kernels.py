@@ -25,7 +25,7 @@ from fastlstm.activations import ACTIVATION_CODES, ELEMENTWISE, SIGMOID, TANH, A
 from fastlstm.backends.numpy_backend import NumpyLSTM
 from fastlstm.spec import LSTMCellWeights, LSTMLayer, ModelSpec
 
-cy = pytest.importorskip("fastlstm._cykernels", reason="the Cython extension is not built")
+cy = pytest.importorskip("fastlstm.backends._cykernels", reason="the Cython extension is not built")
 from fastlstm.backends.cython_backend import CythonLSTM  # noqa: E402
 
 TOLERANCE = {np.float32: 1e-5, np.float64: 1e-10}
@@ -357,8 +357,8 @@ def test_denormal_state_is_flushed():
 def test_missing_extension_raises_import_error_saying_how_to_build(monkeypatch):
     import fastlstm
 
-    monkeypatch.setitem(sys.modules, "fastlstm._cykernels", None)  # makes `import` of it fail
-    monkeypatch.delattr(fastlstm, "_cykernels", raising=False)
+    monkeypatch.setitem(sys.modules, "fastlstm.backends._cykernels", None)  # makes `import` of it fail
+    monkeypatch.delattr(fastlstm.backends, "_cykernels", raising=False)
     monkeypatch.delitem(sys.modules, "fastlstm.backends.cython_backend")
     with pytest.raises(ImportError, match=r"not built.*pip install -e \."):
         importlib.import_module("fastlstm.backends.cython_backend")

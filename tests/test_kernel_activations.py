@@ -14,7 +14,7 @@ from fastlstm.activations import ELEMENTWISE, SIGMOID, TANH, Activation, apply_a
 
 
 def cython_evaluator():
-    cy = pytest.importorskip("fastlstm._cykernels", reason="the Cython extension is not built")
+    cy = pytest.importorskip("fastlstm.backends._cykernels", reason="the Cython extension is not built")
     return lambda x, act: cy.activation_array(x, act.code, act.alpha, act.beta)
 
 

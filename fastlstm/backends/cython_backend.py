@@ -1,4 +1,4 @@
-"""The Cython backend: the compiled kernels of ``fastlstm._cykernels`` behind the ``PreparedLSTM`` interface.
+"""The Cython backend: the compiled kernels of ``fastlstm.backends._cykernels`` behind the ``PreparedLSTM`` interface.
 
 The weights are packed once, at preparation, into ``LSTMKernels`` (layout in the extension's docstring); a
 stream's ``step`` is that object's compiled method itself, so a call goes from ``Stream.step`` straight into
@@ -14,10 +14,10 @@ from ..spec import ModelSpec
 from .base import PreparedLSTM
 
 try:
-    from .. import _cykernels
+    from . import _cykernels
 except ImportError as exc:  # not compiled in this checkout
     raise ImportError(
-        "the Cython backend's extension fastlstm._cykernels is not built; build it with "
+        "the Cython backend's extension fastlstm.backends._cykernels is not built; build it with "
         "`pip install -e .` (or `make install`) from the fastlstm source tree"
     ) from exc
 
