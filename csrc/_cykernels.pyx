@@ -4,7 +4,8 @@ Everything here works in ``float`` and ``double`` through Cython's fused ``float
 on weights packed once by ``LSTMKernels``. The only BLAS is SciPy's (``scipy.linalg.cython_blas``); there is
 no BLAS of our own to link.
 
-Weight layout (per direction of each layer), packed at construction:
+Weight layout (per direction of each layer), packed once in Python by ``cython_backend.pack_for_extension``
+from the planner's cells and handed over as arrays and numbers (this module reads nothing of the spec):
 
 * ``weights`` is ``(4H, K)`` row-major, gate order i, f, g, o as in the spec, each row ``[w_ih | 0 | w_hh | 0]``:
   the input block padded from I to ``I_pad`` and the recurrent block from R to ``R_pad``, both multiples of
@@ -38,6 +39,9 @@ cimport numpy as cnp
 from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
 import numpy as np
+
+from fastlstm.backends._cells import ALIGN_BYTES as _PACKER_ALIGN_BYTES
+from fastlstm.backends._cells import aligned_zeros
 
 cnp.import_array()
 
@@ -117,8 +121,10 @@ TANH_CLAMP = TANH_CLAMP_C
 TANH_NUMERATOR = (N0, N1, N2, N3, N4, N5, N6)
 TANH_DENOMINATOR = (D0, D1, D2, D3)
 FLUSHES_DENORMALS = bool(FLUSHES_DENORMALS_C)
+PANEL_ROWS = PANEL_COLUMNS  # gate rows per panel of the float32 ``packed`` layout (lstm_parallel.h)
 
-# Activation codes, in the order of fastlstm.activations.ACTIVATION_PARAMS (a test checks they agree).
+# Activation codes, in the order of fastlstm.activations.ACTIVATION_PARAMS (``Activation.code``, which the
+# planner hands over; tests/test_cython_kernels.py checks the two agree through ``activation_array``).
 cdef enum ActivationCode:
     ACT_IDENTITY = 0
     ACT_SIGMOID = 1
@@ -133,16 +139,14 @@ cdef enum ActivationCode:
     ACT_SOFTSIGN = 10
     ACT_SOFTPLUS = 11
 
-ACTIVATION_CODES = {
-    "identity": ACT_IDENTITY, "sigmoid": ACT_SIGMOID, "tanh": ACT_TANH, "relu": ACT_RELU,
-    "affine": ACT_AFFINE, "leaky_relu": ACT_LEAKY_RELU, "thresholded_relu": ACT_THRESHOLDED_RELU,
-    "scaled_tanh": ACT_SCALED_TANH, "hard_sigmoid": ACT_HARD_SIGMOID, "elu": ACT_ELU,
-    "softsign": ACT_SOFTSIGN, "softplus": ACT_SOFTPLUS,
-}
-
-# Row padding unit of the packed weights and scratch vectors: one 64-byte vector (a cache line).
+# Row padding unit of the packed weights and scratch vectors: one 64-byte vector (a cache line); the
+# Python packer pads with fastlstm.backends._cells.ALIGN_BYTES, which must be the same (checked at import).
 cdef enum:
     VECTOR_BYTES = 64
+ALIGN_BYTES = VECTOR_BYTES
+if _PACKER_ALIGN_BYTES != VECTOR_BYTES:
+    raise ImportError(f"fastlstm.backends._cells.ALIGN_BYTES ({_PACKER_ALIGN_BYTES}) differs from the extension's "
+                      f"VECTOR_BYTES ({VECTOR_BYTES}): rebuild the extension")
 
 # A stream step reading fewer weights than this keeps the GIL (see LSTMKernels.step).
 cdef enum:
@@ -349,8 +353,8 @@ cdef inline void dot_rows(const floating* a, Py_ssize_t lda, Py_ssize_t rows, co
 #   does not: up to 2.5x faster (H >= 128 from batch 4, H >= 256 from batch 2), at worst 5-25% slower
 #   (batch 2 to 4 at H <= 128); from batch 16 on, GEMM's register blocking wins (1.3-1.5x at batch 64).
 cdef enum:
-    HAND_GEMV_MAX_BYTES = 2 * 1024 * 1024
-    HAND_GEMM_MAX_BATCH = 8
+    BLAS_GEMV_MIN_BYTES = 2 * 1024 * 1024
+    HAND_MATMUL_MAX_ROWS = 8
 
 # Float32 products of this many rows or more run on the prepacked tiles (lstm_parallel.h) instead, on one
 # thread: a stream step at (I, H) = (32, 64) took 2.4 us at batch 2 against 2.8 with the hand loop, 5.7 us
@@ -380,11 +384,11 @@ cdef inline void matmul_nt(Py_ssize_t batch, Py_ssize_t rows, const floating* a,
                            Py_ssize_t ldy) noexcept nogil:
     """Row-major y (batch, rows) = x (batch, n) @ A (rows, n).T: hand loop or BLAS, whichever is faster."""
     if batch == 1:
-        if rows * n * <Py_ssize_t>sizeof(floating) < HAND_GEMV_MAX_BYTES:
+        if rows * n * <Py_ssize_t>sizeof(floating) < BLAS_GEMV_MIN_BYTES:
             dot_rows(a, lda, rows, x, ldx, 1, n, y, ldy)  # a constant batch: gcc drops the batch loop
         else:
             gemv_n(rows, n, a, lda, x, 0, y)
-    elif batch <= HAND_GEMM_MAX_BATCH:
+    elif batch <= HAND_MATMUL_MAX_ROWS:
         dot_rows(a, lda, rows, x, ldx, batch, n, y, ldy)
     else:
         gemm_nt(batch, rows, n, x, ldx, a, lda, 0, y, ldy)
@@ -733,7 +737,7 @@ cdef int sequence_team(const CellDesc* d, Py_ssize_t batch, int num_threads) noe
             return 1
         return num_threads
     # Threads over rows, each row range's own time loop: only where no BLAS call would run inside a thread.
-    if d.packed == NULL and (batch + num_threads - 1) // num_threads > HAND_GEMM_MAX_BATCH:
+    if d.packed == NULL and (batch + num_threads - 1) // num_threads > HAND_MATMUL_MAX_ROWS:
         return 1
     return <int>min(<Py_ssize_t>num_threads, batch)
 
@@ -824,17 +828,9 @@ cdef void run_cell(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, const 
 # Python-facing objects.
 
 cdef Py_ssize_t padded(Py_ssize_t n, Py_ssize_t itemsize):
-    """n rounded up to a whole number of 64-byte vectors of items."""
+    """n rounded up to a whole number of 64-byte vectors of items (as _cells.padded, for C sizes)."""
     cdef Py_ssize_t lanes = VECTOR_BYTES // itemsize
     return (n + lanes - 1) // lanes * lanes
-
-
-def aligned_zeros(Py_ssize_t size, dtype):
-    """A zeroed 1-D array whose data starts on a 64-byte boundary (whole vectors never straddle a line)."""
-    dtype = np.dtype(dtype)
-    raw = np.zeros(size + VECTOR_BYTES // dtype.itemsize, dtype=dtype)
-    skip = (-raw.ctypes.data % VECTOR_BYTES) // dtype.itemsize
-    return raw[skip:skip + size]
 
 
 cdef class StepWorkspace:
@@ -884,9 +880,13 @@ cdef class LSTMKernels:
     def __dealloc__(self):
         free(self.cells)
 
-    def __init__(self, spec, dtype, int num_threads=1):
+    def __init__(self, dtype, int num_threads, list cells):
+        """``cells``: one dict per cell in state order, as ``cython_backend.pack_for_extension`` makes them
+        (sizes, strides, activation codes and parameters, flags, and the packed arrays of the layout above)."""
         if num_threads < 1:
             raise ValueError(f"num_threads: expected a positive integer, got {num_threads}")
+        if not cells:
+            raise ValueError("LSTMKernels: expected at least one cell")
         self.num_threads = num_threads
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
@@ -894,78 +894,58 @@ cdef class LSTMKernels:
         self.is_double = self.dtype == np.float64
         self.type_num = self.dtype.num
         self.itemsize = self.dtype.itemsize
-        layers = spec.layers
-        self.num_layers = len(layers)
-        self.num_cells = sum(layer.num_directions for layer in layers)
+        self.num_cells = len(cells)
+        self.num_layers = cells[len(cells) - 1]["layer"] + 1
         self.cells = <CellDesc*>malloc(self.num_cells * sizeof(CellDesc))
         if self.cells == NULL:
             raise MemoryError()
         memset(self.cells, 0, self.num_cells * sizeof(CellDesc))
         self.arrays = []
-        self.directions = tuple(layer.num_directions for layer in layers)
-        self.reverse_layer = tuple(layer.direction == "reverse" for layer in layers)
-        self.input_size = layers[0].input_size
-        self.hidden_size = layers[0].hidden_size
-        self.rec_size = layers[0].output_size
-        last = layers[len(layers) - 1]
-        self.output_size = last.num_directions * last.output_size
-        self.streamable = all(layer.direction == "forward" for layer in layers)
-        n = 0
+        directions, reverse_layer = [0] * self.num_layers, [False] * self.num_layers
         self.weights_per_step = 0
-        for layer in layers:
-            for cell in layer.cells:
-                self._pack_cell(&self.cells[n], layer, cell)
-                n += 1
-            self.weights_per_step += self.cells[n - 1].row_stride * 4 * layer.hidden_size
-        self.steps_threadable = all(layer.proj_size == 0 and layer.hidden_size == layers[0].hidden_size
-                                    for layer in layers)
-        for array in self.arrays:
-            array.flags.writeable = False
+        for n, cell in enumerate(cells):
+            self._describe_cell(&self.cells[n], cell)
+            directions[cell["layer"]] += 1
+            reverse_layer[cell["layer"]] = reverse_layer[cell["layer"]] or (cell["reverse"] and cell["num_directions"] == 1)
+            if cell["direction"] == cell["num_directions"] - 1:  # a stream step reads one cell per layer
+                self.weights_per_step += self.cells[n].row_stride * 4 * self.cells[n].hidden_size
+        self.directions = tuple(directions)
+        self.reverse_layer = tuple(reverse_layer)
+        first, last = self.cells[0], self.cells[self.num_cells - 1]
+        self.input_size, self.hidden_size, self.rec_size = first.input_size, first.hidden_size, first.rec_size
+        self.output_size = self.directions[self.num_layers - 1] * last.rec_size
+        self.streamable = all(not cell["reverse"] for cell in cells)
+        self.steps_threadable = all(cell["proj_size"] == 0 and cell["hidden_size"] == first.hidden_size
+                                    for cell in cells)
 
-    cdef _pack_cell(self, CellDesc* d, layer, cell):
-        H, I, P = layer.hidden_size, layer.input_size, layer.proj_size
-        R = P or H
-        Ip, Rp, Hp = padded(I, self.itemsize), padded(R, self.itemsize), padded(H, self.itemsize)
-        K = Ip + Rp
-        weights = aligned_zeros(4 * H * K, self.dtype).reshape(4 * H, K)
-        weights[:, :I] = cell.w_ih
-        weights[:, Ip:Ip + R] = cell.w_hh
-        bias = aligned_zeros(4 * H, self.dtype)
-        bias[:] = cell.bias
-        d.weights = cnp.PyArray_DATA(weights)
-        if not self.is_double:
-            # Panels of PANEL_COLUMNS gate rows, each stored k-major: packed[p, k, j] = weights[p*PANEL + j, k].
-            panels = -(-4 * H // PANEL_COLUMNS)
-            rows = np.zeros((panels * PANEL_COLUMNS, K), self.dtype)
-            rows[:4 * H] = weights
-            packed = aligned_zeros(panels * K * PANEL_COLUMNS, self.dtype).reshape(panels, K, PANEL_COLUMNS)
-            packed[:] = rows.reshape(panels, PANEL_COLUMNS, K).transpose(0, 2, 1)
-            d.packed = <const float*>cnp.PyArray_DATA(packed)
-            self.arrays.append(packed)
-        d.bias = cnp.PyArray_DATA(bias)
-        self.arrays += [weights, bias]
-        if cell.peephole is not None:
-            peephole = np.ascontiguousarray(cell.peephole, dtype=self.dtype)
-            d.peephole = cnp.PyArray_DATA(peephole)
-            self.arrays.append(peephole)
-        if P:
-            projection = aligned_zeros(P * Hp, self.dtype).reshape(P, Hp)
-            projection[:, :H] = cell.w_hr
-            d.projection = cnp.PyArray_DATA(projection)
-            self.arrays.append(projection)
-        d.input_size, d.hidden_size, d.proj_size, d.rec_size = I, H, P, R
-        d.input_stride, d.rec_stride, d.row_stride, d.hidden_stride = Ip, Rp, K, Hp
-        acts = (layer.gate_activation, layer.cell_activation, layer.output_activation)
-        for act in acts:
-            if act.name not in ACTIVATION_CODES:
-                raise ValueError(f"activation {act.name!r} is not elementwise")
-        d.gate_code, d.cell_code, d.output_code = (ACTIVATION_CODES[a.name] for a in acts)
-        d.gate_alpha, d.gate_beta = layer.gate_activation.alpha, layer.gate_activation.beta
-        d.cell_alpha, d.cell_beta = layer.cell_activation.alpha, layer.cell_activation.beta
-        d.output_alpha, d.output_beta = layer.output_activation.alpha, layer.output_activation.beta
-        d.clip = np.inf if layer.clip is None else float(layer.clip)
-        d.input_forget = bool(layer.input_forget)
-        d.standard = bool(layer.is_standard)
+    cdef _describe_cell(self, CellDesc* d, dict cell):
+        """Point ``d`` at a packed cell's arrays (kept alive in ``self.arrays``) and copy its numbers."""
+        cdef cnp.ndarray array
+        for name in ("weights", "packed", "bias", "peephole", "projection"):
+            array = cell[name]
+            if array is None:
+                continue
+            if array.dtype != self.dtype or not array.flags.c_contiguous:
+                raise ValueError(f"LSTMKernels: packed array {name!r} must be C-contiguous {self.dtype}")
+            array.flags.writeable = False
+            self.arrays.append(array)
+        if (cell["packed"] is None) != self.is_double:
+            raise ValueError("LSTMKernels: float32 cells need the packed panels, float64 cells have none")
+        d.weights = cnp.PyArray_DATA(cell["weights"])
+        d.bias = cnp.PyArray_DATA(cell["bias"])
+        d.packed = NULL if cell["packed"] is None else <const float*>cnp.PyArray_DATA(cell["packed"])
+        d.peephole = NULL if cell["peephole"] is None else cnp.PyArray_DATA(cell["peephole"])
+        d.projection = NULL if cell["projection"] is None else cnp.PyArray_DATA(cell["projection"])
+        d.input_size, d.hidden_size, d.proj_size = cell["input_size"], cell["hidden_size"], cell["proj_size"]
+        d.rec_size = d.proj_size or d.hidden_size
+        d.input_stride, d.rec_stride = cell["input_stride"], cell["rec_stride"]
+        d.row_stride, d.hidden_stride = d.input_stride + d.rec_stride, cell["hidden_stride"]
+        d.gate_code, d.cell_code, d.output_code = cell["activation_codes"]
+        (d.gate_alpha, d.gate_beta, d.cell_alpha, d.cell_beta,
+         d.output_alpha, d.output_beta) = cell["activation_params"]
+        d.clip = cell["clip"]
+        d.input_forget = cell["input_forget"]
+        d.standard = cell["standard"]
         if d.standard:
             d.pointwise_float, d.pointwise_double = pointwise_standard[float], pointwise_standard[double]
         else:
@@ -1074,7 +1054,7 @@ cdef class LSTMKernels:
         # By rows: no projection (its product may be BLAS, which must not run inside our threads).
         if not self.steps_threadable or self.weights_per_step * batch < ROWS_SPLIT_MIN_WEIGHTS:
             return 1
-        if self.is_double and (batch + self.num_threads - 1) // self.num_threads > HAND_GEMM_MAX_BATCH:
+        if self.is_double and (batch + self.num_threads - 1) // self.num_threads > HAND_MATMUL_MAX_ROWS:
             return 1
         return <int>min(<Py_ssize_t>self.num_threads, batch)
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from fastlstm import fast_activations
-from fastlstm.activations import ACTIVATION_CODES, ELEMENTWISE, SIGMOID, TANH, Activation, apply_activation
+from fastlstm.activations import SIGMOID, TANH, Activation, apply_activation
 from fastlstm.backends.numpy_backend import NumpyLSTM
 from fastlstm.spec import LSTMCellWeights, LSTMLayer, ModelSpec
 
@@ -36,10 +36,6 @@ def test_c_constants_equal_the_python_ones():
     assert cy.TANH_CLAMP == fast_activations.TANH_CLAMP
     assert cy.TANH_NUMERATOR == fast_activations.TANH_NUMERATOR
     assert cy.TANH_DENOMINATOR == fast_activations.TANH_DENOMINATOR
-
-
-def test_activation_codes_equal_the_python_ones():
-    assert cy.ACTIVATION_CODES == {name: ACTIVATION_CODES[name] for name in ELEMENTWISE}
 
 
 # ---------------------------------------------------------------------------------------------- activations
@@ -151,8 +147,8 @@ def test_threaded_run_sequence_matches_reference_and_one_thread(case, dtype, wit
     options, batch, threads_float32, threads_float64 = THREADED_SEQUENCE_CASES[case]
     spec = make_spec(rng, **options)
     expected_threads = threads_float32 if dtype == np.float32 else threads_float64
-    assert cy.LSTMKernels(spec, dtype, 2).sequence_threads(batch) == expected_threads
-    assert cy.LSTMKernels(spec, dtype, 1).sequence_threads(batch) == 1
+    assert CythonLSTM(spec, dtype, 2)._kernels.sequence_threads(batch) == expected_threads
+    assert CythonLSTM(spec, dtype, 1)._kernels.sequence_threads(batch) == 1
     steps = 6
     # Small inputs keep the 128-unit recurrences far from chaos, so that rounding differences stay small.
     x = rng.normal(0, 0.3, (batch, steps, spec.input_size))
@@ -213,7 +209,7 @@ def test_threads_work_in_a_forked_child():
 
 def test_num_threads_must_be_positive():
     with pytest.raises(ValueError, match="num_threads"):
-        cy.LSTMKernels(make_spec(np.random.default_rng(0), 3, 4), np.float32, 0)
+        CythonLSTM(make_spec(np.random.default_rng(0), 3, 4), np.float32, 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -4,7 +4,8 @@ Every kernel takes the weights as arguments (nothing is compiled per model) and 
 compiled version exists per dtype; the float32 one evaluates sigmoid and tanh with the rational
 approximation of ``fastlstm.fast_activations``, the float64 one with the exact functions.
 
-Packed layout, built once per model by ``pack_cells``:
+Packed layout, built once per model by ``numba_backend.pack_cells`` from the planner's cells
+(``fastlstm.backends._cells``):
 
 * ``weights`` is one flat, 64-byte-aligned array of the run dtype, never written after packing (yet not
   flagged read-only: Numba takes 0.1 us longer to dispatch each read-only argument, a stream step pays it
@@ -22,6 +23,10 @@ Packed layout, built once per model by ``pack_cells``:
 
 * ``cells`` is an int64 table with one row per cell, in state order (layer by layer, forward direction
   first); its columns are the ``COL_*`` constants below.
+
+This file holds jitted code and the constants it reads only: Numba's on-disk cache is keyed on the file that
+defines a cached function, so everything compiled into the kernels must live here; the pure-Python packing
+lives in ``numba_backend``. The thresholds' names are shared with the Cython backend (see ``_cells``).
 
 The layering is: drivers that Python calls (``step_stack``, ``run_stack``, ``step_scratch_size``), then
 one layer / one cell (``_layer_step``, ``_run_layer``, ``_run_cell``), then small helpers (products,
@@ -78,11 +83,9 @@ RELEASE_GIL_MIN_WEIGHTS = 1 << 16  # weights a stream step reads (all layers, al
 #   and up to 1.4x slower below it; above 8 rows, GEMM's register blocking wins.
 HAND_MATMUL_MAX_ROWS = 8
 # * at batch 1, a matrix of at least this many bytes goes to BLAS GEMV when the model may use more than one
-#   thread: OpenBLAS then splits it over cores, which the hand loop cannot (recorded per cell by pack_cells).
+#   thread: OpenBLAS then splits it over cores, which the hand loop cannot (recorded per cell by
+#   numba_backend.pack_cells).
 BLAS_GEMV_MIN_BYTES = 2 * 1024 * 1024
-
-# Every packed segment and scratch region starts on a 64-byte boundary.
-ALIGN_BYTES = 64
 
 # ------------------------------------------------------------------------------------------------------
 # The cell table.
@@ -117,62 +120,6 @@ _ACT_HARD_SIGMOID = ACTIVATION_CODES["hard_sigmoid"]
 _ACT_ELU = ACTIVATION_CODES["elu"]
 _ACT_SOFTSIGN = ACTIVATION_CODES["softsign"]
 _ACT_SOFTPLUS = ACTIVATION_CODES["softplus"]
-
-
-# ------------------------------------------------------------------------------------------------------
-# Packing (plain Python, once per model).
-
-def aligned_zeros(size: int, dtype) -> np.ndarray:
-    """A zeroed 1-D array of ``size`` items whose data starts on a 64-byte boundary."""
-    dtype = np.dtype(dtype)
-    raw = np.zeros(size + ALIGN_BYTES // dtype.itemsize, dtype=dtype)
-    skip = (-raw.ctypes.data % ALIGN_BYTES) // dtype.itemsize
-    return raw[skip:skip + size]
-
-
-def pack_cells(spec, dtype, num_threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(weights, cells)`` for every cell of ``spec``'s LSTM layers, in the layout of the module docstring."""
-    dtype = np.dtype(dtype)
-    lanes = ALIGN_BYTES // dtype.itemsize
-    segments: list[tuple[int, np.ndarray]] = []
-    end = 0
-
-    def place(array) -> int:
-        nonlocal end
-        start = end
-        segments.append((start, np.asarray(array, dtype=dtype)))
-        end = start + (np.size(array) + lanes - 1) // lanes * lanes
-        return start
-
-    rows = []
-    for layer in spec.layers:
-        acts = (layer.gate_activation, layer.cell_activation, layer.output_activation)
-        params = [np.inf if layer.clip is None else layer.clip]
-        for act in acts:
-            params += [act.alpha, act.beta]
-        for direction, cell in enumerate(layer.cells):
-            stacked = np.concatenate([np.asarray(cell.w_ih).T, np.asarray(cell.w_hh).T])
-            row = np.zeros(NUM_COLUMNS, np.int64)
-            row[COL_INPUT_SIZE] = layer.input_size
-            row[COL_HIDDEN_SIZE] = layer.hidden_size
-            row[COL_PROJ_SIZE] = layer.proj_size
-            row[COL_STACKED] = place(stacked)
-            row[COL_BIAS] = place(cell.bias)
-            row[COL_PEEPHOLE] = -1 if cell.peephole is None else place(cell.peephole)
-            row[COL_PROJECTION] = -1 if cell.w_hr is None else place(np.asarray(cell.w_hr).T)
-            row[COL_PARAMS] = place(params)
-            row[COL_ACTIVATIONS] = acts[0].code | acts[1].code << 8 | acts[2].code << 16
-            row[COL_INPUT_FORGET] = layer.input_forget
-            row[COL_STANDARD] = layer.is_standard
-            row[COL_REVERSE] = layer.direction == "reverse" or direction == 1
-            row[COL_DIRECTIONS] = layer.num_directions
-            row[COL_BLAS_GEMV] = num_threads > 1 and stacked.size * dtype.itemsize >= BLAS_GEMV_MIN_BYTES
-            rows.append(row)
-    weights = aligned_zeros(end, dtype)
-    for start, array in segments:
-        weights[start:start + array.size] = array.ravel()
-    cells = np.array(rows, dtype=np.int64).reshape(len(rows), NUM_COLUMNS)
-    return weights, cells
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -622,15 +569,6 @@ def step_stack(x, h, c, scratch, weights, cells):
 def step_stack_holding_gil(x, h, c, scratch, weights, cells):
     """``step_stack`` without releasing the GIL, for steps too short to be worth it."""
     step_stack(x, h, c, scratch, weights, cells)
-
-
-def step_releases_gil(cells, batch: int) -> bool:
-    """Whether a stream step of this batch size reads enough weights to release the GIL while it runs."""
-    weights_per_row = 0
-    for cell in cells:
-        H, P = int(cell[COL_HIDDEN_SIZE]), int(cell[COL_PROJ_SIZE])
-        weights_per_row += (int(cell[COL_INPUT_SIZE]) + (P or H)) * 4 * H + H * P
-    return weights_per_row * batch >= RELEASE_GIL_MIN_WEIGHTS
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""The Cython backend: the compiled kernels of ``fastlstm.backends._cykernels`` behind the ``PreparedLSTM`` interface.
+"""The Cython backend: the compiled kernels of ``fastlstm.backends._cykernels`` behind ``PreparedLSTM``.
 
-The weights are packed once, at preparation, into ``LSTMKernels`` (layout in the extension's docstring); a
-stream's ``step`` is that object's compiled method itself, so a call goes from ``Stream.step`` straight into
-C with no Python frame in between. ``num_threads`` caps the extension's threads; it decides per call shape
-how many pay (by hidden units at batch 1, by batch rows above).
+``pack_for_extension`` turns the planner's cells into the extension's layout (described in its docstring)
+with NumPy; the extension's ``LSTMKernels`` receives those arrays and numbers and reads nothing of the
+spec. A stream's ``step`` is that object's compiled method itself, so a call goes from ``Stream.step``
+straight into C with no Python frame in between. ``num_threads`` caps the extension's threads; it decides
+per call shape how many pay (by hidden units at batch 1, by batch rows above).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..spec import ModelSpec
+from ._cells import CellPlan, aligned_zeros, padded, plan_cells
 from .base import PreparedLSTM
 
 try:
@@ -22,12 +24,48 @@ except ImportError as exc:  # not compiled in this checkout
     ) from exc
 
 
+def pack_for_extension(plan: CellPlan, dtype: np.dtype) -> dict:
+    """One cell in the extension's layout: padded ``[w_ih | 0 | w_hh | 0]`` rows, float32 GEMM panels,
+    bias, peepholes and the padded projection, with the sizes, strides, codes and flags ``LSTMKernels``
+    reads."""
+    H, I, P, R = plan.hidden_size, plan.input_size, plan.proj_size, plan.recurrent_size
+    Ip, Rp, Hp = padded(I, dtype), padded(R, dtype), padded(H, dtype)
+    K = Ip + Rp
+    weights = aligned_zeros(4 * H * K, dtype).reshape(4 * H, K)
+    weights[:, :I] = plan.w_ih
+    weights[:, Ip:Ip + R] = plan.w_hh
+    bias = aligned_zeros(4 * H, dtype)
+    bias[:] = plan.bias
+    packed = None
+    if dtype == np.float32:
+        # Panels of PANEL_ROWS gate rows, each stored k-major: packed[p, k, j] = weights[p * PANEL_ROWS + j, k].
+        panel = _cykernels.PANEL_ROWS
+        panels = -(-4 * H // panel)
+        rows = np.zeros((panels * panel, K), dtype)
+        rows[:4 * H] = weights
+        packed = aligned_zeros(panels * K * panel, dtype).reshape(panels, K, panel)
+        packed[:] = rows.reshape(panels, panel, K).transpose(0, 2, 1)
+    projection = None
+    if P:
+        projection = aligned_zeros(P * Hp, dtype).reshape(P, Hp)
+        projection[:, :H] = plan.w_hr
+    return dict(
+        layer=plan.layer, direction=plan.direction, num_directions=plan.num_directions, reverse=plan.reverse,
+        input_size=I, hidden_size=H, proj_size=P, input_stride=Ip, rec_stride=Rp, hidden_stride=Hp,
+        activation_codes=plan.activation_codes, activation_params=plan.activation_params, clip=plan.clip,
+        input_forget=plan.input_forget, standard=plan.standard,
+        weights=weights, packed=packed, bias=bias, projection=projection,
+        peephole=None if plan.peephole is None else np.ascontiguousarray(plan.peephole, dtype=dtype),
+    )
+
+
 class CythonLSTM(PreparedLSTM):
     backend = "cython"
 
     def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
         super().__init__(spec, dtype, num_threads)
-        self._kernels = _cykernels.LSTMKernels(spec, self.dtype, num_threads)
+        cells = [pack_for_extension(plan, self.dtype) for plan in plan_cells(spec)]
+        self._kernels = _cykernels.LSTMKernels(self.dtype, num_threads, cells)
         # The bound compiled method shadows the class's `step` below: one call layer less per stream step.
         self.step = self._kernels.step
 

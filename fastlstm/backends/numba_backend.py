@@ -12,7 +12,53 @@ import numpy as np
 
 from ..spec import ModelSpec
 from . import _numba_kernels as kernels
+from ._cells import CellPlan, aligned_zeros, padded, plan_cells
 from .base import PreparedLSTM
+
+
+def pack_cells(plans: tuple[CellPlan, ...], dtype, num_threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(weights, cells)`` for the planner's cells, in the layout of ``_numba_kernels``' docstring."""
+    dtype = np.dtype(dtype)
+    segments: list[tuple[int, np.ndarray]] = []
+    end = 0
+
+    def place(array) -> int:
+        nonlocal end
+        start = end
+        segments.append((start, np.asarray(array, dtype=dtype)))
+        end = start + padded(np.size(array), dtype)
+        return start
+
+    rows = []
+    for plan in plans:
+        stacked = np.concatenate([np.asarray(plan.w_ih).T, np.asarray(plan.w_hh).T])
+        codes = plan.activation_codes
+        row = np.zeros(kernels.NUM_COLUMNS, np.int64)
+        row[kernels.COL_INPUT_SIZE] = plan.input_size
+        row[kernels.COL_HIDDEN_SIZE] = plan.hidden_size
+        row[kernels.COL_PROJ_SIZE] = plan.proj_size
+        row[kernels.COL_STACKED] = place(stacked)
+        row[kernels.COL_BIAS] = place(plan.bias)
+        row[kernels.COL_PEEPHOLE] = -1 if plan.peephole is None else place(plan.peephole)
+        row[kernels.COL_PROJECTION] = -1 if plan.w_hr is None else place(np.asarray(plan.w_hr).T)
+        row[kernels.COL_PARAMS] = place((plan.clip,) + plan.activation_params)
+        row[kernels.COL_ACTIVATIONS] = codes[0] | codes[1] << 8 | codes[2] << 16
+        row[kernels.COL_INPUT_FORGET] = plan.input_forget
+        row[kernels.COL_STANDARD] = plan.standard
+        row[kernels.COL_REVERSE] = plan.reverse
+        row[kernels.COL_DIRECTIONS] = plan.num_directions
+        row[kernels.COL_BLAS_GEMV] = num_threads > 1 and stacked.size * dtype.itemsize >= kernels.BLAS_GEMV_MIN_BYTES
+        rows.append(row)
+    weights = aligned_zeros(end, dtype)
+    for start, array in segments:
+        weights[start:start + array.size] = array.ravel()
+    cells = np.array(rows, dtype=np.int64).reshape(len(rows), kernels.NUM_COLUMNS)
+    return weights, cells
+
+
+def step_releases_gil(plans: tuple[CellPlan, ...], batch: int) -> bool:
+    """Whether a stream step of this batch size reads enough weights to release the GIL while it runs."""
+    return sum(plan.weights_per_step for plan in plans) * batch >= kernels.RELEASE_GIL_MIN_WEIGHTS
 
 
 class StepWorkspace:
@@ -48,7 +94,8 @@ class NumbaLSTM(PreparedLSTM):
         super().__init__(spec, dtype, num_threads)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype: expected float32 or float64, got {self.dtype}")
-        self._weights, self._cells = kernels.pack_cells(spec, self.dtype, num_threads)
+        self._plans = plan_cells(spec)
+        self._weights, self._cells = pack_cells(self._plans, self.dtype, num_threads)
         self._num_layers = len(spec.layers)
         self._streamable = spec.is_unidirectional_forward
 
@@ -64,8 +111,8 @@ class NumbaLSTM(PreparedLSTM):
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
         batch_size = int(batch_size)
-        scratch = kernels.aligned_zeros(kernels.step_scratch_size(self._cells, batch_size), self.dtype)
-        releases_gil = kernels.step_releases_gil(self._cells, batch_size)
+        scratch = aligned_zeros(kernels.step_scratch_size(self._cells, batch_size), self.dtype)
+        releases_gil = step_releases_gil(self._plans, batch_size)
         kernel = kernels.step_stack if releases_gil else kernels.step_stack_holding_gil
         return StepWorkspace(batch_size, scratch, kernel)
 

@@ -1,0 +1,104 @@
+"""One walk of a ``ModelSpec`` into what compiled kernels need per cell, shared by both compiled backends.
+
+A *cell* is one direction of one layer. ``plan_cells`` turns each into a ``CellPlan``: its sizes, the
+integer codes and parameters of its activations, its clip bound, its flags and its weights in the spec's
+layout. Each compiled backend then packs the plans into its own memory layout (``_numba_kernels.pack_cells``,
+``cython_backend.pack_for_extension``) and its kernels read nothing of the spec: a new cell option is
+decided here once, and the compiled extension receives arrays and numbers only.
+
+Thresholds both compiled backends apply, under one vocabulary (values measured per backend, kept beside
+their kernels):
+
+* ``RELEASE_GIL_MIN_WEIGHTS``: a stream step reading fewer weights (all layers, all batch rows) keeps the GIL;
+  releasing and re-taking it costs about 40 ns, a few percent of a small step no other thread could use.
+* ``HAND_MATMUL_MAX_ROWS``: products of up to this many batch rows run in the hand-written loop, larger ones
+  in BLAS GEMM.
+* ``BLAS_GEMV_MIN_BYTES``: a batch-1 product of a matrix this large goes to BLAS GEMV when the model may use
+  more than one thread (OpenBLAS splits it over cores, the hand loop cannot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..spec import ModelSpec
+
+RELEASE_GIL_MIN_WEIGHTS = 1 << 16
+HAND_MATMUL_MAX_ROWS = 8
+BLAS_GEMV_MIN_BYTES = 2 * 1024 * 1024
+
+# Every packed segment and scratch region starts on a 64-byte boundary (one AVX-512 vector, a cache line).
+ALIGN_BYTES = 64
+
+
+@dataclass(frozen=True, eq=False)
+class CellPlan:
+    """One cell as the kernels see it; weights keep the spec's layouts (see ``fastlstm.spec``)."""
+
+    layer: int
+    direction: int            # 0 forward (or the only direction), 1 the reverse half of a bidirectional layer
+    num_directions: int       # of the cell's layer
+    reverse: bool             # reads the sequence from its end
+    input_size: int           # I
+    hidden_size: int          # H
+    proj_size: int            # P, 0 without projection
+    activation_codes: tuple[int, int, int]           # gate, cell, output (``Activation.code``)
+    activation_params: tuple[float, float, float, float, float, float]  # alpha, beta of each, same order
+    clip: float               # +inf without clip
+    input_forget: bool        # coupled input and forget gates
+    standard: bool            # sigmoid/tanh/tanh without clip, peepholes or coupled gates: the fast path
+    w_ih: np.ndarray          # (4H, I)
+    w_hh: np.ndarray          # (4H, R)
+    bias: np.ndarray          # (4H,)
+    w_hr: np.ndarray | None   # (P, H)
+    peephole: np.ndarray | None  # (3, H), gates i, f, o
+
+    @property
+    def recurrent_size(self) -> int:
+        """R: the size of the hidden state fed back (the projection size when there is one)."""
+        return self.proj_size or self.hidden_size
+
+    @property
+    def weights_per_step(self) -> int:
+        """Weights one batch row of a step reads: the gate products and the projection."""
+        return (self.input_size + self.recurrent_size) * 4 * self.hidden_size + self.hidden_size * self.proj_size
+
+
+def plan_cells(spec: ModelSpec) -> tuple[CellPlan, ...]:
+    """Every cell of ``spec``, in state order: layer by layer, the forward direction first."""
+    plans = []
+    for n, layer in enumerate(spec.layers):
+        acts = (layer.gate_activation, layer.cell_activation, layer.output_activation)
+        for direction, cell in enumerate(layer.cells):
+            plans.append(CellPlan(
+                layer=n,
+                direction=direction,
+                num_directions=layer.num_directions,
+                reverse=layer.direction == "reverse" or direction == 1,
+                input_size=int(layer.input_size),
+                hidden_size=int(layer.hidden_size),
+                proj_size=int(layer.proj_size),
+                activation_codes=tuple(act.code for act in acts),
+                activation_params=tuple(float(v) for act in acts for v in (act.alpha, act.beta)),
+                clip=np.inf if layer.clip is None else float(layer.clip),
+                input_forget=bool(layer.input_forget),
+                standard=bool(layer.is_standard),
+                w_ih=cell.w_ih, w_hh=cell.w_hh, bias=cell.bias, w_hr=cell.w_hr, peephole=cell.peephole,
+            ))
+    return tuple(plans)
+
+
+def aligned_zeros(size: int, dtype) -> np.ndarray:
+    """A zeroed 1-D array of ``size`` items whose data starts on an ``ALIGN_BYTES`` boundary."""
+    dtype = np.dtype(dtype)
+    raw = np.zeros(size + ALIGN_BYTES // dtype.itemsize, dtype=dtype)
+    skip = (-raw.ctypes.data % ALIGN_BYTES) // dtype.itemsize
+    return raw[skip:skip + size]
+
+
+def padded(n: int, dtype) -> int:
+    """``n`` items rounded up to a whole number of ``ALIGN_BYTES`` vectors."""
+    lanes = ALIGN_BYTES // np.dtype(dtype).itemsize
+    return (n + lanes - 1) // lanes * lanes
