@@ -1,9 +1,13 @@
 """The user-facing objects: ``Model`` (immutable, shared) and ``Stream`` (one per live sequence).
 
-``Model`` pairs a validated ``ModelSpec`` with its backend-prepared LSTM stack and dense head. It holds no
-mutable state, so one model serves any number of threads. ``Stream`` owns the recurrent state and every
+``Model`` pairs a validated ``ModelSpec`` with its backend-prepared recurrent stack and dense head. It holds
+no mutable state, so one model serves any number of threads. ``Stream`` owns the recurrent state and every
 buffer a step needs, allocated and validated once at creation, so ``step`` only copies the input in,
 runs the kernel and copies the output out.
+
+The state reaches the backends as two flat arrays (``fastlstm.backends.base``); ``fastlstm.state`` turns the
+user's form into them and back. A model with an embedding takes integer token ids: the table lookup runs
+here, before the backend, so backends only ever see feature vectors.
 """
 
 from __future__ import annotations
@@ -11,24 +15,29 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import prepare
+from .backends.base import state_blocks
 from .errors import InvalidInputError
 from .head import PreparedHead
 from .limits import check_allocation
 from .spec import ModelSpec
+from .state import StateCodec
 
 SUPPORTED_DTYPES = ("float32", "float64")
 # Input dtypes a stream step accepts without conversion (a set lookup is the cheapest check per step).
 _REAL_DTYPES = frozenset(np.dtype(t) for t in "?bBhHiIlLqQefdg")
+_INTEGER_DTYPES = frozenset(np.dtype(t) for t in "bBhHiIlLqQ")
 
 
 class Model:
-    """An LSTM network ready to run. Build one with ``fastlstm.load``."""
+    """A recurrent network ready to run. Build one with ``fastlstm.load``."""
 
     def __init__(self, spec: ModelSpec, *, backend: str = "auto", dtype="float32", num_threads: int | None = None):
         self.dtype = _run_dtype(dtype)
         self.spec = spec.validate()
         self._lstm = prepare(spec, backend, self.dtype, num_threads)
         self._head = PreparedHead(spec, self.dtype)
+        self._state = StateCodec(spec, self.dtype)
+        self._embedding = None if spec.embedding is None else np.ascontiguousarray(spec.embedding, dtype=self.dtype)
 
     @property
     def backend(self) -> str:
@@ -42,65 +51,104 @@ class Model:
 
     @property
     def input_size(self) -> int:
+        """Features per time step (for a model that takes token ids: the embedding width)."""
         return self.spec.input_size
 
     @property
     def output_size(self) -> int:
         return self.spec.output_size
 
+    @property
+    def takes_token_ids(self) -> bool:
+        """True when the model starts with an embedding: inputs are integer token ids, not features."""
+        return self.spec.takes_token_ids
+
+    @property
+    def state_form(self) -> str:
+        """``"h_c"``, ``"h"`` or ``"per_layer"``: how states are given and returned (see the README)."""
+        return self.spec.state_form
+
     def __repr__(self) -> str:
-        layers = self.spec.layers
         desc = ", ".join(
-            f"{l.direction} {l.input_size}->{l.hidden_size}" + (f" proj {l.proj_size}" if l.proj_size else "")
-            for l in layers
+            f"{l.direction} {l.kind} {l.input_size}->{l.hidden_size}" + (f" proj {l.proj_size}" if l.proj_size else "")
+            for l in self.spec.layers
         )
+        embedding = f"embedding {self.spec.embedding.shape}, " if self.takes_token_ids else ""
         head = f", head {[d.out_features for d in self.spec.head]}" if self.spec.head else ""
-        return (f"<fastlstm.Model {len(layers)} layer(s) [{desc}]{head}, output={self.spec.output!r}, "
-                f"backend={self.backend!r}, dtype={self.dtype}>")
+        return (f"<fastlstm.Model {embedding}{len(self.spec.layers)} layer(s) [{desc}]{head}, "
+                f"output={self.spec.output!r}, backend={self.backend!r}, dtype={self.dtype}>")
 
     # ------------------------------------------------------------------ whole sequences
     def predict(self, x, state=None, *, lengths=None, return_state: bool = False):
         """Run whole sequences.
 
-        ``x`` is ``(B, T, F)`` (batch first) or one sequence ``(T, F)``; any real dtype and memory layout.
-        ``state`` is an optional ``(h0, c0)`` in PyTorch's shapes ``(layers * directions, B, size)``
-        (``(layers * directions, size)`` for one unbatched sequence); zeros when left out.
+        ``x`` is ``(B, T, F)`` (batch first) or one sequence ``(T, F)``; any real dtype and memory layout. A
+        model that takes token ids (``takes_token_ids``) takes integer ids ``(B, T)`` or ``(T,)`` instead.
+        ``state`` is an optional initial state in the model's form (``state_form``; PyTorch's shapes, e.g.
+        ``(h0, c0)`` each ``(layers * directions, B, size)`` for an LSTM stack, without ``B`` for one unbatched
+        sequence); zeros when left out.
         ``lengths`` (``(B,)`` integers in ``0..T``) gives each sequence of a padded batch its own length, with
         ONNX ``sequence_lens`` semantics: outputs past a sequence's end are zero, the returned state and a
         last-step output are those of its last valid step, and a reverse direction starts from its own end;
         a sequence of length 0 outputs zeros and returns its initial state.
         Returns ``y`` — ``(B, T, O)`` when the model outputs every step, ``(B, O)`` when it outputs the last
         step only (without the batch axis for an unbatched ``x``) — and, with ``return_state=True``,
-        ``(y, (h_n, c_n))``.
+        ``(y, final_state)`` in the model's state form.
         """
-        x = _as_real_array(x, "x")
-        if x.ndim not in (2, 3):
-            raise InvalidInputError(f"x: expected shape (batch, time, {self.input_size}) or (time, {self.input_size}), got {x.shape}")
-        unbatched = x.ndim == 2
-        if unbatched:
-            x = x[None]
-        batch, steps, features = x.shape
-        if features != self.input_size:
-            raise InvalidInputError(f"x: expected {self.input_size} features on the last axis, got shape {_shape(x, unbatched)}")
-        if batch == 0 or steps == 0:
-            raise InvalidInputError(f"x: expected at least one sequence of at least one step, got shape {_shape(x, unbatched)}")
+        x, unbatched = self._sequence_input(x)
+        batch, steps = x.shape[0], x.shape[1]
         check_allocation(self._predict_bytes(batch, steps), f"predict() on x of shape {_shape(x, unbatched)}")
         lengths = self._lengths(x, lengths, unbatched)
-        h, c = self._initial_state(state, batch, unbatched)
-        x = np.ascontiguousarray(x, dtype=self.dtype)
+        if state is None:
+            h, c = self._state.zeros(batch)
+        else:
+            h, c = self._state.to_flat(state, batch, unbatched)
+        if self._embedding is not None:
+            x = self._embedding[x]  # (B, T, E): the lookup of every id, a new contiguous array
+        else:
+            x = np.ascontiguousarray(x, dtype=self.dtype)
 
         y = self._run_rows_with_steps(x, h, c, lengths)
         if self.spec.output == "last_step":
             # A row of length 0 has no last step: its output is zeros, like every output past a row's end.
             y = y[:, -1] if lengths is None else y[np.arange(batch), np.maximum(lengths - 1, 0)]
         elif self.spec.output == "final_state":
-            last = self.spec.layers[-1]
-            y = np.concatenate(list(h[h.shape[0] - last.num_directions:]), axis=-1)
+            y = self._final_hidden(h, batch)
         if self._head:
             y = self._head.apply(y)
         if unbatched:
-            y, h, c = y[0], h[:, 0], c[:, 0]
-        return (y, (h, c)) if return_state else y
+            y = y[0]
+        return (y, self._state.from_flat(h, c, batch, unbatched)) if return_state else y
+
+    def _sequence_input(self, x) -> tuple[np.ndarray, bool]:
+        """``x`` as a checked ``(B, T, F)`` array (``(B, T)`` of int64 ids for a token model), and whether it
+        came without the batch axis."""
+        if self._embedding is not None:
+            ids = _as_token_ids(x, "x", self.spec.vocab_size)
+            if ids.ndim not in (1, 2):
+                raise InvalidInputError(f"x: this model takes token ids, shape (batch, time) or (time,); got {ids.shape}")
+            unbatched = ids.ndim == 1
+            ids = ids[None] if unbatched else ids
+            if ids.size == 0:
+                raise InvalidInputError(f"x: expected at least one sequence of at least one step, got shape {_shape(ids, unbatched)}")
+            return ids, unbatched
+        x = _as_real_array(x, "x")
+        if x.ndim not in (2, 3):
+            raise InvalidInputError(f"x: expected shape (batch, time, {self.input_size}) or (time, {self.input_size}), got {x.shape}")
+        unbatched = x.ndim == 2
+        if unbatched:
+            x = x[None]
+        if x.shape[2] != self.input_size:
+            raise InvalidInputError(f"x: expected {self.input_size} features on the last axis, got shape {_shape(x, unbatched)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise InvalidInputError(f"x: expected at least one sequence of at least one step, got shape {_shape(x, unbatched)}")
+        return x, unbatched
+
+    def _final_hidden(self, h: np.ndarray, batch: int) -> np.ndarray:
+        """Each direction of the last layer's final ``h``, concatenated: ``(B, D * R)``."""
+        last = self.spec.layers[-1]
+        blocks = state_blocks(self.spec, batch)[-last.num_directions:]
+        return np.concatenate([h[hs:hs + batch * hn].reshape(batch, hn) for hs, hn, _, _ in blocks], axis=-1)
 
     def _run_rows_with_steps(self, x: np.ndarray, h: np.ndarray, c: np.ndarray, lengths) -> np.ndarray:
         """The recurrent stack over ``x``, leaving rows of length 0 out of the backend call.
@@ -111,14 +159,14 @@ class Model:
         if lengths is None or np.all(lengths > 0):
             return self._lstm.run_sequence(x, h, c, lengths)
         batch, steps, _ = x.shape
-        y = np.zeros((batch, steps, self.spec.lstm_output_size), self.dtype)
+        y = np.zeros((batch, steps, self.spec.recurrent_output_size), self.dtype)
         rows = np.flatnonzero(lengths)
         if rows.size:
-            h_rows, c_rows = np.ascontiguousarray(h[:, rows]), np.ascontiguousarray(c[:, rows])
+            h_rows, c_rows = self._state.take_rows(h, c, batch, rows)
             row_lengths = lengths[rows]
             y[rows] = self._lstm.run_sequence(np.ascontiguousarray(x[rows]), h_rows, c_rows,
                                               None if np.all(row_lengths == steps) else row_lengths)
-            h[:, rows], c[:, rows] = h_rows, c_rows
+            self._state.put_rows(h, c, batch, rows, h_rows, c_rows)
         return y
 
     def _predict_bytes(self, batch: int, steps: int) -> int:
@@ -127,12 +175,12 @@ class Model:
         spec = self.spec
         per_step = spec.input_size + sum(self._head.buffer_sizes()) + spec.output_size
         for layer in spec.layers:
-            per_step += layer.num_directions * (layer.output_size + 4 * layer.hidden_size)
+            per_step += layer.num_directions * (layer.output_size + layer.num_gates * layer.hidden_size)
         return int(batch) * int(steps) * per_step * self.dtype.itemsize
 
     def _lengths(self, x: np.ndarray, lengths, unbatched: bool) -> np.ndarray | None:
         """Checked per-sequence lengths (int64), from ``lengths`` or the model's mask; None when all are T."""
-        batch, steps, _ = x.shape
+        batch, steps = x.shape[0], x.shape[1]
         if lengths is not None:
             given = _as_real_array(lengths, "lengths")
             expected = () if unbatched else (batch,)
@@ -144,36 +192,20 @@ class Model:
             if np.any(lengths < 0) or np.any(lengths > steps):
                 raise InvalidInputError(f"lengths: expected values in 0..{steps} (the time axis), got {lengths.tolist()}")
         if self.spec.mask_value is not None:
-            masked = np.all(x == self.spec.mask_value, axis=-1)  # (B, T)
+            masked = _masked_steps(x, self.spec.mask_value, self._embedding is not None)  # (B, T)
             unmasked_count = steps - np.argmin(masked[:, ::-1], axis=1)
             unmasked_count[np.all(masked, axis=1)] = 0
             trailing = np.arange(steps)[None, :] >= unmasked_count[:, None]
             if np.any(masked & ~trailing):
+                what = "token id ==" if self._embedding is not None else "all features =="
                 raise InvalidInputError(
-                    f"x: masked time steps (all features == {self.spec.mask_value}) occur before the end of a "
-                    "sequence; fastlstm supports masks that pad the end of sequences only")
+                    f"x: masked time steps ({what} {self.spec.mask_value}) occur before the end of a "
+                    "sequence; predict() supports masks that pad the end of sequences only (a stream skips "
+                    "masked steps anywhere)")
             lengths = unmasked_count if lengths is None else np.minimum(lengths, unmasked_count)
         if lengths is not None and np.all(lengths == steps):
             return None
         return lengths
-
-    def _initial_state(self, state, batch: int, unbatched: bool) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.spec.num_state_rows
-        h_size, c_size = self.spec.state_sizes()
-        if state is None:
-            return (np.zeros((rows, batch, h_size), self.dtype), np.zeros((rows, batch, c_size), self.dtype))
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise InvalidInputError(f"state: expected a pair (h0, c0), got {type(state).__name__}")
-        arrays = []
-        for name, value, size in (("h0", state[0], h_size), ("c0", state[1], c_size)):
-            value = _as_real_array(value, name)
-            expected = (rows, size) if unbatched else (rows, batch, size)
-            if value.shape != expected:
-                raise InvalidInputError(f"{name}: expected shape {expected} (layers * directions, "
-                                        f"{'' if unbatched else 'batch, '}size), got {value.shape}")
-            # A fresh copy: the caller's arrays are never written.
-            arrays.append(np.array(value[:, None] if unbatched else value, dtype=self.dtype, order="C"))
-        return arrays[0], arrays[1]
 
     # ------------------------------------------------------------------ streaming
     def stream(self, batch_size: int = 1) -> "Stream":
@@ -206,34 +238,42 @@ class Stream:
             raise InvalidInputError(f"batch_size: expected a positive integer, got {batch_size!r}")
         check_allocation(_stream_bytes(model, int(batch_size)), f"stream(batch_size={batch_size})")
         self.model = model
-        self.batch_size = int(batch_size)
-        h_size, c_size = spec.state_sizes()
-        rows = spec.num_state_rows
-        self._h = np.zeros((rows, batch_size, h_size), model.dtype)
-        self._c = np.zeros((rows, batch_size, c_size), model.dtype)
-        self._x = np.zeros((batch_size, spec.input_size), model.dtype)
+        self.batch_size = batch = int(batch_size)
+        self._codec = model._state
+        self._h, self._c = self._codec.zeros(batch)
+        self._x = np.zeros((batch, spec.input_size), model.dtype)
         self._x_row = self._x[0]
-        self._top = self._h[-1]
+        top_start, top_size, _, _ = state_blocks(spec, batch)[-1]
+        self._top = self._h[top_start:top_start + batch * top_size].reshape(batch, top_size)
         self._top_row = self._top[0]
-        self._workspace = model._lstm.new_workspace(self.batch_size)
-        self._head_buffers = model._head.new_buffers(self.batch_size)
+        self._workspace = model._lstm.new_workspace(batch)
+        self._head_buffers = model._head.new_buffers(batch)
         self._step = model._lstm.step
         self._head = model._head if model._head else None
-        self._batched_shape = (self.batch_size, spec.input_size)
-        self._unbatched_shape = (spec.input_size,) if batch_size == 1 else None
-        self._batched_out_shape = (self.batch_size, spec.output_size)
+        self._embedding = model._embedding
+        self._vocab_size = spec.vocab_size
+        if self._embedding is not None:
+            self._batched_shape = (batch,)
+            self._unbatched_shape = () if batch == 1 else None
+        else:
+            self._batched_shape = (batch, spec.input_size)
+            self._unbatched_shape = (spec.input_size,) if batch == 1 else None
+        self._batched_out_shape = (batch, spec.output_size)
         self._mask_value = spec.mask_value
 
     def step(self, x_t, out: np.ndarray | None = None) -> np.ndarray:
         """Feed one time step ``x_t`` ``(B, F)`` (or ``(F,)`` when ``batch_size`` is 1); return its output.
 
-        The output is ``(B, O)`` (``(O,)`` for an unbatched ``x_t``), a new array unless ``out`` is given,
-        in which case it is written there and ``out`` is returned.
+        A model that takes token ids takes ``(B,)`` integer ids (or one int when ``batch_size`` is 1). The
+        output is ``(B, O)`` (``(O,)`` for an unbatched ``x_t``), a new array unless ``out`` is given, in
+        which case it is written there and ``out`` is returned.
         """
         # The hot path: an ndarray of a real dtype and the expected shape is copied (and cast) straight into
         # the stream's input buffer; everything else goes through the general conversion and its errors.
         # Every argument is checked before the state is touched: a refused call leaves the stream as it was.
-        if type(x_t) is not np.ndarray or x_t.dtype not in _REAL_DTYPES:
+        if self._embedding is not None:
+            x_t = _as_token_ids(x_t, "x_t", self._vocab_size)
+        elif type(x_t) is not np.ndarray or x_t.dtype not in _REAL_DTYPES:
             x_t = _as_real_array(x_t, "x_t")
         shape = x_t.shape
         if shape == self._unbatched_shape:
@@ -243,20 +283,22 @@ class Stream:
         else:
             raise InvalidInputError(
                 f"x_t: expected shape {self._batched_shape}"
-                + (f" or {self._unbatched_shape}" if self._unbatched_shape else "")
+                + (f" or {self._unbatched_shape}" if self._unbatched_shape is not None else "")
                 + f", got {shape}"
             )
         if out is not None:
             self._check_out(out, self._batched_out_shape[1:] if unbatched else self._batched_out_shape)
-        if unbatched:
+        if self._embedding is not None:
+            np.take(self._embedding, x_t.reshape(-1), axis=0, out=self._x)
+        elif unbatched:
             self._x_row[...] = x_t
         else:
             self._x[...] = x_t
-        # The backend updates h in place; its last layer (views made once, below) is the step's output.
+        # The backend updates h in place; its last layer (views made once, above) is the step's output.
         if self._mask_value is None:
             self._step(self._x, self._h, self._c, self._workspace)
         else:
-            self._step_with_mask()
+            self._step_with_mask(x_t.reshape(self.batch_size, -1))
         if self._head is None:
             y = self._top_row if unbatched else self._top
         else:
@@ -268,16 +310,17 @@ class Stream:
         out[...] = y
         return out
 
-    def _step_with_mask(self) -> None:
-        """A step of a model with a Keras ``Masking`` layer: a row whose features all equal the mask value is
-        skipped, as Keras skips it: its state is carried and its output is the previous step's."""
-        masked = np.flatnonzero(np.all(self._x == self._mask_value, axis=1))
+    def _step_with_mask(self, x_t: np.ndarray) -> None:
+        """A step of a model with a Keras ``Masking`` layer (or ``mask_zero`` embedding): a row whose features
+        all equal the mask value (whose id equals it) is skipped, as Keras skips it: its state is carried
+        and its output is the previous step's."""
+        masked = np.flatnonzero(np.all(x_t == self._mask_value, axis=1))
         if masked.size == 0:
             self._step(self._x, self._h, self._c, self._workspace)
             return
-        carried_h, carried_c = self._h[:, masked], self._c[:, masked]
+        carried = self._codec.take_rows(self._h, self._c, self.batch_size, masked)
         self._step(self._x, self._h, self._c, self._workspace)
-        self._h[:, masked], self._c[:, masked] = carried_h, carried_c
+        self._codec.put_rows(self._h, self._c, self.batch_size, masked, *carried)
 
     def _check_out(self, out, shape: tuple[int, ...]) -> None:
         if type(out) is not np.ndarray or out.shape != shape or out.dtype != self.model.dtype:
@@ -294,25 +337,28 @@ class Stream:
         self._c[...] = 0
 
     @property
-    def state(self) -> tuple[np.ndarray, np.ndarray]:
-        """A copy of ``(h, c)``, each ``(layers, batch_size, size)`` as PyTorch lays them out."""
-        return self._h.copy(), self._c.copy()
+    def state(self):
+        """A copy of the state in the model's form (``Model.state_form``), each array ``(rows, batch_size, size)``
+        as PyTorch lays them out."""
+        return self._codec.from_flat(self._h, self._c, self.batch_size, unbatched=False)
 
     @state.setter
     def state(self, value) -> None:
-        if not isinstance(value, (tuple, list)) or len(value) != 2:
-            raise InvalidInputError(f"state: expected a pair (h, c), got {type(value).__name__}")
-        arrays = []
-        for name, new, current in (("h", value[0], self._h), ("c", value[1], self._c)):
-            new = _as_real_array(new, name)
-            if new.shape == (current.shape[0], current.shape[2]) and self.batch_size == 1:
-                new = new[:, None]
-            if new.shape != current.shape:
-                raise InvalidInputError(f"state {name}: expected shape {current.shape}, got {new.shape}")
-            arrays.append(new)
-        # Both checked before either is written: a rejected state leaves the stream untouched.
-        for new, current in zip(arrays, (self._h, self._c)):
-            np.copyto(current, new, casting="unsafe")
+        try:
+            h, c = self._codec.to_flat(value, self.batch_size, unbatched=False)
+        except InvalidInputError:
+            if self.batch_size != 1:
+                raise
+            try:  # one sequence may also be given without its batch axis
+                h, c = self._codec.to_flat(value, 1, unbatched=True)
+            except InvalidInputError:
+                pass
+            else:
+                self._h[...], self._c[...] = h, c
+                return
+            raise
+        # Every part checked before any is written: a rejected state leaves the stream untouched.
+        self._h[...], self._c[...] = h, c
 
 
 def _run_dtype(value) -> np.dtype:
@@ -329,10 +375,34 @@ def _stream_bytes(model: Model, batch_size: int) -> int:
     """An upper estimate of what a stream of ``batch_size`` rows allocates: state, input, the backend's
     scratch (at most the gate pre-activations and outputs of every layer) and the head's buffers."""
     spec = model.spec
-    h_size, c_size = spec.state_sizes()
-    per_row = spec.num_state_rows * (h_size + c_size) + spec.input_size + sum(model._head.buffer_sizes())
-    per_row += sum(4 * layer.hidden_size + 2 * layer.output_size for layer in spec.layers)
+    per_row = sum(row.h_size + row.c_size for row in spec.state_rows()) + spec.input_size
+    per_row += sum(model._head.buffer_sizes())
+    per_row += sum(layer.num_gates * layer.hidden_size + 2 * layer.output_size for layer in spec.layers)
     return batch_size * per_row * model.dtype.itemsize
+
+
+def _masked_steps(x: np.ndarray, mask_value: float, token_ids: bool) -> np.ndarray:
+    """``(B, T)``: which steps are padding (an id equal to the mask value, or every feature equal to it)."""
+    return x == mask_value if token_ids else np.all(x == mask_value, axis=-1)
+
+
+def _as_token_ids(value, name: str, vocab_size: int) -> np.ndarray:
+    """``value`` as int64 token ids, each checked to lie in ``0..vocab_size-1``."""
+    if type(value) is not np.ndarray or value.dtype not in _INTEGER_DTYPES:
+        try:
+            array = np.asarray(value)
+        except Exception as exc:
+            raise InvalidInputError(f"{name}: could not be read as token ids ({exc})") from None
+        if array.dtype.kind == "f" and array.size and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
+            array = array.astype(np.int64)
+        if array.dtype.kind not in "iu" and not (array.dtype.kind == "f" and array.size == 0):
+            raise InvalidInputError(f"{name}: this model takes integer token ids; got dtype {array.dtype}")
+        value = array
+    if value.size and (value.min() < 0 or value.max() >= vocab_size):
+        bad = value[(value < 0) | (value >= vocab_size)].reshape(-1)[:5].tolist()
+        raise InvalidInputError(f"{name}: token ids must lie in 0..{vocab_size - 1} (the vocabulary has "
+                                f"{vocab_size} tokens); got {bad}")
+    return value.astype(np.int64, copy=False)
 
 
 def _as_real_array(value, name: str) -> np.ndarray:

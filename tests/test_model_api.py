@@ -179,7 +179,7 @@ def test_predict_input_errors(model, x, message):
 
 def test_state_and_lengths_errors(model):
     x = np.zeros((2, 3, 4))
-    with pytest.raises(InvalidInputError, match=r"h0: expected shape \(2, 2, 6\)"):
+    with pytest.raises(InvalidInputError, match=r"state h: expected shape \(2, 2, 6\)"):
         model.predict(x, state=(np.zeros((2, 1, 6)), np.zeros((2, 2, 6))))
     with pytest.raises(InvalidInputError, match="pair"):
         model.predict(x, state=np.zeros((2, 2, 6)))

@@ -78,7 +78,7 @@ def test_missing_projection_and_stray_projection(spec):
 
 
 def test_empty_model_and_softmax_placement(spec):
-    with pytest.raises(InvalidModelError, match="at least one LSTM layer"):
+    with pytest.raises(InvalidModelError, match="at least one recurrent layer"):
         ModelSpec(layers=()).validate()
     head = (DenseLayer(np.zeros((3, 4)), activation=Activation.of("softmax")), DenseLayer(np.zeros((2, 3))))
     with pytest.raises(InvalidModelError, match="softmax is supported on the last dense layer only"):

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, UnsupportedModelError
 from ..spec import ModelSpec
 from .base import PreparedLSTM
 
@@ -67,9 +67,17 @@ def prepare(spec: ModelSpec, backend: str, dtype: np.dtype, num_threads: int | N
             except ImportError as exc:
                 logger.info("backend %r unavailable: %s", name, exc)
                 continue
+            reason = cls.unsupported(spec)
+            if reason:
+                logger.info("backend %r cannot run this model: %s", name, reason)
+                continue
             logger.info("backend 'auto' chose %r", name)
             return cls(spec, dtype, int(num_threads))
         raise ImportError("no fastlstm backend could be imported")  # unreachable: numpy always imports
     if backend not in BACKENDS:
         raise InvalidInputError(f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
-    return backend_class(backend)(spec, dtype, int(num_threads))
+    cls = backend_class(backend)
+    reason = cls.unsupported(spec)
+    if reason:
+        raise UnsupportedModelError([f"backend {backend!r}: {reason}"], hint="backend='auto' picks one that can")
+    return cls(spec, dtype, int(num_threads))

@@ -5,6 +5,13 @@ kernels stream); the prepared object is immutable and shared by every ``predict`
 Per-stream mutable data (state and scratch buffers) lives in the workspace the backend hands out, so
 threads never share scratch space.
 
+**State layout.** Backends see the recurrent state as two C-contiguous arrays, ``h`` and ``c``, of the run
+dtype, defined by their memory: for each row of ``spec.state_rows()`` in order (layer by layer, forward
+direction first) a ``(B, h_size)`` block of ``h`` and a ``(B, c_size)`` block of ``c`` (empty for a GRU or
+RNN row), each row-major. Their shape does not matter: ``fastlstm.model`` passes flat 1-D arrays, and for a
+stack of equal-sized layers PyTorch's ``(rows, B, size)`` array is the same memory. ``fastlstm.state``
+turns the user's state form into this layout and back.
+
 The dense head is not a backend's business: ``fastlstm.head`` runs it the same way for all backends.
 """
 
@@ -17,8 +24,31 @@ import numpy as np
 from ..spec import ModelSpec
 
 
+def state_blocks(spec: ModelSpec, batch: int) -> list[tuple[int, int, int, int]]:
+    """Per state row: ``(h_start, h_size, c_start, c_size)``, offsets into the flat ``h`` and ``c``."""
+    blocks, h_start, c_start = [], 0, 0
+    for row in spec.state_rows():
+        blocks.append((h_start, row.h_size, c_start, row.c_size))
+        h_start += batch * row.h_size
+        c_start += batch * row.c_size
+    return blocks
+
+
+def state_views(spec: ModelSpec, h: np.ndarray, c: np.ndarray, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per state row, ``(B, h_size)`` and ``(B, c_size)`` views of ``h`` and ``c`` (layout above)."""
+    h, c = h.reshape(-1), c.reshape(-1)  # views: the arrays are C-contiguous
+    return [(h[hs:hs + batch * hn].reshape(batch, hn), c[cs:cs + batch * cn].reshape(batch, cn))
+            for hs, hn, cs, cn in state_blocks(spec, batch)]
+
+
+def flat_state_sizes(spec: ModelSpec, batch: int) -> tuple[int, int]:
+    """Items of the flat ``h`` and ``c`` for ``batch`` rows."""
+    rows = spec.state_rows()
+    return batch * sum(r.h_size for r in rows), batch * sum(r.c_size for r in rows)
+
+
 class PreparedLSTM(ABC):
-    """A ``ModelSpec``'s LSTM layers ready to run in ``dtype`` on one backend."""
+    """A ``ModelSpec``'s recurrent stack ready to run in ``dtype`` on one backend."""
 
     #: backend name, as accepted by ``fastlstm.load(..., backend=...)``
     backend: str = ""
@@ -29,15 +59,19 @@ class PreparedLSTM(ABC):
         #: the most threads a call may use; a backend uses fewer where more would not pay (small weights)
         self.num_threads = num_threads
 
+    @classmethod
+    def unsupported(cls, spec: ModelSpec) -> str | None:
+        """Why this backend cannot run ``spec`` (``None`` when it can); ``"auto"`` then tries the next one."""
+        return None
+
     @abstractmethod
     def run_sequence(self, x: np.ndarray, h: np.ndarray, c: np.ndarray,
                      lengths: np.ndarray | None = None) -> np.ndarray:
         """Run every layer over whole sequences.
 
-        ``x`` is ``(B, T, I)``, C-contiguous, of ``self.dtype``. ``h`` ``(rows, B, P or H)`` and ``c``
-        ``(rows, B, H)`` (``rows = num_layers * num_directions``) hold the initial state on entry and are
-        overwritten with the final state. Returns the last layer's output ``(B, T, D * (P or H))``, a new
-        C-contiguous array.
+        ``x`` is ``(B, T, I)``, C-contiguous, of ``self.dtype``. ``h`` and ``c`` (flat, layout in the module
+        docstring) hold the initial state on entry and are overwritten with the final state. Returns the last
+        layer's output ``(B, T, D * (P or H))``, a new C-contiguous array.
 
         ``lengths`` (``None``, or int64 ``(B,)`` with ``1 <= lengths[b] <= T``, already checked) gives each
         sequence's own length, with ONNX ``sequence_lens`` semantics: row ``b`` runs steps
@@ -50,10 +84,9 @@ class PreparedLSTM(ABC):
         """Scratch buffers for ``step`` at this batch size, allocated once per stream."""
 
     @abstractmethod
-    def step(self, x: np.ndarray, h: np.ndarray, c: np.ndarray, workspace: object) -> np.ndarray:
+    def step(self, x: np.ndarray, h: np.ndarray, c: np.ndarray, workspace: object) -> None:
         """Advance a forward-only stack by one time step, in place.
 
-        ``x`` is ``(B, I)`` C-contiguous of ``self.dtype``; ``h``/``c`` are ``(layers, B, ·)`` and are updated
-        in place. Returns the last layer's new hidden output ``(B, P or H)`` (a view of ``h``; allocates
-        nothing).
+        ``x`` is ``(B, I)`` C-contiguous of ``self.dtype``; ``h``/``c`` (flat, layout in the module docstring)
+        are updated in place. Allocates nothing.
         """

@@ -14,6 +14,7 @@ import numpy as np
 from ..spec import ModelSpec
 from ._cells import CellPlan, aligned_zeros, padded, plan_cells
 from .base import PreparedLSTM
+from .numba_backend import _stacked_state, _uniform_lstm_only
 
 try:
     from . import _cykernels
@@ -66,14 +67,18 @@ class CythonLSTM(PreparedLSTM):
         super().__init__(spec, dtype, num_threads)
         cells = [pack_for_extension(plan, self.dtype) for plan in plan_cells(spec)]
         self._kernels = _cykernels.LSTMKernels(self.dtype, num_threads, cells)
-        # The bound compiled method shadows the class's `step` below: one call layer less per stream step.
-        self.step = self._kernels.step
+
+    @classmethod
+    def unsupported(cls, spec):
+        return _uniform_lstm_only(spec)
 
     def run_sequence(self, x, h, c, lengths=None):
+        h, c = _stacked_state(self.spec, h, c, x.shape[0])
         return self._kernels.run_sequence(x, h, c, lengths)
 
     def new_workspace(self, batch_size):
         return self._kernels.new_workspace(batch_size)
 
     def step(self, x, h, c, workspace):
+        h, c = _stacked_state(self.spec, h, c, workspace.batch_size)
         return self._kernels.step(x, h, c, workspace)

@@ -99,8 +99,13 @@ class NumbaLSTM(PreparedLSTM):
         self._num_layers = len(spec.layers)
         self._streamable = spec.is_unidirectional_forward
 
+    @classmethod
+    def unsupported(cls, spec):
+        return _uniform_lstm_only(spec)
+
     def run_sequence(self, x, h, c, lengths=None):
         batch, steps = x.shape[0], x.shape[1]
+        h, c = _stacked_state(self.spec, h, c, batch)
         if lengths is None:
             lengths = np.full(batch, steps, dtype=np.int64)
         return kernels.run_stack(x, h, c, np.ascontiguousarray(lengths, dtype=np.int64), self._weights, self._cells)
@@ -118,8 +123,23 @@ class NumbaLSTM(PreparedLSTM):
 
     def step(self, x, h, c, workspace):
         # The kernel checks every shape (and the scratch size) before it writes anything.
+        h, c = _stacked_state(self.spec, h, c, workspace.batch_size)
         workspace.kernel(x, h, c, workspace.scratch, self._weights, self._cells)
         if workspace.last_h is not h:
             workspace.last_h = h
             workspace.last_output = h[self._num_layers - 1]
         return workspace.last_output
+
+
+def _uniform_lstm_only(spec) -> str | None:
+    if any(layer.kind != "lstm" for layer in spec.layers):
+        return "its kernels run LSTM layers only"
+    if spec.state_form != "h_c":
+        return "its kernels run stacks of equal-sized layers only"
+    return None
+
+
+def _stacked_state(spec, h, c, batch):
+    """The flat state as (rows, B, size) views, the layout the kernels take for equal-sized LSTM stacks."""
+    rows = spec.num_state_rows
+    return h.reshape(rows, batch, -1), c.reshape(rows, batch, -1)

@@ -1,8 +1,9 @@
 """The NumPy backend: the readable reference every other backend is tested against.
 
-It follows the equations of ``fastlstm.spec`` line by line, for every option (activations, clip,
-peepholes, coupled gates, projection, directions), with no concern for speed beyond hoisting the input
-projection of all time steps into one matrix product.
+It follows the equations of ``fastlstm.spec`` line by line, for every kind and option (LSTM activations,
+clip, peepholes, coupled gates, projection; both GRU variants; the simple RNN; directions; stacks of any
+sizes), with no concern for speed beyond hoisting the input projection of all time steps into one matrix
+product.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..activations import apply_activation
-from ..spec import LSTMCellWeights, LSTMLayer, ModelSpec
-from .base import PreparedLSTM
+from ..spec import CellWeights, ModelSpec, RecurrentLayer
+from .base import PreparedLSTM, state_views
 
 
 class NumpyLSTM(PreparedLSTM):
@@ -22,9 +23,9 @@ class NumpyLSTM(PreparedLSTM):
         # Weights cast once to the run dtype; the spec's own arrays are left untouched.
         self._cells = [
             [
-                LSTMCellWeights(
+                CellWeights(
                     *(None if a is None else np.ascontiguousarray(a, dtype=self.dtype)
-                      for a in (cell.w_ih, cell.w_hh, cell.bias, cell.w_hr, cell.peephole))
+                      for a in (cell.w_ih, cell.w_hh, cell.bias, cell.w_hr, cell.peephole, cell.candidate_bias))
                 )
                 for cell in layer.cells
             ]
@@ -32,13 +33,14 @@ class NumpyLSTM(PreparedLSTM):
         ]
 
     def run_sequence(self, x, h, c, lengths=None):
+        states = state_views(self.spec, h, c, x.shape[0])
         layer_input = x
         row = 0
         for layer, cells in zip(self.spec.layers, self._cells):
             outputs = []
             for d, cell in enumerate(cells):
                 reverse = layer.direction == "reverse" or d == 1
-                outputs.append(run_cell_sequence(layer, cell, layer_input, h[row], c[row], reverse, lengths))
+                outputs.append(run_cell_sequence(layer, cell, layer_input, *states[row], reverse, lengths))
                 row += 1
             layer_input = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=-1)
         return layer_input
@@ -47,15 +49,15 @@ class NumpyLSTM(PreparedLSTM):
         return None
 
     def step(self, x, h, c, workspace):
+        states = state_views(self.spec, h, c, x.shape[0])
         layer_input = x
-        for n, (layer, cells) in enumerate(zip(self.spec.layers, self._cells)):
-            cell_step(layer, cells[0], layer_input @ cells[0].w_ih.T, h[n], c[n])
-            layer_input = h[n]
-        return h[len(self.spec.layers) - 1]
+        for layer, cells, (h_row, c_row) in zip(self.spec.layers, self._cells, states):
+            cell_step(layer, cells[0], layer_input @ cells[0].w_ih.T, h_row, c_row)
+            layer_input = h_row
 
 
 def run_cell_sequence(
-    layer: LSTMLayer, cell: LSTMCellWeights, x: np.ndarray, h: np.ndarray, c: np.ndarray, reverse: bool,
+    layer: RecurrentLayer, cell: CellWeights, x: np.ndarray, h: np.ndarray, c: np.ndarray, reverse: bool,
     lengths: np.ndarray | None = None,
 ) -> np.ndarray:
     """One direction of one layer over ``x`` ``(B, T, I)``; updates ``h``/``c`` ``(B, ·)`` in place.
@@ -63,7 +65,7 @@ def run_cell_sequence(
     With ``lengths``, each row is run on its own valid steps only (see ``PreparedLSTM.run_sequence``).
     """
     batch, steps, _ = x.shape
-    x_proj = x @ cell.w_ih.T  # (B, T, 4H): the input projection of every step in one product
+    x_proj = x @ cell.w_ih.T  # (B, T, G*H): the input projection of every step in one product
     y = np.zeros((batch, steps, layer.output_size), dtype=x.dtype)
     if lengths is None:
         for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
@@ -79,8 +81,12 @@ def run_cell_sequence(
     return y
 
 
-def cell_step(layer: LSTMLayer, cell: LSTMCellWeights, x_proj: np.ndarray, h: np.ndarray, c: np.ndarray) -> None:
-    """One time step of one cell given ``x_proj = x @ w_ih.T`` ``(B, 4H)``; updates ``h`` and ``c`` in place."""
+def cell_step(layer: RecurrentLayer, cell: CellWeights, x_proj: np.ndarray, h: np.ndarray, c: np.ndarray) -> None:
+    """One time step of one cell given ``x_proj = x @ w_ih.T`` ``(B, G*H)``; updates ``h`` (and ``c``) in place."""
+    {"lstm": _lstm_step, "gru": _gru_step, "rnn": _rnn_step}[layer.kind](layer, cell, x_proj, h, c)
+
+
+def _lstm_step(layer, cell, x_proj, h, c):
     H = layer.hidden_size
     z = x_proj + h @ cell.w_hh.T + cell.bias
     zi, zf, zg, zo = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H], z[:, 3 * H:]
@@ -99,6 +105,25 @@ def cell_step(layer: LSTMLayer, cell: LSTMCellWeights, x_proj: np.ndarray, h: np
     h_full = o * apply_activation(layer.output_activation, c_new)
     c[...] = c_new
     h[...] = h_full @ cell.w_hr.T if cell.w_hr is not None else h_full
+
+
+def _gru_step(layer, cell, x_proj, h, c):
+    H = layer.hidden_size
+    clip = _clipper(layer.clip)
+    w_rz, w_n = cell.w_hh[:2 * H], cell.w_hh[2 * H:]
+    z_rz = x_proj[:, :2 * H] + h @ w_rz.T + cell.bias[:2 * H]
+    r = apply_activation(layer.gate_activation, clip(z_rz[:, :H]))
+    z = apply_activation(layer.gate_activation, clip(z_rz[:, H:]))
+    if layer.linear_before_reset:
+        recurrent_n = r * (h @ w_n.T + cell.candidate_bias)
+    else:
+        recurrent_n = (r * h) @ w_n.T + cell.candidate_bias
+    n = apply_activation(layer.cell_activation, clip(x_proj[:, 2 * H:] + cell.bias[2 * H:] + recurrent_n))
+    h[...] = (1 - z) * n + z * h
+
+
+def _rnn_step(layer, cell, x_proj, h, c):
+    h[...] = apply_activation(layer.cell_activation, _clipper(layer.clip)(x_proj + h @ cell.w_hh.T + cell.bias))
 
 
 def _clipper(bound):
