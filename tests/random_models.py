@@ -5,19 +5,44 @@ from __future__ import annotations
 import numpy as np
 
 from fastlstm.activations import Activation
-from fastlstm.spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
+from fastlstm.spec import GATE_COUNTS, CellWeights, DenseLayer, ModelSpec, RecurrentLayer
 
 
-def random_cell(rng, input_size, hidden_size, proj_size=0, peepholes=False, scale=0.3):
+def random_cell(rng, input_size, hidden_size, proj_size=0, peepholes=False, scale=0.3, kind="lstm"):
     recurrent = proj_size or hidden_size
+    gates = GATE_COUNTS[kind]
     normal = lambda *shape: rng.normal(0.0, scale, shape).astype(np.float64)  # noqa: E731
-    return LSTMCellWeights(
-        w_ih=normal(4 * hidden_size, input_size),
-        w_hh=normal(4 * hidden_size, recurrent),
-        bias=normal(4 * hidden_size),
+    return CellWeights(
+        w_ih=normal(gates * hidden_size, input_size),
+        w_hh=normal(gates * hidden_size, recurrent),
+        bias=normal(gates * hidden_size),
         w_hr=normal(proj_size, hidden_size) if proj_size else None,
         peephole=normal(3, hidden_size) if peepholes else None,
+        candidate_bias=normal(hidden_size) if kind == "gru" else None,
     )
+
+
+def random_stack(rng, kinds, hidden_sizes, input_size=5, directions=None, linear_before_reset=True,
+                 head=(), output="sequence", scale=0.3, vocab_size=0, mask_value=None):
+    """A validated ``ModelSpec`` of layers of the given ``kinds`` and ``hidden_sizes`` (one per layer), e.g.
+    ``random_stack(rng, ["lstm", "gru"], [8, 5])``; GRU layers use ``linear_before_reset``; ``vocab_size``
+    adds an embedding in front."""
+    directions = directions or ["forward"] * len(kinds)
+    layers, layer_input = [], input_size
+    for kind, hidden, direction in zip(kinds, hidden_sizes, directions):
+        count = 2 if direction == "bidirectional" else 1
+        cells = tuple(random_cell(rng, layer_input, hidden, scale=scale, kind=kind) for _ in range(count))
+        layers.append(RecurrentLayer(input_size=layer_input, hidden_size=hidden, cells=cells, direction=direction,
+                                     kind=kind, linear_before_reset=linear_before_reset if kind == "gru" else True))
+        layer_input = count * hidden
+    dense_layers = []
+    for out_features, activation in head:
+        dense_layers.append(DenseLayer(rng.normal(0, 0.3, (out_features, layer_input)),
+                                       rng.normal(0, 0.3, out_features), Activation.of(activation)))
+        layer_input = out_features
+    embedding = rng.normal(0, 1.0, (vocab_size, input_size)) if vocab_size else None
+    return ModelSpec(tuple(layers), tuple(dense_layers), output, mask_value=mask_value,
+                     embedding=embedding).validate()
 
 
 def random_spec(
@@ -45,7 +70,7 @@ def random_spec(
         cells = tuple(
             random_cell(rng, layer_input, hidden_size, proj_size, peepholes, scale) for _ in range(num_directions)
         )
-        layers.append(LSTMLayer(
+        layers.append(RecurrentLayer(
             input_size=layer_input, hidden_size=hidden_size, cells=cells, direction=direction,
             proj_size=proj_size, gate_activation=gate, cell_activation=cell, output_activation=out,
             clip=clip, input_forget=input_forget,

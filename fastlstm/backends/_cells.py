@@ -1,6 +1,6 @@
 """One walk of a ``ModelSpec`` into what compiled kernels need per cell, shared by both compiled backends.
 
-A *cell* is one direction of one layer. ``plan_cells`` turns each into a ``CellPlan``: its sizes, the
+A *cell* is one direction of one layer (of any kind: LSTM, GRU, simple RNN). ``plan_cells`` turns each into a ``CellPlan``: its sizes, the
 integer codes and parameters of its activations, its clip bound, its flags and its weights in the spec's
 layout. Each compiled backend then packs the plans into its own memory layout (``_numba_kernels.pack_cells``,
 ``cython_backend.pack_for_extension``) and its kernels read nothing of the spec: a new cell option is
@@ -37,6 +37,8 @@ ALIGN_BYTES = 64
 class CellPlan:
     """One cell as the kernels see it; weights keep the spec's layouts (see ``fastlstm.spec``)."""
 
+    kind: str                 # "lstm", "gru" or "rnn" (equations in fastlstm.spec)
+    num_gates: int            # G: 4, 3 or 1; the weights stack G blocks of H rows
     layer: int
     direction: int            # 0 forward (or the only direction), 1 the reverse half of a bidirectional layer
     num_directions: int       # of the cell's layer
@@ -44,16 +46,19 @@ class CellPlan:
     input_size: int           # I
     hidden_size: int          # H
     proj_size: int            # P, 0 without projection
-    activation_codes: tuple[int, int, int]           # gate, cell, output (``Activation.code``)
+    activation_codes: tuple[int, int, int]           # gate, cell, output (``Activation.code``); see the spec for
+                                                     # which a kind uses (the others hold their defaults)
     activation_params: tuple[float, float, float, float, float, float]  # alpha, beta of each, same order
     clip: float               # +inf without clip
-    input_forget: bool        # coupled input and forget gates
-    standard: bool            # sigmoid/tanh/tanh without clip, peepholes or coupled gates: the fast path
-    w_ih: np.ndarray          # (4H, I)
-    w_hh: np.ndarray          # (4H, R)
-    bias: np.ndarray          # (4H,)
-    w_hr: np.ndarray | None   # (P, H)
-    peephole: np.ndarray | None  # (3, H), gates i, f, o
+    input_forget: bool        # LSTM: coupled input and forget gates
+    linear_before_reset: bool  # GRU: the variant (True for every other kind)
+    standard: bool            # the kind's plain activations without clip, peepholes or coupled gates: the fast path
+    w_ih: np.ndarray          # (G*H, I)
+    w_hh: np.ndarray          # (G*H, R)
+    bias: np.ndarray          # (G*H,)
+    w_hr: np.ndarray | None   # LSTM: (P, H)
+    peephole: np.ndarray | None  # LSTM: (3, H), gates i, f, o
+    candidate_bias: np.ndarray | None  # GRU: (H,), b_hn
 
     @property
     def recurrent_size(self) -> int:
@@ -61,9 +66,15 @@ class CellPlan:
         return self.proj_size or self.hidden_size
 
     @property
+    def state_size(self) -> int:
+        """Size of the cell's ``c`` (H for an LSTM, 0 otherwise): its block in the flat ``c`` is ``(B, state_size)``."""
+        return self.hidden_size if self.kind == "lstm" else 0
+
+    @property
     def weights_per_step(self) -> int:
         """Weights one batch row of a step reads: the gate products and the projection."""
-        return (self.input_size + self.recurrent_size) * 4 * self.hidden_size + self.hidden_size * self.proj_size
+        G = self.num_gates
+        return (self.input_size + self.recurrent_size) * G * self.hidden_size + self.hidden_size * self.proj_size
 
 
 def plan_cells(spec: ModelSpec) -> tuple[CellPlan, ...]:
@@ -73,6 +84,8 @@ def plan_cells(spec: ModelSpec) -> tuple[CellPlan, ...]:
         acts = (layer.gate_activation, layer.cell_activation, layer.output_activation)
         for direction, cell in enumerate(layer.cells):
             plans.append(CellPlan(
+                kind=layer.kind,
+                num_gates=layer.num_gates,
                 layer=n,
                 direction=direction,
                 num_directions=layer.num_directions,
@@ -84,8 +97,10 @@ def plan_cells(spec: ModelSpec) -> tuple[CellPlan, ...]:
                 activation_params=tuple(float(v) for act in acts for v in (act.alpha, act.beta)),
                 clip=np.inf if layer.clip is None else float(layer.clip),
                 input_forget=bool(layer.input_forget),
+                linear_before_reset=bool(layer.linear_before_reset),
                 standard=bool(layer.is_standard),
                 w_ih=cell.w_ih, w_hh=cell.w_hh, bias=cell.bias, w_hr=cell.w_hr, peephole=cell.peephole,
+                candidate_bias=cell.candidate_bias,
             ))
     return tuple(plans)
 
