@@ -402,7 +402,7 @@ def test_misshaped_tensors_are_named(tmp_path):
 
 def test_option_errors(tmp_path):
     path = save_state(LastStepClassifier(), tmp_path / "c.pt")
-    accepted = "accepted: lstm, head, head_activations, output, ignore"
+    accepted = "accepted: lstm, head, head_activations, head_input_activation, output, ignore"
     with pytest.raises(TypeError, match=rf"unknown option\(s\) heads.*{accepted}"):
         fastlstm.load(path, backend="numpy", heads=["fc"])
     with pytest.raises(TypeError, match="unknown option"):
@@ -413,6 +413,10 @@ def test_option_errors(tmp_path):
         fastlstm.load(path, backend="numpy", head_activations=["swish"])
     with pytest.raises(ValueError, match="output"):
         fastlstm.load(path, backend="numpy", output="everything")
+    with pytest.raises(ValueError, match="head_input_activation: softmax is not elementwise"):
+        fastlstm.load(path, backend="numpy", head_input_activation="softmax")
+    with pytest.raises(ValueError, match="head_input_activation: unknown activation 'swish'"):
+        fastlstm.load(path, backend="numpy", head_input_activation="swish")
     with pytest.raises(ValueError, match=r"head_activations: 2 given for a head of 1"):
         fastlstm.load(path, backend="numpy", head_activations=["relu", "relu"])
     with pytest.raises(ModelFormatError, match=r"ignore=\['nothing'\]"):
@@ -465,7 +469,10 @@ def test_custom_and_unknown_modules_are_unsupported():
     with pytest.raises(UnsupportedModelError) as info:
         fastlstm.load(net, backend="numpy")
     assert [u.partition(":")[0] for u in info.value.unsupported] == ["'scale' (Scale)", "'gelu' (nn.GELU)"]
-    model = fastlstm.load(net, backend="numpy", ignore=["scale"], head=["fc"], head_activations=["tanh"])
+    # Stating the head's activations does not make an activation module fastlstm cannot run disappear.
+    with pytest.raises(UnsupportedModelError, match=r"'gelu' \(nn.GELU\)"):
+        fastlstm.load(net, backend="numpy", ignore=["scale"], head=["fc"], head_activations=["tanh"])
+    model = fastlstm.load(net, backend="numpy", ignore=["scale", "gelu"], head=["fc"], head_activations=["tanh"])
     assert model.spec.head[0].activation.name == "tanh"
 
 

@@ -40,16 +40,16 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..activations import ACTIVATION_PARAMS, IDENTITY, Activation
+from ..activations import ACTIVATION_PARAMS, ELEMENTWISE, IDENTITY, Activation
 from ..errors import InvalidModelError, ModelFormatError, UnsupportedModelError
 from ..spec import OUTPUT_MODES, DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
 from . import torch_pickle
 
-OPTION_NAMES = ("lstm", "head", "head_activations", "output", "ignore")
+OPTION_NAMES = ("lstm", "head", "head_activations", "head_input_activation", "output", "ignore")
 
 _RECURRENT_NAME = re.compile(
     r"^(?:(?P<prefix>.+)\.)?"
@@ -121,6 +121,7 @@ class _Options:
     lstm: str | None = None
     head: tuple[str, ...] | None = None
     head_activations: tuple[Activation, ...] | None = None
+    head_input_activation: Activation | None = None
     output: str = "sequence"
     ignore: tuple[str, ...] = ()
 
@@ -139,7 +140,13 @@ class _Options:
             if isinstance(activations, (str, Activation)) or not isinstance(activations, (list, tuple)):
                 raise TypeError(f"head_activations: expected a list with one activation per head layer, "
                                 f"got {activations!r}")
-            activations = tuple(_activation_option(a, n) for n, a in enumerate(activations))
+            activations = tuple(_activation_option(a, f"head_activations[{n}]") for n, a in enumerate(activations))
+        head_input = options.get("head_input_activation")
+        if head_input is not None:
+            head_input = _activation_option(head_input, "head_input_activation")
+            if head_input.name not in ELEMENTWISE:
+                raise ValueError(f"head_input_activation: {head_input.name} is not elementwise; softmax runs in the "
+                                 "head's last layer only")
         output = options.get("output", "sequence")
         if output not in OUTPUT_MODES:
             raise ValueError(f"output: expected one of {OUTPUT_MODES}, got {output!r}")
@@ -147,10 +154,11 @@ class _Options:
         if "" in ignore:
             raise ValueError("ignore: an empty name would ignore everything")
         return cls(lstm=None if lstm is None else lstm.strip("."), head=head, head_activations=activations,
-                   output=output, ignore=ignore)
+                   head_input_activation=head_input, output=output, ignore=ignore)
 
-    def with_inferred(self, head, head_activations) -> "_Options":
-        return _Options(self.lstm, head, head_activations, self.output, self.ignore)
+    def with_inferred(self, head, head_activations, head_input_activation) -> "_Options":
+        return replace(self, head=head, head_activations=head_activations,
+                       head_input_activation=head_input_activation)
 
 
 def _str_sequence(value, option: str) -> tuple[str, ...] | None:
@@ -161,19 +169,18 @@ def _str_sequence(value, option: str) -> tuple[str, ...] | None:
     return tuple(v.strip(".") for v in value)
 
 
-def _activation_option(value, index: int) -> Activation:
+def _activation_option(value, where: str) -> Activation:
     if value is None:
         return IDENTITY
     if isinstance(value, Activation):
         if value.name not in ACTIVATION_PARAMS:
-            raise ValueError(f"head_activations[{index}]: unknown activation {value.name!r}")
+            raise ValueError(f"{where}: unknown activation {value.name!r}")
         return value
     if isinstance(value, str):
         if value not in ACTIVATION_PARAMS:
-            raise ValueError(f"head_activations[{index}]: unknown activation {value!r}; known: "
-                             f"{', '.join(ACTIVATION_PARAMS)}")
+            raise ValueError(f"{where}: unknown activation {value!r}; known: {', '.join(ACTIVATION_PARAMS)}")
         return Activation.of(value)
-    raise TypeError(f"head_activations[{index}]: expected an activation name, an Activation or None, got {value!r}")
+    raise TypeError(f"{where}: expected an activation name, an Activation or None, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------- state_dict -> spec
@@ -205,7 +212,8 @@ def _translate(state: dict, opts: _Options, source: str, module_paths: frozenset
     _refuse_leftovers(state, used, recurrent, source)
 
     dense = tuple(DenseLayer(weight, bias, act) for (weight, bias), act in zip(head, activations))
-    return ModelSpec(layers=layers, head=dense, output=opts.output, source=source).validate()
+    return ModelSpec(layers=layers, head=dense, output=opts.output,
+                     head_input_activation=opts.head_input_activation or IDENTITY, source=source).validate()
 
 
 def _apply_ignore(state: dict, ignore: tuple[str, ...], source: str,
@@ -542,8 +550,13 @@ _PASSTHROUGH = {f"torch.nn.modules.{n}" for n in (
     "linear.Identity", "dropout.Dropout", "dropout.Dropout1d", "dropout.Dropout2d", "dropout.Dropout3d",
     "dropout.AlphaDropout", "dropout.FeatureAlphaDropout")}
 _CONTAINERS = {f"torch.nn.modules.container.{n}" for n in ("Sequential", "ModuleList", "ModuleDict")}
-_ACTIVATIONS = {f"torch.nn.modules.activation.{n}" for n in (
-    "ReLU", "Sigmoid", "Tanh", "Softsign", "Hardsigmoid", "LeakyReLU", "ELU", "Softplus", "Softmax")}
+# torch activation module -> the fastlstm activation it computes (parameters read off the module).
+_ACTIVATION_NAMES = {"ReLU": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softsign": "softsign",
+                     "Hardsigmoid": "hard_sigmoid", "LeakyReLU": "leaky_relu", "ELU": "elu", "Softplus": "softplus",
+                     "Softmax": "softmax"}
+_ACTIVATIONS = {f"torch.nn.modules.activation.{n}" for n in _ACTIVATION_NAMES}
+# The setting each parametrised activation module holds (scripted archives record it, traced ones do not).
+_ACTIVATION_SETTINGS = {"LeakyReLU": "negative_slope", "ELU": "alpha", "Softplus": "beta", "Softmax": "dim"}
 _OTHER_RECURRENT = {f"torch.nn.modules.rnn.{n}" for n in ("GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell")}
 
 
@@ -642,7 +655,9 @@ def _spec_from_tree(tree: _Node | None, state: dict, source: str, opts: _Options
                     unusable: list[tuple[str, str]] = ()) -> ModelSpec:
     """Fill in the head and its activations from the module structure (if any), then translate the state_dict.
 
-    ``unusable`` lists ``(name, why)`` for state_dict entries that are not plain tensors.
+    ``unusable`` lists ``(name, why)`` for state_dict entries that are not plain tensors. Every activation
+    module the tree holds must be accounted for by an activation the model runs, whether read off the tree
+    or stated with options: a module nobody accounts for would be silently dropped.
     """
     problems = [(n, f"{n}: {why}") for n, why in unusable if not any(_under(n, p) for p in opts.ignore)]
     module_paths = frozenset(_module_paths(tree)) if tree is not None else frozenset()
@@ -661,24 +676,39 @@ def _spec_from_tree(tree: _Node | None, state: dict, source: str, opts: _Options
         raise lstm_error
     if analysis is None:
         return _translate(state, opts, source)
-    head, activations = opts.head, opts.head_activations
+    head, activations, head_input = opts.head, opts.head_activations, opts.head_input_activation
     if activations is None:
         if analysis.misplaced_activations:
             raise ModelFormatError(
                 f"{source}: cannot tell where forward() applies {', '.join(analysis.misplaced_activations)} "
-                "(registered before the LSTM, or right after it before any Linear layer); say it with "
-                "head=[...] and head_activations=[...]")
+                "(registered before the LSTM); say it with head_input_activation=... (applied to the LSTM's "
+                "output) or head=[...] and head_activations=[...], or skip it with ignore=[...] if forward() "
+                "never calls it")
         if head is None:
             head = analysis.chain(kept, group, source)
             activations = analysis.activations
         elif head == tuple(analysis.head):
             activations = analysis.activations
-        elif analysis.activation_paths:
+        elif analysis.activation_modules:
             raise ModelFormatError(
                 f"{source}: head={list(head)} differs from the Linear layers the module registers after the LSTM "
-                f"({list(analysis.head)}), so the activation modules {analysis.activation_paths} cannot be placed; "
-                "pass head_activations=[...] as well")
-    return _translate(state, opts.with_inferred(head, activations), source, module_paths)
+                f"({list(analysis.head)}), so the activation modules "
+                f"{[node.path for node, _ in analysis.activation_modules]} cannot be placed; "
+                "pass head_activations=[...] (and head_input_activation=... for one applied to the LSTM's output) "
+                "as well")
+        if head_input is None:
+            head_input = analysis.input_activation
+    unaccounted = analysis.unaccounted(list(activations or ()) + [head_input or IDENTITY])
+    if unaccounted:
+        stated = (f"head_input_activation={str(head_input or IDENTITY)!r}, head_activations="
+                  f"{[str(a) for a in activations] if activations is not None else 'identity'}")
+        raise UnsupportedModelError(
+            unaccounted,
+            f"{source}: the activations the model would run ({stated}) leave these activation modules out, so "
+            "loading would drop them. Say where forward() applies each: head_input_activation=... for one applied "
+            "to the LSTM's output before the first Linear layer, head_activations=[...] for one after each Linear "
+            f"layer; skip a module forward() never calls with ignore={[path for path in analysis.unaccounted_paths]}")
+    return _translate(state, opts.with_inferred(head, activations, head_input), source, module_paths)
 
 
 def _module_paths(tree: _Node):
@@ -690,18 +720,25 @@ def _module_paths(tree: _Node):
 class _StructureAnalysis:
     """Walk a module tree in registration order and read the head off what follows the LSTM.
 
-    ``head``/``activations``: the Linear layers after the LSTM and the activation module following each (or
-    identity); ``problems``: modules fastlstm cannot run; ``misplaced_activations``: activation modules whose
-    place in ``forward()`` cannot be told (before the LSTM, or before any Linear after it).
+    ``input_activation``: an activation module registered after the LSTM and before its first Linear layer
+    (applied to the LSTM's output); ``head``/``activations``: the Linear layers after the LSTM and the
+    activation module following each (or identity); ``activation_modules``: every activation module seen, with
+    the activation it computes (``_NOT_RECORDED`` when the source does not hold its settings), to check that
+    each is accounted for; ``problems``: modules fastlstm cannot run; ``misplaced_activations``: activation
+    modules whose place in ``forward()`` cannot be told (registered before the LSTM).
+
+    When the options state the head's activations, activation modules are not placed, only accounted for.
     """
 
     def __init__(self, tree: _Node, lstm_path: str | None, opts: _Options):
         self.opts = opts
         self.head: list[str] = []
         self.activations_list: list[Activation | None] = []
-        self.activation_paths: list[str] = []
+        self.input_activation: Activation | None = None
+        self.activation_modules: list[tuple[_Node, object]] = []
         self.misplaced_activations: list[str] = []
         self.problems: list[tuple[str, str]] = []  # (module path, message)
+        self.unaccounted_paths: list[str] = []
         self._after_lstm = False
         self._lstm_path = lstm_path
         self._visit(tree)
@@ -726,6 +763,26 @@ class _StructureAnalysis:
                     "ignore=[...]")
             size = weight.shape[0]
         return tuple(self.head)
+
+    def unaccounted(self, run: list[Activation]) -> list[str]:
+        """The activation modules that none of the activations ``run`` by the model accounts for, described.
+
+        Each module consumes one activation computing the same function (by name alone when its settings
+        are not recorded); a module forward() calls twice needs only one. Identity accounts for nothing.
+        """
+        remaining = [a for a in run if a.name != "identity"]
+        described = []
+        for node, reading in self.activation_modules:
+            name = _ACTIVATION_NAMES[node.type_name.rpartition(".")[2]]
+            match = next((a for a in remaining
+                          if (a.name == name if reading is _NOT_RECORDED else a == reading)), None)
+            if match is not None:
+                remaining.remove(match)
+                continue
+            what = name if reading is _NOT_RECORDED else str(reading)
+            described.append(f"{node.path!r} ({node.short_type}, computing {what}): not among the activations run")
+            self.unaccounted_paths.append(node.path)
+        return described
 
     def _problem(self, node: _Node, why: str) -> None:
         where = repr(node.path) if node.path else "the module itself"
@@ -761,23 +818,9 @@ class _StructureAnalysis:
                 self.head.append(node.path)
                 self.activations_list.append(None)
             return  # a Linear before the LSTM is reported as an unused tensor unless named in head=
-        if self.opts.head_activations is not None and kind.startswith("torch.nn.modules.activation."):
-            return  # the user stated the head's activations; activation modules say nothing more
         if kind in _ACTIVATIONS:
-            self.activation_paths.append(node.path)
-            if not self._after_lstm or not self.head:
-                self.misplaced_activations.append(where)
-                return
-            activation = self._activation(node)
-            if activation is None:
-                return
-            if self.activations_list[-1] is not None:
-                self._problem(node, f"a second activation after '{self.head[-1]}'; fastlstm applies one "
-                                    "activation per Linear layer")
-                return
-            self.activations_list[-1] = activation
-            return
-        if kind in _OTHER_RECURRENT:
+            self._activation_module(node, where)
+        elif kind in _OTHER_RECURRENT:
             self._problem(node, "fastlstm runs nn.LSTM layers only")
         elif kind.startswith("torch."):
             self._problem(node, "fastlstm runs an LSTM followed by Linear layers and activations "
@@ -786,27 +829,54 @@ class _StructureAnalysis:
         else:
             self._problem(node, "a custom module; fastlstm cannot see what its forward() does")
 
-    def _activation(self, node: _Node) -> Activation | None:
-        """The fastlstm ``Activation`` an activation module computes, or None with a problem noted."""
+    def _activation_module(self, node: _Node, where: str) -> None:
+        reading = self._activation(node)
+        if reading is None:
+            return  # fastlstm cannot compute it: a problem is noted
+        self.activation_modules.append((node, reading))
+        if self.opts.head_activations is not None:
+            return  # the options place the activations; this module is only accounted for
+        if not self._after_lstm:
+            self.misplaced_activations.append(where)
+            return
+        if reading is _NOT_RECORDED:
+            parameter = _ACTIVATION_SETTINGS[node.type_name.rpartition(".")[2]]
+            self._problem(node, f"its {parameter} is not recorded where fastlstm can read it (a traced TorchScript "
+                                "module inlines it into code); pass head=[...] and head_activations=[...]")
+            return
+        if not self.head:
+            if reading.name not in ELEMENTWISE:
+                self._problem(node, f"{reading.name} applied to the LSTM's output before any Linear layer; "
+                                    "fastlstm runs softmax as the head's last activation only")
+            elif self.input_activation is not None:
+                self._problem(node, "a second activation applied to the LSTM's output; fastlstm applies one")
+            else:
+                self.input_activation = reading
+            return
+        if self.activations_list[-1] is not None:
+            self._problem(node, f"a second activation after '{self.head[-1]}'; fastlstm applies one "
+                                "activation per Linear layer")
+            return
+        self.activations_list[-1] = reading
+
+    def _activation(self, node: _Node):
+        """The fastlstm ``Activation`` an activation module computes; ``_NOT_RECORDED`` when its settings are
+        not in the source; None with a problem noted when fastlstm cannot compute it."""
         short = node.type_name.rpartition(".")[2]
-        simple = {"ReLU": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softsign": "softsign"}
-        if short in simple:
-            return Activation.of(simple[short])
+        name = _ACTIVATION_NAMES[short]
+        if short in ("ReLU", "Sigmoid", "Tanh", "Softsign"):
+            return Activation.of(name)
         if short == "Hardsigmoid":  # relu6(x + 3) / 6
-            return Activation.of("hard_sigmoid", alpha=1 / 6, beta=0.5)
-        parameter = {"LeakyReLU": "negative_slope", "ELU": "alpha", "Softplus": "beta", "Softmax": "dim"}[short]
+            return Activation.of(name, alpha=1 / 6, beta=0.5)
+        parameter = _ACTIVATION_SETTINGS[short]
         value = node.setting(parameter)
         if value is _NOT_RECORDED:
-            self._problem(node, f"its {parameter} is not recorded where fastlstm can read it (a traced "
-                                "TorchScript module inlines it into code); pass head=[...] and head_activations=[...]")
-            return None
+            return _NOT_RECORDED
         if short != "Softmax" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             self._problem(node, f"{parameter}={value!r} is not a number")
             return None
-        if short == "LeakyReLU":
-            return Activation.of("leaky_relu", alpha=float(value))
-        if short == "ELU":
-            return Activation.of("elu", alpha=float(value))
+        if short in ("LeakyReLU", "ELU"):
+            return Activation.of(name, alpha=float(value))
         if short == "Softplus":
             threshold = node.setting("threshold")
             if value != 1 or not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold < 20:
@@ -814,9 +884,9 @@ class _StructureAnalysis:
                 self._problem(node, f"beta={value}, threshold={threshold}; fastlstm's softplus is "
                                     "log(1 + exp(x)) (beta=1, threshold >= 20)")
                 return None
-            return Activation.of("softplus")
+            return Activation.of(name)
         last_axis = 2 if self.opts.output == "sequence" else 1
         if type(value) is not int or value not in (-1, last_axis):
             self._problem(node, f"dim={value}; fastlstm's softmax runs over the last axis (dim=-1)")
             return None
-        return Activation.of("softmax")
+        return Activation.of(name)
