@@ -366,6 +366,58 @@ def test_huge_sizes_claimed_by_a_file_are_refused_without_allocating(tmp_path):
     assert read_torch_file(path).root == 1
 
 
+@pytest.mark.parametrize("opcode, length_format", [
+    (pickle.BYTEARRAY8, "<Q"), (pickle.BINBYTES8, "<Q"), (pickle.BINUNICODE8, "<Q"), (pickle.BINBYTES, "<I"),
+    (pickle.BINUNICODE, "<I"), (pickle.BINSTRING, "<i"), (pickle.LONG4, "<i"), (pickle.FRAME, "<Q"),
+    (pickle.SHORT_BINBYTES, "<B"), (pickle.SHORT_BINUNICODE, "<B"), (pickle.SHORT_BINSTRING, "<B"),
+    (pickle.LONG1, "<B")])
+@pytest.mark.parametrize("layout", FORMATS)
+def test_declared_lengths_beyond_the_pickle_are_refused_before_reading(tmp_path, opcode, length_format, layout):
+    """A length-prefixed opcode may not declare more bytes than the pickle has left (BYTEARRAY8 used to
+    allocate what it declared: an 800-byte file asked for 1.6 GB)."""
+    length = {"<Q": 1 << 40, "<I": (1 << 32) - 1, "<i": (1 << 31) - 1, "<B": 200}[length_format]
+    body = b"\x80\x05" + opcode + struct.pack(length_format, length) + b"abcd."
+    if layout == "zip":
+        path = write_zip(tmp_path / "z.pt", body, {})
+    else:
+        path = write_legacy(tmp_path / "l.pt", body, {})
+    with pytest.raises(ModelFormatError, match=rf"declares {length} bytes; the pickle has \d+ left"):
+        read_torch_file(path)
+
+
+def test_payloads_within_the_pickle_still_read(tmp_path):
+    data = pickle.dumps({"b": bytearray(b"xyz"), "s": "\u00e9t\u00e9", "n": 1 << 100, "u": b"q" * 300}, protocol=5)
+    assert read_torch_file(write_zip(tmp_path / "p.pt", data, {})).root == {
+        "b": bytearray(b"xyz"), "s": "\u00e9t\u00e9", "n": 1 << 100, "u": b"q" * 300}
+
+
+@pytest.mark.parametrize("opcode", [pickle.EXT1 + b"\xf0", pickle.EXT2 + b"\xf0\x00", pickle.EXT4 + b"\xf0\x00\x00\x00"])
+def test_extension_registry_opcodes_are_refused(tmp_path, opcode):
+    """copyreg's extension registry is process state: a file may not reach a class through it."""
+    import copyreg
+
+    copyreg.add_extension("collections", "OrderedDict", 0xF0)
+    try:
+        path = write_zip(tmp_path / "e.pt", b"\x80\x02" + opcode + b")R.", {})
+        with pytest.raises(ModelFormatError, match="extension-registry opcode"):
+            read_torch_file(path)
+    finally:
+        copyreg.remove_extension("collections", "OrderedDict", 0xF0)
+
+
+def test_a_small_compressed_pickle_cannot_build_a_huge_structure(tmp_path):
+    """2 million empty lists (about 130 MB of objects) from a data.pkl of a few KB once deflated."""
+    data = b"\x80\x02](" + b"]" * 2_000_000 + b"e."
+    compressed = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(compressed, "w") as archive:
+        archive.writestr("archive/data.pkl", data, compress_type=zipfile.ZIP_DEFLATED)
+    assert os.path.getsize(compressed) < 10_000
+    with pytest.raises(ModelFormatError, match="builds more objects than a pickle of its size"):
+        read_torch_file(str(compressed))
+    # The budget grows with what the pickle occupies in the file: stored uncompressed, the same pickle reads.
+    assert len(read_torch_file(write_zip(tmp_path / "stored.pt", data, {})).root) == 2_000_000
+
+
 def test_views_outside_their_storage_are_refused(tmp_path):
     storage = {"0": floats(1, 2, 3, 4)}
     beyond = OrderedDict(w=_Tensor(_Storage("0", 4), 2, (3,), (1,)))

@@ -32,6 +32,7 @@ import ast
 import io
 import os
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -46,6 +47,12 @@ LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 
 _MAX_PICKLE_BYTES = 256 << 20       # data.pkl of the largest real models is a few MiB
+# What unpickling may build, in estimated bytes: every opcode counts as one Python object (_OBJECT_COST) and
+# every string or bytes payload as its length. A pickle may spend _BUILD_BYTES_PER_STORED_BYTE times the bytes
+# it occupies in the file (so a small compressed data.pkl cannot build gigabytes), plus _MIN_BUILD_BYTES.
+_OBJECT_COST = 64
+_BUILD_BYTES_PER_STORED_BYTE = _OBJECT_COST
+_MIN_BUILD_BYTES = 64 << 20
 _MAX_CODE_FILE_BYTES = 16 << 20
 _MAX_TENSOR_DIMS = 32
 _MAX_SCRIPT_CLASSES = 10_000
@@ -289,23 +296,126 @@ def _load_build_restricted(unpickler: "_RestrictedUnpickler") -> None:
     raise _PickleRefused(f"refusing to set the state of a {type(target).__name__} (pickle BUILD)")
 
 
+_OPCODE_NAMES = {op.code.encode("latin1")[0]: op.name for op in pickletools.opcodes}
+
+
+def _load_extension(unpickler: "_RestrictedUnpickler") -> None:
+    """EXT1/EXT2/EXT4 look a class up in copyreg's process-wide extension registry: never from a file."""
+    raise _PickleRefused("the pickle uses an extension-registry opcode (EXT1/EXT2/EXT4), which torch never writes")
+
+
+def _decode_long(unpickler, data: bytes):
+    return pickle.decode_long(data)
+
+
+def _decode_unicode(unpickler, data: bytes) -> str:
+    return str(data, "utf-8", "surrogatepass")
+
+
+def _decode_string(unpickler, data: bytes):
+    return unpickler._decode_string(data)
+
+
+def _bytes(unpickler, data: bytes) -> bytes:
+    return data
+
+
+def _bytearray(unpickler, data: bytes) -> bytearray:
+    return bytearray(data)
+
+
+def _length_prefixed(opcode: bytes, length_format: str, build):
+    """A loader for ``opcode``, whose payload follows a ``length_format`` length: the length is checked against
+    the bytes the pickle has left before anything is read or allocated (the stock BYTEARRAY8 allocates first)."""
+    header_size = struct.calcsize(length_format)
+    opname = _OPCODE_NAMES[opcode[0]]
+
+    def load(unpickler: "_RestrictedUnpickler") -> None:
+        header = unpickler.read(header_size)
+        if len(header) != header_size:
+            raise _PickleRefused(f"{opname}: truncated length")
+        (length,) = struct.unpack(length_format, header)
+        remaining = unpickler.remaining()
+        if length < 0 or length > remaining:
+            raise _PickleRefused(f"{opname} declares {length} bytes; the pickle has {remaining} left")
+        unpickler.spend(length)
+        data = unpickler.read(length)
+        if len(data) != length:
+            raise _PickleRefused(f"{opname}: {length} bytes declared, {len(data)} read")
+        unpickler.append(build(unpickler, data))
+
+    return load
+
+
+def _load_frame(unpickler: "_RestrictedUnpickler") -> None:
+    header = unpickler.read(8)
+    if len(header) != 8:
+        raise _PickleRefused("FRAME: truncated length")
+    (size,) = struct.unpack("<Q", header)
+    if size > unpickler.remaining():
+        raise _PickleRefused(f"FRAME declares {size} bytes; the pickle has {unpickler.remaining()} left")
+    unpickler._unframer.load_frame(size)
+
+
+def _counted(load):
+    def counted(unpickler: "_RestrictedUnpickler") -> None:
+        unpickler.spend(_OBJECT_COST)
+        load(unpickler)
+
+    return counted
+
+
+def _dispatch_table() -> dict:
+    table = dict(pickle._Unpickler.dispatch)
+    table[pickle.BUILD[0]] = _load_build_restricted
+    for opcode in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
+        table[opcode[0]] = _load_extension
+    for opcode, length_format, build in (
+            (pickle.BINBYTES, "<I", _bytes), (pickle.SHORT_BINBYTES, "<B", _bytes), (pickle.BINBYTES8, "<Q", _bytes),
+            (pickle.BYTEARRAY8, "<Q", _bytearray),
+            (pickle.BINUNICODE, "<I", _decode_unicode), (pickle.SHORT_BINUNICODE, "<B", _decode_unicode),
+            (pickle.BINUNICODE8, "<Q", _decode_unicode),
+            (pickle.BINSTRING, "<i", _decode_string), (pickle.SHORT_BINSTRING, "<B", _decode_string),
+            (pickle.LONG1, "<B", _decode_long), (pickle.LONG4, "<i", _decode_long)):
+        table[opcode[0]] = _length_prefixed(opcode, length_format, build)
+    table[pickle.FRAME[0]] = _load_frame
+    return {key: _counted(load) for key, load in table.items()}
+
+
 class _RestrictedUnpickler(pickle._Unpickler):
     """Python's pure-Python unpickler with an allow-list ``find_class`` and storage references.
 
     ``allow_torchscript`` admits ``__torch__.*`` classes (as ``ScriptObject`` subclasses) and TorchScript's
     own list/tag helpers; ``allow_globals=False`` admits no global at all (for torch's header pickles).
+    ``file`` is a ``_BoundedReader``: every length the pickle declares is checked against the bytes it has
+    left, and ``stored_bytes`` (what the pickle occupies in the file, compressed or not) sets the budget of
+    what it may build (see ``_OBJECT_COST``). Copyreg's extension registry (EXT opcodes) is refused.
     """
 
-    dispatch = dict(pickle._Unpickler.dispatch)
-    dispatch[pickle.BUILD[0]] = _load_build_restricted
+    dispatch = _dispatch_table()
 
-    def __init__(self, file, *, allow_globals: bool = True, allow_torchscript: bool = False, legacy: bool = False):
+    def __init__(self, file: "_BoundedReader", *, stored_bytes: int, allow_globals: bool = True,
+                 allow_torchscript: bool = False, legacy: bool = False):
         super().__init__(file, encoding="utf-8")
+        self.source = file
+        self.budget = _MIN_BUILD_BYTES + _BUILD_BYTES_PER_STORED_BYTE * stored_bytes
         self.allow_globals = allow_globals
         self.allow_torchscript = allow_torchscript
         self.legacy = legacy
         self.storages: dict[str, _StorageRef] = {}
         self.script_classes: dict[str, type] = {}
+
+    def remaining(self) -> int:
+        """The pickle's bytes not read yet: the rest of the current frame and of the file."""
+        frame = self._unframer.current_frame
+        in_frame = frame.getbuffer().nbytes - frame.tell() if frame is not None else 0
+        return in_frame + self.source.remaining()
+
+    def spend(self, cost: int) -> None:
+        self.budget -= cost
+        if self.budget < 0:
+            raise _PickleRefused("it builds more objects than a pickle of its size can describe (a compressed "
+                                 "pickle that expands into a huge structure?)")
 
     def find_class(self, module, name):
         if self.allow_globals and isinstance(module, str) and isinstance(name, str):
@@ -373,7 +483,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         return _StorageRef(key, known.dtype, numel, view_offset, view_numel)
 
 
-def _unpickle(file, what: str, name: str, **kwargs):
+def _unpickle(file: "_BoundedReader", what: str, name: str, **kwargs):
     """Run one restricted unpickling; every failure becomes ``ModelFormatError`` naming ``name`` and ``what``."""
     unpickler = _RestrictedUnpickler(file, **kwargs)
     try:
@@ -402,7 +512,8 @@ def _read_zip(path: str) -> TorchFile:
         prefix = pickles[0][: -len("data.pkl")]
         is_torchscript = any(n.startswith(prefix + "code/") for n in members)
         data_pkl = _read_member(archive, members[pickles[0]], name, _MAX_PICKLE_BYTES)
-        root, unpickler = _unpickle(io.BytesIO(data_pkl), "data.pkl", name, allow_torchscript=is_torchscript)
+        root, unpickler = _unpickle(_BoundedReader(io.BytesIO(data_pkl), len(data_pkl)), "data.pkl", name,
+                                    stored_bytes=members[pickles[0]].compress_size, allow_torchscript=is_torchscript)
 
         byteorder = "little"
         if prefix + "byteorder" in members:
@@ -510,19 +621,19 @@ def _read_legacy(path: str) -> TorchFile:
     name = os.path.basename(path)
     with open(path, "rb") as raw:
         f = _BoundedReader(raw, os.fstat(raw.fileno()).st_size)
-        magic, _ = _unpickle(f, "the header", name, allow_globals=False)
+        magic, _ = _unpickle(f, "the header", name, stored_bytes=f.remaining(), allow_globals=False)
         if magic != LEGACY_MAGIC_NUMBER:
             raise ModelFormatError(f"{name}: not a torch.save file (it starts with a pickle of "
                                    f"{_describe(magic)}, not torch's magic number)")
-        protocol, _ = _unpickle(f, "the header", name, allow_globals=False)
+        protocol, _ = _unpickle(f, "the header", name, stored_bytes=f.remaining(), allow_globals=False)
         if protocol != LEGACY_PROTOCOL_VERSION:
             raise ModelFormatError(f"{name}: torch.save protocol version {protocol!r}; "
                                    f"fastlstm reads version {LEGACY_PROTOCOL_VERSION}")
-        sys_info, _ = _unpickle(f, "the header", name, allow_globals=False)
+        sys_info, _ = _unpickle(f, "the header", name, stored_bytes=f.remaining(), allow_globals=False)
         if not isinstance(sys_info, dict):
             raise ModelFormatError(f"{name}: malformed header (sys_info is a {type(sys_info).__name__})")
-        root, unpickler = _unpickle(f, "the pickled object", name, legacy=True)
-        keys, _ = _unpickle(f, "the storage key list", name, allow_globals=False)
+        root, unpickler = _unpickle(f, "the pickled object", name, stored_bytes=f.remaining(), legacy=True)
+        keys, _ = _unpickle(f, "the storage key list", name, stored_bytes=f.remaining(), allow_globals=False)
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
             raise ModelFormatError(f"{name}: malformed storage key list")
         unknown = [k for k in keys if k not in unpickler.storages]
