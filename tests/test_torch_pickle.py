@@ -352,7 +352,7 @@ def test_a_plain_pickle_is_not_a_torch_file(tmp_path):
 
 
 def test_huge_sizes_claimed_by_a_file_are_refused_without_allocating(tmp_path):
-    huge = 1 << 50
+    huge = 1 << 46
     state = OrderedDict(w=_Tensor(_Storage("0", huge), 0, (huge,), (1,)))
     legacy = write_legacy(tmp_path / "l.pt", _pickle(state, legacy=True), {"0": (huge, b"")})
     with pytest.raises(ModelFormatError, match="truncated"):
@@ -391,7 +391,8 @@ def test_payloads_within_the_pickle_still_read(tmp_path):
         "b": bytearray(b"xyz"), "s": "\u00e9t\u00e9", "n": 1 << 100, "u": b"q" * 300}
 
 
-@pytest.mark.parametrize("opcode", [pickle.EXT1 + b"\xf0", pickle.EXT2 + b"\xf0\x00", pickle.EXT4 + b"\xf0\x00\x00\x00"])
+@pytest.mark.parametrize("opcode", [pickle.EXT1 + b"\xf0", pickle.EXT2 + b"\xf0\x00",
+                                    pickle.EXT4 + b"\xf0\x00\x00\x00"])
 def test_extension_registry_opcodes_are_refused(tmp_path, opcode):
     """copyreg's extension registry is process state: a file may not reach a class through it."""
     import copyreg
@@ -416,6 +417,45 @@ def test_a_small_compressed_pickle_cannot_build_a_huge_structure(tmp_path):
         read_torch_file(str(compressed))
     # The budget grows with what the pickle occupies in the file: stored uncompressed, the same pickle reads.
     assert len(read_torch_file(write_zip(tmp_path / "stored.pt", data, {})).root) == 2_000_000
+
+
+def test_sizes_strides_and_offsets_beyond_2_48_are_refused(tmp_path):
+    """Their byte products would not fit int64 (NumPy raised OverflowError or ValueError)."""
+    storage = {"0": floats(1, 2, 3, 4)}
+    for size, stride, offset in [((1,), (1 << 70,), 0), ((0, 1 << 70), (1, 1), 0), ((1,), (1,), 1 << 60)]:
+        state = OrderedDict(w=_Tensor(_Storage("0", 4), offset, size, stride))
+        with pytest.raises(ModelFormatError, match=r"expected an integer in \[0, 2\*\*48\]"):
+            fastlstm.load(write_zip(tmp_path / "s.pt", _pickle(state), storage), backend="numpy")
+    empty = OrderedDict(w=_Tensor(_Storage("0", 4), 0, (0, 1 << 40, 1 << 40), (1, 1, 1)))
+    with pytest.raises(ModelFormatError, match="an empty tensor whose other dimensions"):
+        read_torch_file(write_zip(tmp_path / "e.pt", _pickle(empty), storage))
+
+
+def test_deeply_nested_header_values_are_described_without_recursing(tmp_path):
+    nested = b"\x80\x02" + b"]" * 3000 + b"a" * 2999 + b"."
+    path = tmp_path / "n.pt"
+    path.write_bytes(nested)  # a legacy file whose magic number is 3000 nested lists
+    with pytest.raises(ModelFormatError, match=r"n.pt: not a torch.save file \(it starts with a pickle of \[\[\["):
+        fastlstm.load(str(path), backend="numpy")
+    with open(path, "wb") as f:
+        pickle.dump(torch_pickle.LEGACY_MAGIC_NUMBER, f, protocol=2)
+        f.write(nested)
+    with pytest.raises(ModelFormatError, match=r"protocol version \[\[\["):
+        fastlstm.load(str(path), backend="numpy")
+
+
+@pytest.mark.parametrize("field", ["version needed", "compression method"])
+def test_unsupported_zip_features_are_format_errors(tmp_path, field):
+    """zipfile raises NotImplementedError for a zip version or compression method it does not know."""
+    path = save({"w": torch.ones(3)}, tmp_path / "z.pt", "zip")
+    data = bytearray(open(path, "rb").read())
+    central = data.index(b"PK\x01\x02")  # the first central directory entry
+    offset = central + (6 if field == "version needed" else 10)
+    data[offset:offset + 2] = struct.pack("<H", 99)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(ModelFormatError, match="broken.pt"):
+        read_torch_file(str(broken))
 
 
 def test_views_outside_their_storage_are_refused(tmp_path):

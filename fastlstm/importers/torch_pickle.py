@@ -34,6 +34,7 @@ import os
 import pickle
 import pickletools
 import re
+import reprlib
 import struct
 import zipfile
 from collections import OrderedDict
@@ -55,6 +56,8 @@ _BUILD_BYTES_PER_STORED_BYTE = _OBJECT_COST
 _MIN_BUILD_BYTES = 64 << 20
 _MAX_CODE_FILE_BYTES = 16 << 20
 _MAX_TENSOR_DIMS = 32
+# Sizes, strides, offsets and element counts above this are refused: their products in bytes must fit int64.
+_MAX_INDEX = 1 << 48
 _MAX_SCRIPT_CLASSES = 10_000
 # A file's tensors may describe at most this many times the bytes its storages hold, plus a small allowance
 # (tied weights and views that partition a flat buffer stay far below it).
@@ -146,9 +149,17 @@ def read_torch_file(path: str) -> TorchFile:
     """Read a ``torch.save`` (zip or legacy) or ``torch.jit.save`` file; ``ModelFormatError`` if it is none."""
     with open(path, "rb") as f:
         head = f.read(4)
-    if head == b"PK\x03\x04":
-        return _read_zip(path)
-    return _read_legacy(path)
+    try:
+        if head == b"PK\x03\x04":
+            return _read_zip(path)
+        return _read_legacy(path)
+    except _UNEXPECTED_ERRORS as exc:  # a backstop: each cause found is checked where it arises
+        raise ModelFormatError(f"{os.path.basename(path)}: unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+# What a malformed file could still raise from the standard library or NumPy despite the checks above.
+_UNEXPECTED_ERRORS = (RecursionError, OverflowError, IndexError, KeyError, TypeError, MemoryError,
+                      NotImplementedError, struct.error, EOFError, UnicodeDecodeError)
 
 
 # ----------------------------------------------------------------------------------------- the unpickler
@@ -193,14 +204,15 @@ class _TensorTypeMarker:
 
 
 def _check_int(value, what: str, minimum: int = 0) -> int:
-    if type(value) is not int or value < minimum:
-        raise _PickleRefused(f"{what}: expected an integer >= {minimum}, got {value!r}")
+    if type(value) is not int or not minimum <= value <= _MAX_INDEX:
+        raise _PickleRefused(f"{what}: expected an integer in [{minimum}, 2**48], got {_describe(value)}")
     return value
 
 
 def _check_int_tuple(value, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or len(value) > _MAX_TENSOR_DIMS:
-        raise _PickleRefused(f"{what}: expected a tuple of at most {_MAX_TENSOR_DIMS} integers, got {value!r}")
+        raise _PickleRefused(f"{what}: expected a tuple of at most {_MAX_TENSOR_DIMS} integers, "
+                             f"got {_describe(value)}")
     return tuple(_check_int(v, what) for v in value)
 
 
@@ -225,7 +237,8 @@ def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *unused):
 def _rebuild_from_type_v2(func, new_type, args, state=None):
     """``torch._tensor._rebuild_from_type_v2``: allowed for plain tensors and Parameters only."""
     if not isinstance(new_type, _TensorTypeMarker) or func not in (_rebuild_tensor, _rebuild_parameter):
-        raise _PickleRefused(f"tensor of type {new_type!r} rebuilt by {func!r} is not a plain tensor")
+        raise _PickleRefused(f"tensor of type {_describe(new_type)} rebuilt by {_describe(func)} is not a plain "
+                             "tensor")
     if not isinstance(args, tuple):
         raise _PickleRefused("_rebuild_from_type_v2: expected a tuple of arguments")
     return func(*args)
@@ -444,12 +457,12 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or not pid:
-            raise _PickleRefused(f"unexpected persistent id {pid!r}")
+            raise _PickleRefused(f"unexpected persistent id {_describe(pid)}")
         typename = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
         if typename == "module":
             raise _PickleRefused("the file holds a pickled nn.Module class. " + _WHOLE_MODEL_HINT)
         if typename != "storage":
-            raise _PickleRefused(f"unexpected persistent id of type {typename!r}")
+            raise _PickleRefused(f"unexpected persistent id of type {_describe(typename)}")
         if self.legacy:
             if len(pid) != 6:
                 raise _PickleRefused(f"a legacy storage reference has 6 fields, got {len(pid)}")
@@ -460,9 +473,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
             _, storage_type, key, _location, numel = pid
             view = None
         if not isinstance(storage_type, _StorageType):
-            raise _PickleRefused(f"storage of unknown type {storage_type!r}")
+            raise _PickleRefused(f"storage of unknown type {_describe(storage_type)}")
         if not isinstance(key, str) or not key or len(key) > 256:
-            raise _PickleRefused(f"invalid storage key {key!r}")
+            raise _PickleRefused(f"invalid storage key {_describe(key)}")
         _check_int(numel, f"storage {key!r} size")
         known = self.storages.get(key)
         if known is None:
@@ -473,7 +486,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if view is None:
             return known
         if not isinstance(view, tuple) or len(view) != 3:
-            raise _PickleRefused(f"invalid storage view {view!r}")
+            raise _PickleRefused(f"invalid storage view {_describe(view)}")
         _view_key, view_offset, view_numel = view
         _check_int(view_offset, "storage view offset")
         _check_int(view_numel, "storage view size")
@@ -502,7 +515,7 @@ def _read_zip(path: str) -> TorchFile:
     file_size = os.path.getsize(path)
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
         raise ModelFormatError(f"{name}: cannot open the zip archive: {exc}") from None
     with archive:
         members = {info.filename: info for info in archive.infolist()}
@@ -627,7 +640,7 @@ def _read_legacy(path: str) -> TorchFile:
                                    f"{_describe(magic)}, not torch's magic number)")
         protocol, _ = _unpickle(f, "the header", name, stored_bytes=f.remaining(), allow_globals=False)
         if protocol != LEGACY_PROTOCOL_VERSION:
-            raise ModelFormatError(f"{name}: torch.save protocol version {protocol!r}; "
+            raise ModelFormatError(f"{name}: torch.save protocol version {_describe(protocol)}; "
                                    f"fastlstm reads version {LEGACY_PROTOCOL_VERSION}")
         sys_info, _ = _unpickle(f, "the header", name, stored_bytes=f.remaining(), allow_globals=False)
         if not isinstance(sys_info, dict):
@@ -662,8 +675,13 @@ def _read_legacy(path: str) -> TorchFile:
 
 
 def _describe(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """A short repr of a value read from a file: bounded in length and in nesting (a plain repr of a deeply
+    nested list recurses)."""
+    return _SHORT_REPR.repr(value)
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60
 
 
 # ----------------------------------------------------------------------------------------- tensors
@@ -733,6 +751,8 @@ def _tensor_view(pending: _PendingTensor, storages: dict[str, bytes], byteorder:
         if numel > available:
             raise ModelFormatError(f"{where}: has {numel} elements, more than its storage's {available} "
                                    "(an expanded or overlapping view); save a contiguous copy instead")
+    elif np.prod([s for s in pending.size if s], dtype=object) > _MAX_INDEX:
+        raise ModelFormatError(f"{where}: an empty tensor whose other dimensions multiply to more than 2**48")
     itemsize = _itemsize(ref.dtype)
     budget["bytes"] -= numel * itemsize
     if budget["bytes"] < 0:
