@@ -36,8 +36,10 @@ torch itself is imported only for in-memory objects.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import reprlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -49,18 +51,20 @@ from ..errors import InvalidModelError, ModelFormatError, UnsupportedModelError
 from ..spec import OUTPUT_MODES, DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
 from . import torch_pickle
 
-OPTION_NAMES = ("lstm", "head", "head_activations", "head_input_activation", "output", "ignore")
+OPTION_NAMES = ("lstm", "head", "head_activations", "head_input_activation", "output", "ignore", "state_dict_key")
 
 _RECURRENT_NAME = re.compile(
     r"^(?:(?P<prefix>.+)\.)?"
-    r"(?P<kind>weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(?P<layer>\d+)(?P<reverse>_reverse)?$"
+    r"(?P<kind>weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)(?:_l(?P<layer>\d+)(?P<reverse>_reverse)?)?$"
 )
 _MAX_FLATTENED_ENTRIES = 1_000_000
 _MAX_NESTING = 64
-_IGNORE_HINT = ("fastlstm runs one nn.LSTM followed by Linear layers and activations. If something listed is not on "
-                "the path from the model's input to its output (an optimizer state, an unused branch), skip it "
-                "with ignore={ignore!r}; the head's layers and activations can be stated with head=[...] and "
-                "head_activations=[...].")
+def _ignore_hint(prefixes: list[str]) -> str:
+    """What to do about refused parts: skip what is not on the path from input to output, or state the head."""
+    skip = (f"If something listed is not on the path from the model's input to its output (an optimizer state, "
+            f"an unused branch), skip it with ignore={prefixes!r}; ") if prefixes else ""
+    return (f"fastlstm runs one nn.LSTM followed by Linear layers and activations. {skip}the head's layers and "
+            "activations can be stated with head=[...], head_activations=[...] and head_input_activation=...")
 
 
 # ----------------------------------------------------------------------------------------- entry points
@@ -79,8 +83,12 @@ def spec_from_file(path, **options) -> ModelSpec:
     if not isinstance(contents.root, dict):
         raise ModelFormatError(f"{name}: expected a state_dict (a dict of tensors), found a "
                                f"{type(contents.root).__name__}")
-    state = _flatten_state(contents.root, name)
-    return _translate(state, opts, f"PyTorch state_dict {name}")
+    state_dict, entry = _checkpoint_state_dict(contents.root, opts.state_dict_key, name)
+    state = _flatten_state(state_dict, name)
+    if entry:  # ignore= may name the checkpoint's other entries ("optimizer"): they are left out already
+        kept = tuple(p for p in opts.ignore if not _is_entry(contents.root, p) or _under(p, entry))
+        opts = replace(opts, ignore=kept)
+    return _translate(state, opts, f"PyTorch state_dict {name}" + (f" (checkpoint entry {entry!r})" if entry else ""))
 
 
 def spec_from_module(module, **options) -> ModelSpec:
@@ -124,6 +132,7 @@ class _Options:
     head_input_activation: Activation | None = None
     output: str = "sequence"
     ignore: tuple[str, ...] = ()
+    state_dict_key: str | None = None
 
     @classmethod
     def parse(cls, options: dict) -> "_Options":
@@ -153,8 +162,12 @@ class _Options:
         ignore = _str_sequence(options.get("ignore"), "ignore") or ()
         if "" in ignore:
             raise ValueError("ignore: an empty name would ignore everything")
+        state_dict_key = options.get("state_dict_key")
+        if state_dict_key is not None and not isinstance(state_dict_key, str):
+            raise TypeError(f"state_dict_key: expected the checkpoint entry holding the state_dict as a str "
+                            f"(nested keys joined by '.'), got {state_dict_key!r}")
         return cls(lstm=None if lstm is None else lstm.strip("."), head=head, head_activations=activations,
-                   head_input_activation=head_input, output=output, ignore=ignore)
+                   head_input_activation=head_input, output=output, ignore=ignore, state_dict_key=state_dict_key)
 
     def with_inferred(self, head, head_activations, head_input_activation) -> "_Options":
         return replace(self, head=head, head_activations=head_activations,
@@ -191,9 +204,22 @@ class _Recurrent:
     prefix: str
     names: dict[tuple[str, int, bool], str] = field(default_factory=dict)
     kind: str = "LSTM"  # or "GRU" / "RNN", told apart by weight_hh's shape
+    # nn.LSTMCell (GRUCell, RNNCell) names its tensors without the layer suffix: weight_ih, not weight_ih_l0.
+    cell_names: bool = False
+    layer_names: bool = False
+
+    @property
+    def module(self) -> str:
+        return f"nn.{self.kind}{'Cell' if self.cell_names and not self.layer_names else ''}"
 
     def display(self) -> str:
-        return repr(self.prefix) if self.prefix else "'' (a bare nn.LSTM's state_dict)"
+        return repr(self.prefix) if self.prefix else f"'' (a bare {self.module}'s state_dict)"
+
+    def full_name(self, kind: str, layer: int, reverse: bool) -> str:
+        prefix = f"{self.prefix}." if self.prefix else ""
+        if self.cell_names and not self.layer_names:
+            return f"{prefix}{kind}"
+        return f"{prefix}{kind}_l{layer}{'_reverse' if reverse else ''}"
 
 
 def _translate(state: dict, opts: _Options, source: str, module_paths: frozenset[str] = frozenset()) -> ModelSpec:
@@ -225,9 +251,26 @@ def _apply_ignore(state: dict, ignore: tuple[str, ...], source: str,
     unmatched = [p for p in ignore
                  if not any(_under(name, p) for name in state) and not any(_under(path, p) for path in module_paths)]
     if unmatched:
+        known = sorted(module_paths | {p for name in state for p in _prefixes(name)})
+        suggestions = "".join(_did_you_mean(p, known) for p in unmatched)
         raise ModelFormatError(f"{source}: ignore={list(unmatched)} match(es) no tensor or module; names look like "
-                               f"{_some(state)}")
+                               f"{_some(state)}{suggestions}")
     return {name: value for name, value in state.items() if not any(_under(name, p) for p in ignore)}
+
+
+def _prefixes(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a", "a.b", "a.b.c"]``."""
+    parts = name.split(".")
+    return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
+
+
+def _did_you_mean(wanted: str, known) -> str:
+    """``"; did you mean 'model.fc'?"`` for the known name closest to ``wanted`` (one that ends with it, as
+    when a wrapper adds a prefix, else a close spelling), or ``""``."""
+    known = [k for k in known if k != wanted]
+    suffixed = sorted((k for k in known if k.endswith("." + wanted)), key=len)
+    close = suffixed[:1] or difflib.get_close_matches(wanted, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -247,8 +290,13 @@ def _recurrent_groups(state: dict) -> dict[str, _Recurrent]:
         if match:
             prefix = match.group("prefix") or ""
             group = groups.setdefault(prefix, _Recurrent(prefix))
-            key = (match.group("kind"), int(match.group("layer")), bool(match.group("reverse")))
+            layer = match.group("layer")
+            key = (match.group("kind"), int(layer or 0), bool(match.group("reverse")))
             group.names[key] = name
+            if layer is None:
+                group.cell_names = True
+            else:
+                group.layer_names = True
     for group in groups.values():
         # nn.GRU and nn.RNN name their parameters like nn.LSTM; weight_hh has 3H or H rows instead of 4H.
         w_hh = state.get(group.names.get(("weight_hh", 0, False), ""))
@@ -270,15 +318,16 @@ def _choose_lstm(groups: dict[str, _Recurrent], opts: _Options, state: dict, sou
             found = ", ".join(g.display() for g in lstms) or "none"
             expected = f"{opts.lstm}.weight_ih_l0" if opts.lstm else "weight_ih_l0"
             raise ModelFormatError(f"{source}: lstm={opts.lstm!r}: no LSTM parameters under that prefix "
-                                   f"(names like {expected!r}); LSTMs found: {found}")
+                                   f"(names like {expected!r}); LSTMs found: {found}"
+                                   + _did_you_mean(opts.lstm, [g.prefix for g in lstms]))
         if group.kind != "LSTM":
-            raise UnsupportedModelError([f"{group.display()}: nn.{group.kind} parameters (judging by weight_hh's "
+            raise UnsupportedModelError([f"{group.display()}: {group.module} parameters (judging by weight_hh's "
                                          "shape); fastlstm runs LSTMs only"])
         return group
     if len(lstms) == 1:
         return lstms[0]
     if not lstms:
-        others = [f"{g.display()}: nn.{g.kind} parameters; fastlstm runs LSTMs only" for g in groups.values()]
+        others = [f"{g.display()}: {g.module} parameters; fastlstm runs LSTMs only" for g in groups.values()]
         if others:
             raise UnsupportedModelError(others)
         raise ModelFormatError(f"{source}: no nn.LSTM parameters found (names like 'weight_ih_l0' or "
@@ -297,6 +346,10 @@ def _lstm_layers(group: _Recurrent, state: dict, source: str) -> tuple[LSTMLayer
     layer_numbers = {layer for _, layer, _ in names}
     num_layers = max(layer_numbers) + 1
     problems: list[str] = []
+    if group.cell_names and group.layer_names:
+        problems.append(f"{prefix}weight_ih...: both nn.LSTMCell names (weight_ih) and nn.LSTM names "
+                        "(weight_ih_l0) under one prefix")
+        raise InvalidModelError(problems, source)
     if len(layer_numbers) != num_layers:
         problems.append(f"{prefix}*_l<k>: layer numbers {sorted(layer_numbers)[:10]} are not "
                         f"0..{len(layer_numbers) - 1}")
@@ -309,8 +362,7 @@ def _lstm_layers(group: _Recurrent, state: dict, source: str) -> tuple[LSTMLayer
     kinds += ["bias_ih", "bias_hh"] if has_bias else []
     kinds += ["weight_hr"] if has_projection else []
 
-    def full_name(kind, layer, reverse):
-        return f"{prefix}{kind}_l{layer}{'_reverse' if reverse else ''}"
+    full_name = group.full_name
 
     arrays: dict[tuple[str, int, bool], np.ndarray] = {}
     for layer in range(num_layers):
@@ -385,7 +437,7 @@ def _lstm_output_size(group: _Recurrent, state: dict) -> int | None:
     array = state.get(source or "")
     if not isinstance(array, np.ndarray) or array.ndim != 2:
         return None
-    size = array.shape[0] if source.endswith(f"weight_hr_l{last}") else array.shape[0] // 4
+    size = array.shape[0] if source.rpartition(".")[2].startswith("weight_hr") else array.shape[0] // 4
     return directions * size
 
 
@@ -450,9 +502,10 @@ def _head_layers(head: tuple[str, ...], state: dict, lstm_output: int, source: s
     for n, prefix in enumerate(head):
         weight_name, bias_name = f"{prefix}.weight", f"{prefix}.bias"
         if weight_name not in state:
-            hint = ""
             if prefix.endswith(".weight"):
                 hint = f" (name the module, {prefix[:-len('.weight')]!r}, not its weight)"
+            else:
+                hint = _did_you_mean(prefix, _linear_candidates(state, set()))
             problems.append(f"{weight_name}: missing (head[{n}] = {prefix!r}){hint}")
             continue
         weight = _float_array(state[weight_name], weight_name, problems)
@@ -490,15 +543,15 @@ def _refuse_leftovers(state: dict, used: set[str], recurrent: dict[str, _Recurre
     leftovers = [name for name in state if name not in used]
     if not leftovers:
         return
-    kinds = {name: group.kind for group in recurrent.values() for name in group.names.values()}
+    kinds = {name: group.module for group in recurrent.values() for name in group.names.values()}
     entries = []
     for name in leftovers:
         value = state[name]
         what = f"shape {tuple(value.shape)}" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
         if name in kinds:
-            what += f", an nn.{kinds[name]} parameter"
+            what += f", an {kinds[name]} parameter"
         entries.append(f"{name} ({what})")
-    hint = _IGNORE_HINT.format(ignore=_covering_prefixes(leftovers, used))
+    hint = _ignore_hint(_covering_prefixes(leftovers, used))
     raise UnsupportedModelError(entries, f"{source}: {hint}")
 
 
@@ -514,6 +567,85 @@ def _covering_prefixes(leftovers: list[str], used: set[str]) -> list[str]:
         if prefix not in prefixes and not any(_under(prefix, p) for p in prefixes):
             prefixes.append(prefix)
     return prefixes
+
+
+def _checkpoint_state_dict(root: dict, key: str | None, name: str) -> tuple[dict, str]:
+    """The state_dict to translate in what a file holds, and its checkpoint entry ("" for the whole object).
+
+    A checkpoint (``{"epoch": 3, "model_state": state_dict, "optimizer_state": {...}}``) holds one state_dict
+    beside things that are not the model: the dict of tensors holding recurrent parameter names is the one
+    to load, found without options when there is one; ``state_dict_key`` chooses among several. A file with
+    none is translated whole (every tensor in it must then be accounted for).
+    """
+    found = _state_dicts_in(root, name)
+    if key is not None:
+        if key in found:
+            return found[key], key
+        raise ModelFormatError(
+            f"{name}: state_dict_key={key!r}: no state_dict with LSTM parameters under that checkpoint entry; "
+            f"found {_describe_state_dicts(found) or 'none'}; the file holds {_describe_entries(root)}"
+            + _did_you_mean(key, found))
+    if "" in found or not found:
+        return root, ""
+    if len(found) == 1:
+        (entry, state_dict), = found.items()
+        return state_dict, entry
+    raise ModelFormatError(
+        f"{name}: the checkpoint holds {len(found)} state_dicts with LSTM parameters ({_describe_state_dicts(found)}); "
+        f"choose one with state_dict_key, e.g. fastlstm.load(path, state_dict_key={next(iter(found))!r}); "
+        f"the file holds {_describe_entries(root)}")
+
+
+def _is_entry(root: dict, path: str) -> bool:
+    """Whether ``path`` (keys joined by '.') names something in the checkpoint ``root``."""
+    obj = root
+    for key in path.split("."):
+        if not isinstance(obj, dict) or key not in obj:
+            return False
+        obj = obj[key]
+    return True
+
+
+def _state_dicts_in(root, name: str) -> dict[str, dict]:
+    """Every dict of tensors (str keys, array values) reachable from ``root`` that holds a recurrent parameter
+    name, by its checkpoint entry (keys joined by '.'; "" for ``root`` itself)."""
+    found: dict[str, dict] = {}
+    budget = [_MAX_FLATTENED_ENTRIES]
+
+    def walk(obj, path: str, depth: int, path_ids: frozenset):
+        budget[0] -= 1
+        if budget[0] < 0 or depth > _MAX_NESTING:
+            raise ModelFormatError(f"{name}: the saved object is too large or too deeply nested to be a checkpoint")
+        if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, np.ndarray)
+                                                 for k, v in obj.items()):
+            if any(_RECURRENT_NAME.match(k) for k in obj):
+                found[path] = obj
+            return
+        if isinstance(obj, (dict, list, tuple)) and id(obj) not in path_ids:
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            for key, value in items:
+                if isinstance(key, (str, int)) and not isinstance(key, bool):
+                    walk(value, f"{path}.{key}" if path else str(key), depth + 1, path_ids | {id(obj)})
+
+    walk(root, "", 0, frozenset())
+    return found
+
+
+def _describe_state_dicts(found: dict[str, dict]) -> str:
+    return ", ".join(f"{key!r} ({len(value)} tensors)" for key, value in found.items())
+
+
+def _describe_entries(root: dict, limit: int = 8) -> str:
+    """``"epoch (int), model_state (dict of 12), optimizer_state (dict of 2)"``: what a checkpoint's top level holds."""
+    entries = []
+    for key, value in list(root.items())[:limit]:
+        what = type(value).__name__
+        if isinstance(value, np.ndarray):
+            what = f"tensor {tuple(value.shape)}"
+        elif isinstance(value, (dict, list, tuple)):
+            what += f" of {len(value)}"
+        entries.append(f"{reprlib.repr(key)} ({what})")
+    return ", ".join(entries) + (f", ... ({len(root)} entries)" if len(root) > limit else "")
 
 
 def _flatten_state(root: dict, name: str) -> dict:
@@ -545,6 +677,7 @@ def _flatten_state(root: dict, name: str) -> dict:
 # ----------------------------------------------------------------------------------------- module trees
 # Module classes by their full name (TorchScript's ``__torch__.`` prefix and mangling removed).
 _LSTM = "torch.nn.modules.rnn.LSTM"
+_LSTM_CELL = "torch.nn.modules.rnn.LSTMCell"
 _LINEAR = "torch.nn.modules.linear.Linear"
 _PASSTHROUGH = {f"torch.nn.modules.{n}" for n in (
     "linear.Identity", "dropout.Dropout", "dropout.Dropout1d", "dropout.Dropout2d", "dropout.Dropout3d",
@@ -557,7 +690,7 @@ _ACTIVATION_NAMES = {"ReLU": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Soft
 _ACTIVATIONS = {f"torch.nn.modules.activation.{n}" for n in _ACTIVATION_NAMES}
 # The setting each parametrised activation module holds (scripted archives record it, traced ones do not).
 _ACTIVATION_SETTINGS = {"LeakyReLU": "negative_slope", "ELU": "alpha", "Softplus": "beta", "Softmax": "dim"}
-_OTHER_RECURRENT = {f"torch.nn.modules.rnn.{n}" for n in ("GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell")}
+_OTHER_RECURRENT = {f"torch.nn.modules.rnn.{n}" for n in ("GRU", "RNN", "GRUCell", "RNNCell")}
 
 
 @dataclass
@@ -670,8 +803,11 @@ def _spec_from_tree(tree: _Node | None, state: dict, source: str, opts: _Options
     if analysis is not None:
         problems += analysis.problems
     if problems:
+        lstm_path = group.prefix if group else None
+        # Never propose ignoring the LSTM itself, nor a module that holds it.
+        skippable = [n for n, _ in problems if n and (lstm_path is None or not _under(lstm_path, n))]
         raise UnsupportedModelError([message for _, message in problems],
-                                    f"{source}: " + _IGNORE_HINT.format(ignore=[n for n, _ in problems if n]))
+                                    f"{source}: " + _ignore_hint(skippable))
     if lstm_error is not None:
         raise lstm_error
     if analysis is None:
@@ -811,7 +947,7 @@ class _StructureAnalysis:
         where = f"{node.path!r} ({node.short_type})"
         if kind in _PASSTHROUGH or (kind in _CONTAINERS and not node.own_tensors):
             return
-        if kind == _LSTM:
+        if kind in (_LSTM, _LSTM_CELL):
             return  # another LSTM: its parameters make the state_dict ambiguous, reported there
         if kind == _LINEAR:
             if self._after_lstm:
@@ -821,7 +957,7 @@ class _StructureAnalysis:
         if kind in _ACTIVATIONS:
             self._activation_module(node, where)
         elif kind in _OTHER_RECURRENT:
-            self._problem(node, "fastlstm runs nn.LSTM layers only")
+            self._problem(node, "fastlstm runs nn.LSTM and nn.LSTMCell layers only")
         elif kind.startswith("torch."):
             self._problem(node, "fastlstm runs an LSTM followed by Linear layers and activations "
                                 "(ReLU, Sigmoid, Tanh, LeakyReLU, ELU, Softplus, Softsign, Hardsigmoid, Softmax); "

@@ -606,7 +606,7 @@ def _attach_script_constants(archive, members, prefix: str, classes, name: str) 
             if match:
                 try:
                     constants[match.group(1)] = ast.literal_eval(match.group(2))
-                except (ValueError, SyntaxError, MemoryError, RecursionError):
+                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # e.g. {[]: 1}
                     pass
         cls.declared_constants = constants
 

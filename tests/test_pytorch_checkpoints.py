@@ -1,0 +1,199 @@
+"""PyTorch importer: nn.LSTMCell models, checkpoint dicts, and messages that point at the right name.
+
+Parity is checked against torch's own output (float32 within 1e-5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastlstm
+from fastlstm.errors import ModelFormatError, UnsupportedModelError
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+TOLERANCE = 1e-5
+
+
+def inputs(batch=3, steps=6, features=4, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, steps, features)).astype(np.float32)
+
+
+def torch_output(module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module.eval()(torch.from_numpy(x)).numpy()
+
+
+def assert_close(actual, expected):
+    assert actual.shape == expected.shape
+    assert np.max(np.abs(actual - expected)) <= TOLERANCE
+
+
+class CellLoop(nn.Module):
+    """An nn.LSTMCell called once per time step, then a Linear layer on each step's hidden state."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        torch.manual_seed(21)
+        self.cell = nn.LSTMCell(4, 6, bias=bias)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], self.cell.hidden_size)
+        c = x.new_zeros(x.shape[0], self.cell.hidden_size)
+        outputs = []
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+            outputs.append(self.fc(h))
+        return torch.stack(outputs, dim=1)
+
+
+# ----------------------------------------------------------------------------------------- nn.LSTMCell
+@pytest.mark.parametrize("bias", [True, False])
+def test_lstm_cell_module_matches_torch(bias):
+    net = CellLoop(bias)
+    model = fastlstm.load(net, backend="numpy")
+    assert len(model.spec.layers) == 1 and model.spec.layers[0].hidden_size == 6
+    assert_close(model.predict(inputs()), torch_output(net, inputs()))
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_lstm_cell_state_dict_files_match_torch(tmp_path, layout):
+    net = CellLoop()
+    path = str(tmp_path / "cell.pt")
+    torch.save(net.state_dict(), path, _use_new_zipfile_serialization=(layout == "zip"))
+    assert_close(fastlstm.load(path, backend="numpy").predict(inputs()), torch_output(net, inputs()))
+    bare = str(tmp_path / "bare.pt")
+    torch.save(net.cell.state_dict(), bare)  # names without a prefix: weight_ih, weight_hh, bias_ih, bias_hh
+    stream = fastlstm.load(bare, backend="numpy").stream(batch_size=3)
+    h = torch.zeros(3, 6)
+    c = torch.zeros(3, 6)
+    x = inputs()
+    for t in range(x.shape[1]):
+        with torch.no_grad():
+            h, c = net.cell(torch.from_numpy(x[:, t]), (h, c))
+        assert_close(stream.step(x[:, t]), h.numpy())
+
+
+def test_lstm_cell_torchscript_matches_torch(tmp_path):
+    net = CellLoop().eval()
+    path = str(tmp_path / "cell_script.pt")
+    torch.jit.save(torch.jit.script(net), path)
+    assert_close(fastlstm.load(path, backend="numpy").predict(inputs()), torch_output(net, inputs()))
+
+
+def test_other_cells_are_refused_by_name(tmp_path):
+    path = str(tmp_path / "gru.pt")
+    torch.save(nn.GRUCell(4, 5).state_dict(), path)
+    with pytest.raises(UnsupportedModelError, match=r"nn.GRUCell parameters"):
+        fastlstm.load(path, backend="numpy")
+    net = nn.Module()
+    net.lstm = nn.LSTM(4, 5)
+    net.gru = nn.RNNCell(5, 5)
+    with pytest.raises(UnsupportedModelError, match=r"'gru' \(nn.RNNCell\): fastlstm runs nn.LSTM and nn.LSTMCell"):
+        fastlstm.load(net, backend="numpy")
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(22)
+        self.lstm = nn.LSTM(4, 8, batch_first=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.fc(out)
+
+
+def trained_checkpoint(net):
+    optimizer = torch.optim.Adam(net.parameters())
+    net(torch.randn(2, 3, 4)).sum().backward()
+    optimizer.step()
+    return {"epoch": 3, "model_state": net.state_dict(), "optimizer_state": optimizer.state_dict(),
+            "best_loss": 0.25}
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_the_one_state_dict_of_a_checkpoint_loads_without_options(tmp_path, layout):
+    net = Classifier()
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(trained_checkpoint(net), path, _use_new_zipfile_serialization=(layout == "zip"))
+    model = fastlstm.load(path, backend="numpy")
+    assert_close(model.predict(inputs()), torch_output(net, inputs()))
+    assert "checkpoint entry 'model_state'" in model.spec.source
+
+
+def test_nested_checkpoint_entries_are_found(tmp_path):
+    net = Classifier()
+    path = str(tmp_path / "nested.pt")
+    torch.save({"state": {"model": net.state_dict()}, "step": 10}, path)
+    assert_close(fastlstm.load(path, backend="numpy").predict(inputs()), torch_output(net, inputs()))
+
+
+def test_several_state_dicts_are_ambiguous_and_state_dict_key_chooses(tmp_path):
+    net, ema = Classifier(), Classifier()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5)
+    path = str(tmp_path / "two.pt")
+    torch.save({"model": net.state_dict(), "ema": ema.state_dict(), "epoch": 7}, path)
+    with pytest.raises(ModelFormatError) as info:
+        fastlstm.load(path, backend="numpy")
+    message = str(info.value)
+    assert "2 state_dicts with LSTM parameters ('model' (6 tensors), 'ema' (6 tensors))" in message
+    assert "state_dict_key='model'" in message and "'epoch' (int)" in message
+    assert_close(fastlstm.load(path, backend="numpy", state_dict_key="ema").predict(inputs()),
+                 torch_output(ema, inputs()))
+    with pytest.raises(ModelFormatError, match=r"state_dict_key='emma'.*did you mean 'ema'\?"):
+        fastlstm.load(path, backend="numpy", state_dict_key="emma")
+
+
+def test_a_checkpoint_without_lstm_says_what_it_holds(tmp_path):
+    path = str(tmp_path / "none.pt")
+    torch.save({"epoch": 1, "weights": {"fc.weight": torch.ones(2, 2)}}, path)
+    with pytest.raises(ModelFormatError, match=r"no nn.LSTM parameters found.*weights.fc.weight"):
+        fastlstm.load(path, backend="numpy")
+
+
+# ----------------------------------------------------------------------------------------- messages
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = Classifier()
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_missing_names_suggest_the_closest_existing_one(tmp_path):
+    net = Wrapped()
+    path = str(tmp_path / "w.pt")
+    torch.save(net.state_dict(), path)
+    with pytest.raises(ModelFormatError, match=r"fc.weight: missing.*did you mean 'model.fc'\?"):
+        fastlstm.load(path, backend="numpy", head=["fc"])
+    with pytest.raises(ModelFormatError, match=r"lstm='lstm'.*did you mean 'model.lstm'\?"):
+        fastlstm.load(path, backend="numpy", lstm="lstm")
+    with pytest.raises(ModelFormatError, match=r"ignore=\['model.fcc'\].*did you mean 'model.fc'\?"):
+        fastlstm.load(path, backend="numpy", ignore=["model.fcc"])
+    model = fastlstm.load(path, backend="numpy", head=["model.fc"], lstm="model.lstm")
+    assert_close(model.predict(inputs()), torch_output(net, inputs()))
+
+
+def test_the_ignore_hint_never_names_the_lstm():
+    class Encoder(nn.Module):  # a custom module with its own parameter, holding the LSTM
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.rnn = nn.LSTM(4, 5)
+
+    net = nn.Module()
+    net.encoder = Encoder()
+    net.norm = nn.LayerNorm(5)
+    with pytest.raises(UnsupportedModelError) as info:
+        fastlstm.load(net, backend="numpy")
+    assert "'encoder' (Encoder)" in str(info.value)
+    assert "ignore=['norm']" in str(info.value)
