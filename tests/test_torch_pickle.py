@@ -19,8 +19,8 @@ import pytest
 
 import fastlstm
 from fastlstm.errors import ModelFormatError
-from fastlstm.importers import torch_pickle
-from fastlstm.importers.torch_pickle import ScriptObject, read_torch_file
+from fastlstm.importers.pytorch import unpickler
+from fastlstm.importers.pytorch.unpickler import ScriptObject, read_torch_file
 
 torch = pytest.importorskip("torch")
 
@@ -186,7 +186,7 @@ def write_zip(path, data_pkl: bytes, storages: dict[str, bytes], extra: dict[str
 
 def write_legacy(path, object_pkl: bytes, storages: dict[str, tuple[int, bytes]], keys=None) -> str:
     with open(path, "wb") as f:
-        for header in (torch_pickle.LEGACY_MAGIC_NUMBER, torch_pickle.LEGACY_PROTOCOL_VERSION,
+        for header in (unpickler.LEGACY_MAGIC_NUMBER, unpickler.LEGACY_PROTOCOL_VERSION,
                        {"protocol_version": 1001, "little_endian": True, "type_sizes": {}}):
             pickle.dump(header, f, protocol=2)
         f.write(object_pkl)
@@ -438,7 +438,7 @@ def test_deeply_nested_header_values_are_described_without_recursing(tmp_path):
     with pytest.raises(ModelFormatError, match=r"n.pt: not a torch.save file \(it starts with a pickle of \[\[\["):
         fastlstm.load(str(path), backend="numpy")
     with open(path, "wb") as f:
-        pickle.dump(torch_pickle.LEGACY_MAGIC_NUMBER, f, protocol=2)
+        pickle.dump(unpickler.LEGACY_MAGIC_NUMBER, f, protocol=2)
         f.write(nested)
     with pytest.raises(ModelFormatError, match=r"protocol version \[\[\["):
         fastlstm.load(str(path), backend="numpy")

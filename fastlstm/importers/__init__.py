@@ -21,6 +21,7 @@ SUPPORTED_FORMATS = (
     "fastlstm native files (Model.save)",
     "PyTorch state_dict files (torch.save, zip and legacy formats)",
     "TorchScript files (torch.jit.save)",
+    "safetensors files of a PyTorch state_dict",
     "Keras 3 .keras files and legacy Keras .h5 model files",
     "ONNX files (.onnx)",
 )
@@ -90,6 +91,12 @@ def _read_file(path: str, options: dict) -> ModelSpec:
         from . import keras
 
         return keras.spec_from_file(path, **options)
+    from .pytorch.safetensors import looks_like_safetensors
+
+    if looks_like_safetensors(path):
+        from . import pytorch
+
+        return pytorch.spec_from_safetensors(path, **options)
     if path.lower().endswith(".onnx"):  # protobuf has no magic number: the extension is the only sign
         from . import onnx
 

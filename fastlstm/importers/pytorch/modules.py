@@ -1,0 +1,367 @@
+"""Module trees (in-memory ``nn.Module``s and TorchScript archives) -> the head read off their structure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ...activations import ELEMENTWISE, IDENTITY, Activation
+from ...errors import ModelFormatError, UnsupportedModelError
+from ...spec import ModelSpec
+from . import unpickler
+from .options import Options
+from .state_dict import (MAX_NESTING, Recurrent, apply_ignore, choose_lstm, describe_linears, ignore_hint,
+                         lstm_output_size, recurrent_groups, translate, under)
+
+# Module classes by their full name (TorchScript's ``__torch__.`` prefix and mangling removed).
+_LSTM = "torch.nn.modules.rnn.LSTM"
+_LSTM_CELL = "torch.nn.modules.rnn.LSTMCell"
+_LINEAR = "torch.nn.modules.linear.Linear"
+_PASSTHROUGH = {f"torch.nn.modules.{n}" for n in (
+    "linear.Identity", "dropout.Dropout", "dropout.Dropout1d", "dropout.Dropout2d", "dropout.Dropout3d",
+    "dropout.AlphaDropout", "dropout.FeatureAlphaDropout")}
+_CONTAINERS = {f"torch.nn.modules.container.{n}" for n in ("Sequential", "ModuleList", "ModuleDict")}
+# torch activation module -> the fastlstm activation it computes (parameters read off the module).
+_ACTIVATION_NAMES = {"ReLU": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softsign": "softsign",
+                     "Hardsigmoid": "hard_sigmoid", "LeakyReLU": "leaky_relu", "ELU": "elu", "Softplus": "softplus",
+                     "Softmax": "softmax"}
+_ACTIVATIONS = {f"torch.nn.modules.activation.{n}" for n in _ACTIVATION_NAMES}
+# The setting each parametrised activation module holds (scripted archives record it, traced ones do not).
+_ACTIVATION_SETTINGS = {"LeakyReLU": "negative_slope", "ELU": "alpha", "Softplus": "beta", "Softmax": "dim"}
+_OTHER_RECURRENT = {f"torch.nn.modules.rnn.{n}" for n in ("GRU", "RNN", "GRUCell", "RNNCell")}
+
+
+@dataclass
+class _Node:
+    """One module of a tree, whatever it came from (an ``nn.Module`` or a TorchScript ``ScriptObject``)."""
+
+    path: str
+    type_name: str                      # "torch.nn.modules.linear.Linear", or a user class's name
+    settings: object                    # where activation parameters are looked up (getattr or a dict)
+    own_tensors: bool
+    children: list["_Node"] = field(default_factory=list)
+
+    @property
+    def short_type(self) -> str:
+        short = self.type_name.rpartition(".")[2]
+        return f"nn.{short}" if self.type_name.startswith("torch.nn.") else short
+
+    def setting(self, name: str):
+        """A module setting (``negative_slope`` ...), or ``_NOT_RECORDED`` when the source does not hold it."""
+        if isinstance(self.settings, dict):
+            return self.settings.get(name, _NOT_RECORDED)
+        return getattr(self.settings, name, _NOT_RECORDED)
+
+
+_NOT_RECORDED = object()
+
+
+def tree_from_torch_module(module, torch) -> _Node:
+    def type_name(m) -> str:
+        if isinstance(m, torch.jit.ScriptModule):
+            try:
+                return unpickler.script_type_name(m._c._type().qualified_name())
+            except Exception:
+                return getattr(m, "original_name", type(m).__name__)
+        return f"{type(m).__module__}.{type(m).__qualname__}"
+
+    def build(m, path: str, seen: set[int]) -> _Node:
+        own = any(True for _ in m.named_parameters(recurse=False)) or any(True for _ in m.named_buffers(recurse=False))
+        node = _Node(path, type_name(m), m, own)
+        seen = seen | {id(m)}
+        for child_name, child in m.named_children():
+            if id(child) not in seen:
+                node.children.append(build(child, f"{path}.{child_name}" if path else child_name, seen))
+        return node
+
+    return build(module, "", set())
+
+
+def numpy_state(items, torch) -> tuple[dict, list[tuple[str, str]]]:
+    """In-memory tensors -> NumPy arrays (bfloat16 widened to float32); the rest as ``(name, why unusable)``."""
+    state, unusable = {}, []
+    for name, value in items:
+        if isinstance(value, np.ndarray):
+            state[name] = value
+            continue
+        if not isinstance(value, torch.Tensor):
+            unusable.append((name, f"a {type(value).__name__}, not a tensor (a quantized or packed parameter?)"))
+            continue
+        if value.is_quantized or value.layout != torch.strided:
+            unusable.append((name, f"a {'quantized' if value.is_quantized else str(value.layout)} tensor"))
+            continue
+        value = value.detach().to("cpu")
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        try:
+            state[name] = value.numpy()
+        except (TypeError, RuntimeError) as exc:
+            unusable.append((name, f"a {value.dtype} tensor NumPy cannot hold ({exc})"))
+    return state, unusable
+
+
+def tree_from_script_object(root, name: str) -> tuple[_Node, dict]:
+    """A TorchScript archive's module objects -> a module tree and the flat state_dict of their tensors."""
+    state: dict[str, np.ndarray] = {}
+    seen: set[int] = set()
+
+    def build(obj, path: str, depth: int) -> _Node:
+        if depth > MAX_NESTING:
+            raise ModelFormatError(f"{name}: TorchScript modules nested too deeply")
+        seen.add(id(obj))
+        node = _Node(path, obj.type_name, obj.constants, own_tensors=False)
+        for attr, value in obj.attributes.items():
+            full = f"{path}.{attr}" if path else attr
+            if isinstance(value, np.ndarray):
+                state[full] = value
+                node.own_tensors = True
+            elif isinstance(value, unpickler.ScriptObject) and id(value) not in seen:
+                node.children.append(build(value, full, depth + 1))
+        return node
+
+    return build(root, "", 0), state
+
+
+def spec_from_tree(tree: _Node | None, state: dict, source: str, opts: Options,
+                    unusable: list[tuple[str, str]] = ()) -> ModelSpec:
+    """Fill in the head and its activations from the module structure (if any), then translate the state_dict.
+
+    ``unusable`` lists ``(name, why)`` for state_dict entries that are not plain tensors. Every activation
+    module the tree holds must be accounted for by an activation the model runs, whether read off the tree
+    or stated with options: a module nobody accounts for would be silently dropped.
+    """
+    problems = [(n, f"{n}: {why}") for n, why in unusable if not any(under(n, p) for p in opts.ignore)]
+    module_paths = frozenset(_module_paths(tree)) if tree is not None else frozenset()
+    kept = apply_ignore(state, opts.ignore, source, module_paths)
+    try:
+        group, lstm_error = choose_lstm(recurrent_groups(kept), opts, kept, source), None
+    except (ModelFormatError, UnsupportedModelError) as exc:  # reported after what the structure shows
+        group, lstm_error = None, exc
+    analysis = _StructureAnalysis(tree, group.prefix if group else None, opts) if tree is not None else None
+    if analysis is not None:
+        problems += analysis.problems
+    if problems:
+        lstm_path = group.prefix if group else None
+        # Never propose ignoring the LSTM itself, nor a module that holds it.
+        skippable = [n for n, _ in problems if n and (lstm_path is None or not under(lstm_path, n))]
+        raise UnsupportedModelError([message for _, message in problems],
+                                    f"{source}: " + ignore_hint(skippable))
+    if lstm_error is not None:
+        raise lstm_error
+    if analysis is None:
+        return translate(state, opts, source)
+    head, activations, head_input = opts.head, opts.head_activations, opts.head_input_activation
+    if activations is None:
+        if analysis.misplaced_activations:
+            raise ModelFormatError(
+                f"{source}: cannot tell where forward() applies {', '.join(analysis.misplaced_activations)} "
+                "(registered before the LSTM); say it with head_input_activation=... (applied to the LSTM's "
+                "output) or head=[...] and head_activations=[...], or skip it with ignore=[...] if forward() "
+                "never calls it")
+        if head is None:
+            head = analysis.chain(kept, group, source)
+            activations = analysis.activations
+        elif head == tuple(analysis.head):
+            activations = analysis.activations
+        elif analysis.activation_modules:
+            raise ModelFormatError(
+                f"{source}: head={list(head)} differs from the Linear layers the module registers after the LSTM "
+                f"({list(analysis.head)}), so the activation modules "
+                f"{[node.path for node, _ in analysis.activation_modules]} cannot be placed; "
+                "pass head_activations=[...] (and head_input_activation=... for one applied to the LSTM's output) "
+                "as well")
+        if head_input is None:
+            head_input = analysis.input_activation
+    unaccounted = analysis.unaccounted(list(activations or ()) + [head_input or IDENTITY])
+    if unaccounted:
+        stated = (f"head_input_activation={str(head_input or IDENTITY)!r}, head_activations="
+                  f"{[str(a) for a in activations] if activations is not None else 'identity'}")
+        raise UnsupportedModelError(
+            unaccounted,
+            f"{source}: the activations the model would run ({stated}) leave these activation modules out, so "
+            "loading would drop them. Say where forward() applies each: head_input_activation=... for one applied "
+            "to the LSTM's output before the first Linear layer, head_activations=[...] for one after each Linear "
+            f"layer; skip a module forward() never calls with ignore={[path for path in analysis.unaccounted_paths]}")
+    return translate(state, opts.with_inferred(head, activations, head_input), source, module_paths)
+
+
+def _module_paths(tree: _Node):
+    yield tree.path
+    for child in tree.children:
+        yield from _module_paths(child)
+
+
+class _StructureAnalysis:
+    """Walk a module tree in registration order and read the head off what follows the LSTM.
+
+    ``input_activation``: an activation module registered after the LSTM and before its first Linear layer
+    (applied to the LSTM's output); ``head``/``activations``: the Linear layers after the LSTM and the
+    activation module following each (or identity); ``activation_modules``: every activation module seen, with
+    the activation it computes (``_NOT_RECORDED`` when the source does not hold its settings), to check that
+    each is accounted for; ``problems``: modules fastlstm cannot run; ``misplaced_activations``: activation
+    modules whose place in ``forward()`` cannot be told (registered before the LSTM).
+
+    When the options state the head's activations, activation modules are not placed, only accounted for.
+    """
+
+    def __init__(self, tree: _Node, lstm_path: str | None, opts: Options):
+        self.opts = opts
+        self.head: list[str] = []
+        self.activations_list: list[Activation | None] = []
+        self.input_activation: Activation | None = None
+        self.activation_modules: list[tuple[_Node, object]] = []
+        self.misplaced_activations: list[str] = []
+        self.problems: list[tuple[str, str]] = []  # (module path, message)
+        self.unaccounted_paths: list[str] = []
+        self._after_lstm = False
+        self._lstm_path = lstm_path
+        self._visit(tree)
+
+    @property
+    def activations(self) -> tuple[Activation, ...]:
+        return tuple(a or IDENTITY for a in self.activations_list)
+
+    def chain(self, state: dict, group: Recurrent, source: str) -> tuple[str, ...]:
+        """``head``, checked to chain by shape from the LSTM's output."""
+        size = lstm_output_size(group, state)
+        if size is None:
+            return tuple(self.head)  # the LSTM's own tensors are malformed; translating it says how
+        for prefix in self.head:
+            weight = state.get(f"{prefix}.weight")
+            if not isinstance(weight, np.ndarray) or weight.ndim != 2 or weight.shape[1] != size:
+                present = [p for p in self.head if isinstance(state.get(f"{p}.weight"), np.ndarray)]
+                raise ModelFormatError(
+                    f"{source}: the Linear layers registered after the LSTM (output size {size}), "
+                    f"{describe_linears(present, state)}, do not chain by shape, so forward() must use them "
+                    "another way; name the head with head=[...] (head=[] for none) and skip the others with "
+                    "ignore=[...]")
+            size = weight.shape[0]
+        return tuple(self.head)
+
+    def unaccounted(self, run: list[Activation]) -> list[str]:
+        """The activation modules that none of the activations ``run`` by the model accounts for, described.
+
+        Each module consumes one activation computing the same function (by name alone when its settings
+        are not recorded); a module forward() calls twice needs only one. Identity accounts for nothing.
+        """
+        remaining = [a for a in run if a.name != "identity"]
+        described = []
+        for node, reading in self.activation_modules:
+            name = _ACTIVATION_NAMES[node.type_name.rpartition(".")[2]]
+            match = next((a for a in remaining
+                          if (a.name == name if reading is _NOT_RECORDED else a == reading)), None)
+            if match is not None:
+                remaining.remove(match)
+                continue
+            what = name if reading is _NOT_RECORDED else str(reading)
+            described.append(f"{node.path!r} ({node.short_type}, computing {what}): not among the activations run")
+            self.unaccounted_paths.append(node.path)
+        return described
+
+    def _problem(self, node: _Node, why: str) -> None:
+        where = repr(node.path) if node.path else "the module itself"
+        self.problems.append((node.path, f"{where} ({node.short_type}): {why}"))
+
+    def _ignored(self, path: str) -> bool:
+        return any(under(path, p) for p in self.opts.ignore)
+
+    def _visit(self, node: _Node) -> None:
+        if self._ignored(node.path) and node.path:
+            return
+        if node.path == self._lstm_path:
+            self._after_lstm = True
+            return
+        if node.children:
+            if node.own_tensors and node.type_name not in _CONTAINERS:
+                self._problem(node, "a custom module with its own parameters; fastlstm cannot see what its "
+                                    "forward() does with them")
+            for child in node.children:
+                self._visit(child)
+            return
+        self._leaf(node)
+
+    def _leaf(self, node: _Node) -> None:
+        kind = node.type_name
+        where = f"{node.path!r} ({node.short_type})"
+        if kind in _PASSTHROUGH or (kind in _CONTAINERS and not node.own_tensors):
+            return
+        if kind in (_LSTM, _LSTM_CELL):
+            return  # another LSTM: its parameters make the state_dict ambiguous, reported there
+        if kind == _LINEAR:
+            if self._after_lstm:
+                self.head.append(node.path)
+                self.activations_list.append(None)
+            return  # a Linear before the LSTM is reported as an unused tensor unless named in head=
+        if kind in _ACTIVATIONS:
+            self._activation_module(node, where)
+        elif kind in _OTHER_RECURRENT:
+            self._problem(node, "fastlstm runs nn.LSTM and nn.LSTMCell layers only")
+        elif kind.startswith("torch."):
+            self._problem(node, "fastlstm runs an LSTM followed by Linear layers and activations "
+                                "(ReLU, Sigmoid, Tanh, LeakyReLU, ELU, Softplus, Softsign, Hardsigmoid, Softmax); "
+                                f"it cannot run {node.short_type}")
+        else:
+            self._problem(node, "a custom module; fastlstm cannot see what its forward() does")
+
+    def _activation_module(self, node: _Node, where: str) -> None:
+        reading = self._activation(node)
+        if reading is None:
+            return  # fastlstm cannot compute it: a problem is noted
+        self.activation_modules.append((node, reading))
+        if self.opts.head_activations is not None:
+            return  # the options place the activations; this module is only accounted for
+        if not self._after_lstm:
+            self.misplaced_activations.append(where)
+            return
+        if reading is _NOT_RECORDED:
+            parameter = _ACTIVATION_SETTINGS[node.type_name.rpartition(".")[2]]
+            self._problem(node, f"its {parameter} is not recorded where fastlstm can read it (a traced TorchScript "
+                                "module inlines it into code); pass head=[...] and head_activations=[...]")
+            return
+        if not self.head:
+            if reading.name not in ELEMENTWISE:
+                self._problem(node, f"{reading.name} applied to the LSTM's output before any Linear layer; "
+                                    "fastlstm runs softmax as the head's last activation only")
+            elif self.input_activation is not None:
+                self._problem(node, "a second activation applied to the LSTM's output; fastlstm applies one")
+            else:
+                self.input_activation = reading
+            return
+        if self.activations_list[-1] is not None:
+            self._problem(node, f"a second activation after '{self.head[-1]}'; fastlstm applies one "
+                                "activation per Linear layer")
+            return
+        self.activations_list[-1] = reading
+
+    def _activation(self, node: _Node):
+        """The fastlstm ``Activation`` an activation module computes; ``_NOT_RECORDED`` when its settings are
+        not in the source; None with a problem noted when fastlstm cannot compute it."""
+        short = node.type_name.rpartition(".")[2]
+        name = _ACTIVATION_NAMES[short]
+        if short in ("ReLU", "Sigmoid", "Tanh", "Softsign"):
+            return Activation.of(name)
+        if short == "Hardsigmoid":  # relu6(x + 3) / 6
+            return Activation.of(name, alpha=1 / 6, beta=0.5)
+        parameter = _ACTIVATION_SETTINGS[short]
+        value = node.setting(parameter)
+        if value is _NOT_RECORDED:
+            return _NOT_RECORDED
+        if short != "Softmax" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            self._problem(node, f"{parameter}={value!r} is not a number")
+            return None
+        if short in ("LeakyReLU", "ELU"):
+            return Activation.of(name, alpha=float(value))
+        if short == "Softplus":
+            threshold = node.setting("threshold")
+            if value != 1 or not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold < 20:
+                # torch's softplus is linear above threshold/beta; at 20 that differs from log(1 + e^x) by 2e-9
+                self._problem(node, f"beta={value}, threshold={threshold}; fastlstm's softplus is "
+                                    "log(1 + exp(x)) (beta=1, threshold >= 20)")
+                return None
+            return Activation.of(name)
+        last_axis = 2 if self.opts.output == "sequence" else 1
+        if type(value) is not int or value not in (-1, last_axis):
+            self._problem(node, f"dim={value}; fastlstm's softmax runs over the last axis (dim=-1)")
+            return None
+        return Activation.of(name)

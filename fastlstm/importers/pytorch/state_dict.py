@@ -1,0 +1,524 @@
+"""A flat state_dict (``{"lstm.weight_ih_l0": array, ...}``) -> ``ModelSpec``; checkpoints -> their state_dict."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import reprlib
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ...activations import IDENTITY, Activation
+from ...errors import InvalidModelError, ModelFormatError, UnsupportedModelError
+from ...spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
+from .options import Options
+
+_RECURRENT_NAME = re.compile(
+    r"^(?:(?P<prefix>.+)\.)?"
+    r"(?P<kind>weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)(?:_l(?P<layer>\d+)(?P<reverse>_reverse)?)?$"
+)
+_MAX_FLATTENED_ENTRIES = 1_000_000
+MAX_NESTING = 64
+def ignore_hint(prefixes: list[str]) -> str:
+    """What to do about refused parts: skip what is not on the path from input to output, or state the head."""
+    skip = (f"If something listed is not on the path from the model's input to its output (an optimizer state, "
+            f"an unused branch), skip it with ignore={prefixes!r}; ") if prefixes else ""
+    return (f"fastlstm runs one nn.LSTM followed by Linear layers and activations. {skip}the head's layers and "
+            "activations can be stated with head=[...], head_activations=[...] and head_input_activation=...")
+
+
+@dataclass
+class Recurrent:
+    """The recurrent parameters under one prefix: ``names[(kind, layer, reverse)] = full name``."""
+
+    prefix: str
+    names: dict[tuple[str, int, bool], str] = field(default_factory=dict)
+    kind: str = "LSTM"  # or "GRU" / "RNN", told apart by weight_hh's shape
+    # nn.LSTMCell (GRUCell, RNNCell) names its tensors without the layer suffix: weight_ih, not weight_ih_l0.
+    cell_names: bool = False
+    layer_names: bool = False
+
+    @property
+    def module(self) -> str:
+        return f"nn.{self.kind}{'Cell' if self.cell_names and not self.layer_names else ''}"
+
+    def display(self) -> str:
+        return repr(self.prefix) if self.prefix else f"'' (a bare {self.module}'s state_dict)"
+
+    def full_name(self, kind: str, layer: int, reverse: bool) -> str:
+        prefix = f"{self.prefix}." if self.prefix else ""
+        if self.cell_names and not self.layer_names:
+            return f"{prefix}{kind}"
+        return f"{prefix}{kind}_l{layer}{'_reverse' if reverse else ''}"
+
+
+def translate(state: dict, opts: Options, source: str, module_paths: frozenset[str] = frozenset(),
+              ordered: bool = True) -> ModelSpec:
+    """``state`` -> ``ModelSpec``. ``ordered`` says whether the dict's order is its modules' registration order
+    (a safetensors file sorts its tensors, so the head is then inferred only when a single Linear layer fits)."""
+    state = apply_ignore(state, opts.ignore, source, module_paths)
+    recurrent = recurrent_groups(state)
+    group = choose_lstm(recurrent, opts, state, source)
+    layers = _lstm_layers(group, state, source)
+    lstm_output = layers[-1].num_directions * layers[-1].output_size
+    head_names = opts.head if opts.head is not None else _infer_head(state, group, lstm_output, source, ordered)
+    head = _head_layers(head_names, state, lstm_output, source)
+    activations = _head_activations(opts, head_names, source)
+
+    used = set(group.names.values())
+    for prefix in head_names:
+        used.update(n for n in (f"{prefix}.weight", f"{prefix}.bias") if n in state)
+    _refuse_leftovers(state, used, recurrent, source)
+
+    dense = tuple(DenseLayer(weight, bias, act) for (weight, bias), act in zip(head, activations))
+    return ModelSpec(layers=layers, head=dense, output=opts.output,
+                     head_input_activation=opts.head_input_activation or IDENTITY, source=source).validate()
+
+
+def apply_ignore(state: dict, ignore: tuple[str, ...], source: str,
+                  module_paths: frozenset[str] = frozenset()) -> dict:
+    """``state`` without the tensors under the ``ignore`` prefixes; each prefix must name something (a typo
+    would otherwise ignore nothing, silently). ``module_paths`` are further names a prefix may match."""
+    if not ignore:
+        return state
+    unmatched = [p for p in ignore
+                 if not any(under(name, p) for name in state) and not any(under(path, p) for path in module_paths)]
+    if unmatched:
+        known = sorted(module_paths | {p for name in state for p in _prefixes(name)})
+        suggestions = "".join(_did_you_mean(p, known) for p in unmatched)
+        raise ModelFormatError(f"{source}: ignore={list(unmatched)} match(es) no tensor or module; names look like "
+                               f"{_some(state)}{suggestions}")
+    return {name: value for name, value in state.items() if not any(under(name, p) for p in ignore)}
+
+
+def _prefixes(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a", "a.b", "a.b.c"]``."""
+    parts = name.split(".")
+    return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
+
+
+def _did_you_mean(wanted: str, known) -> str:
+    """``"; did you mean 'model.fc'?"`` for the known name closest to ``wanted`` (one that ends with it, as
+    when a wrapper adds a prefix, else a close spelling), or ``""``."""
+    known = [k for k in known if k != wanted]
+    suffixed = sorted((k for k in known if k.endswith("." + wanted)), key=len)
+    close = suffixed[:1] or difflib.get_close_matches(wanted, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def under(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def _some(names, limit: int = 6) -> str:
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def recurrent_groups(state: dict) -> dict[str, Recurrent]:
+    groups: dict[str, Recurrent] = {}
+    for name in state:
+        match = _RECURRENT_NAME.match(name)
+        if match:
+            prefix = match.group("prefix") or ""
+            group = groups.setdefault(prefix, Recurrent(prefix))
+            layer = match.group("layer")
+            key = (match.group("kind"), int(layer or 0), bool(match.group("reverse")))
+            group.names[key] = name
+            if layer is None:
+                group.cell_names = True
+            else:
+                group.layer_names = True
+    for group in groups.values():
+        # nn.GRU and nn.RNN name their parameters like nn.LSTM; weight_hh has 3H or H rows instead of 4H.
+        w_hh = state.get(group.names.get(("weight_hh", 0, False), ""))
+        has_projection = any(kind == "weight_hr" for kind, _, _ in group.names)
+        if not has_projection and isinstance(w_hh, np.ndarray) and w_hh.ndim == 2:
+            rows, columns = w_hh.shape
+            if rows == 3 * columns:
+                group.kind = "GRU"
+            elif rows == columns:
+                group.kind = "RNN"
+    return groups
+
+
+def choose_lstm(groups: dict[str, Recurrent], opts: Options, state: dict, source: str) -> Recurrent:
+    lstms = [g for g in groups.values() if g.kind == "LSTM"]
+    if opts.lstm is not None:
+        group = groups.get(opts.lstm)
+        if group is None:
+            found = ", ".join(g.display() for g in lstms) or "none"
+            expected = f"{opts.lstm}.weight_ih_l0" if opts.lstm else "weight_ih_l0"
+            raise ModelFormatError(f"{source}: lstm={opts.lstm!r}: no LSTM parameters under that prefix "
+                                   f"(names like {expected!r}); LSTMs found: {found}"
+                                   + _did_you_mean(opts.lstm, [g.prefix for g in lstms]))
+        if group.kind != "LSTM":
+            raise UnsupportedModelError([f"{group.display()}: {group.module} parameters (judging by weight_hh's "
+                                         "shape); fastlstm runs LSTMs only"])
+        return group
+    if len(lstms) == 1:
+        return lstms[0]
+    if not lstms:
+        others = [f"{g.display()}: {g.module} parameters; fastlstm runs LSTMs only" for g in groups.values()]
+        if others:
+            raise UnsupportedModelError(others)
+        raise ModelFormatError(f"{source}: no nn.LSTM parameters found (names like 'weight_ih_l0' or "
+                               f"'lstm.weight_ih_l0'); the state_dict holds {_some(state) or 'nothing'}")
+    choices = ", ".join(g.display() for g in lstms)
+    example = next(g.prefix for g in lstms)
+    raise ModelFormatError(f"{source}: the state_dict holds {len(lstms)} LSTMs ({choices}); say which one to run "
+                           f"with the lstm option, e.g. fastlstm.load(path, lstm={example!r}), and skip the others "
+                           "with ignore=[...]")
+
+
+def _lstm_layers(group: Recurrent, state: dict, source: str) -> tuple[LSTMLayer, ...]:
+    """Build the LSTM layers of ``group``, collecting every missing or mis-shaped tensor before refusing."""
+    names = group.names
+    prefix = f"{group.prefix}." if group.prefix else ""
+    layer_numbers = {layer for _, layer, _ in names}
+    num_layers = max(layer_numbers) + 1
+    problems: list[str] = []
+    if group.cell_names and group.layer_names:
+        problems.append(f"{prefix}weight_ih...: both nn.LSTMCell names (weight_ih) and nn.LSTM names "
+                        "(weight_ih_l0) under one prefix")
+        raise InvalidModelError(problems, source)
+    if len(layer_numbers) != num_layers:
+        problems.append(f"{prefix}*_l<k>: layer numbers {sorted(layer_numbers)[:10]} are not "
+                        f"0..{len(layer_numbers) - 1}")
+        raise InvalidModelError(problems, source)
+    bidirectional = any(reverse for _, _, reverse in names)
+    has_bias = any(kind.startswith("bias") for kind, _, _ in names)
+    has_projection = any(kind == "weight_hr" for kind, _, _ in names)
+    directions = (False, True) if bidirectional else (False,)
+    kinds = ["weight_ih", "weight_hh"]
+    kinds += ["bias_ih", "bias_hh"] if has_bias else []
+    kinds += ["weight_hr"] if has_projection else []
+
+    full_name = group.full_name
+
+    arrays: dict[tuple[str, int, bool], np.ndarray] = {}
+    for layer in range(num_layers):
+        for reverse in directions:
+            for kind in kinds:
+                key = (kind, layer, reverse)
+                if key not in names:
+                    problems.append(f"{full_name(*key)}: missing (the other layers/directions have it)")
+                    continue
+                array = _float_array(state[names[key]], names[key], problems)
+                if array is not None:
+                    arrays[key] = array
+    if problems:
+        raise InvalidModelError(problems, source)
+
+    w_hh0 = arrays[("weight_hh", 0, False)]
+    w_ih0 = arrays[("weight_ih", 0, False)]
+    for key in (("weight_hh", 0, False), ("weight_ih", 0, False)):
+        if arrays[key].ndim != 2:
+            problems.append(f"{full_name(*key)}: expected a 2-D tensor, got shape {arrays[key].shape}")
+    if not problems and (w_hh0.shape[0] % 4 or w_hh0.shape[0] == 0):
+        problems.append(f"{full_name('weight_hh', 0, False)}: expected 4 * hidden_size rows (gates i, f, g, o), "
+                        f"got shape {w_hh0.shape}")
+    if problems:
+        raise InvalidModelError(problems, source)
+    hidden = w_hh0.shape[0] // 4
+    proj = 0
+    if has_projection:
+        w_hr0 = arrays[("weight_hr", 0, False)]
+        proj = w_hr0.shape[0] if w_hr0.ndim == 2 else 0
+        if not proj:
+            problems.append(f"{full_name('weight_hr', 0, False)}: expected shape (proj_size, {hidden}), "
+                            f"got {w_hr0.shape}")
+            raise InvalidModelError(problems, source)
+    recurrent = proj or hidden
+    num_directions = len(directions)
+
+    layers = []
+    for layer in range(num_layers):
+        input_size = w_ih0.shape[1] if layer == 0 else num_directions * recurrent
+        expected = {"weight_ih": (4 * hidden, input_size), "weight_hh": (4 * hidden, recurrent),
+                    "bias_ih": (4 * hidden,), "bias_hh": (4 * hidden,), "weight_hr": (proj, hidden)}
+        for reverse in directions:
+            for kind in kinds:
+                shape = arrays[(kind, layer, reverse)].shape
+                if shape != expected[kind]:
+                    problems.append(f"{full_name(kind, layer, reverse)}: expected shape {expected[kind]}, got {shape}")
+        if problems:
+            continue
+        cells = []
+        for reverse in directions:
+            w_ih = arrays[("weight_ih", layer, reverse)]
+            if has_bias:
+                b_ih, b_hh = arrays[("bias_ih", layer, reverse)], arrays[("bias_hh", layer, reverse)]
+                bias = (b_ih.astype(np.float64) + b_hh.astype(np.float64)).astype(np.result_type(b_ih, b_hh))
+            else:
+                bias = np.zeros(4 * hidden, dtype=w_ih.dtype)
+            cells.append(LSTMCellWeights(w_ih=w_ih, w_hh=arrays[("weight_hh", layer, reverse)], bias=bias,
+                                         w_hr=arrays.get(("weight_hr", layer, reverse))))
+        layers.append(LSTMLayer(input_size=int(input_size), hidden_size=int(hidden), proj_size=int(proj),
+                                direction="bidirectional" if bidirectional else "forward", cells=tuple(cells)))
+    if problems:
+        raise InvalidModelError(problems, source)
+    return tuple(layers)
+
+
+def lstm_output_size(group: Recurrent, state: dict) -> int | None:
+    """The LSTM's output feature size read off its last layer's shapes (None if they are malformed)."""
+    last = max(layer for _, layer, _ in group.names)
+    directions = 2 if ("weight_hh", last, True) in group.names else 1
+    source = group.names.get(("weight_hr", last, False)) or group.names.get(("weight_hh", last, False))
+    array = state.get(source or "")
+    if not isinstance(array, np.ndarray) or array.ndim != 2:
+        return None
+    size = array.shape[0] if source.rpartition(".")[2].startswith("weight_hr") else array.shape[0] // 4
+    return directions * size
+
+
+def _float_array(value, name: str, problems: list[str]) -> np.ndarray | None:
+    """A fresh C-contiguous float32 copy of ``value`` (float64 stays float64), or None with a problem noted."""
+    if not isinstance(value, np.ndarray):
+        problems.append(f"{name}: expected a tensor, got a {type(value).__name__}")
+        return None
+    if value.dtype.kind != "f":
+        problems.append(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+        return None
+    return np.array(value, dtype=np.float64 if value.dtype == np.float64 else np.float32, order="C", copy=True)
+
+
+def _linear_candidates(state: dict, exclude: set[str]) -> list[str]:
+    """Prefixes that look like an ``nn.Linear``: a 2-D ``weight``, an optional matching 1-D ``bias``, nothing else."""
+    children: dict[str, set[str]] = {}
+    for name in state:
+        if name not in exclude and "." in name:
+            prefix, _, leaf = name.rpartition(".")
+            children.setdefault(prefix, set()).add(leaf)
+    candidates = []
+    for prefix, leaves in children.items():
+        weight = state.get(f"{prefix}.weight")
+        if not (leaves <= {"weight", "bias"} and isinstance(weight, np.ndarray) and weight.ndim == 2):
+            continue
+        bias = state.get(f"{prefix}.bias")
+        if bias is None or (isinstance(bias, np.ndarray) and bias.shape == (weight.shape[0],)):
+            candidates.append(prefix)
+    return candidates
+
+
+def describe_linears(prefixes, state: dict) -> str:
+    described = []
+    for prefix in prefixes:
+        shape = state[f"{prefix}.weight"].shape
+        described.append(f"{prefix} ({shape[1]}->{shape[0]})")
+    return ", ".join(described)
+
+
+def _infer_head(state: dict, group: Recurrent, lstm_output: int, source: str, ordered: bool) -> tuple[str, ...]:
+    """The Linear layers after the LSTM in the dict's order, if their shapes chain from the LSTM's output."""
+    if not ordered:  # only a single Linear layer taking the LSTM's output, which nothing else could follow
+        candidates = _linear_candidates(state, set(group.names.values()))
+        fits = [p for p in candidates if state[f"{p}.weight"].shape[1] == lstm_output]
+        if not fits:
+            return ()
+        follows = [p for p in candidates if p not in fits and state[f"{p}.weight"].shape[1] in
+                   {state[f"{f}.weight"].shape[0] for f in fits}]
+        if len(fits) > 1 or follows:
+            raise ModelFormatError(
+                f"{source}: the file does not record the order its layers run in, and several Linear layers "
+                f"could form the head ({describe_linears(fits + follows, state)}); name the head in the order they "
+                "run with head=[...] (head=[] for none) and skip the others with ignore=[...]")
+        return tuple(fits)
+    order = {name: n for n, name in enumerate(state)}
+    lstm_end = max(order[name] for name in group.names.values())
+    after = [p for p in _linear_candidates(state, set(group.names.values())) if order[f"{p}.weight"] > lstm_end]
+    after.sort(key=lambda p: order[f"{p}.weight"])
+    size = lstm_output
+    for prefix in after:
+        if state[f"{prefix}.weight"].shape[1] != size:
+            raise ModelFormatError(
+                f"{source}: cannot tell which Linear layers form the head: after the LSTM (output size {lstm_output}) "
+                f"come {describe_linears(after, state)}, whose shapes do not chain. Name them in the order they run "
+                "with head=[...] (head=[] for none) and skip the others with ignore=[...]")
+        size = state[f"{prefix}.weight"].shape[0]
+    return tuple(after)
+
+
+def _head_layers(head: tuple[str, ...], state: dict, lstm_output: int, source: str):
+    problems: list[str] = []
+    layers = []
+    size = lstm_output
+    for n, prefix in enumerate(head):
+        weight_name, bias_name = f"{prefix}.weight", f"{prefix}.bias"
+        if weight_name not in state:
+            if prefix.endswith(".weight"):
+                hint = f" (name the module, {prefix[:-len('.weight')]!r}, not its weight)"
+            else:
+                hint = _did_you_mean(prefix, _linear_candidates(state, set()))
+            problems.append(f"{weight_name}: missing (head[{n}] = {prefix!r}){hint}")
+            continue
+        weight = _float_array(state[weight_name], weight_name, problems)
+        bias = _float_array(state[bias_name], bias_name, problems) if bias_name in state else None
+        if weight is None:
+            continue
+        if weight.ndim != 2:
+            problems.append(f"{weight_name}: expected a 2-D Linear weight (out, in), got shape {weight.shape}")
+            continue
+        if weight.shape[1] != size:
+            previous = "the LSTM's output size" if n == 0 else f"{head[n - 1]}'s output size"
+            problems.append(f"{weight_name}: expected shape (?, {size}) ({previous}), got {weight.shape}")
+        if bias is not None and bias.shape != (weight.shape[0],):
+            problems.append(f"{bias_name}: expected shape ({weight.shape[0]},), got {bias.shape}")
+        size = weight.shape[0]
+        layers.append((weight, bias))
+    if problems:
+        raise InvalidModelError(problems, source)
+    return layers
+
+
+def _head_activations(opts: Options, head: tuple[str, ...], source: str) -> tuple[Activation, ...]:
+    if opts.head_activations is not None:
+        if len(opts.head_activations) != len(head):
+            raise ValueError(f"head_activations: {len(opts.head_activations)} given for a head of {len(head)} "
+                             f"layer(s) ({', '.join(head) or 'none'})")
+        return opts.head_activations
+    if len(head) > 1:
+        warnings.warn(f"{source}: no activations are known for the head {list(head)} (a state_dict records none), so "
+                      "none runs between its Linear layers. Pass head_activations=[...] to say which.", stacklevel=2)
+    return (IDENTITY,) * len(head)
+
+
+def _refuse_leftovers(state: dict, used: set[str], recurrent: dict[str, Recurrent], source: str) -> None:
+    leftovers = [name for name in state if name not in used]
+    if not leftovers:
+        return
+    kinds = {name: group.module for group in recurrent.values() for name in group.names.values()}
+    entries = []
+    for name in leftovers:
+        value = state[name]
+        what = f"shape {tuple(value.shape)}" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
+        if name in kinds:
+            what += f", an {kinds[name]} parameter"
+        entries.append(f"{name} ({what})")
+    hint = ignore_hint(_covering_prefixes(leftovers, used))
+    raise UnsupportedModelError(entries, f"{source}: {hint}")
+
+
+def _covering_prefixes(leftovers: list[str], used: set[str]) -> list[str]:
+    """The shortest dotted prefixes that cover the leftovers and nothing used, for the ``ignore`` hint."""
+    prefixes: list[str] = []
+    for name in leftovers:
+        parts = name.split(".")
+        for n in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:n])
+            if not any(under(u, prefix) for u in used):
+                break
+        if prefix not in prefixes and not any(under(prefix, p) for p in prefixes):
+            prefixes.append(prefix)
+    return prefixes
+
+
+def checkpoint_state_dict(root: dict, key: str | None, name: str) -> tuple[dict, str]:
+    """The state_dict to translate in what a file holds, and its checkpoint entry ("" for the whole object).
+
+    A checkpoint (``{"epoch": 3, "model_state": state_dict, "optimizer_state": {...}}``) holds one state_dict
+    beside things that are not the model: the dict of tensors holding recurrent parameter names is the one
+    to load, found without options when there is one; ``state_dict_key`` chooses among several. A file with
+    none is translated whole (every tensor in it must then be accounted for).
+    """
+    found = _state_dicts_in(root, name)
+    if key is not None:
+        if key in found:
+            return found[key], key
+        raise ModelFormatError(
+            f"{name}: state_dict_key={key!r}: no state_dict with LSTM parameters under that checkpoint entry; "
+            f"found {_describe_state_dicts(found) or 'none'}; the file holds {_describe_entries(root)}"
+            + _did_you_mean(key, found))
+    if "" in found or not found:
+        return root, ""
+    if len(found) == 1:
+        (entry, state_dict), = found.items()
+        return state_dict, entry
+    raise ModelFormatError(
+        f"{name}: the checkpoint holds {len(found)} state_dicts with LSTM parameters ({_describe_state_dicts(found)}); "
+        f"choose one with state_dict_key, e.g. fastlstm.load(path, state_dict_key={next(iter(found))!r}); "
+        f"the file holds {_describe_entries(root)}")
+
+
+def is_entry(root: dict, path: str) -> bool:
+    """Whether ``path`` (keys joined by '.') names something in the checkpoint ``root``."""
+    obj = root
+    for key in path.split("."):
+        if not isinstance(obj, dict) or key not in obj:
+            return False
+        obj = obj[key]
+    return True
+
+
+def _state_dicts_in(root, name: str) -> dict[str, dict]:
+    """Every dict of tensors (str keys, array values) reachable from ``root`` that holds a recurrent parameter
+    name, by its checkpoint entry (keys joined by '.'; "" for ``root`` itself)."""
+    found: dict[str, dict] = {}
+    budget = [_MAX_FLATTENED_ENTRIES]
+
+    def walk(obj, path: str, depth: int, path_ids: frozenset):
+        budget[0] -= 1
+        if budget[0] < 0 or depth > MAX_NESTING:
+            raise ModelFormatError(f"{name}: the saved object is too large or too deeply nested to be a checkpoint")
+        if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, np.ndarray)
+                                                 for k, v in obj.items()):
+            if any(_RECURRENT_NAME.match(k) for k in obj):
+                found[path] = obj
+            return
+        if isinstance(obj, (dict, list, tuple)) and id(obj) not in path_ids:
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            for key, value in items:
+                if isinstance(key, (str, int)) and not isinstance(key, bool):
+                    walk(value, f"{path}.{key}" if path else str(key), depth + 1, path_ids | {id(obj)})
+
+    walk(root, "", 0, frozenset())
+    return found
+
+
+def _describe_state_dicts(found: dict[str, dict]) -> str:
+    return ", ".join(f"{key!r} ({len(value)} tensors)" for key, value in found.items())
+
+
+def _describe_entries(root: dict, limit: int = 8) -> str:
+    """``"epoch (int), model_state (dict of 12), optimizer_state (dict of 2)"``: what a checkpoint's top level holds."""
+    entries = []
+    for key, value in list(root.items())[:limit]:
+        what = type(value).__name__
+        if isinstance(value, np.ndarray):
+            what = f"tensor {tuple(value.shape)}"
+        elif isinstance(value, (dict, list, tuple)):
+            what += f" of {len(value)}"
+        entries.append(f"{reprlib.repr(key)} ({what})")
+    return ", ".join(entries) + (f", ... ({len(root)} entries)" if len(root) > limit else "")
+
+
+def flatten_state(root: dict, name: str) -> dict:
+    """A nested checkpoint (``{"model": state_dict, "optimizer": ..., "epoch": 3}``) -> dotted names -> arrays.
+
+    Scalars, strings and None are dropped (they are not tensors); reference cycles are cut and the walk is
+    capped, so a crafted file of shared containers cannot make it run for ever.
+    """
+    flat: dict[str, np.ndarray] = {}
+    budget = [_MAX_FLATTENED_ENTRIES]
+
+    def walk(obj, prefix: str, depth: int, path_ids: frozenset):
+        budget[0] -= 1
+        if budget[0] < 0 or depth > MAX_NESTING:
+            raise ModelFormatError(f"{name}: the saved object is too large or too deeply nested to be a state_dict")
+        if isinstance(obj, np.ndarray):
+            flat[prefix] = obj
+        elif isinstance(obj, (dict, list, tuple)) and id(obj) not in path_ids:
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            inner = path_ids | {id(obj)}
+            for key, value in items:
+                if isinstance(key, (str, int)) and not isinstance(key, bool):
+                    walk(value, f"{prefix}.{key}" if prefix else str(key), depth + 1, inner)
+
+    walk(root, "", 0, frozenset())
+    return flat
+
+
