@@ -1,25 +1,34 @@
-"""PyTorch importer: ``torch.save`` state_dicts, TorchScript archives and in-memory modules -> ``ModelSpec``.
+"""PyTorch importer: ``torch.save`` state_dicts and checkpoints, TorchScript archives, safetensors files and
+in-memory modules -> ``ModelSpec``.
 
 Every source is reduced to one thing, a flat state_dict (``{"lstm.weight_ih_l0": array, ...}``), and one
-function, ``spec_from_state_dict``, translates it:
+function, ``state_dict.translate``, translates it:
 
 * **The LSTM** is found by its parameter names anywhere in the dict (``weight_ih_l{k}``, ``weight_hh_l{k}``,
-  ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``weight_hr_l{k}``, each optionally ``_reverse``, under any prefix).
-  Layers, direction, hidden and projection sizes come from the names and shapes; ``bias = b_ih + b_hh``
-  (zeros for ``bias=False``). PyTorch's gate order is fastlstm's, so no permutation.
+  ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``weight_hr_l{k}``, each optionally ``_reverse``, under any prefix; or
+  an ``nn.LSTMCell``'s ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``: one forward layer). Layers,
+  direction, hidden and projection sizes come from the names and shapes; ``bias = b_ih + b_hh`` (zeros for
+  ``bias=False``). PyTorch's gate order is fastlstm's, so no permutation.
 * **The head** is the chain of ``nn.Linear`` layers (``<prefix>.weight`` 2-D, optional ``<prefix>.bias``) that
   come after the LSTM in the dict's order (its modules' registration order), when their shapes chain from the
-  LSTM's output size. A state_dict records no activations: they are identity unless ``head_activations`` is
-  given (a module's structure supplies them when it can, see below).
+  LSTM's output size. A state_dict records no activations: they are identity unless ``head_activations`` and
+  ``head_input_activation`` say otherwise (a module's structure supplies them when it can, see below).
 * **Everything else** in the dict is refused (``UnsupportedModelError``, listing it): an embedding, a
   LayerNorm, a GRU would otherwise be silently dropped. ``ignore=`` names what is genuinely not on the path
-  from input to output (an optimizer state, an unused branch).
+  from input to output (an unused branch).
+
+A checkpoint (``{"epoch": 3, "model_state": state_dict, "optimizer_state": ...}``) is reduced to its one dict
+of tensors holding LSTM parameters; ``state_dict_key`` chooses when there are several. A safetensors file is a
+flat state_dict whose order is not the modules' order, so only a single Linear layer is taken as the head
+without ``head=``.
 
 For modules (in memory, or TorchScript archives read without torch) the module tree is looked at first:
 ``Linear`` and activation modules registered after the LSTM, in order (an ``nn.Sequential`` is in execution
-order by definition), give the head and its activations; modules fastlstm cannot run (``nn.GRU``,
-``nn.LayerNorm``, a custom module, ...) are listed and refused. What ``forward()`` does with functional calls
-(``F.relu``, ``out[:, -1]``) is invisible: say it with the options.
+order by definition), give the head and its activations (an activation module before the first Linear layer
+is applied to the LSTM's output); modules fastlstm cannot run (``nn.GRU``, ``nn.LayerNorm``, a custom module,
+...) are listed and refused, and every activation module must be accounted for by an activation the loaded
+model runs, also when the options name the head. What ``forward()`` does with functional calls (``F.relu``,
+``out[:, -1]``) is invisible: say it with the options.
 
 Options (keywords of ``fastlstm.load``), all optional:
 
@@ -28,10 +37,14 @@ Options (keywords of ``fastlstm.load``), all optional:
 * ``head``: the prefixes of the Linear layers in the order they run (``["fc1", "fc2"]``), or ``[]`` for none.
 * ``head_activations``: one activation per head layer: a name from ``fastlstm.activations``
   (``"relu"``, ``"tanh"``, ``"softmax"``, ...), an ``Activation``, or ``None`` for identity.
+* ``head_input_activation``: an elementwise activation applied to the LSTM's output before the head
+  (``fc(relu(out))``), the same kinds of values.
 * ``output``: ``"sequence"`` (default), ``"last_step"`` (a ``fc(out[:, -1])`` model) or ``"final_state"``.
-* ``ignore``: prefixes (or full names) of tensors that are not part of the network to run.
+* ``ignore``: prefixes (or full names) of tensors or modules that are not part of the network to run.
+* ``state_dict_key``: the checkpoint entry holding the state_dict (nested keys joined by ``.``).
 
-torch itself is imported only for in-memory objects.
+Files are read by ``unpickler`` (torch.save, TorchScript) and ``safetensors``, never importing torch; torch
+itself is imported only for in-memory objects.
 """
 
 from __future__ import annotations
@@ -63,6 +76,13 @@ def spec_from_file(path, **options) -> ModelSpec:
     name = os.path.basename(path)
     contents = unpickler.read_torch_file(path)
     if contents.is_torchscript:
+        _no_checkpoint_key(opts, "a TorchScript archive")
+    with unpickler.file_errors(name):
+        return _spec_from_contents(contents, opts, name)
+
+
+def _spec_from_contents(contents: unpickler.TorchFile, opts: Options, name: str) -> ModelSpec:
+    if contents.is_torchscript:
         tree, state = tree_from_script_object(contents.root, name)
         return spec_from_tree(tree, state, f"TorchScript {name}", opts)
     if not isinstance(contents.root, dict):
@@ -82,8 +102,10 @@ def spec_from_safetensors(path, **options) -> ModelSpec:
     opts = Options.parse(options)
     _no_checkpoint_key(opts, "a safetensors file (one flat state_dict)")
     path = os.fspath(path)
-    state, _metadata = safetensors.read_safetensors(path)  # metadata holds strings only ({"format": "pt"})
-    return translate(state, opts, f"safetensors {os.path.basename(path)}", ordered=False)
+    name = os.path.basename(path)
+    with unpickler.file_errors(name):
+        state, _metadata = safetensors.read_safetensors(path)  # metadata holds strings only ({"format": "pt"})
+        return translate(state, opts, f"safetensors {name}", ordered=False)
 
 
 def spec_from_module(module, **options) -> ModelSpec:

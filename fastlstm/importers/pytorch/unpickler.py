@@ -38,6 +38,7 @@ import reprlib
 import struct
 import zipfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,18 +150,25 @@ def read_torch_file(path: str) -> TorchFile:
     """Read a ``torch.save`` (zip or legacy) or ``torch.jit.save`` file; ``ModelFormatError`` if it is none."""
     with open(path, "rb") as f:
         head = f.read(4)
-    try:
+    with file_errors(os.path.basename(path)):
         if head == b"PK\x03\x04":
             return _read_zip(path)
         return _read_legacy(path)
-    except _UNEXPECTED_ERRORS as exc:  # a backstop: each cause found is checked where it arises
-        raise ModelFormatError(f"{os.path.basename(path)}: unreadable ({type(exc).__name__}: {exc})") from exc
 
 
-# What a malformed file could still raise from the standard library or NumPy despite the checks above.
+# What a malformed file could still raise from the standard library or NumPy despite the checks made.
 _UNEXPECTED_ERRORS = (RecursionError, OverflowError, IndexError, KeyError, TypeError, MemoryError,
                       NotImplementedError, struct.error, EOFError, UnicodeDecodeError)
 
+
+@contextmanager
+def file_errors(name: str):
+    """A backstop: an exception type no malformed file should raise (each cause found is checked where it
+    arises) still becomes a ``ModelFormatError`` naming the file, the original chained for a bug report."""
+    try:
+        yield
+    except _UNEXPECTED_ERRORS as exc:
+        raise ModelFormatError(f"{name}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
 # ----------------------------------------------------------------------------------------- the unpickler
 class _PickleRefused(Exception):
