@@ -197,3 +197,13 @@ def test_the_ignore_hint_never_names_the_lstm():
         fastlstm.load(net, backend="numpy")
     assert "'encoder' (Encoder)" in str(info.value)
     assert "ignore=['norm']" in str(info.value)
+
+
+def test_state_dict_key_applies_to_checkpoints_only(tmp_path):
+    net = Classifier()
+    with pytest.raises(TypeError, match="state_dict_key .* does not apply to an in-memory module"):
+        fastlstm.load(net, backend="numpy", state_dict_key="model")
+    path = str(tmp_path / "s.pt")
+    torch.jit.save(torch.jit.script(net), path)
+    with pytest.raises(TypeError, match="does not apply to a TorchScript archive"):
+        fastlstm.load(path, backend="numpy", state_dict_key="model")
