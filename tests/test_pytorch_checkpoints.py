@@ -114,7 +114,7 @@ def trained_checkpoint(net):
     net(torch.randn(2, 3, 4)).sum().backward()
     optimizer.step()
     return {"epoch": 3, "model_state": net.state_dict(), "optimizer_state": optimizer.state_dict(),
-            "best_loss": 0.25}
+            "best_loss": 0.25, "rng_state": torch.get_rng_state()}
 
 
 @pytest.mark.parametrize("layout", ["zip", "legacy"])
@@ -150,6 +150,33 @@ def test_several_state_dicts_are_ambiguous_and_state_dict_key_chooses(tmp_path):
                  torch_output(ema, inputs()))
     with pytest.raises(ModelFormatError, match=r"state_dict_key='emma'.*did you mean 'ema'\?"):
         fastlstm.load(path, backend="numpy", state_dict_key="emma")
+
+
+def test_model_parts_saved_beside_the_state_dict_are_refused(tmp_path):
+    torch.manual_seed(23)
+    lstm, fc = nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 2)
+    path = str(tmp_path / "parts.pt")
+    torch.save({"lstm": lstm.state_dict(), "head": fc.state_dict(), "epoch": 1}, path)
+    with pytest.raises(UnsupportedModelError) as info:
+        fastlstm.load(path, backend="numpy")
+    assert info.value.unsupported == ["head.weight (shape (2, 5))", "head.bias (shape (2,))"]
+    assert "ignore=['head']" in str(info.value)
+    model = fastlstm.load(path, backend="numpy", ignore=["head"])  # the user says the LSTM alone is the model
+    with torch.no_grad():
+        expected = lstm(torch.from_numpy(inputs()))[0].numpy()
+    assert_close(model.predict(inputs()), expected)
+
+
+def test_values_that_are_not_tensors_nor_plain_data_are_refused_by_name(tmp_path):
+    lstm = nn.LSTM(4, 5)
+    path = str(tmp_path / "odd.pt")
+    torch.save(dict(lstm.state_dict(), extra=torch.ones(3).storage(), **{"note": "ok"}), path)
+    with pytest.raises(UnsupportedModelError, match=r"extra \(a StorageReference\)"):
+        fastlstm.load(path, backend="numpy")
+    keyed = str(tmp_path / "keyed.pt")
+    torch.save({**lstm.state_dict(), ("x", 1): torch.ones(2)}, keyed)  # a key no state_dict has
+    with pytest.raises(UnsupportedModelError, match=r"\('x', 1\) \(shape \(2,\)\)"):
+        fastlstm.load(keyed, backend="numpy")
 
 
 def test_a_checkpoint_without_lstm_says_what_it_holds(tmp_path):

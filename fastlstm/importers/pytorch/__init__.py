@@ -88,7 +88,7 @@ def _spec_from_contents(contents: unpickler.TorchFile, opts: Options, name: str)
     if not isinstance(contents.root, dict):
         raise ModelFormatError(f"{name}: expected a state_dict (a dict of tensors), found a "
                                f"{type(contents.root).__name__}")
-    state_dict, entry = checkpoint_state_dict(contents.root, opts.state_dict_key, name)
+    state_dict, entry = checkpoint_state_dict(contents.root, opts.state_dict_key, opts.ignore, name)
     state = flatten_state(state_dict, name)
     if entry:  # ignore= may name the checkpoint's other entries ("optimizer"): they are left out already
         kept = tuple(p for p in opts.ignore if not is_entry(contents.root, p) or under(p, entry))

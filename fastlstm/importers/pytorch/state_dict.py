@@ -395,12 +395,16 @@ def _refuse_leftovers(state: dict, used: set[str], recurrent: dict[str, Recurren
     entries = []
     for name in leftovers:
         value = state[name]
-        what = f"shape {tuple(value.shape)}" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
+        what = _describe_value(value)
         if name in kinds:
             what += f", an {kinds[name]} parameter"
         entries.append(f"{name} ({what})")
     hint = ignore_hint(_covering_prefixes(leftovers, used))
     raise UnsupportedModelError(entries, f"{source}: {hint}")
+
+
+def _describe_value(value) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
 
 
 def _covering_prefixes(leftovers: list[str], used: set[str]) -> list[str]:
@@ -417,31 +421,42 @@ def _covering_prefixes(leftovers: list[str], used: set[str]) -> list[str]:
     return prefixes
 
 
-def checkpoint_state_dict(root: dict, key: str | None, name: str) -> tuple[dict, str]:
+def checkpoint_state_dict(root: dict, key: str | None, ignore: tuple[str, ...], name: str) -> tuple[dict, str]:
     """The state_dict to translate in what a file holds, and its checkpoint entry ("" for the whole object).
 
     A checkpoint (``{"epoch": 3, "model_state": state_dict, "optimizer_state": {...}}``) holds one state_dict
     beside things that are not the model: the dict of tensors holding recurrent parameter names is the one
     to load, found without options when there is one; ``state_dict_key`` chooses among several. A file with
-    none is translated whole (every tensor in it must then be accounted for).
+    none is translated whole (every tensor in it must then be accounted for). Parameters elsewhere in the
+    checkpoint (``<entry>.weight`` / ``.bias`` tensors outside an optimizer's state) may be model parts saved
+    apart: they are refused unless ``ignore`` names them.
     """
     found = _state_dicts_in(root, name)
     if key is not None:
-        if key in found:
-            return found[key], key
-        raise ModelFormatError(
-            f"{name}: state_dict_key={key!r}: no state_dict with LSTM parameters under that checkpoint entry; "
-            f"found {_describe_state_dicts(found) or 'none'}; the file holds {_describe_entries(root)}"
-            + _did_you_mean(key, found))
-    if "" in found or not found:
+        if key not in found:
+            raise ModelFormatError(
+                f"{name}: state_dict_key={key!r}: no state_dict with LSTM parameters under that checkpoint entry; "
+                f"found {_describe_state_dicts(found) or 'none'}; the file holds {_describe_entries(root)}"
+                + _did_you_mean(key, found))
+        entry = key
+    elif "" in found or not found:
         return root, ""
-    if len(found) == 1:
-        (entry, state_dict), = found.items()
-        return state_dict, entry
-    raise ModelFormatError(
-        f"{name}: the checkpoint holds {len(found)} state_dicts with LSTM parameters ({_describe_state_dicts(found)}); "
-        f"choose one with state_dict_key, e.g. fastlstm.load(path, state_dict_key={next(iter(found))!r}); "
-        f"the file holds {_describe_entries(root)}")
+    elif len(found) == 1:
+        (entry,) = found
+    else:
+        raise ModelFormatError(
+            f"{name}: the checkpoint holds {len(found)} state_dicts with LSTM parameters "
+            f"({_describe_state_dicts(found)}); choose one with state_dict_key, e.g. fastlstm.load(path, "
+            f"state_dict_key={next(iter(found))!r}); the file holds {_describe_entries(root)}")
+    # Other state_dicts with LSTM parameters are alternatives the user chose against (an EMA copy ...).
+    outside = _parameters_outside(root, set(found), name)
+    others = {n: v for n, v in outside.items() if not any(under(n, p) for p in ignore)}
+    if others:
+        hint = (f"{name}: the state_dict loaded is the checkpoint entry {entry!r}; these parameters lie outside it. "
+                "If they are not part of the model, skip them with "
+                f"ignore={_covering_prefixes(others, {entry})!r}")
+        raise UnsupportedModelError([f"{n} ({_describe_value(v)})" for n, v in others.items()], hint)
+    return found[entry], entry
 
 
 def is_entry(root: dict, path: str) -> bool:
@@ -454,28 +469,61 @@ def is_entry(root: dict, path: str) -> bool:
     return True
 
 
-def _state_dicts_in(root, name: str) -> dict[str, dict]:
-    """Every dict of tensors (str keys, array values) reachable from ``root`` that holds a recurrent parameter
-    name, by its checkpoint entry (keys joined by '.'; "" for ``root`` itself)."""
-    found: dict[str, dict] = {}
+def _walk(root, name: str, visit) -> None:
+    """Call ``visit(path, obj)`` on ``root`` and what it holds (keys joined by '.'), descending into dicts,
+    lists and tuples when ``visit`` returns True. Reference cycles are cut and the walk is capped, so a
+    crafted file of shared containers cannot make it run for ever."""
     budget = [_MAX_FLATTENED_ENTRIES]
 
     def walk(obj, path: str, depth: int, path_ids: frozenset):
         budget[0] -= 1
         if budget[0] < 0 or depth > MAX_NESTING:
-            raise ModelFormatError(f"{name}: the saved object is too large or too deeply nested to be a checkpoint")
-        if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, np.ndarray)
-                                                 for k, v in obj.items()):
-            if any(_RECURRENT_NAME.match(k) for k in obj):
-                found[path] = obj
+            raise ModelFormatError(f"{name}: the saved object is too large or too deeply nested to be a state_dict")
+        if not visit(path, obj) or not isinstance(obj, (dict, list, tuple)) or id(obj) in path_ids:
             return
-        if isinstance(obj, (dict, list, tuple)) and id(obj) not in path_ids:
-            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-            for key, value in items:
-                if isinstance(key, (str, int)) and not isinstance(key, bool):
-                    walk(value, f"{path}.{key}" if path else str(key), depth + 1, path_ids | {id(obj)})
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        inner = path_ids | {id(obj)}
+        for key, value in items:
+            key = str(key) if isinstance(key, (str, int)) and not isinstance(key, bool) else reprlib.repr(key)
+            walk(value, f"{path}.{key}" if path else key, depth + 1, inner)
 
     walk(root, "", 0, frozenset())
+
+
+def _state_dicts_in(root, name: str) -> dict[str, dict]:
+    """Every dict of tensors (str keys, array values) reachable from ``root`` that holds a recurrent parameter
+    name, by its checkpoint entry (keys joined by '.'; "" for ``root`` itself)."""
+    found: dict[str, dict] = {}
+
+    def visit(path: str, obj) -> bool:
+        if _is_tensor_dict(obj):
+            if any(_RECURRENT_NAME.match(k) for k in obj):
+                found[path] = obj
+            return False
+        return True
+
+    _walk(root, name, visit)
+    return found
+
+
+def _is_tensor_dict(obj) -> bool:
+    return (isinstance(obj, dict) and bool(obj)
+            and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()))
+
+
+def _parameters_outside(root: dict, entries: set[str], name: str) -> dict[str, np.ndarray]:
+    """Tensors named like module parameters (``weight*``, ``bias*``) outside the state_dicts at ``entries``
+    and outside any optimizer state (a dict with ``state`` and ``param_groups``)."""
+    found: dict[str, np.ndarray] = {}
+
+    def visit(path: str, obj) -> bool:
+        if path in entries or (isinstance(obj, dict) and {"state", "param_groups"} <= set(obj)):
+            return False
+        if isinstance(obj, np.ndarray) and path.rpartition(".")[2].startswith(("weight", "bias")):
+            found[path] = obj
+        return True
+
+    _walk(root, name, visit)
     return found
 
 
@@ -497,28 +545,22 @@ def _describe_entries(root: dict, limit: int = 8) -> str:
 
 
 def flatten_state(root: dict, name: str) -> dict:
-    """A nested checkpoint (``{"model": state_dict, "optimizer": ..., "epoch": 3}``) -> dotted names -> arrays.
+    """A nested checkpoint (``{"model": state_dict, "optimizer": ..., "epoch": 3}``) -> dotted names -> values.
 
-    Scalars, strings and None are dropped (they are not tensors); reference cycles are cut and the walk is
-    capped, so a crafted file of shared containers cannot make it run for ever.
+    Tensors are kept as arrays; numbers, strings, None and sets are dropped (they are not model parts); any
+    other object (a bare storage, a type) is kept so that translating it refuses it by name.
     """
-    flat: dict[str, np.ndarray] = {}
-    budget = [_MAX_FLATTENED_ENTRIES]
+    flat: dict[str, object] = {}
 
-    def walk(obj, prefix: str, depth: int, path_ids: frozenset):
-        budget[0] -= 1
-        if budget[0] < 0 or depth > MAX_NESTING:
-            raise ModelFormatError(f"{name}: the saved object is too large or too deeply nested to be a state_dict")
-        if isinstance(obj, np.ndarray):
-            flat[prefix] = obj
-        elif isinstance(obj, (dict, list, tuple)) and id(obj) not in path_ids:
-            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-            inner = path_ids | {id(obj)}
-            for key, value in items:
-                if isinstance(key, (str, int)) and not isinstance(key, bool):
-                    walk(value, f"{prefix}.{key}" if prefix else str(key), depth + 1, inner)
+    def visit(path: str, obj) -> bool:
+        if isinstance(obj, (dict, list, tuple)):
+            return True
+        if not isinstance(obj, _NOT_MODEL_PARTS):
+            flat[path] = obj
+        return False
 
-    walk(root, "", 0, frozenset())
+    _walk(root, name, visit)
     return flat
 
 
+_NOT_MODEL_PARTS = (str, bytes, bytearray, int, float, complex, bool, type(None), set, frozenset)

@@ -184,7 +184,7 @@ class _StorageType:
 
 
 @dataclass(frozen=True)
-class _StorageRef:
+class StorageReference:
     """One storage a tensor reads: ``numel`` elements of ``dtype`` under ``key``, or a slice of them (legacy views)."""
 
     key: str
@@ -198,7 +198,7 @@ class _StorageRef:
 class _PendingTensor:
     """A tensor whose storage bytes have not been read yet (legacy files put them after the object)."""
 
-    storage: _StorageRef
+    storage: StorageReference
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
@@ -226,7 +226,7 @@ def _check_int_tuple(value, what: str) -> tuple[int, ...]:
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused) -> _PendingTensor:
     """``torch._utils._rebuild_tensor_v2`` (and the older ``_rebuild_tensor``): record a view of ``storage``."""
-    if not isinstance(storage, _StorageRef):
+    if not isinstance(storage, StorageReference):
         raise _PickleRefused(f"a tensor's storage must be a persistent storage reference, got {type(storage).__name__}")
     size_ = _check_int_tuple(size, "tensor size")
     stride_ = _check_int_tuple(stride, "tensor stride")
@@ -423,7 +423,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self.allow_globals = allow_globals
         self.allow_torchscript = allow_torchscript
         self.legacy = legacy
-        self.storages: dict[str, _StorageRef] = {}
+        self.storages: dict[str, StorageReference] = {}
         self.script_classes: dict[str, type] = {}
 
     def remaining(self) -> int:
@@ -487,7 +487,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         _check_int(numel, f"storage {key!r} size")
         known = self.storages.get(key)
         if known is None:
-            self.storages[key] = known = _StorageRef(key, storage_type.dtype, numel)
+            self.storages[key] = known = StorageReference(key, storage_type.dtype, numel)
         elif (known.dtype, known.numel) != (storage_type.dtype, numel):
             raise _PickleRefused(f"storage {key!r} is referenced as {known.numel} x {known.dtype} and as "
                                  f"{numel} x {storage_type.dtype}")
@@ -501,7 +501,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if view_offset + view_numel > numel:
             raise _PickleRefused(f"storage view [{view_offset}, {view_offset + view_numel}) exceeds storage {key!r} "
                                  f"of {numel} elements")
-        return _StorageRef(key, known.dtype, numel, view_offset, view_numel)
+        return StorageReference(key, known.dtype, numel, view_offset, view_numel)
 
 
 def _unpickle(file: "_BoundedReader", what: str, name: str, **kwargs):
