@@ -234,3 +234,19 @@ def test_state_dict_key_applies_to_checkpoints_only(tmp_path):
     torch.jit.save(torch.jit.script(net), path)
     with pytest.raises(TypeError, match="does not apply to a TorchScript archive"):
         fastlstm.load(path, backend="numpy", state_dict_key="model")
+
+
+def test_torchscript_tensors_held_in_list_attributes_are_refused(tmp_path):
+    class ListHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(4, 5, batch_first=True)
+            self.scales = [torch.ones(5)]  # a List[Tensor] attribute: not a parameter, still used by forward
+
+        def forward(self, x):
+            return self.lstm(x)[0] * self.scales[0]
+
+    path = str(tmp_path / "list.pt")
+    torch.jit.save(torch.jit.script(ListHead()), path)
+    with pytest.raises(UnsupportedModelError, match=r"scales.0 \(shape \(5,\)\)"):
+        fastlstm.load(path, backend="numpy")

@@ -11,8 +11,8 @@ from ...errors import ModelFormatError, UnsupportedModelError
 from ...spec import ModelSpec
 from . import unpickler
 from .options import Options
-from .state_dict import (MAX_NESTING, Recurrent, apply_ignore, choose_lstm, describe_linears, ignore_hint,
-                         lstm_output_size, recurrent_groups, translate, under)
+from .state_dict import (MAX_NESTING, Recurrent, apply_ignore, choose_lstm, describe_linears, flatten_state,
+                         ignore_hint, lstm_output_size, recurrent_groups, translate, under)
 
 # Module classes by their full name (TorchScript's ``__torch__.`` prefix and mangling removed).
 _LSTM = "torch.nn.modules.rnn.LSTM"
@@ -102,9 +102,14 @@ def numpy_state(items, torch) -> tuple[dict, list[tuple[str, str]]]:
 
 
 def tree_from_script_object(root, name: str) -> tuple[_Node, dict]:
-    """A TorchScript archive's module objects -> a module tree and the flat state_dict of their tensors."""
-    state: dict[str, np.ndarray] = {}
+    """A TorchScript archive's module objects -> a module tree and the flat state_dict of their tensors.
+
+    Attributes holding containers (``nn.LSTM``'s ``_flat_weights``, a ``List[Tensor]`` of the model's own)
+    add the tensors in them that are not named elsewhere, so that translating refuses them by name.
+    """
+    state: dict[str, object] = {}
     seen: set[int] = set()
+    containers: list[tuple[str, object]] = []
 
     def build(obj, path: str, depth: int) -> _Node:
         if depth > MAX_NESTING:
@@ -118,9 +123,17 @@ def tree_from_script_object(root, name: str) -> tuple[_Node, dict]:
                 node.own_tensors = True
             elif isinstance(value, unpickler.ScriptObject) and id(value) not in seen:
                 node.children.append(build(value, full, depth + 1))
+            elif isinstance(value, (list, tuple, dict)):
+                containers.append((full, value))
         return node
 
-    return build(root, "", 0), state
+    tree = build(root, "", 0)
+    named = {id(value) for value in state.values()}
+    for full, value in containers:
+        for item_name, item in flatten_state({full: value}, name).items():
+            if id(item) not in named:
+                state[item_name] = item
+    return tree, state
 
 
 def spec_from_tree(tree: _Node | None, state: dict, source: str, opts: Options,
