@@ -250,3 +250,22 @@ def test_torchscript_tensors_held_in_list_attributes_are_refused(tmp_path):
     torch.jit.save(torch.jit.script(ListHead()), path)
     with pytest.raises(UnsupportedModelError, match=r"scales.0 \(shape \(5,\)\)"):
         fastlstm.load(path, backend="numpy")
+
+
+def test_in_memory_tensor_attributes_that_are_not_parameters_are_refused():
+    class PlainAttributes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(4, 5, batch_first=True)
+            self.offset = torch.ones(5)  # neither a parameter nor a buffer: not in the state_dict
+            self.extras = {"scale": [torch.full((5,), 2.0)]}
+
+        def forward(self, x):
+            return self.lstm(x)[0] * self.extras["scale"][0] + self.offset
+
+    net = PlainAttributes()
+    with pytest.raises(UnsupportedModelError) as info:
+        fastlstm.load(net, backend="numpy")
+    assert [u.partition(":")[0] for u in info.value.unsupported] == ["'extras.scale.0'", "'offset'"]
+    assert "ignore=['extras.scale.0', 'offset']" in str(info.value)
+    fastlstm.load(net, backend="numpy", ignore=["extras", "offset"])  # the user says forward() does not use them

@@ -41,6 +41,8 @@ class _Node:
     settings: object                    # where activation parameters are looked up (getattr or a dict)
     own_tensors: bool
     children: list["_Node"] = field(default_factory=list)
+    # Paths of tensors an in-memory module holds as plain attributes (neither parameters nor buffers).
+    hidden_tensors: list[str] = field(default_factory=list)
 
     @property
     def short_type(self) -> str:
@@ -66,9 +68,27 @@ def tree_from_torch_module(module, torch) -> _Node:
                 return getattr(m, "original_name", type(m).__name__)
         return f"{type(m).__module__}.{type(m).__qualname__}"
 
+    registered = {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
+
+    def hidden_tensors(m, path: str) -> list[str]:
+        """Tensors in ``m``'s own attributes (lists and dicts included) that are not parameters or buffers."""
+        if isinstance(m, torch.jit.ScriptModule):
+            return []  # its attributes are in its state_dict or its code
+        attributes = {k: v for k, v in vars(m).items() if k not in ("_parameters", "_buffers", "_modules")}
+        found = []
+        stack = [(f"{path}.{k}" if path else k, v, 0) for k, v in attributes.items()]
+        while stack:
+            where, value, depth = stack.pop()
+            if isinstance(value, torch.Tensor) and id(value) not in registered:
+                found.append(where)
+            elif isinstance(value, (list, tuple, dict)) and depth < MAX_NESTING:
+                items = value.items() if isinstance(value, dict) else enumerate(value)
+                stack += [(f"{where}.{k}", v, depth + 1) for k, v in items]
+        return sorted(found)
+
     def build(m, path: str, seen: set[int]) -> _Node:
         own = any(True for _ in m.named_parameters(recurse=False)) or any(True for _ in m.named_buffers(recurse=False))
-        node = _Node(path, type_name(m), m, own)
+        node = _Node(path, type_name(m), m, own, hidden_tensors=hidden_tensors(m, path))
         seen = seen | {id(m)}
         for child_name, child in m.named_children():
             if id(child) not in seen:
@@ -201,6 +221,7 @@ def spec_from_tree(tree: _Node | None, state: dict, source: str, opts: Options,
 
 def _module_paths(tree: _Node):
     yield tree.path
+    yield from tree.hidden_tensors
     for child in tree.children:
         yield from _module_paths(child)
 
@@ -285,6 +306,10 @@ class _StructureAnalysis:
         if node.path == self._lstm_path:
             self._after_lstm = True
             return
+        for path in node.hidden_tensors:
+            if not self._ignored(path):
+                self.problems.append((path, f"{path!r}: a tensor attribute of {node.short_type}, neither a parameter "
+                                            "nor a buffer; fastlstm cannot see what forward() does with it"))
         if node.children:
             if node.own_tensors and node.type_name not in _CONTAINERS:
                 self._problem(node, "a custom module with its own parameters; fastlstm cannot see what its "
