@@ -199,3 +199,15 @@ def test_corrupted_files_raise_format_error(saved, tmp_path_factory, data):
     except ModelFormatError:
         pass  # the expected outcome for almost every corruption
     # A flip that leaves a valid file (e.g. inside a weight's mantissa) may load: that is fine.
+
+
+def test_a_zip_of_an_unsupported_version_is_a_format_error(saved, tmp_path):
+    """zipfile raises NotImplementedError for a member that needs a newer zip version: still a ModelFormatError."""
+    _, path = saved
+    raw = bytearray(path.read_bytes())
+    central = raw.find(b"PK\x01\x02")  # the first central-directory entry: 'version needed' at offset 6
+    raw[central + 6:central + 8] = (99).to_bytes(2, "little")
+    bad = tmp_path / "version.fastlstm"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ModelFormatError, match="cannot be opened: zip file version"):
+        fastlstm.load(bad)

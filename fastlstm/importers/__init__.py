@@ -64,7 +64,7 @@ def _read_file(path: str, options: dict) -> ModelSpec:
     if head.startswith(_ZIP_MAGIC):
         try:
             archive = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
             raise ModelFormatError(f"{path!r} looks like a zip archive but cannot be opened: {exc}") from None
         with archive:
             names = archive.namelist()
