@@ -84,16 +84,22 @@ def test_lstm_cell_torchscript_matches_torch(tmp_path):
     assert_close(fastlstm.load(path, backend="numpy").predict(inputs()), torch_output(net, inputs()))
 
 
-def test_other_cells_are_refused_by_name(tmp_path):
-    path = str(tmp_path / "gru.pt")
-    torch.save(nn.GRUCell(4, 5).state_dict(), path)
-    with pytest.raises(UnsupportedModelError, match=r"nn.GRUCell parameters"):
-        fastlstm.load(path, backend="numpy")
-    net = nn.Module()
-    net.lstm = nn.LSTM(4, 5)
-    net.gru = nn.RNNCell(5, 5)
-    with pytest.raises(UnsupportedModelError, match=r"'gru' \(nn.RNNCell\): fastlstm runs nn.LSTM and nn.LSTMCell"):
-        fastlstm.load(net, backend="numpy")
+@pytest.mark.parametrize("make", [lambda: nn.GRUCell(4, 5), lambda: nn.RNNCell(4, 5, nonlinearity="relu")])
+def test_gru_and_rnn_cells_called_in_a_loop_match_torch(tmp_path, make):
+    torch.manual_seed(3)
+    cell = make().eval()
+    path = str(tmp_path / "cell.pt")
+    torch.save(cell.state_dict(), path)
+    options = {"rnn_nonlinearity": "relu"} if isinstance(cell, nn.RNNCell) else {}
+    model = fastlstm.load(path, backend="numpy", **options)
+    x = inputs()
+    h = torch.zeros(x.shape[0], 5)
+    stream = model.stream(batch_size=x.shape[0])
+    for t in range(x.shape[1]):
+        with torch.no_grad():
+            h = cell(torch.from_numpy(x[:, t]), h)
+        assert_close(stream.step(x[:, t]), h.numpy())
+    assert_close(fastlstm.load(cell, backend="numpy").predict(x)[:, -1], h.numpy())
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -182,7 +188,7 @@ def test_values_that_are_not_tensors_nor_plain_data_are_refused_by_name(tmp_path
 def test_a_checkpoint_without_lstm_says_what_it_holds(tmp_path):
     path = str(tmp_path / "none.pt")
     torch.save({"epoch": 1, "weights": {"fc.weight": torch.ones(2, 2)}}, path)
-    with pytest.raises(ModelFormatError, match=r"no nn.LSTM parameters found.*weights.fc.weight"):
+    with pytest.raises(ModelFormatError, match=r"no recurrent parameters found.*weights.fc.weight"):
         fastlstm.load(path, backend="numpy")
 
 

@@ -11,12 +11,13 @@ from ...errors import ModelFormatError, UnsupportedModelError
 from ...spec import ModelSpec
 from . import unpickler
 from .options import Options
-from .state_dict import (MAX_NESTING, Recurrent, apply_ignore, choose_lstm, describe_linears, flatten_state,
-                         ignore_hint, lstm_output_size, recurrent_groups, translate, under)
+from .state_dict import (MAX_NESTING, Recurrent, apply_ignore, choose_stack, describe_linears, flatten_state,
+                         ignore_hint, recurrent_groups, recurrent_output_size, translate, under)
 
 # Module classes by their full name (TorchScript's ``__torch__.`` prefix and mangling removed).
-_LSTM = "torch.nn.modules.rnn.LSTM"
-_LSTM_CELL = "torch.nn.modules.rnn.LSTMCell"
+_RECURRENT = {f"torch.nn.modules.rnn.{n}" for n in ("LSTM", "LSTMCell", "GRU", "GRUCell", "RNN", "RNNCell")}
+_RNN = {"torch.nn.modules.rnn.RNN", "torch.nn.modules.rnn.RNNCell"}
+_EMBEDDING = "torch.nn.modules.sparse.Embedding"
 _LINEAR = "torch.nn.modules.linear.Linear"
 _PASSTHROUGH = {f"torch.nn.modules.{n}" for n in (
     "linear.Identity", "dropout.Dropout", "dropout.Dropout1d", "dropout.Dropout2d", "dropout.Dropout3d",
@@ -29,7 +30,6 @@ _ACTIVATION_NAMES = {"ReLU": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Soft
 _ACTIVATIONS = {f"torch.nn.modules.activation.{n}" for n in _ACTIVATION_NAMES}
 # The setting each parametrised activation module holds (scripted archives record it, traced ones do not).
 _ACTIVATION_SETTINGS = {"LeakyReLU": "negative_slope", "ELU": "alpha", "Softplus": "beta", "Softmax": "dim"}
-_OTHER_RECURRENT = {f"torch.nn.modules.rnn.{n}" for n in ("GRU", "RNN", "GRUCell", "RNNCell")}
 
 
 @dataclass
@@ -168,22 +168,24 @@ def spec_from_tree(tree: _Node | None, state: dict, source: str, opts: Options,
     module_paths = frozenset(_module_paths(tree)) if tree is not None else frozenset()
     kept = apply_ignore(state, opts.ignore, source, module_paths)
     try:
-        group, lstm_error = choose_lstm(recurrent_groups(kept), opts, kept, source), None
+        groups, lstm_error = choose_stack(recurrent_groups(kept), opts, kept, source), None
     except (ModelFormatError, UnsupportedModelError) as exc:  # reported after what the structure shows
-        group, lstm_error = None, exc
-    analysis = _StructureAnalysis(tree, group.prefix if group else None, opts) if tree is not None else None
+        groups, lstm_error = None, exc
+    recurrent_paths = [g.prefix for g in groups] if groups else None
+    analysis = _StructureAnalysis(tree, recurrent_paths, opts) if tree is not None else None
     if analysis is not None:
         problems += analysis.problems
     if problems:
-        lstm_path = group.prefix if group else None
-        # Never propose ignoring the LSTM itself, nor a module that holds it.
-        skippable = [n for n, _ in problems if n and (lstm_path is None or not under(lstm_path, n))]
+        # Never propose ignoring a recurrent module itself, nor a module that holds one.
+        skippable = [n for n, _ in problems
+                     if n and not any(under(path, n) for path in (recurrent_paths or ()))]
         raise UnsupportedModelError([message for _, message in problems],
                                     f"{source}: " + ignore_hint(skippable))
     if lstm_error is not None:
         raise lstm_error
     if analysis is None:
         return translate(state, opts, source)
+    group = groups[-1]
     head, activations, head_input = opts.head, opts.head_activations, opts.head_input_activation
     if activations is None:
         if analysis.misplaced_activations:
@@ -216,7 +218,9 @@ def spec_from_tree(tree: _Node | None, state: dict, source: str, opts: Options,
             "loading would drop them. Say where forward() applies each: head_input_activation=... for one applied "
             "to the LSTM's output before the first Linear layer, head_activations=[...] for one after each Linear "
             f"layer; skip a module forward() never calls with ignore={[path for path in analysis.unaccounted_paths]}")
-    return translate(state, opts.with_inferred(head, activations, head_input), source, module_paths)
+    inferred = opts.with_inferred(head, activations, head_input, embedding=analysis.embedding,
+                                  rnn_nonlinearities=analysis.rnn_nonlinearities)
+    return translate(state, inferred, source, module_paths)
 
 
 def _module_paths(tree: _Node):
@@ -227,7 +231,12 @@ def _module_paths(tree: _Node):
 
 
 class _StructureAnalysis:
-    """Walk a module tree in registration order and read the head off what follows the LSTM.
+    """Walk a module tree in registration order and read the head off what follows the recurrent modules.
+
+    ``embedding``: the path of an ``nn.Embedding`` registered before the first recurrent module ("" for none);
+    ``rnn_nonlinearities``: ``(path, "tanh" | "relu")`` of every ``nn.RNN`` / ``nn.RNNCell``. Anything
+    registered between two recurrent modules (a Linear, an activation, a LayerNorm) is refused: fastlstm
+    runs recurrent modules back to back.
 
     ``input_activation``: an activation module registered after the LSTM and before its first Linear layer
     (applied to the LSTM's output); ``head``/``activations``: the Linear layers after the LSTM and the
@@ -239,8 +248,10 @@ class _StructureAnalysis:
     When the options state the head's activations, activation modules are not placed, only accounted for.
     """
 
-    def __init__(self, tree: _Node, lstm_path: str | None, opts: Options):
+    def __init__(self, tree: _Node, recurrent_paths: list[str] | None, opts: Options):
         self.opts = opts
+        self.embedding = ""
+        self.rnn_nonlinearities: list[tuple[str, str]] = []
         self.head: list[str] = []
         self.activations_list: list[Activation | None] = []
         self.input_activation: Activation | None = None
@@ -249,7 +260,8 @@ class _StructureAnalysis:
         self.problems: list[tuple[str, str]] = []  # (module path, message)
         self.unaccounted_paths: list[str] = []
         self._after_lstm = False
-        self._lstm_path = lstm_path
+        self._recurrent_paths = list(recurrent_paths or ())
+        self._recurrent_seen = 0  # how many of the chosen recurrent modules the walk has passed
         self._visit(tree)
 
     @property
@@ -257,8 +269,8 @@ class _StructureAnalysis:
         return tuple(a or IDENTITY for a in self.activations_list)
 
     def chain(self, state: dict, group: Recurrent, source: str) -> tuple[str, ...]:
-        """``head``, checked to chain by shape from the LSTM's output."""
-        size = lstm_output_size(group, state)
+        """``head``, checked to chain by shape from the last recurrent module's output."""
+        size = recurrent_output_size(group, state)
         if size is None:
             return tuple(self.head)  # the LSTM's own tensors are malformed; translating it says how
         for prefix in self.head:
@@ -303,8 +315,8 @@ class _StructureAnalysis:
     def _visit(self, node: _Node) -> None:
         if self._ignored(node.path) and node.path:
             return
-        if node.path == self._lstm_path:
-            self._after_lstm = True
+        if node.path in self._recurrent_paths:
+            self._recurrent_module(node)
             return
         for path in node.hidden_tensors:
             if not self._ignored(path):
@@ -324,23 +336,61 @@ class _StructureAnalysis:
         where = f"{node.path!r} ({node.short_type})"
         if kind in _PASSTHROUGH or (kind in _CONTAINERS and not node.own_tensors):
             return
-        if kind in (_LSTM, _LSTM_CELL):
-            return  # another LSTM: its parameters make the state_dict ambiguous, reported there
+        if kind in _RECURRENT:
+            return  # a recurrent module not chosen: its parameters are reported by the state_dict translation
+        if self._between_recurrent_modules():
+            if kind in _ACTIVATIONS or kind == _LINEAR or kind == _EMBEDDING or kind.startswith("torch."):
+                self._problem(node, "registered between two recurrent modules; fastlstm runs recurrent modules "
+                                    "back to back, with nothing between them")
+                return
+        if kind == _EMBEDDING:
+            self._embedding_module(node)
+            return
         if kind == _LINEAR:
             if self._after_lstm:
                 self.head.append(node.path)
                 self.activations_list.append(None)
-            return  # a Linear before the LSTM is reported as an unused tensor unless named in head=
+            return  # a Linear before the recurrent modules is reported as an unused tensor unless named in head=
         if kind in _ACTIVATIONS:
             self._activation_module(node, where)
-        elif kind in _OTHER_RECURRENT:
-            self._problem(node, "fastlstm runs nn.LSTM and nn.LSTMCell layers only")
         elif kind.startswith("torch."):
-            self._problem(node, "fastlstm runs an LSTM followed by Linear layers and activations "
-                                "(ReLU, Sigmoid, Tanh, LeakyReLU, ELU, Softplus, Softsign, Hardsigmoid, Softmax); "
-                                f"it cannot run {node.short_type}")
+            self._problem(node, "fastlstm runs an optional Embedding, recurrent modules, then Linear layers and "
+                                "activations (ReLU, Sigmoid, Tanh, LeakyReLU, ELU, Softplus, Softsign, Hardsigmoid, "
+                                f"Softmax); it cannot run {node.short_type}")
         else:
             self._problem(node, "a custom module; fastlstm cannot see what its forward() does")
+
+    def _between_recurrent_modules(self) -> bool:
+        return 0 < self._recurrent_seen < len(self._recurrent_paths)
+
+    def _recurrent_module(self, node: _Node) -> None:
+        self._recurrent_seen += 1
+        self._after_lstm = self._recurrent_seen == len(self._recurrent_paths)
+        if node.type_name in _RNN:
+            nonlinearity = node.setting("nonlinearity")
+            if nonlinearity is _NOT_RECORDED:  # a scripted archive records nn.RNN's mode instead
+                mode = node.setting("mode")
+                nonlinearity = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}.get(mode, _NOT_RECORDED) if isinstance(mode, str) else _NOT_RECORDED
+            if nonlinearity is _NOT_RECORDED:
+                return  # not recorded (a traced archive): the translation warns, rnn_nonlinearity says it
+            if nonlinearity not in ("tanh", "relu"):
+                self._problem(node, f"nonlinearity={nonlinearity!r}; nn.RNN computes tanh or relu")
+                return
+            self.rnn_nonlinearities.append((node.path, nonlinearity))
+
+    def _embedding_module(self, node: _Node) -> None:
+        if self._recurrent_seen:
+            self._problem(node, "an embedding after a recurrent module; fastlstm runs one in front of the first")
+            return
+        if self.embedding:
+            self._problem(node, f"a second embedding (after {self.embedding!r}); fastlstm runs one")
+            return
+        max_norm = node.setting("max_norm")
+        if max_norm is not _NOT_RECORDED and max_norm is not None:
+            self._problem(node, f"max_norm={max_norm!r} renormalises the rows it looks up; fastlstm looks rows up as "
+                                "they are stored")
+            return
+        self.embedding = node.path
 
     def _activation_module(self, node: _Node, where: str) -> None:
         reading = self._activation(node)

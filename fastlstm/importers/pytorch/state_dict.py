@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...activations import IDENTITY, Activation
-from ...errors import InvalidModelError, ModelFormatError, UnsupportedModelError
-from ...spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
+from ...activations import IDENTITY, TANH, Activation
+from ...errors import InvalidInputError, InvalidModelError, ModelFormatError, UnsupportedModelError
+from ...spec import GATE_COUNTS, CellWeights, DenseLayer, ModelSpec, RecurrentLayer
 from .options import Options
 
 _RECURRENT_NAME = re.compile(
@@ -25,8 +25,9 @@ def ignore_hint(prefixes: list[str]) -> str:
     """What to do about refused parts: skip what is not on the path from input to output, or state the head."""
     skip = (f"If something listed is not on the path from the model's input to its output (an optimizer state, "
             f"an unused branch), skip it with ignore={prefixes!r}; ") if prefixes else ""
-    return (f"fastlstm runs one nn.LSTM followed by Linear layers and activations. {skip}the head's layers and "
-            "activations can be stated with head=[...], head_activations=[...] and head_input_activation=...")
+    return (f"fastlstm runs an optional nn.Embedding, recurrent modules (nn.LSTM, nn.GRU, nn.RNN and their cells) "
+            f"one after the other, then Linear layers and activations. {skip}the head's layers and activations can "
+            "be stated with head=[...], head_activations=[...] and head_input_activation=...")
 
 
 @dataclass
@@ -39,6 +40,10 @@ class Recurrent:
     # nn.LSTMCell (GRUCell, RNNCell) names its tensors without the layer suffix: weight_ih, not weight_ih_l0.
     cell_names: bool = False
     layer_names: bool = False
+
+    @property
+    def spec_kind(self) -> str:
+        return self.kind.lower()
 
     @property
     def module(self) -> str:
@@ -60,20 +65,25 @@ def translate(state: dict, opts: Options, source: str, module_paths: frozenset[s
     (a safetensors file sorts its tensors, so the head is then inferred only when a single Linear layer fits)."""
     state = apply_ignore(state, opts.ignore, source, module_paths)
     recurrent = recurrent_groups(state)
-    group = choose_lstm(recurrent, opts, state, source)
-    layers = _lstm_layers(group, state, source)
+    groups = choose_stack(recurrent, opts, state, source, ordered)
+    layers = stack_layers(groups, state, opts, source)
+    embedding_name = _embedding_name(state, groups, layers[0].input_size, opts, source, ordered)
+    embedding = _embedding(state, embedding_name, layers[0].input_size, source)
     lstm_output = layers[-1].num_directions * layers[-1].output_size
-    head_names = opts.head if opts.head is not None else _infer_head(state, group, lstm_output, source, ordered)
+    last = groups[-1]
+    head_names = opts.head if opts.head is not None else _infer_head(state, last, lstm_output, source, ordered)
     head = _head_layers(head_names, state, lstm_output, source)
     activations = _head_activations(opts, head_names, source)
 
-    used = set(group.names.values())
+    used = {name for group in groups for name in group.names.values()}
+    if embedding_name:
+        used.add(f"{embedding_name}.weight")
     for prefix in head_names:
         used.update(n for n in (f"{prefix}.weight", f"{prefix}.bias") if n in state)
     _refuse_leftovers(state, used, recurrent, source)
 
     dense = tuple(DenseLayer(weight, bias, act) for (weight, bias), act in zip(head, activations))
-    return ModelSpec(layers=layers, head=dense, output=opts.output,
+    return ModelSpec(layers=layers, head=dense, output=opts.output, embedding=embedding,
                      head_input_activation=opts.head_input_activation or IDENTITY, source=source).validate()
 
 
@@ -145,37 +155,80 @@ def recurrent_groups(state: dict) -> dict[str, Recurrent]:
     return groups
 
 
-def choose_lstm(groups: dict[str, Recurrent], opts: Options, state: dict, source: str) -> Recurrent:
-    lstms = [g for g in groups.values() if g.kind == "LSTM"]
+def choose_stack(groups: dict[str, Recurrent], opts: Options, state: dict, source: str,
+                 ordered: bool = True) -> list[Recurrent]:
+    """The recurrent modules to run, in order: those the ``lstm`` option names, or every one found, in
+    registration order, when their shapes chain (each one's input size is the previous one's output size)."""
     if opts.lstm is not None:
-        group = groups.get(opts.lstm)
-        if group is None:
-            found = ", ".join(g.display() for g in lstms) or "none"
-            expected = f"{opts.lstm}.weight_ih_l0" if opts.lstm else "weight_ih_l0"
-            raise ModelFormatError(f"{source}: lstm={opts.lstm!r}: no LSTM parameters under that prefix "
-                                   f"(names like {expected!r}); LSTMs found: {found}"
-                                   + _did_you_mean(opts.lstm, [g.prefix for g in lstms]))
-        if group.kind != "LSTM":
-            raise UnsupportedModelError([f"{group.display()}: {group.module} parameters (judging by weight_hh's "
-                                         "shape); fastlstm runs LSTMs only"])
-        return group
-    if len(lstms) == 1:
-        return lstms[0]
-    if not lstms:
-        others = [f"{g.display()}: {g.module} parameters; fastlstm runs LSTMs only" for g in groups.values()]
-        if others:
-            raise UnsupportedModelError(others)
-        raise ModelFormatError(f"{source}: no nn.LSTM parameters found (names like 'weight_ih_l0' or "
+        chosen, problems = [], []
+        for prefix in opts.lstm:
+            group = groups.get(prefix)
+            if group is None:
+                expected = f"{prefix}.weight_ih_l0" if prefix else "weight_ih_l0"
+                found = ", ".join(g.display() for g in groups.values()) or "none"
+                problems.append(f"lstm={prefix!r}: no recurrent parameters under that prefix (names like "
+                                f"{expected!r}); recurrent modules found: {found}"
+                                + _did_you_mean(prefix, [g.prefix for g in groups.values()]))
+            else:
+                chosen.append(group)
+        if problems:
+            raise ModelFormatError(f"{source}: " + "; ".join(problems))
+        _check_chain(chosen, state, source, named=True)
+        return chosen
+    if not groups:
+        raise ModelFormatError(f"{source}: no recurrent parameters found (names like 'weight_ih_l0' or "
                                f"'lstm.weight_ih_l0'); the state_dict holds {_some(state) or 'nothing'}")
-    choices = ", ".join(g.display() for g in lstms)
-    example = next(g.prefix for g in lstms)
-    raise ModelFormatError(f"{source}: the state_dict holds {len(lstms)} LSTMs ({choices}); say which one to run "
-                           f"with the lstm option, e.g. fastlstm.load(path, lstm={example!r}), and skip the others "
-                           "with ignore=[...]")
+    order = {name: n for n, name in enumerate(state)}
+    found = sorted(groups.values(), key=lambda g: min(order[name] for name in g.names.values()))
+    if len(found) > 1 and not ordered:
+        raise ModelFormatError(
+            f"{source}: the file holds {len(found)} recurrent modules ({', '.join(g.display() for g in found)}) and "
+            "does not record the order they run in; name them in that order with lstm=[...] and skip any other "
+            "with ignore=[...]")
+    _check_chain(found, state, source, named=False)
+    return found
 
 
-def _lstm_layers(group: Recurrent, state: dict, source: str) -> tuple[LSTMLayer, ...]:
-    """Build the LSTM layers of ``group``, collecting every missing or mis-shaped tensor before refusing."""
+def _check_chain(groups: list[Recurrent], state: dict, source: str, named: bool) -> None:
+    """Each module's input size must be the previous one's output size."""
+    for previous, group in zip(groups, groups[1:]):
+        out = recurrent_output_size(previous, state)
+        w_ih = state.get(group.names.get(("weight_ih", 0, False), ""))
+        size = w_ih.shape[1] if isinstance(w_ih, np.ndarray) and w_ih.ndim == 2 else None
+        if out is not None and size is not None and size != out:
+            listed = ", ".join(f"{g.display()} ({g.module})" for g in groups)
+            how = ("in the order given by lstm=" if named else "in registration order") + f" ({listed})"
+            raise ModelFormatError(
+                f"{source}: the recurrent modules do not chain {how}: {group.display()} takes {size} features but "
+                f"{previous.display()} outputs {out}. fastlstm runs recurrent modules one after the other; name the "
+                "ones that do, in the order they run, with lstm=[...] and skip the others with ignore=[...]")
+
+
+def stack_layers(groups: list[Recurrent], state: dict, opts: Options, source: str) -> tuple[RecurrentLayer, ...]:
+    """The layers of every chosen recurrent module, in order."""
+    nonlinearities = dict(opts.rnn_nonlinearities)
+    rnn_groups = [g for g in groups if g.kind == "RNN"]
+    unrecorded = [g.display() for g in rnn_groups if g.prefix not in nonlinearities]
+    if unrecorded and opts.rnn_nonlinearity is None:
+        warnings.warn(f"{source}: nn.RNN {', '.join(unrecorded)}: a state_dict does not record its nonlinearity; "
+                      "running tanh (nn.RNN's default). Pass rnn_nonlinearity='relu' if it was built with "
+                      "nonlinearity='relu'.", stacklevel=3)
+    for group in rnn_groups:
+        recorded = nonlinearities.get(group.prefix)
+        if recorded is not None and opts.rnn_nonlinearity is not None and recorded != opts.rnn_nonlinearity:
+            raise InvalidInputError(f"rnn_nonlinearity={opts.rnn_nonlinearity!r}, but the module {group.display()} "
+                                    f"computes {recorded!r}")
+    layers: list[RecurrentLayer] = []
+    for group in groups:
+        nonlinearity = nonlinearities.get(group.prefix) or opts.rnn_nonlinearity or "tanh"
+        layers += _recurrent_layers(group, state, source, Activation.of(nonlinearity))
+    return tuple(layers)
+
+
+def _recurrent_layers(group: Recurrent, state: dict, source: str,
+                      rnn_activation: Activation) -> list[RecurrentLayer]:
+    """Build the layers of one recurrent module (any kind), collecting every missing or mis-shaped tensor
+    before refusing."""
     names = group.names
     prefix = f"{group.prefix}." if group.prefix else ""
     layer_numbers = {layer for _, layer, _ in names}
@@ -218,12 +271,14 @@ def _lstm_layers(group: Recurrent, state: dict, source: str) -> tuple[LSTMLayer,
     for key in (("weight_hh", 0, False), ("weight_ih", 0, False)):
         if arrays[key].ndim != 2:
             problems.append(f"{full_name(*key)}: expected a 2-D tensor, got shape {arrays[key].shape}")
-    if not problems and (w_hh0.shape[0] % 4 or w_hh0.shape[0] == 0):
-        problems.append(f"{full_name('weight_hh', 0, False)}: expected 4 * hidden_size rows (gates i, f, g, o), "
+    cell_kind = group.spec_kind
+    gates = GATE_COUNTS[cell_kind]
+    if not problems and (w_hh0.shape[0] % gates or w_hh0.shape[0] == 0):
+        problems.append(f"{full_name('weight_hh', 0, False)}: expected {gates} * hidden_size rows, "
                         f"got shape {w_hh0.shape}")
     if problems:
         raise InvalidModelError(problems, source)
-    hidden = w_hh0.shape[0] // 4
+    hidden = w_hh0.shape[0] // gates
     proj = 0
     if has_projection:
         w_hr0 = arrays[("weight_hr", 0, False)]
@@ -238,8 +293,9 @@ def _lstm_layers(group: Recurrent, state: dict, source: str) -> tuple[LSTMLayer,
     layers = []
     for layer in range(num_layers):
         input_size = w_ih0.shape[1] if layer == 0 else num_directions * recurrent
-        expected = {"weight_ih": (4 * hidden, input_size), "weight_hh": (4 * hidden, recurrent),
-                    "bias_ih": (4 * hidden,), "bias_hh": (4 * hidden,), "weight_hr": (proj, hidden)}
+        G = gates * hidden
+        expected = {"weight_ih": (G, input_size), "weight_hh": (G, recurrent),
+                    "bias_ih": (G,), "bias_hh": (G,), "weight_hr": (proj, hidden)}
         for reverse in directions:
             for kind in kinds:
                 shape = arrays[(kind, layer, reverse)].shape
@@ -252,28 +308,84 @@ def _lstm_layers(group: Recurrent, state: dict, source: str) -> tuple[LSTMLayer,
             w_ih = arrays[("weight_ih", layer, reverse)]
             if has_bias:
                 b_ih, b_hh = arrays[("bias_ih", layer, reverse)], arrays[("bias_hh", layer, reverse)]
-                bias = (b_ih.astype(np.float64) + b_hh.astype(np.float64)).astype(np.result_type(b_ih, b_hh))
             else:
-                bias = np.zeros(4 * hidden, dtype=w_ih.dtype)
-            cells.append(LSTMCellWeights(w_ih=w_ih, w_hh=arrays[("weight_hh", layer, reverse)], bias=bias,
-                                         w_hr=arrays.get(("weight_hr", layer, reverse))))
-        layers.append(LSTMLayer(input_size=int(input_size), hidden_size=int(hidden), proj_size=int(proj),
-                                direction="bidirectional" if bidirectional else "forward", cells=tuple(cells)))
+                b_ih = b_hh = np.zeros(G, dtype=w_ih.dtype)
+            candidate_bias = None
+            if cell_kind == "gru":  # b_hn sits inside the reset product: kept apart (see fastlstm.spec)
+                candidate_bias = b_hh[2 * hidden:].copy()
+                b_hh = np.concatenate([b_hh[:2 * hidden], np.zeros_like(candidate_bias)])
+            bias = (b_ih.astype(np.float64) + b_hh.astype(np.float64)).astype(np.result_type(b_ih, b_hh))
+            cells.append(CellWeights(w_ih=w_ih, w_hh=arrays[("weight_hh", layer, reverse)], bias=bias,
+                                     w_hr=arrays.get(("weight_hr", layer, reverse)), candidate_bias=candidate_bias))
+        layers.append(RecurrentLayer(
+            input_size=int(input_size), hidden_size=int(hidden), proj_size=int(proj), kind=cell_kind,
+            direction="bidirectional" if bidirectional else "forward", cells=tuple(cells),
+            cell_activation=rnn_activation if cell_kind == "rnn" else TANH))
     if problems:
         raise InvalidModelError(problems, source)
-    return tuple(layers)
+    return layers
 
 
-def lstm_output_size(group: Recurrent, state: dict) -> int | None:
-    """The LSTM's output feature size read off its last layer's shapes (None if they are malformed)."""
+def recurrent_output_size(group: Recurrent, state: dict) -> int | None:
+    """A recurrent module's output feature size read off its last layer's shapes (None if they are malformed)."""
     last = max(layer for _, layer, _ in group.names)
     directions = 2 if ("weight_hh", last, True) in group.names else 1
     source = group.names.get(("weight_hr", last, False)) or group.names.get(("weight_hh", last, False))
     array = state.get(source or "")
     if not isinstance(array, np.ndarray) or array.ndim != 2:
         return None
-    size = array.shape[0] if source.rpartition(".")[2].startswith("weight_hr") else array.shape[0] // 4
+    size = array.shape[0] if source.rpartition(".")[2].startswith("weight_hr") else array.shape[0] // GATE_COUNTS[group.spec_kind]
     return directions * size
+
+
+def _embedding_name(state: dict, groups: list[Recurrent], input_size: int, opts: Options, source: str,
+                    ordered: bool) -> str:
+    """The prefix of the ``nn.Embedding`` in front of the first recurrent module, or "" for none.
+
+    Named by the ``embedding`` option (or a module's structure); else inferred from a state_dict: a prefix
+    holding only a 2-D ``weight`` of shape ``(vocab, input_size)`` registered before the recurrent modules. A
+    square table is refused as ambiguous: a bias-free ``nn.Linear`` in front would hold the same shape.
+    """
+    if opts.embedding is not None:
+        if opts.embedding and f"{opts.embedding}.weight" not in state:
+            raise ModelFormatError(f"{source}: embedding={opts.embedding!r}: no tensor {opts.embedding + '.weight'!r}"
+                                   + _did_you_mean(opts.embedding, _weight_only_prefixes(state)))
+        return opts.embedding
+    if not ordered:
+        return ""
+    order = {name: n for n, name in enumerate(state)}
+    start = min(order[name] for group in groups for name in group.names.values())
+    candidates = [p for p in _weight_only_prefixes(state) if order[f"{p}.weight"] < start
+                  and state[f"{p}.weight"].ndim == 2 and state[f"{p}.weight"].shape[1] == input_size]
+    if len(candidates) != 1:
+        return ""  # none, or several: left for the leftover check to name
+    (prefix,) = candidates
+    if state[f"{prefix}.weight"].shape[0] == input_size:
+        raise ModelFormatError(
+            f"{source}: {prefix}.weight {state[prefix + '.weight'].shape} before the recurrent modules may be an "
+            f"nn.Embedding or a bias-free nn.Linear; say embedding={prefix!r} if it is an embedding of token ids")
+    return prefix
+
+
+def _weight_only_prefixes(state: dict) -> list[str]:
+    children: dict[str, set[str]] = {}
+    for name in state:
+        prefix, _, leaf = name.rpartition(".")
+        children.setdefault(prefix, set()).add(leaf)
+    return [p for p, leaves in children.items() if leaves == {"weight"} and isinstance(state.get(f"{p}.weight"), np.ndarray)]
+
+
+def _embedding(state: dict, prefix: str, input_size: int, source: str) -> np.ndarray | None:
+    if not prefix:
+        return None
+    problems: list[str] = []
+    table = _float_array(state[f"{prefix}.weight"], f"{prefix}.weight", problems)
+    if table is not None and (table.ndim != 2 or table.shape[1] != input_size):
+        problems.append(f"{prefix}.weight: expected an embedding table (vocab, {input_size}) (the first recurrent "
+                        f"layer's input size), got shape {table.shape}")
+    if problems:
+        raise InvalidModelError(problems, source)
+    return table
 
 
 def _float_array(value, name: str, problems: list[str]) -> np.ndarray | None:
@@ -378,7 +490,7 @@ def _head_layers(head: tuple[str, ...], state: dict, lstm_output: int, source: s
 def _head_activations(opts: Options, head: tuple[str, ...], source: str) -> tuple[Activation, ...]:
     if opts.head_activations is not None:
         if len(opts.head_activations) != len(head):
-            raise ValueError(f"head_activations: {len(opts.head_activations)} given for a head of {len(head)} "
+            raise InvalidInputError(f"head_activations: {len(opts.head_activations)} given for a head of {len(head)} "
                              f"layer(s) ({', '.join(head) or 'none'})")
         return opts.head_activations
     if len(head) > 1:
