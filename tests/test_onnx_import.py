@@ -606,16 +606,6 @@ def test_transpose_permutation_is_checked():
         load(model)
 
 
-def test_external_data_is_refused():
-    model = lstm_model("forward", outputs=("Y",))
-    tensor = model.graph.initializer[0]
-    tensor.ClearField("raw_data")
-    tensor.data_location = TensorProto.EXTERNAL
-    tensor.external_data.add(key="location", value="../../etc/passwd")
-    with pytest.raises(UnsupportedModelError, match="external data"):
-        load(model)
-
-
 @pytest.mark.parametrize("dims", [[2**40, 4], [1000, 1000, 1000]])
 def test_absurd_declared_sizes_are_refused_without_allocating(dims):
     model = lstm_model("forward", outputs=("Y",))

@@ -18,8 +18,8 @@ from ..activations import IDENTITY, Activation
 from ..errors import InvalidModelError, ModelFormatError, UnsupportedModelError
 from ..spec import DIRECTIONS, DenseLayer
 from . import _onnx_values as v
-from ._onnx_proto import (FLOAT_TYPES, NUMPY_TYPES, attribute_value, declared_dims, declared_element_type,
-                          tensor_to_array)
+from ._onnx_proto import (FLOAT_TYPES, NUMPY_TYPES, ExternalData, attribute_value, declared_dims,
+                          declared_element_type, tensor_to_array)
 from ._onnx_lstm import (LSTM_ATTRIBUTES, LayerRecord, StateSource, lstm_activations, lstm_layer, output_mode,
                           state_input)
 from ._onnx_values import (BATCH, DIRS, FEATURES, HIDDEN, INPUT_AXIS, TIME, Axis, Const, Dims, Flow,
@@ -57,10 +57,11 @@ class GraphResult:
 class GraphReader:
     """Walks one ``GraphProto``; ``read()`` returns a ``GraphResult`` or raises listing every problem."""
 
-    def __init__(self, graph, opset: int, source: str):
+    def __init__(self, graph, opset: int, source: str, external: ExternalData):
         self.graph = graph
         self.opset = opset
         self.source = source
+        self.external = external
         self.unsupported: list[str] = []
         self.invalid: list[str] = []
         self.values: dict[str, object] = {}
@@ -196,7 +197,7 @@ class GraphReader:
             return self.values[name]
         if name in self.initializers:
             try:
-                value = Const(tensor_to_array(self.initializers[name], f"initializer {name!r}"))
+                value = Const(tensor_to_array(self.initializers[name], f"initializer {name!r}", self.external))
             except UnsupportedModelError as exc:
                 self.unsupported.extend(exc.unsupported)
                 value = Poison()
@@ -296,7 +297,7 @@ class GraphReader:
         kind, value = attribute_value(attribute, f"{where} attribute {attribute.name!r}")
         name = attribute.name
         if name == "value" and kind == "tensor":
-            return [Const(tensor_to_array(value, f"{where} value"))]
+            return [Const(tensor_to_array(value, f"{where} value", self.external))]
         if name == "value_float" and kind == "float":
             return [Const(np.array(value, dtype=np.float32))]
         if name == "value_floats" and kind == "floats":
@@ -310,7 +311,7 @@ class GraphReader:
     def _constant_of_shape(self, node, inputs, where):
         attributes = self._attributes(node, {"value": ("tensor", None)}, where)
         if attributes["value"] is not None:
-            fill = tensor_to_array(attributes["value"], f"{where} value")
+            fill = tensor_to_array(attributes["value"], f"{where} value", self.external)
             if fill.size != 1:
                 raise Malformed(f"value must hold one element, got shape {fill.shape}")
             if fill.reshape(-1)[0] != 0:

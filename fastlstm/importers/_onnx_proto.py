@@ -2,19 +2,30 @@
 
 Nothing here trusts a size declared in the file. A tensor's ``dims`` are checked against the bytes or
 values actually present before any array is made, so a corrupt or hostile file can make the importer
-refuse, never allocate what it claims. Tensors stored outside the file (ONNX "external data") are
-refused: fastlstm reads only the model file itself and never opens paths named inside it.
+refuse, never allocate what it claims.
+
+Tensors stored outside the model file (ONNX "external data", what ``torch.onnx.export`` writes as
+``model.onnx.data`` beside ``model.onnx``) are read by ``ExternalData``, only from regular files inside the
+model file's own directory: a location that is absolute, climbs out with ``..``, or resolves (through a
+symbolic link) to a file outside that directory is refused, as is an offset or length past the end of
+the file or a length that disagrees with the tensor's declared shape. Only the tensor's own bytes are
+read, after those checks. A model held in memory has no directory, so its external tensors are refused.
 
 The functions take the ``onnx`` package's messages but need nothing from it beyond them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import re
+import stat
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InvalidModelError, UnsupportedModelError
+from ..errors import InvalidModelError, ModelFormatError, UnsupportedModelError
 
 # TensorProto.DataType values (fixed by the ONNX standard, so no onnx import is needed for them).
 FLOAT, UINT8, INT8, UINT16, INT16, INT32, INT64, STRING, BOOL, FLOAT16, DOUBLE = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
@@ -32,7 +43,11 @@ _TYPED_FIELD = {
 }
 # No tensor of an LSTM model comes near this; a larger declared size is corrupt or hostile.
 MAX_TENSOR_ELEMENTS = 1 << 31
-_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+_DEFAULT, _EXTERNAL = 0, 1  # TensorProto.DataLocation
+# The keys of TensorProto.external_data the ONNX standard defines. "basepath" is written by some of the onnx
+# package's own tools and, as there, plays no part in finding the file: locations are relative to the model.
+_EXTERNAL_DATA_KEYS = ("location", "offset", "length", "checksum", "basepath")
+_MAX_DIGITS = 20  # an offset or length (in bytes) longer than this is no file on any disk
 
 # AttributeProto.AttributeType values.
 _ATTRIBUTE_TYPES = {1: "float", 2: "int", 3: "string", 4: "tensor", 5: "graph", 6: "floats", 7: "ints",
@@ -40,17 +55,113 @@ _ATTRIBUTE_TYPES = {1: "float", 2: "int", 3: "string", 4: "tensor", 5: "graph", 
                     13: "type_proto", 14: "type_protos"}
 
 
-def tensor_to_array(tensor, where: str) -> np.ndarray:
+@dataclass(frozen=True)
+class ExternalData:
+    """Where a model's external tensor data may be read from: ``directory`` (the model file's own), or
+    nowhere (None) for a model held in memory. ``source`` names the model in messages."""
+
+    directory: str | None
+    source: str
+
+    def read(self, tensor, where: str, nbytes: int) -> bytes:
+        """The ``nbytes`` bytes of ``tensor``'s external data, after checking where they are and their size."""
+        entries: dict[str, str] = {}
+        for entry in tensor.external_data:
+            if entry.key in entries:
+                raise ModelFormatError(f"{self.source}: {where}: external_data gives {entry.key!r} twice")
+            entries[entry.key] = entry.value
+        unknown = sorted(set(entries) - set(_EXTERNAL_DATA_KEYS))
+        if unknown:
+            raise ModelFormatError(f"{self.source}: {where}: unknown external_data key(s) "
+                                   f"{', '.join(repr(k[:100]) for k in unknown)}; the ONNX standard defines "
+                                   f"{', '.join(_EXTERNAL_DATA_KEYS[:4])}")
+        location = entries.get("location", "")
+        if not location:
+            raise ModelFormatError(f"{self.source}: {where}: stored as external data without a location")
+        label = f"{self.source}: {where} (external data {location[:200]!r})"
+        if self.directory is None:
+            raise ModelFormatError(
+                f"{label}: the tensor is stored in a file beside the .onnx file, and a model held in memory has "
+                "no directory to read it from: pass the .onnx file's path to fastlstm.load, or load the "
+                "ModelProto with onnx.load(path), which reads the data in")
+        parts = re.split(r"[\\/]", location)
+        if os.path.isabs(location) or location.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", location) \
+                or ".." in parts or "\x00" in location:
+            raise ModelFormatError(f"{label}: the location is absolute or climbs out of the model's directory; "
+                                   "fastlstm reads external data only from files in the directory of the "
+                                   ".onnx file")
+        root = os.path.realpath(self.directory)
+        target = os.path.realpath(os.path.join(root, location))
+        if os.path.commonpath([root, target]) != root:
+            raise ModelFormatError(f"{label}: the location leads (through a symbolic link) outside the model's "
+                                   "directory; fastlstm reads external data only from files in the directory "
+                                   "of the .onnx file")
+        offset = _byte_count(entries, "offset", label)
+        length = _byte_count(entries, "length", label)
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below as not a file)
+            descriptor = os.open(target, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        except OSError as exc:
+            raise ModelFormatError(f"{label}: cannot open the data file ({exc.strerror})") from None
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            os.close(descriptor)
+            raise ModelFormatError(f"{label}: not a regular file")
+        with open(descriptor, "rb", buffering=0) as data_file:
+            size = status.st_size
+            start = offset or 0
+            if start > size or (length is not None and start + length > size):
+                raise ModelFormatError(f"{label}: offset {start} and length {length} point past the end of the "
+                                       f"file ({size} bytes)")
+            stored = size - start if length is None else length
+            if stored != nbytes:
+                raise ModelFormatError(f"{label}: the declared shape {list(tensor.dims)} needs {nbytes} bytes, "
+                                       f"the external data holds {stored}"
+                                       + ("" if length is not None else " (from the offset to the end of the file)"))
+            data_file.seek(start)
+            data = _read_exactly(data_file, nbytes)
+        if len(data) != nbytes:
+            raise ModelFormatError(f"{label}: the file ended after {len(data)} of {nbytes} bytes")
+        checksum = entries.get("checksum")
+        if checksum is not None and hashlib.sha1(data).hexdigest() != checksum.lower():
+            raise ModelFormatError(f"{label}: the data's SHA-1 digest is not the checksum the model gives")
+        return data
+
+
+def _read_exactly(data_file, nbytes: int) -> bytes:
+    """Up to ``nbytes`` bytes (fewer only at the end of the file), read into one buffer of that size."""
+    buffer = bytearray(nbytes)
+    view = memoryview(buffer)
+    filled = 0
+    while filled < nbytes:
+        count = data_file.readinto(view[filled:])
+        if not count:
+            break
+        filled += count
+    return bytes(view[:filled]) if filled < nbytes else bytes(buffer)
+
+
+def _byte_count(entries: dict[str, str], key: str, label: str) -> int | None:
+    value = entries.get(key)
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > _MAX_DIGITS:
+        raise ModelFormatError(f"{label}: {key} {value[:40]!r} is not a byte count")
+    return int(value)
+
+
+def tensor_to_array(tensor, where: str, external: ExternalData | None = None) -> np.ndarray:
     """The NumPy array of a ``TensorProto``, after checking its declared shape against the data present.
 
-    Raises ``UnsupportedModelError`` for external data and element types fastlstm has no use for, and
-    ``InvalidModelError`` when the declared shape and the stored data disagree.
+    External data is read through ``external`` (refused without one). Raises ``UnsupportedModelError`` for
+    element types fastlstm has no use for, ``InvalidModelError`` when the declared shape and the stored data
+    disagree, and ``ModelFormatError`` for external data that cannot be read safely.
     """
-    if tensor.data_location == _EXTERNAL or len(tensor.external_data):
-        raise UnsupportedModelError([
-            f"{where}: stored outside the model file (ONNX external data); fastlstm reads weights only from "
-            "the .onnx file itself: save the model with its tensors inside (onnx.save_model(..., "
-            "save_as_external_data=False))"])
+    if tensor.data_location not in (_DEFAULT, _EXTERNAL):
+        raise InvalidModelError([f"{where}: data_location {tensor.data_location} is neither DEFAULT nor "
+                                 "EXTERNAL"], "ONNX model")
+    if tensor.data_location == _DEFAULT and len(tensor.external_data):
+        raise InvalidModelError([f"{where}: lists external_data but its data_location is not EXTERNAL"],
+                                "ONNX model")
     if tensor.HasField("segment"):
         raise UnsupportedModelError([f"{where}: a segmented tensor (TensorProto.segment)"])
     dtype = NUMPY_TYPES.get(tensor.data_type)
@@ -66,6 +177,13 @@ def tensor_to_array(tensor, where: str) -> np.ndarray:
                                 "ONNX model")
     raw = tensor.raw_data
     typed = getattr(tensor, _TYPED_FIELD[tensor.data_type])
+    if tensor.data_location == _EXTERNAL:
+        if raw or len(typed):
+            raise InvalidModelError([f"{where}: stored as external data but also holds values in the file"],
+                                    "ONNX model")
+        if external is None:
+            external = ExternalData(None, "ONNX model")
+        raw = external.read(tensor, where, count * dtype.itemsize)
     if raw:
         if len(typed):
             raise InvalidModelError([f"{where}: holds both raw_data and typed values"], "ONNX model")

@@ -45,9 +45,14 @@ How an ONNX graph maps to a fastlstm model:
   ThresholdedRelu and ScaledTanh without ``activation_alpha``/``beta`` the ONNX operator defaults are used
   (ONNX Runtime uses 0; a warning says so).
 * Initializers are constants, also when an old exporter lists them among the graph inputs. Nodes whose
-  results do not reach a graph output are ignored. Tensors stored as external data, float types other than
-  float16/32/64, sparse tensors and model-local functions are refused. Sizes declared in the file are
-  checked against the data present before anything is allocated.
+  results do not reach a graph output are ignored. Float types other than float16/32/64, sparse tensors
+  and model-local functions are refused. Sizes declared in the file are checked against the data present
+  before anything is allocated.
+* **External data** (tensors in a file beside the model, ``torch.onnx.export``'s default ``m.onnx.data``)
+  is read when the model is loaded from its path, only from regular files in the ``.onnx`` file's own
+  directory and only the bytes of the tensors the graph uses (see ``_onnx_proto.ExternalData``). A
+  ``ModelProto`` in memory whose tensors still point to external data is refused: it has no directory to
+  read from (``onnx.load(path)`` reads the data in).
 
 The importer takes no options. What it bound (input layout, lengths, states) is logged at INFO level on
 the ``fastlstm.importers.onnx`` logger.
@@ -62,6 +67,7 @@ import os
 from ..errors import ModelFormatError
 from ..spec import ModelSpec
 from ._onnx_graph import GraphReader, GraphResult
+from ._onnx_proto import ExternalData
 from ._onnx_values import BATCH, FEATURES, TIME
 
 logger = logging.getLogger(__name__)
@@ -81,18 +87,22 @@ def spec_from_file(path, **options) -> ModelSpec:
         raise ModelFormatError(f"{name}: {size} bytes is over the 2 GiB a protobuf ONNX file can hold")
     with open(path, "rb") as f:
         data = f.read()
-    return spec_from_bytes(data, name=f"file {name}")
+    return spec_from_bytes(data, name=f"file {name}", directory=os.path.dirname(os.path.abspath(path)))
 
 
-def spec_from_bytes(data: bytes, *, name: str = "bytes") -> ModelSpec:
-    """The ``ModelSpec`` of a serialized ONNX model; ``name`` labels it in messages and ``ModelSpec.source``."""
+def spec_from_bytes(data: bytes, *, name: str = "bytes", directory: str | None = None) -> ModelSpec:
+    """The ``ModelSpec`` of a serialized ONNX model; ``name`` labels it in messages and ``ModelSpec.source``.
+
+    ``directory`` is where the model's external data files are (the ``.onnx`` file's own directory); without
+    it, a model whose tensors are stored outside it is refused.
+    """
     onnx_package = _onnx_package()
     model = onnx_package.ModelProto()
     try:
         model.ParseFromString(bytes(data))
     except Exception as exc:  # protobuf's DecodeError and its relatives: the bytes are not an ONNX model
         raise ModelFormatError(f"ONNX {name}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
-    return _spec_from_model(model, name)
+    return _spec_from_model(model, name, directory)
 
 
 def spec_from_model_proto(model, *, name: str = "ModelProto", **options) -> ModelSpec:
@@ -104,7 +114,7 @@ def spec_from_model_proto(model, *, name: str = "ModelProto", **options) -> Mode
     return _spec_from_model(model, name)
 
 
-def _spec_from_model(model, name: str) -> ModelSpec:
+def _spec_from_model(model, name: str, directory: str | None = None) -> ModelSpec:
     source = f"ONNX {name}"
     try:
         if not model.HasField("graph"):
@@ -113,7 +123,7 @@ def _spec_from_model(model, name: str) -> ModelSpec:
         if len(opsets) != 1 or opsets[0] < 1:
             raise ModelFormatError(f"{source}: expected one opset version for the standard ONNX domain, "
                                    f"found {opsets}")
-        result = GraphReader(model.graph, int(opsets[0]), source).read()
+        result = GraphReader(model.graph, int(opsets[0]), source, ExternalData(directory, source)).read()
     except (UnicodeDecodeError, RecursionError) as exc:
         raise ModelFormatError(f"{source}: unreadable ({type(exc).__name__})") from None
     spec = ModelSpec(
