@@ -23,12 +23,14 @@ from ._onnx_proto import (FLOAT_TYPES, NUMPY_TYPES, ExternalData, attribute_valu
 from ._onnx_lstm import (LSTM_ATTRIBUTES, LayerRecord, StateSource, lstm_activations, lstm_layer, output_mode,
                           state_input)
 from ._onnx_values import (BATCH, DIRS, FEATURES, HIDDEN, INPUT_AXIS, TIME, Axis, Const, Dims, Flow,
-                           GraphInput, InputRows, Malformed, Part, Poison, Refused, Zeros)
+                           GraphInput, InputRows, Malformed, Part, Poison, Product, Refused, Zeros)
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
 # A folded constant or an identity dense layer larger than this is not something an LSTM model needs.
 _MAX_FOLDED_ELEMENTS = 1 << 26
 _MAX_IDENTITY_FEATURES = 4096
+# Integer constant arithmetic (shape computations) is folded exactly, in Python integers, up to this size.
+_MAX_EXACT_INTEGER_FOLD = 1 << 16
 
 # Elementwise activation operators -> (catalogue name, {attribute: default}).
 _ACTIVATION_OPS = {
@@ -325,6 +327,71 @@ class GraphReader:
             return [Zeros()]
         raise Refused("expands a tensor; fastlstm follows Expand only of zeros (a zero initial state)")
 
+    def _arithmetic(self, node, inputs, where):
+        """``Mul``/``Div``/``Sub``/``Mod`` of constants (folded) and ``Mul``/``Div`` of sizes read with ``Shape``
+        (kept symbolic, e.g. time * batch for a reshape that merges them); on data they are refused."""
+        name = node.op_type
+        fmod = self._attributes(node, {"fmod": ("int", 0)} if name == "Mod" else {}, where).get("fmod", 0)
+        first, second = inputs
+        if isinstance(first, Const) and isinstance(second, Const):
+            return [self._fold_arithmetic(name, first.array, second.array, fmod)]
+        if (isinstance(first, Dims) or isinstance(second, Dims)) and name in ("Mul", "Div"):
+            operands = [self._size_entries(value, name) for value in (first, second)]
+            (a, a_scalar), (b, b_scalar) = operands
+            if len(a) != len(b) and 1 not in (len(a), len(b)):
+                raise Malformed(f"shape tensors of {len(a)} and {len(b)} entries do not broadcast")
+            count = max(len(a), len(b))
+            a, b = (entries * count if len(entries) == 1 else entries for entries in (a, b))
+            combine = v.multiply_sizes if name == "Mul" else (lambda x, y: v.divide_sizes(x, y, name))
+            return [Dims(tuple(combine(x, y) for x, y in zip(a, b)), scalar=a_scalar and b_scalar)]
+        if isinstance(first, Dims) or isinstance(second, Dims):
+            raise Refused(f"{name} on a shape computed at run time")
+        raise Refused(f"{name} on data computed from the input; fastlstm follows {name} only in the shape "
+                      "arithmetic around reshapes and between constants")
+
+    def _fold_arithmetic(self, name: str, a: np.ndarray, b: np.ndarray, fmod: int = 0) -> Const:
+        """``a <name> b`` of two constants, as ONNX defines it (integers exactly, or refused)."""
+        if a.dtype != b.dtype or a.dtype.kind not in "iuf":
+            raise Malformed(f"operands of element types {a.dtype} and {b.dtype}; {name} needs one numeric type")
+        try:
+            shape = np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            raise Malformed(f"operand shapes {a.shape} and {b.shape} do not broadcast") from None
+        self._check_fold_size(math.prod(shape), name)
+        if a.dtype.kind == "f":
+            if name == "Mod":
+                raise Refused("Mod of floating-point constants")
+            with np.errstate(all="ignore"):
+                return Const({"Add": np.add, "Sub": np.subtract, "Mul": np.multiply,
+                              "Div": np.divide}[name](a, b))
+        if math.prod(shape) > _MAX_EXACT_INTEGER_FOLD:
+            raise Refused(f"{name} of integer constants with {math.prod(shape)} elements")
+        # Python integers: the exact result, checked to fit the type (NumPy's would wrap around silently).
+        exact_a, exact_b = np.broadcast_arrays(a.astype(object), b.astype(object))
+        if name in ("Div", "Mod") and np.any(exact_b == 0):
+            raise Malformed(f"{name} of integer constants by zero")
+        if name == "Div":  # ONNX integer division truncates toward zero
+            result = [abs(x) // abs(y) * (1 if (x < 0) == (y < 0) else -1)
+                      for x, y in zip(exact_a.reshape(-1), exact_b.reshape(-1))]
+        elif name == "Mod":  # fmod=0: the sign of the divisor (Python's %); fmod=1: the sign of the dividend
+            result = [x % y if not fmod else abs(x) % abs(y) * (1 if x >= 0 else -1)
+                      for x, y in zip(exact_a.reshape(-1), exact_b.reshape(-1))]
+        else:
+            combine = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y, "Mul": lambda x, y: x * y}[name]
+            result = [combine(x, y) for x, y in zip(exact_a.reshape(-1), exact_b.reshape(-1))]
+        limits = np.iinfo(a.dtype)
+        if result and (min(result) < limits.min or max(result) > limits.max):
+            raise Malformed(f"{name} of integer constants overflows {a.dtype}")
+        return Const(np.array(result, dtype=a.dtype).reshape(shape))
+
+    def _size_entries(self, value, what: str) -> tuple[tuple, bool]:
+        """The entries of a shape operand of Mul/Div (a Dims or a constant integer) and whether it is a scalar."""
+        if isinstance(value, Dims):
+            return value.entries, value.scalar
+        if isinstance(value, Const) and value.array.dtype.kind in "iu" and value.array.ndim <= 1:
+            return tuple(int(e) for e in value.array.reshape(-1)), value.array.ndim == 0
+        raise Refused(f"{what} combines a shape with a tensor that is not a constant integer")
+
     # ------------------------------------------------------------------------------------ layout ops
     def _identity(self, node, inputs, where):
         return [inputs[0]]
@@ -406,9 +473,7 @@ class GraphReader:
         data, shape = inputs[0], inputs[1] if len(inputs) > 1 else None
         allowzero = bool(attributes["allowzero"])
         if isinstance(shape, Dims) and not shape.scalar:
-            # A dimension read from the model input before an LSTM named its axes: use the name it got.
-            target = [Axis(self.binding.get(e.role, e.role), e.size) if isinstance(e, Axis) else e
-                      for e in shape.entries]
+            target = [self._bound(e) for e in shape.entries]
         else:
             target = self._ints(shape, "Reshape shape", scalar_ok=False)
         if isinstance(data, Const):
@@ -422,7 +487,24 @@ class GraphReader:
                 raise Malformed(f"cannot reshape a constant of shape {data.array.shape} to {target}: {exc}")
         if isinstance(data, Zeros):
             return [data]
-        return [v.reshape(self._as_flow(data, "Reshape"), target, allowzero, f"Reshape to {list(target)}")]
+        if isinstance(data, Dims):
+            if any(isinstance(t, Axis) for t in target) or not (target in ([], [-1], [1]) or target == [len(data.entries)]):
+                raise Refused(f"reshapes a shape tensor to {target}")
+            if not target and len(data.entries) != 1:
+                raise Malformed(f"cannot reshape a shape tensor of {len(data.entries)} entries to a scalar")
+            return [Dims(data.entries, scalar=not target)]
+        return [v.reshape(self._as_flow(data, "Reshape"), target, allowzero,
+                          f"Reshape to [{', '.join(str(t) for t in target)}]")]
+
+    def _bound(self, entry):
+        """A shape entry read from the model input before an LSTM named its axes, with the names they got."""
+        if isinstance(entry, Axis):
+            if entry.merged:
+                return replace(entry, merged=tuple(self._bound(a) for a in entry.merged))
+            return replace(entry, role=self.binding.get(entry.role, entry.role))
+        if isinstance(entry, Product):
+            return replace(entry, factors=tuple(self._bound(a) for a in entry.factors))
+        return entry
 
     def _flatten(self, node, inputs, where):
         axis = self._attributes(node, {"axis": ("int", 1)}, where)["axis"]
@@ -657,8 +739,10 @@ class GraphReader:
             data, constant = first, second
         elif isinstance(second, data_like):
             data, constant = second, first
+        elif isinstance(first, Const) and isinstance(second, Const):
+            return [self._fold_arithmetic("Add", first.array, second.array)]
         elif isinstance(first, (Zeros, Const)) and isinstance(second, (Zeros, Const)):
-            raise Refused("adds two constants")
+            raise Refused("adds two constants whose sizes are known only at run time")
         else:
             raise Refused("adds tensors fastlstm does not follow")
         flow = self._as_flow(data, "Add")
@@ -876,6 +960,7 @@ _ATTRIBUTE_NAMES = {
     "Flatten": {"axis"}, "Shape": {"start", "end"}, "Gather": {"axis"}, "Slice": {"starts", "ends", "axes"},
     "Split": {"axis", "split", "num_outputs"}, "Concat": {"axis"}, "MatMul": set(),
     "Gemm": {"alpha", "beta", "transA", "transB", "broadcast"}, "Add": set(), "Softmax": {"axis"},
+    "Mul": set(), "Div": set(), "Sub": set(), "Mod": {"fmod"},
     "LSTM": set(LSTM_ATTRIBUTES),
     **{op: set(defaults) for op, (_, defaults) in _ACTIVATION_OPS.items()},
 }
@@ -884,7 +969,9 @@ _ATTRIBUTE_NAMES = {
 _INPUT_COUNTS = {
     "Constant": (0, 0), "ConstantOfShape": (1, 1), "Expand": (2, 2), "Dropout": (1, 3), "Squeeze": (1, 2),
     "Unsqueeze": (1, 2), "Reshape": (2, 2), "Gather": (2, 2), "Slice": (1, 5), "Split": (1, 2),
-    "Concat": (1, None), "MatMul": (2, 2), "Gemm": (2, 3), "Add": (2, 2), "LSTM": (3, 8),
+    "Concat": (1, None), "MatMul": (2, 2), "Gemm": (2, 3), "Add": (2, 2), "Mul": (2, 2), "Div": (2, 2), "Sub": (2, 2),
+    "Mod": (2, 2),
+    "LSTM": (3, 8),
 }
 
 _HANDLERS = {
@@ -895,5 +982,6 @@ _HANDLERS = {
     "Shape": GraphReader._shape, "Gather": GraphReader._gather, "Slice": GraphReader._slice,
     "Split": GraphReader._split, "Concat": GraphReader._concat, "MatMul": GraphReader._matmul,
     "Gemm": GraphReader._gemm, "Add": GraphReader._add, "Softmax": GraphReader._softmax,
-    "LSTM": GraphReader._lstm,
+    "Mul": GraphReader._arithmetic, "Div": GraphReader._arithmetic, "Sub": GraphReader._arithmetic,
+    "Mod": GraphReader._arithmetic, "LSTM": GraphReader._lstm,
 }

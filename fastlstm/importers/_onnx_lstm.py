@@ -151,6 +151,9 @@ def output_mode(name: str, flow: Flow, layers: list[LayerRecord], has_lengths: b
         raise Refused(f"graph output {name!r} holds {', '.join(str(p) for p in flow.parts)}; fastlstm "
                       "outputs the last layer's directions together, forward first")
     roles = set(flow.roles()) - {UNIT}
+    if any(axis.merged for axis in flow.axes):
+        raise Refused(f"graph output {name!r} has layout {flow.describe()}: time and batch stay merged into one "
+                      "axis; fastlstm returns them apart (reshape the output back to time and batch)")
     if any(role.startswith(INPUT_AXIS) for role in roles) or BATCH not in roles:
         raise Refused(f"graph output {name!r} has layout {flow.describe()}")
     if any(p.kind == "Y_c" for p in flow.parts):

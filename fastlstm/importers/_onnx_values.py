@@ -6,10 +6,15 @@ The importer never runs the graph. It follows the data flow and describes every 
   batch, direction, hidden units, features, or a size-1 axis), its ``parts`` say which LSTM results it holds
   along the direction or feature axis and at which time step, and ``head`` lists the dense layers already
   applied to it. A layout operator (Transpose, Squeeze, Reshape, Slice, Gather, Concat, ...) maps a Flow to
-  a Flow when it only rearranges what the canonical model computes, and is refused otherwise.
+  a Flow when it only rearranges what the canonical model computes, and is refused otherwise. One merge
+  is followed although it is not a canonical layout: time and batch merged into one axis of rows, which
+  is how a dense head is applied to every step (PyTorch's ``fc(y.view(T * B, H)).view(T, B, -1)``). The
+  rows are only ever fed to dense layers and activations (which act on each row alone) and must be split
+  back into time and batch before a graph output or an LSTM reads them.
 * ``Const``: a constant known in full (an initializer, a Constant node, or a fold of small layout ops on them).
 * ``Zeros``: an all-zero tensor of a shape computed at run time (PyTorch's zero initial state).
-* ``Dims``: a shape computed at run time (``Shape`` and the ops on it), for ``Reshape`` targets.
+* ``Dims``: a shape computed at run time (``Shape`` and the ops on it), for ``Reshape`` targets; an entry
+  may be a ``Product`` of axis sizes (``Mul`` of two of them, e.g. time * batch).
 * ``GraphInput`` / ``InputRows``: a graph input (or rows of one) not yet known to be data or initial state.
 
 The functions here are pure: they take values and return new ones, raising ``Refused`` (a construct
@@ -18,6 +23,7 @@ fastlstm does not run) or ``Malformed`` (the model contradicts itself).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -40,10 +46,19 @@ class Malformed(Exception):
 
 @dataclass(frozen=True)
 class Axis:
-    """One dimension of a Flow: its role and, when known, its size."""
+    """One dimension of a Flow: its role and, when known, its size.
+
+    ``merged`` holds the time and batch axes (in memory order) that a reshape merged into this one.
+    """
 
     role: str
     size: int | None = None
+    merged: tuple["Axis", ...] = ()
+
+    @property
+    def atoms(self) -> tuple["Axis", ...]:
+        """The axes this one is made of, outermost first (itself, unless merged)."""
+        return self.merged or (self,)
 
     @property
     def is_unit(self) -> bool:
@@ -112,10 +127,22 @@ class Zeros:
 
 
 @dataclass(frozen=True)
-class Dims:
-    """A 1-D shape tensor computed at run time: each entry an int or the Axis whose size it is."""
+class Product:
+    """A size computed at run time: ``coefficient`` times the sizes of ``factors`` (two or more axes, or one
+    axis with a coefficient other than 1)."""
 
-    entries: tuple[int | Axis, ...]
+    factors: tuple[Axis, ...]
+    coefficient: int = 1
+
+    def __str__(self) -> str:
+        return " * ".join(([str(self.coefficient)] if self.coefficient != 1 else []) + [str(f) for f in self.factors])
+
+
+@dataclass(frozen=True)
+class Dims:
+    """A 1-D shape tensor computed at run time: each entry an int, the Axis whose size it is, or a Product."""
+
+    entries: tuple[int | Axis | Product, ...]
     scalar: bool = False
 
 
@@ -173,7 +200,7 @@ def _fold_single_direction(flow: Flow) -> Flow:
 
 
 def _merge(group: list[Axis], what: str) -> Axis:
-    """The one axis a run of axes becomes when a reshape merges them."""
+    """The one axis a run of axes (atoms: no merged axis among them) becomes when a reshape merges them."""
     if not group:
         return UNIT_AXIS
     if len(group) == 1:
@@ -181,8 +208,13 @@ def _merge(group: list[Axis], what: str) -> Axis:
     if [a.role for a in group] == [DIRS, HIDDEN]:
         # (directions, hidden) row-major is the directions' outputs concatenated, forward first.
         return Axis(FEATURES, group[0].size * group[1].size)
+    if len(group) == 2 and {a.role for a in group} == {TIME, BATCH}:
+        first, second = group
+        size = None if first.size is None or second.size is None else first.size * second.size
+        return Axis(f"{first.role}*{second.role}", size, merged=(first, second))
     raise Refused(f"{what} merges the {', '.join(a.role for a in group)} axes; fastlstm follows reshapes "
-                  "that only merge the direction axis into the features or add and remove size-1 axes")
+                  "that merge the direction axis into the features, time and batch into rows for a dense "
+                  "head, or add and remove size-1 axes")
 
 
 def _time_window(start: int, end: int, step: int, steps: int | None, what: str) -> str:
@@ -222,6 +254,43 @@ def with_time(flow: Flow, which: str, what: str) -> Flow:
     return replace(flow, parts=tuple(parts))
 
 
+def _factors(entry: int | Axis | Product) -> tuple[int, tuple[Axis, ...]]:
+    if isinstance(entry, Product):
+        return entry.coefficient, entry.factors
+    if isinstance(entry, Axis):
+        return 1, entry.atoms
+    return int(entry), ()
+
+
+def _size_of(coefficient: int, factors: tuple[Axis, ...]) -> int | Axis | Product:
+    """The simplest entry for ``coefficient * prod(factors)``."""
+    if not factors:
+        return coefficient
+    if coefficient == 1 and len(factors) == 1:
+        return factors[0]
+    return Product(tuple(factors), coefficient)
+
+
+def multiply_sizes(first: int | Axis | Product, second: int | Axis | Product) -> int | Axis | Product:
+    """``first * second`` of two shape entries (what ``Mul`` computes on sizes read with ``Shape``)."""
+    (a, fa), (b, fb) = _factors(first), _factors(second)
+    return _size_of(a * b, fa + fb)
+
+
+def divide_sizes(first: int | Axis | Product, second: int | Axis | Product, what: str) -> int | Axis | Product:
+    """``first / second`` of two shape entries, when it divides exactly (every factor of ``second`` is one of
+    ``first``'s, and the constants divide): what an exporter computes to undo a merge."""
+    (a, fa), (b, fb) = _factors(first), _factors(second)
+    left = list(fa)
+    for factor in fb:
+        if factor not in left:
+            raise Refused(f"{what} divides a size by {second}, which is not one of its factors")
+        left.remove(factor)
+    if b <= 0 or a < 0 or a % b:
+        raise Refused(f"{what} divides {a} by {b}")
+    return _size_of(a // b, tuple(left))
+
+
 # ----------------------------------------------------------------------------------------- layout ops
 def transpose(flow: Flow, perm: list[int] | None, what: str) -> Flow:
     rank = len(flow.axes)
@@ -234,7 +303,8 @@ def transpose(flow: Flow, perm: list[int] | None, what: str) -> Flow:
 def squeeze(flow: Flow, axes: list[int] | None, what: str) -> Flow:
     rank = len(flow.axes)
     if axes is None:  # every dimension of size 1, which must not depend on the batch or the sequence
-        fixed = [a for a in flow.axes if a.size == 1 and (a.role in (TIME, BATCH) or a.role.startswith(INPUT_AXIS))]
+        fixed = [a for a in flow.axes if a.size == 1 and (a.role in (TIME, BATCH) or a.merged
+                                                          or a.role.startswith(INPUT_AXIS))]
         if fixed:
             raise Refused(f"{what} has no axes, so whether it removes the {fixed[0].role} axis depends on the "
                           "batch size or sequence length; give its axes")
@@ -265,14 +335,32 @@ def reshape(flow: Flow, target: list[int | Axis], allowzero: bool, what: str) ->
     objects (a dimension read from a ``Shape``).
     """
     flow = _fold_single_direction(flow)
-    entries: list[int | Axis] = []
+    has_directions = DIRS in flow.roles()
+
+    def as_seen_here(axis: Axis) -> Axis:
+        """A dimension read from the shape of another tensor, as this flow's axes name it."""
+        if axis.role == DIRS and axis.size == 1:
+            return UNIT_AXIS
+        if axis.role == HIDDEN and not has_directions:
+            return Axis(FEATURES, axis.size)
+        return axis
+
+    entries: list[int | Axis | Product] = []
     for i, entry in enumerate(target):
-        if isinstance(entry, Axis):
-            if entry.role == DIRS and entry.size == 1:
-                entry = UNIT_AXIS
-            elif entry.role == HIDDEN and DIRS not in flow.roles():
-                entry = Axis(FEATURES, entry.size)
-            entries.append(entry)
+        if isinstance(entry, Axis) and not entry.merged:
+            entries.append(as_seen_here(entry))
+        elif isinstance(entry, (Axis, Product)):
+            coefficient, factors = _factors(entry)
+            factors = tuple(f for f in map(as_seen_here, factors) if not f.is_unit)
+            if all(f.size is not None for f in factors) and (coefficient != 1 or not factors):
+                size = coefficient * math.prod(f.size for f in factors)
+                if size < 1:
+                    raise Refused(f"{what} has shape entry {entry} = {size} (a size-0 or invalid dimension)")
+                entries.append(size)
+            elif coefficient != 1:
+                raise Refused(f"{what} has a shape entry {entry} fastlstm cannot match to the axes of its input")
+            else:
+                entries.append(_size_of(1, factors))
         elif entry == 0 and not allowzero:
             if i >= len(flow.axes):
                 raise Malformed(f"{what}: shape entry {i} copies a dimension the input does not have")
@@ -281,10 +369,10 @@ def reshape(flow: Flow, target: list[int | Axis], allowzero: bool, what: str) ->
             entries.append(int(entry))
         else:
             raise Refused(f"{what} has shape entry {entry} (a size-0 or invalid dimension)")
-    if entries.count(-1) > 1:
+    if sum(1 for e in entries if isinstance(e, int) and e == -1) > 1:
         raise Malformed(f"{what}: more than one -1 in the target shape {target}")
-    core = [a for a in flow.axes if not a.is_unit]
-    minus = entries.index(-1) if -1 in entries else None
+    core = [atom for a in flow.axes if not a.is_unit for atom in a.atoms]
+    minus = next((n for n, e in enumerate(entries) if isinstance(e, int) and e == -1), None)
     left = entries if minus is None else entries[:minus]
     right = [] if minus is None else entries[minus + 1:]
     lo, hi = 0, len(core)
@@ -307,21 +395,26 @@ def reshape(flow: Flow, target: list[int | Axis], allowzero: bool, what: str) ->
     return replace(flow, axes=tuple(out_left + middle + out_right[::-1]))
 
 
-def _match_dimension(entry: int | Axis, available: list[Axis], from_left: bool, what: str) -> tuple[Axis, int]:
-    """The output axis a target-shape entry stands for, and how many input axes it takes."""
+def _match_dimension(entry: int | Axis | Product, available: list[Axis], from_left: bool,
+                     what: str) -> tuple[Axis, int]:
+    """The output axis a target-shape entry stands for, and how many input axes (atoms) it takes."""
     nearest = (available[0] if from_left else available[-1]) if available else None
-    if isinstance(entry, Axis):
-        if entry.is_unit:
-            return UNIT_AXIS, 0
-        if nearest is not None and nearest.role == entry.role:
-            return nearest, 1
-        raise Refused(f"{what} moves the {entry.role} axis; fastlstm follows reshapes that keep the axes in order")
+    if isinstance(entry, Axis) and entry.is_unit:
+        return UNIT_AXIS, 0
+    if isinstance(entry, (Axis, Product)):  # sizes read from a Shape: match the axes they were read from
+        factors = _factors(entry)[1]
+        run = available[:len(factors)] if from_left else available[len(available) - len(factors):]
+        if len(run) == len(factors) and sorted(a.role for a in run) == sorted(f.role for f in factors):
+            return _merge(run, what), len(run)
+        names = " * ".join(f.role for f in factors)
+        raise Refused(f"{what} moves the {names} axis; fastlstm follows reshapes that keep the axes in order")
     if nearest is not None and nearest.size == entry:
         return nearest, 1
     if entry == 1:
         return UNIT_AXIS, 0
     pair = available[:2] if from_left else available[-2:]
-    if len(pair) == 2 and [a.role for a in pair] == [DIRS, HIDDEN] and pair[0].size * pair[1].size == entry:
+    mergeable = len(pair) == 2 and ([a.role for a in pair] == [DIRS, HIDDEN] or {a.role for a in pair} == {TIME, BATCH})
+    if mergeable and None not in (pair[0].size, pair[1].size) and pair[0].size * pair[1].size == entry:
         return _merge(pair, what), 2
     if nearest is not None and nearest.size is None:
         raise Refused(f"{what} fixes the {nearest.role} axis to {entry}; export with that axis dynamic")
@@ -334,7 +427,8 @@ def flatten(flow: Flow, axis: int, what: str) -> Flow:
     if not -rank <= axis <= rank:
         raise Malformed(f"{what}: axis {axis} out of range for rank {rank}")
     axis %= rank + 1
-    groups = ([a for a in flow.axes[:axis] if not a.is_unit], [a for a in flow.axes[axis:] if not a.is_unit])
+    groups = ([atom for a in flow.axes[:axis] if not a.is_unit for atom in a.atoms],
+              [atom for a in flow.axes[axis:] if not a.is_unit for atom in a.atoms])
     return replace(flow, axes=(_merge(groups[0], what), _merge(groups[1], what)))
 
 

@@ -10,9 +10,11 @@ graph outputs, every node they depend on must be
   ``Dropout`` at inference, ``Cast`` to a float type, and the ``Shape``/``Constant``/``ConstantOfShape``/
   ``Expand`` arithmetic exporters use to build zero initial states and reshape targets), each checked for
   what it does (a permutation, which axis a squeeze removes, which time step a slice keeps, ...),
+  with ``Mul``, ``Div``, ``Add``, ``Sub`` and ``Mod`` on constants and on sizes read with ``Shape``,
 * or a dense head: ``Gemm``, or ``MatMul`` then ``Add``, and the activations ``Relu``, ``Tanh``, ``Sigmoid``,
   ``LeakyRelu``, ``Elu``, ``HardSigmoid``, ``Softsign``, ``Softplus``, ``ThresholdedRelu`` and ``Softmax``
-  (last, over the features).
+  (last, over the features), also applied to every step through a reshape that merges time and batch
+  into rows and one that splits them back (``fc(y.view(T * B, H)).view(T, B, -1)``).
 
 Everything else is refused with ``UnsupportedModelError``, listing every unsupported operator and attribute
 found, not only the first.
