@@ -64,19 +64,18 @@ def export(module, example, exporter: str, dynamic: bool, batch_first: bool) -> 
             pytest.importorskip("onnxscript")  # what PyTorch's default (dynamo) exporter needs
             shapes = ({0 if batch_first else 1: torch.export.Dim("batch")},) if dynamic else None
             program = torch.onnx.export(module, (example,), dynamic_shapes=shapes, verbose=False)
-            program.model_proto  # noqa: B018  (built lazily)
-            onnx_bytes = program.model_proto.SerializeToString()
-            return onnx.load_from_string(onnx_bytes)
+            return onnx.load_from_string(program.model_proto.SerializeToString())
     return onnx.load_from_string(buffer.getvalue())
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-@pytest.mark.parametrize("dynamic", [False, True], ids=["fixed-sizes", "dynamic-sizes"])
+@pytest.mark.parametrize("batch, dynamic", [(2, False), (1, False), (2, True)],
+                         ids=["fixed-sizes", "fixed-batch-of-1", "dynamic-sizes"])
 @pytest.mark.parametrize("style, batch_first", [("view", False), ("reshape-minus-one", True), ("flatten", False)])
-def test_per_step_dense_head_behind_reshapes_matches_torch(exporter, dynamic, style, batch_first):
+def test_per_step_dense_head_behind_reshapes_matches_torch(exporter, batch, dynamic, style, batch_first):
     torch.manual_seed(0)
     module = MergedRowsHead(style, batch_first).eval()
-    steps, batch = 6, 2
+    steps = 6
     example = torch.randn(batch, steps, 4) if batch_first else torch.randn(steps, batch, 4)
     model = export(module, example, exporter, dynamic, batch_first)
     imported = fastlstm.load(model, backend="numpy")
@@ -91,6 +90,19 @@ def test_per_step_dense_head_behind_reshapes_matches_torch(exporter, dynamic, st
         if not batch_first:
             expected = expected.transpose(1, 0, 2)
         assert_close(imported.predict(x), expected)
+
+
+def test_a_reshape_keeping_a_batch_of_1_is_not_a_merge():
+    """[T, 1, H] on a (T, 1, H) flow keeps the batch axis: the output needs no split."""
+    model = lstm_model("forward", outputs=("Y",))
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 1
+    model.graph.initializer.append(ints("shape", [6, 1, 5]))
+    model.graph.node.append(helper.make_node("Reshape", ["Y", "shape"], ["out"]))
+    model.graph.output[0].name = "out"
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 6
+    imported = fastlstm.load(model, backend="numpy")
+    x = random_inputs(batch=1, steps=6)
+    assert_close(imported.predict(x), run_ort(model, {"X": x.transpose(1, 0, 2)})[0].transpose(1, 0, 2))
 
 
 # ----------------------------------------------------------------------------------------- hand-built graphs

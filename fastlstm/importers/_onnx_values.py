@@ -378,12 +378,15 @@ def reshape(flow: Flow, target: list[int | Axis], allowzero: bool, what: str) ->
     lo, hi = 0, len(core)
     out_left: list[Axis] = []
     out_right: list[Axis] = []
-    for entry in left:
-        axis, used = _match_dimension(entry, core[lo:hi], True, what)
+    # Each entry is matched with the entry after it in view (-1 for the inferred one; None at the end).
+    following_left = left[1:] + ([-1] if minus is not None else [None])
+    for entry, following in zip(left, following_left):
+        axis, used = _match_dimension(entry, core[lo:hi], True, following, what)
         out_left.append(axis)
         lo += used
-    for entry in reversed(right):
-        axis, used = _match_dimension(entry, core[lo:hi], False, what)
+    following_right = right[:-1][::-1] + ([-1] if minus is not None else [None])
+    for entry, following in zip(reversed(right), following_right):
+        axis, used = _match_dimension(entry, core[lo:hi], False, following, what)
         out_right.append(axis)
         hi -= used
     middle: list[Axis] = []
@@ -395,9 +398,14 @@ def reshape(flow: Flow, target: list[int | Axis], allowzero: bool, what: str) ->
     return replace(flow, axes=tuple(out_left + middle + out_right[::-1]))
 
 
-def _match_dimension(entry: int | Axis | Product, available: list[Axis], from_left: bool,
+def _match_dimension(entry: int | Axis | Product, available: list[Axis], from_left: bool, following,
                      what: str) -> tuple[Axis, int]:
-    """The output axis a target-shape entry stands for, and how many input axes (atoms) it takes."""
+    """The output axis a target-shape entry stands for, and how many input axes (atoms) it takes.
+
+    ``following`` is the next entry in the direction of matching: a fixed size that takes a time or batch axis
+    exported at size 1 along with its neighbour (``view(T * B, H)`` exported with B = 1 reads ``[T, H]``)
+    merges the two, unless the next entry is that size-1 axis kept.
+    """
     nearest = (available[0] if from_left else available[-1]) if available else None
     if isinstance(entry, Axis) and entry.is_unit:
         return UNIT_AXIS, 0
@@ -409,6 +417,10 @@ def _match_dimension(entry: int | Axis | Product, available: list[Axis], from_le
         names = " * ".join(f.role for f in factors)
         raise Refused(f"{what} moves the {names} axis; fastlstm follows reshapes that keep the axes in order")
     if nearest is not None and nearest.size == entry:
+        neighbour = (available[1] if from_left else available[-2]) if len(available) > 1 else None
+        if (following != 1 and neighbour is not None and neighbour.size == 1
+                and {nearest.role, neighbour.role} == {TIME, BATCH}):
+            return _merge([nearest, neighbour] if from_left else [neighbour, nearest], what), 2
         return nearest, 1
     if entry == 1:
         return UNIT_AXIS, 0
