@@ -18,19 +18,22 @@ from ..activations import IDENTITY, Activation
 from ..errors import InvalidModelError, ModelFormatError, UnsupportedModelError
 from ..spec import DIRECTIONS, DenseLayer
 from . import _onnx_values as v
-from ._onnx_proto import (FLOAT_TYPES, NUMPY_TYPES, ExternalData, attribute_value, declared_dims,
-                          declared_element_type, tensor_to_array)
-from ._onnx_lstm import (LSTM_ATTRIBUTES, LayerRecord, StateSource, lstm_activations, lstm_layer, output_mode,
-                          state_input)
+from ._onnx_proto import (FLOAT_TYPES, NUMPY_TYPES, ExternalData, attribute_array, attribute_value,
+                          declared_dims, declared_element_type, tensor_to_array)
+from ._onnx_lstm import (LSTM_ATTRIBUTES, LayerRecord, StateSource, checked_activation, lstm_activations,
+                          lstm_layer, output_mode, state_input)
 from ._onnx_values import (BATCH, DIRS, FEATURES, HIDDEN, INPUT_AXIS, TIME, Axis, Const, Dims, Flow,
                            GraphInput, InputRows, Malformed, Part, Poison, Product, Refused, Zeros)
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
+_FLOATS, _INTS = 6, 7  # AttributeProto.AttributeType
 # A folded constant or an identity dense layer larger than this is not something an LSTM model needs.
 _MAX_FOLDED_ELEMENTS = 1 << 26
 _MAX_IDENTITY_FEATURES = 4096
 # Integer constant arithmetic (shape computations) is folded exactly, in Python integers, up to this size.
 _MAX_EXACT_INTEGER_FOLD = 1 << 16
+# Axes, starts, indices, shapes: one entry per dimension of a tensor, and no tensor has more than this many.
+_MAX_RANK = 64
 
 # Elementwise activation operators -> (catalogue name, {attribute: default}).
 _ACTIVATION_OPS = {
@@ -268,7 +271,13 @@ class GraphReader:
             return int(array)
         if array.ndim != 1:
             raise Malformed(f"{what} must be 1-D, got shape {array.shape}")
+        self._check_rank(array.size, what)
         return [int(a) for a in array]
+
+    def _check_rank(self, count: int, what: str) -> None:
+        """Refuse a list of per-dimension values (axes, indices, shape entries) longer than any tensor's rank."""
+        if count > _MAX_RANK:
+            raise Malformed(f"{what} holds {count} entries; no tensor has more than {_MAX_RANK} dimensions")
 
     def _float_const(self, value, what: str) -> np.ndarray:
         if not isinstance(value, Const):
@@ -296,17 +305,17 @@ class GraphReader:
         if len(node.attribute) != 1:
             raise Malformed("a Constant node needs exactly one value attribute")
         attribute = node.attribute[0]
-        kind, value = attribute_value(attribute, f"{where} attribute {attribute.name!r}")
         name = attribute.name
+        if name == "value_floats" and attribute.type == _FLOATS and not attribute.ref_attr_name:
+            return [Const(attribute_array(attribute, np.dtype(np.float32)))]
+        if name == "value_ints" and attribute.type == _INTS and not attribute.ref_attr_name:
+            return [Const(attribute_array(attribute, np.dtype(np.int64)))]
+        kind, value = attribute_value(attribute, f"{where} attribute {attribute.name!r}")
         if name == "value" and kind == "tensor":
             return [Const(tensor_to_array(value, f"{where} value", self.external))]
         if name == "value_float" and kind == "float":
             return [Const(np.array(value, dtype=np.float32))]
-        if name == "value_floats" and kind == "floats":
-            return [Const(np.array(value, dtype=np.float32))]
         if name == "value_int" and kind == "int":
-            return [Const(np.array(value, dtype=np.int64))]
-        if name == "value_ints" and kind == "ints":
             return [Const(np.array(value, dtype=np.int64))]
         raise Refused(f"constant attribute {name!r} ({kind}) not supported")
 
@@ -389,6 +398,7 @@ class GraphReader:
         if isinstance(value, Dims):
             return value.entries, value.scalar
         if isinstance(value, Const) and value.array.dtype.kind in "iu" and value.array.ndim <= 1:
+            self._check_rank(value.array.size, f"{what} operand")
             return tuple(int(e) for e in value.array.reshape(-1)), value.array.ndim == 0
         raise Refused(f"{what} combines a shape with a tensor that is not a constant integer")
 
@@ -471,6 +481,8 @@ class GraphReader:
         if self.opset < 5:
             raise Refused("Reshape before opset 5 (shape as an attribute)")
         data, shape = inputs[0], inputs[1] if len(inputs) > 1 else None
+        if attributes["allowzero"] not in (0, 1):
+            raise Malformed(f"allowzero={attributes['allowzero']}, expected 0 or 1")
         allowzero = bool(attributes["allowzero"])
         if isinstance(shape, Dims) and not shape.scalar:
             target = [self._bound(e) for e in shape.entries]
@@ -548,6 +560,7 @@ class GraphReader:
             return [Const(np.take(array, indices, axis=axis))]
         if isinstance(data, Zeros):
             return [data]
+        self._check_rank(indices.size, "Gather indices")
         if isinstance(data, Dims):
             if axis not in (0, -1) or data.scalar or indices.ndim > 1:
                 raise Refused("gathers from a shape tensor in a way fastlstm does not follow")
@@ -661,6 +674,7 @@ class GraphReader:
                 if isinstance(value, Dims) and not value.scalar:
                     entries.extend(value.entries)
                 elif isinstance(value, Const) and value.array.ndim == 1 and value.array.dtype.kind in "iu":
+                    self._check_rank(len(entries) + value.array.size, "Concat of shape entries")
                     entries.extend(int(e) for e in value.array)
                 else:
                     raise Refused("concatenates a shape tensor with something else")
@@ -701,6 +715,12 @@ class GraphReader:
         attributes = self._attributes(node, {"alpha": ("float", 1.0), "beta": ("float", 1.0),
                                              "transA": ("int", 0), "transB": ("int", 0),
                                              "broadcast": ("int", None)}, where)
+        problems = [f"{name}={attributes[name]!r}, expected a finite number" for name in ("alpha", "beta")
+                    if not math.isfinite(attributes[name])]
+        problems += [f"{name}={attributes[name]}, expected 0 or 1" for name in ("transA", "transB", "broadcast")
+                     if attributes[name] not in (None, 0, 1)]
+        if problems:
+            raise Malformed("; ".join(problems))
         if attributes["transA"]:
             raise Refused("transA=1 (the data transposed)")
         flow = self._as_flow(inputs[0], "Gemm")
@@ -758,8 +778,8 @@ class GraphReader:
     def _activation(self, node, inputs, where):
         name, defaults = _ACTIVATION_OPS[node.op_type]
         attributes = self._attributes(node, {k: ("float", d) for k, d in defaults.items()}, where)
-        return [self._apply_activation(inputs[0], Activation.of(name, attributes.get("alpha"),
-                                                                attributes.get("beta")), node.op_type)]
+        activation = checked_activation(name, attributes.get("alpha"), attributes.get("beta"), node.op_type)
+        return [self._apply_activation(inputs[0], activation, node.op_type)]
 
     def _softmax(self, node, inputs, where):
         default = -1 if self.opset >= 13 else 1
@@ -799,6 +819,8 @@ class GraphReader:
             raise Malformed(f"direction {direction!r}, expected one of {DIRECTIONS}")
         if layout not in (0, 1):
             raise Malformed(f"layout {layout}, expected 0 or 1")
+        if attributes["input_forget"] not in (0, 1):
+            raise Malformed(f"input_forget={attributes['input_forget']}, expected 0 or 1")
         directions = 2 if direction == "bidirectional" else 1
         optional = {name: None if value is None or isinstance(value, Zeros) else self._float_const(value, name)
                     for name, value in (("B", b), ("P", p))}

@@ -65,6 +65,19 @@ class LayerRecord:
     initial: dict[str, StateSource | None]
 
 
+def checked_activation(catalogue: str, alpha: float | None, beta: float | None, what: str) -> Activation:
+    """``Activation.of`` for parameters read from the file, each checked to be a finite number.
+
+    The parametrised ONNX functions (Affine, LeakyRelu, ThresholdedRelu, ScaledTanh, HardSigmoid, Elu) are
+    defined for every real alpha and beta; NaN or an infinity would only turn outputs into NaN or inf.
+    """
+    bad = [f"{label}={value!r}" for label, value in (("alpha", alpha), ("beta", beta))
+           if value is not None and not math.isfinite(value)]
+    if bad:
+        raise Malformed(f"{what} has {', '.join(bad)}; expected finite numbers")
+    return Activation.of(catalogue, alpha, beta)
+
+
 def lstm_activations(names: list[str] | None, alphas: list[float] | None, betas: list[float] | None,
                      directions: int, where: str) -> tuple[Activation, Activation, Activation]:
     """The (f, g, h) activations of an LSTM node, shared by its directions (refused when they differ).
@@ -92,7 +105,7 @@ def lstm_activations(names: list[str] | None, alphas: list[float] | None, betas:
                                                       or (needs_beta and beta is None)):
             warnings.warn(f"{where}: activation {name} without its activation_alpha/beta; "
                           "fastlstm uses the ONNX operator's defaults, ONNX Runtime uses 0", stacklevel=4)
-        activations.append(Activation.of(catalogue, alpha, beta))
+        activations.append(checked_activation(catalogue, alpha, beta, f"activation {name}"))
     if alphas or betas:
         warnings.warn(f"{where}: activation_alpha/activation_beta hold more values than the "
                       "activations use; the extra values are ignored", stacklevel=4)

@@ -43,6 +43,8 @@ _TYPED_FIELD = {
 }
 # No tensor of an LSTM model comes near this; a larger declared size is corrupt or hostile.
 MAX_TENSOR_ELEMENTS = 1 << 31
+# Attribute lists (activations, axes, perm, starts, ...) hold a few values; a longer one is corrupt.
+MAX_ATTRIBUTE_VALUES = 4096
 _DEFAULT, _EXTERNAL = 0, 1  # TensorProto.DataLocation
 # The keys of TensorProto.external_data the ONNX standard defines. "basepath" is written by some of the onnx
 # package's own tools and, as there, plays no part in finding the file: locations are relative to the model.
@@ -215,6 +217,8 @@ def attribute_value(attribute, where: str):
 
     Strings are decoded (UTF-8); tensors are returned as the ``TensorProto`` message (convert with
     ``tensor_to_array``); graphs and other kinds are returned as their messages, for the caller to refuse.
+    Lists longer than ``MAX_ATTRIBUTE_VALUES`` are refused before they are converted (the Constant
+    operator's ``value_floats``/``value_ints`` are read with ``attribute_array`` instead).
     """
     if attribute.ref_attr_name:
         raise InvalidModelError([f"{where}: refers to a function attribute ({attribute.ref_attr_name!r}) "
@@ -228,6 +232,11 @@ def attribute_value(attribute, where: str):
         return kind, int(attribute.i)
     if kind == "string":
         return kind, _decode(attribute.s, where)
+    if kind in ("floats", "ints", "strings"):
+        count = len(getattr(attribute, kind))
+        if count > MAX_ATTRIBUTE_VALUES:
+            raise InvalidModelError([f"{where}: holds {count} values; no attribute fastlstm reads needs more "
+                                     f"than {MAX_ATTRIBUTE_VALUES}"], "ONNX model")
     if kind == "floats":
         return kind, [float(v) for v in attribute.floats]
     if kind == "ints":
@@ -237,6 +246,14 @@ def attribute_value(attribute, where: str):
     if kind == "tensor":
         return kind, attribute.t
     return kind, None
+
+
+def attribute_array(attribute, dtype: np.dtype) -> np.ndarray:
+    """A ``floats`` or ``ints`` attribute as a 1-D array, converted without an intermediate Python list."""
+    values = attribute.floats if dtype.kind == "f" else attribute.ints
+    if len(values) > MAX_TENSOR_ELEMENTS:
+        raise InvalidModelError([f"attribute {attribute.name!r} holds {len(values)} values"], "ONNX model")
+    return np.fromiter(values, dtype=dtype, count=len(values))
 
 
 def _decode(raw: bytes, where: str) -> str:

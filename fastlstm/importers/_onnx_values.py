@@ -221,12 +221,12 @@ def _time_window(start: int, end: int, step: int, steps: int | None, what: str) 
     """Which time steps ``[start:end:step]`` keeps: "all", "last" or "first" (anything else is refused)."""
     if step == 1:
         if steps is not None:
-            kept = range(steps)[start:end]
-            if len(kept) == steps:
+            first, count = _kept(start, end, 1, steps)
+            if count == steps:
                 return "all"
-            if list(kept) == [steps - 1]:
+            if count == 1 and first == steps - 1:
                 return "last"
-            if list(kept) == [0]:
+            if count == 1 and first == 0:
                 return "first"
         elif end >= _OPEN_END:
             if start == -1:
@@ -239,9 +239,17 @@ def _time_window(start: int, end: int, step: int, steps: int | None, what: str) 
                   "step or the final state")
 
 
+def _kept(start: int, end: int, step: int, size: int) -> tuple[int, int]:
+    """The first index and the number of indices ``[start:end:step]`` keeps of ``size`` (any size: nothing is
+    materialised, so a huge declared size costs nothing)."""
+    first, stop, step = slice(start, end, step).indices(size)
+    count = (stop - first + step - 1) // step if step > 0 else (first - stop - step - 1) // -step
+    return first, max(0, count)
+
+
 def _is_full_range(start: int, end: int, step: int, size: int | None) -> bool:
     if size is not None:
-        return len(range(size)[start:end:step]) == size and step == 1
+        return step == 1 and _kept(start, end, step, size)[1] == size
     return step == 1 and (start == 0 or start <= -_OPEN_END) and end >= _OPEN_END
 
 

@@ -66,7 +66,7 @@ import importlib
 import logging
 import os
 
-from ..errors import ModelFormatError
+from ..errors import FastLSTMError, ModelFormatError
 from ..spec import ModelSpec
 from ._onnx_graph import GraphReader, GraphResult
 from ._onnx_proto import ExternalData
@@ -77,6 +77,9 @@ logger = logging.getLogger(__name__)
 # Protobuf cannot parse messages over 2 GiB; ONNX files that large keep their tensors as external data.
 _MAX_FILE_BYTES = 2**31 - 1
 _STANDARD_DOMAINS = ("", "ai.onnx")
+# Python errors a malformed file must never surface as (see _spec_from_model).
+_UNEXPECTED = (ValueError, TypeError, IndexError, KeyError, OverflowError, ZeroDivisionError, RecursionError,
+               MemoryError, UnicodeDecodeError)
 
 
 def spec_from_file(path, **options) -> ModelSpec:
@@ -126,12 +129,16 @@ def _spec_from_model(model, name: str, directory: str | None = None) -> ModelSpe
             raise ModelFormatError(f"{source}: expected one opset version for the standard ONNX domain, "
                                    f"found {opsets}")
         result = GraphReader(model.graph, int(opsets[0]), source, ExternalData(directory, source)).read()
-    except (UnicodeDecodeError, RecursionError) as exc:
-        raise ModelFormatError(f"{source}: unreadable ({type(exc).__name__})") from None
-    spec = ModelSpec(
-        layers=tuple(record.layer for record in result.layers), head=result.head, output=result.output,
-        source=source,
-    ).validate()
+        spec = ModelSpec(
+            layers=tuple(record.layer for record in result.layers), head=result.head, output=result.output,
+            source=source,
+        ).validate()
+    except FastLSTMError:
+        raise
+    except _UNEXPECTED as exc:
+        # The reader checks what it reads and raises its own errors; anything else a malformed file could
+        # still provoke is reported as what it is, a model that cannot be read, never as a Python error.
+        raise ModelFormatError(f"{source}: unreadable model ({type(exc).__name__}: {str(exc)[:200]})") from None
     _log_bindings(source, result)
     return spec
 
