@@ -35,6 +35,12 @@ _MAX_EXACT_INTEGER_FOLD = 1 << 16
 # Axes, starts, indices, shapes: one entry per dimension of a tensor, and no tensor has more than this many.
 _MAX_RANK = 64
 
+_NO_LSTM = (
+    "the graph has no LSTM node: the recurrence was exported unrolled (MatMul, Sigmoid, Tanh, ... per time step) "
+    "or inside a Loop or Scan, which fastlstm does not turn back into an LSTM. Load the source model instead "
+    "(the PyTorch module, state_dict or TorchScript file, or the Keras .keras/.h5 file), or export it with the "
+    "LSTM kept as one ONNX LSTM node (torch.onnx.export does so for nn.LSTM; tf2onnx 1.9.3 or later for Keras)")
+
 # Elementwise activation operators -> (catalogue name, {attribute: default}).
 _ACTIVATION_OPS = {
     "Relu": ("relu", {}), "Tanh": ("tanh", {}), "Sigmoid": ("sigmoid", {}), "Softsign": ("softsign", {}),
@@ -69,6 +75,7 @@ class GraphReader:
         self.external = external
         self.unsupported: list[str] = []
         self.invalid: list[str] = []
+        self.unknown_operators: list[tuple[str, str, object]] = []  # (operator, where, node)
         self.values: dict[str, object] = {}
         self.initializers: dict[str, object] = {}
         for tensor in graph.initializer:
@@ -94,13 +101,18 @@ class GraphReader:
             if index in needed:
                 self._evaluate(node, index)
         result = None
-        if not self.invalid and not self.unsupported:  # outputs are classified only after a clean walk
+        if not self.invalid and not self.unsupported and not self.unknown_operators:
+            # outputs are classified only after a clean walk
             try:
                 result = self._finish()
             except Refused as exc:
                 self.unsupported.append(str(exc))
+        if not any(node.op_type == "LSTM" and node.domain in _STANDARD_DOMAINS for node in nodes):
+            raise UnsupportedModelError([_NO_LSTM] + self._operators_by_type() + self.unsupported + self.invalid)
         if self.invalid:
             raise InvalidModelError(self.invalid, self.source)
+        self.unsupported[:0] = [f"{where}: operator {op} is not supported{self._data_inputs(node)}"
+                                for op, where, node in self.unknown_operators]
         if self.unsupported:
             raise UnsupportedModelError(self.unsupported, hint=(
                 "fastlstm runs ONNX graphs made of LSTM nodes, the layout operators exporters put around them "
@@ -154,7 +166,7 @@ class GraphReader:
                 handler = GraphReader._activation
         if handler is None:
             op = node.op_type if node.domain in _STANDARD_DOMAINS else f"{node.domain}::{node.op_type}"
-            self.unsupported.append(f"{where}: operator {op} is not supported")
+            self.unknown_operators.append((op, where, node))
             self._set_outputs(node, [])
             return
         unknown = [a.name for a in node.attribute if a.name not in _ATTRIBUTE_NAMES.get(node.op_type, ())]
@@ -189,6 +201,30 @@ class GraphReader:
             self.invalid.extend(exc.problems)
             outputs = []
         self._set_outputs(node, outputs)
+
+    def _operators_by_type(self) -> list[str]:
+        """One line per unsupported operator type: how many nodes use it, the first few named."""
+        by_type: dict[str, list[str]] = {}
+        for op, where, _ in self.unknown_operators:
+            by_type.setdefault(op, []).append(where.split(" (")[0])
+        return [f"operator {op} is not supported ({len(wheres)} node{'s' if len(wheres) > 1 else ''}: "
+                f"{', '.join(wheres[:3])}{', ...' if len(wheres) > 3 else ''})" for op, wheres in by_type.items()]
+
+    def _data_inputs(self, node) -> str:
+        """``"; it reads a, b"`` naming every input of ``node`` that is not a constant, and where it comes from."""
+        described = []
+        for name in node.input:
+            if not name or name in self.initializers or isinstance(self.values.get(name), (Const, Zeros)):
+                continue
+            if name in self.graph_inputs:
+                described.append(f"graph input {name!r}")
+            elif name in self.producers:
+                producer = self.graph.node[self.producers[name]]
+                label = repr(producer.name) if producer.name else f"#{self.producers[name]}"
+                described.append(f"{name!r} from node {label} ({producer.op_type})")
+            else:
+                described.append(repr(name))
+        return f"; it reads {', '.join(described)}" if described else ""
 
     def _set_outputs(self, node, outputs: list) -> None:
         for n, name in enumerate(node.output):
