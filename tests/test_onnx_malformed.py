@@ -208,3 +208,37 @@ def test_field_mutations_load_or_raise_fastlstm_errors(seed_model):
             onnx_importer.spec_from_bytes(data)
         except FastLSTMError as exc:
             assert "unreadable model (" not in str(exc), str(exc)  # an error the reader should have named
+
+
+# ----------------------------------------------------------------------------------------- nothing ignored
+def test_a_graph_output_no_operator_produces_is_invalid():
+    """An Identity node listing a second output the graph returns: that output would otherwise vanish."""
+    model = lstm_model("forward", outputs=("Y",))
+    model.graph.node.append(helper.make_node("Identity", ["Y"], ["out", "ghost"]))
+    model.graph.output[0].name = "out"
+    model.graph.output.append(helper.make_tensor_value_info("ghost", onnx.TensorProto.FLOAT, None))
+    with pytest.raises(InvalidModelError, match="output\\(s\\) 'ghost' used by the graph, but a Identity node has 1"):
+        load(model)
+
+
+def test_values_in_a_field_the_tensor_type_does_not_use_are_invalid():
+    model = lstm_model("forward", outputs=("Y",))
+    model.graph.initializer[0].int64_data.extend([1, 2, 3])
+    with pytest.raises(InvalidModelError, match="float32 tensor with values in int64_data"):
+        load(model)
+
+
+def test_a_model_local_function_redefining_a_standard_operator_is_refused():
+    model = lstm_model("forward", outputs=("Y",))
+    model.functions.append(helper.make_function("", "LSTM", ["X"], ["Y"], [helper.make_node("Identity", ["X"], ["Y"])],
+                                                [helper.make_opsetid("", 14)]))
+    with pytest.raises(UnsupportedModelError, match="model-local function\\(s\\) 'LSTM' in the standard ONNX domain"):
+        load(model)
+
+
+def test_rounding_the_data_to_float16_is_not_ignored_silently():
+    model = lstm_model("forward", outputs=("Y",))
+    model.graph.node.append(helper.make_node("Cast", ["Y"], ["out"], to=onnx.TensorProto.FLOAT16))
+    model.graph.output[0].name = "out"
+    with pytest.warns(UserWarning, match="rounds its data to float16"):
+        load(model)

@@ -10,6 +10,7 @@ one pass lists every unsupported op and attribute, not only the first.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -188,6 +189,10 @@ class GraphReader:
             return
         try:
             outputs = handler(self, node, inputs, where)
+            missing = [name for name in node.output[len(outputs):] if name in self.needed_outputs]
+            if missing:  # an output the operator does not have, yet the graph uses it
+                raise Malformed(f"output(s) {', '.join(map(repr, missing))} used by the graph, but a {node.op_type} "
+                                f"node has {len(outputs)} output(s)")
         except Refused as exc:  # one message per refused feature of the node
             self.unsupported.extend(f"{where}: {message}" for message in exc.args)
             outputs = []
@@ -471,6 +476,10 @@ class GraphReader:
         flow = self._as_flow(data, "Cast")
         if to not in FLOAT_TYPES:
             raise Refused(f"casts data to element type {to}; fastlstm computes in floating point")
+        if FLOAT_TYPES[to] == "float16":
+            warnings.warn(f"{self.source} {where}: the graph rounds its data to float16 here; fastlstm computes "
+                          "in float32 (or float64) throughout, so results differ by float16 rounding",
+                          stacklevel=2)
         return [flow]
 
     def _transpose(self, node, inputs, where):

@@ -41,6 +41,7 @@ _TYPED_FIELD = {
     INT32: "int32_data", INT16: "int32_data", INT8: "int32_data", UINT16: "int32_data", UINT8: "int32_data",
     BOOL: "int32_data", FLOAT16: "int32_data",  # float16 values are stored as their 16-bit patterns
 }
+_VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 # No tensor of an LSTM model comes near this; a larger declared size is corrupt or hostile.
 MAX_TENSOR_ELEMENTS = 1 << 31
 # Attribute lists (activations, axes, perm, starts, ...) hold a few values; a longer one is corrupt.
@@ -179,6 +180,10 @@ def tensor_to_array(tensor, where: str, external: ExternalData | None = None) ->
                                 "ONNX model")
     raw = tensor.raw_data
     typed = getattr(tensor, _TYPED_FIELD[tensor.data_type])
+    strays = [name for name in _VALUE_FIELDS if name != _TYPED_FIELD[tensor.data_type] and len(getattr(tensor, name))]
+    if strays:
+        raise InvalidModelError([f"{where}: a {dtype.name} tensor with values in {', '.join(strays)}, which "
+                                 f"that type does not use"], "ONNX model")
     if tensor.data_location == _EXTERNAL:
         if raw or len(typed):
             raise InvalidModelError([f"{where}: stored as external data but also holds values in the file"],

@@ -48,7 +48,9 @@ How an ONNX graph maps to a fastlstm model:
   (ONNX Runtime uses 0; a warning says so).
 * Initializers are constants, also when an old exporter lists them among the graph inputs. Nodes whose
   results do not reach a graph output are ignored. Float types other than float16/32/64, sparse tensors
-  and model-local functions are refused. Sizes declared in the file are checked against the data present
+  and model-local functions in the standard domain are refused (nodes calling functions of other domains
+  are refused as unknown operators). float16 weights are read exactly and computed in float32; a ``Cast``
+  of the data to float16 is followed with a warning (fastlstm does not round to float16). Sizes declared in the file are checked against the data present
   before anything is allocated.
 * **External data** (tensors in a file beside the model, ``torch.onnx.export``'s default ``m.onnx.data``)
   is read when the model is loaded from its path, only from regular files in the ``.onnx`` file's own
@@ -66,7 +68,7 @@ import importlib
 import logging
 import os
 
-from ..errors import FastLSTMError, ModelFormatError
+from ..errors import FastLSTMError, ModelFormatError, UnsupportedModelError
 from ..spec import ModelSpec
 from ._onnx_graph import GraphReader, GraphResult
 from ._onnx_proto import ExternalData
@@ -124,6 +126,10 @@ def _spec_from_model(model, name: str, directory: str | None = None) -> ModelSpe
     try:
         if not model.HasField("graph"):
             raise ModelFormatError(f"{source}: holds no graph; not an ONNX model")
+        shadowing = [function.name for function in model.functions if function.domain in _STANDARD_DOMAINS]
+        if shadowing:
+            raise UnsupportedModelError([f"model-local function(s) {', '.join(map(repr, shadowing))} in the "
+                                         "standard ONNX domain, which would redefine its operators"])
         opsets = [entry.version for entry in model.opset_import if entry.domain in _STANDARD_DOMAINS]
         if len(opsets) != 1 or opsets[0] < 1:
             raise ModelFormatError(f"{source}: expected one opset version for the standard ONNX domain, "
