@@ -78,3 +78,25 @@ def test_an_unsupported_node_names_every_input_computed_at_run_time():
     assert "'Y' from node #0 (LSTM)" in message
     assert "graph input 'z'" in message
     assert "floor" not in message  # constants are not data
+
+
+def test_state_outputs_are_logged_as_the_rows_of_the_returned_state(caplog):
+    """A graph returning only the last layer's h_n: the log says which rows of ``return_state``'s h it is."""
+    torch = pytest.importorskip("torch")
+    from test_onnx_import import export_torch
+
+    class LastLayerState(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(4, 5, num_layers=2, bidirectional=True)
+
+        def forward(self, x):
+            y, (h, c) = self.lstm(x)
+            return y, h[-2:], c
+
+    model = export_torch(LastLayerState(), (torch.randn(6, 2, 4),), input_names=["x"],
+                         output_names=["y", "h_last", "c"])
+    with caplog.at_level("INFO", logger="fastlstm.importers.onnx"):
+        fastlstm.load(model, backend="numpy")
+    assert "'h_last' = h[2:4] as (directions(2), batch(2), hidden(5))" in caplog.text
+    assert "'c' = c[0:4]" in caplog.text

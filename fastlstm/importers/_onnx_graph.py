@@ -22,7 +22,7 @@ from . import _onnx_values as v
 from ._onnx_proto import (FLOAT_TYPES, NUMPY_TYPES, ExternalData, attribute_array, attribute_value,
                           declared_dims, declared_element_type, tensor_to_array)
 from ._onnx_lstm import (LSTM_ATTRIBUTES, LayerRecord, StateSource, checked_activation, lstm_activations,
-                          lstm_layer, output_mode, state_input)
+                          lstm_layer, output_mode, state_input, state_rows)
 from ._onnx_values import (BATCH, DIRS, FEATURES, HIDDEN, INPUT_AXIS, TIME, Axis, Const, Dims, Flow,
                            GraphInput, InputRows, Malformed, Part, Poison, Product, Refused, Zeros)
 
@@ -982,7 +982,7 @@ class GraphReader:
             else:
                 if len({p.kind for p in value.parts}) != 1:
                     raise Refused(f"graph output {output.name!r} mixes hidden and cell states")
-                state_outputs.append(output.name)
+                state_outputs.append((output.name, value))
         if len(data_outputs) > 1:
             raise Refused(f"graph outputs {', '.join(repr(n) for n, _ in data_outputs)} are all computed from "
                           "LSTM outputs; a fastlstm model has one output (states come with return_state=True)")
@@ -1004,7 +1004,8 @@ class GraphReader:
         return GraphResult(
             layers=layers, head=head, output=output, input_name=self.data_input or "",
             input_layout=self.input_layout, sequence_lens=sequence_lens,
-            state_inputs={k: s for k, s in state_inputs.items() if s}, state_outputs=state_outputs,
+            state_inputs={k: s for k, s in state_inputs.items() if s},
+            state_outputs=[f"{name!r} = {state_rows(flow, layers)}" for name, flow in state_outputs],
             main_output=main_name)
 
 

@@ -231,6 +231,21 @@ def state_input(kind: str, layers: list[LayerRecord]) -> str | None:
     return first.name
 
 
+def state_rows(flow: Flow, layers: list[LayerRecord]) -> str:
+    """Which rows of fastlstm's returned state (``h`` or ``c``, ``(layers * directions, batch, hidden)``) a
+    state graph output holds, and in which layout, e.g. ``"h[2:4] as (directions(2), batch, hidden(5))"``."""
+    offsets = [0]
+    for record in layers:
+        offsets.append(offsets[-1] + record.layer.num_directions)
+    rows = [offsets[part.layer] + part.direction for part in flow.parts]
+    kind = "h" if flow.parts[0].kind == "Y_h" else "c"
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        where = f"{kind}[{rows[0]}:{rows[-1] + 1}]"
+    else:
+        where = f"rows {rows} of {kind}"
+    return f"{where} as {flow.describe()}"
+
+
 def canonical_gates(array: np.ndarray, hidden: int) -> np.ndarray:
     """Reorder the four stacked gate blocks of ``array`` (first axis 4*hidden) from ONNX's to fastlstm's."""
     blocks = array.reshape(4, hidden, *array.shape[1:])

@@ -164,7 +164,8 @@ def _log_bindings(source: str, result: GraphResult) -> None:
                     ", ".join(f"{kind}={name!r}" for kind, name in result.state_inputs.items()), note)
     logger.info("%s: output %s is the model's %r output%s", source,
                 repr(result.main_output) if result.main_output else "(none: only states)", result.output,
-                f"; state outputs {result.state_outputs} come with return_state=True" if result.state_outputs else "")
+                f"; state outputs come with return_state=True: {', '.join(result.state_outputs)}"
+                if result.state_outputs else "")
 
 
 def _onnx_package():
