@@ -106,22 +106,40 @@ def test_a_reshape_keeping_a_batch_of_1_is_not_a_merge():
 
 
 # ----------------------------------------------------------------------------------------- hand-built graphs
-def merged_rows_graph(split_back=True, bias_shape=(3,), merge_target=None):
-    """LSTM Y (T, 1, B, 5) -> Squeeze -> Shape arithmetic -> Reshape (T*B, 5) -> Gemm -> Reshape (T, B, 3)."""
+def merged_rows_graph(split_back=True, bias_shape=(3,), merge_target=None, rows="gather"):
+    """LSTM Y (T, 1, B, 5) -> Squeeze -> Shape arithmetic -> Reshape (T*B, 5) -> Gemm -> Reshape (T, B, 3).
+
+    ``rows`` is how the merged size T*B is computed: "gather" (Gather scalars, Mul, Unsqueeze: the
+    TorchScript exporter), "slice" (1-D Slices of the shape, Mul: the dynamo exporter) or "divide"
+    ((T*B*H) / H).
+    """
     model = lstm_model("forward", outputs=("Y",))
     rng = np.random.default_rng(5)
+    if rows == "gather":
+        merged = [helper.make_node("Mul", ["time", "batch"], ["rows"]),
+                  helper.make_node("Unsqueeze", ["rows", "axis0"], ["rows1"])]
+    elif rows == "slice":
+        merged = [helper.make_node("Slice", ["shape", "axis0", "axis1"], ["time_1d"]),
+                  helper.make_node("Slice", ["shape", "axis1", "two_1d"], ["batch_1d"]),
+                  helper.make_node("Mul", ["time_1d", "batch_1d"], ["rows1"])]
+    else:
+        merged = [helper.make_node("Gather", ["shape", "two"], ["features"], axis=0),
+                  helper.make_node("Mul", ["time", "batch"], ["rows"]),
+                  helper.make_node("Mul", ["rows", "features"], ["elements"]),
+                  helper.make_node("Div", ["elements", "features"], ["rows_again"]),
+                  helper.make_node("Unsqueeze", ["rows_again", "axis0"], ["rows1"])]
     nodes = [
         helper.make_node("Squeeze", ["Y", "axis1"], ["y3"]),
         helper.make_node("Shape", ["y3"], ["shape"]),
         helper.make_node("Gather", ["shape", "zero"], ["time"], axis=0),
         helper.make_node("Gather", ["shape", "one"], ["batch"], axis=0),
-        helper.make_node("Mul", ["time", "batch"], ["rows"]),
-        helper.make_node("Unsqueeze", ["rows", "axis0"], ["rows1"]),
+        *merged,
         helper.make_node("Concat", ["rows1", "hidden"], ["merge"], axis=0),
         helper.make_node("Reshape", ["y3", merge_target or "merge"], ["merged"]),
         helper.make_node("Gemm", ["merged", "fc_w", "fc_b"], ["dense"], transB=1),
     ]
     initializers = [ints("axis1", [1]), ints("axis0", [0]), ints("zero", 0), ints("one", 1), ints("hidden", [5]),
+                    ints("two", 2), ints("two_1d", [2]),
                     const("fc_w", rng.normal(0, 0.5, (3, 5)).astype(np.float32)),
                     const("fc_b", rng.normal(0, 0.5, bias_shape).astype(np.float32))]
     output = "dense"
@@ -138,8 +156,9 @@ def merged_rows_graph(split_back=True, bias_shape=(3,), merge_target=None):
     return model
 
 
-def test_hand_built_shape_arithmetic_head_matches_onnxruntime():
-    model = merged_rows_graph()
+@pytest.mark.parametrize("rows", ["gather", "slice", "divide"])
+def test_hand_built_shape_arithmetic_head_matches_onnxruntime(rows):
+    model = merged_rows_graph(rows=rows)
     imported = fastlstm.load(model, backend="numpy")
     x = random_inputs()
     expected = run_ort(model, {"X": x.transpose(1, 0, 2)})[0]
@@ -169,7 +188,6 @@ def test_merging_batch_with_features_is_refused():
         helper.make_node("Concat", ["time_entry", "batch_features1"], ["merge"], axis=0)]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    model.graph.initializer.append(ints("two", 2))
     with pytest.raises(UnsupportedModelError, match="merges the batch, features axes"):
         fastlstm.load(model, backend="numpy")
 

@@ -101,8 +101,11 @@ class ExternalData:
                                    "of the .onnx file")
         offset = _byte_count(entries, "offset", label)
         length = _byte_count(entries, "length", label)
-        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below as not a file)
-            descriptor = os.open(target, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below as not a file); O_NOFOLLOW:
+        # the resolved file must not have become a symbolic link since it was checked.
+        try:
+            descriptor = os.open(target, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+                                 | getattr(os, "O_BINARY", 0))
         except OSError as exc:
             raise ModelFormatError(f"{label}: cannot open the data file ({exc.strerror})") from None
         status = os.fstat(descriptor)
