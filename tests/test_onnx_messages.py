@@ -100,3 +100,13 @@ def test_state_outputs_are_logged_as_the_rows_of_the_returned_state(caplog):
         fastlstm.load(model, backend="numpy")
     assert "'h_last' = h[2:4] as (directions(2), batch(2), hidden(5))" in caplog.text
     assert "'c' = c[0:4]" in caplog.text
+
+
+def test_a_residual_add_names_both_of_its_inputs():
+    model = lstm_model("forward", outputs=("Y",))
+    model.graph.input.append(helper.make_tensor_value_info("skip", FLOAT, ["T", 1, "B", 5]))
+    model.graph.node.append(helper.make_node("Add", ["Y", "skip"], ["out"], name="residual"))
+    model.graph.output[0].name = "out"
+    [message] = refusal(model)
+    assert message.startswith("node 'residual' (Add): adds two tensors computed from the input")
+    assert message.endswith("it reads 'Y' from node #0 (LSTM), graph input 'skip'")

@@ -770,7 +770,8 @@ class GraphReader:
             raise Refused("transA=1 (the data transposed)")
         flow = self._as_flow(inputs[0], "Gemm")
         if len(flow.axes) != 2:
-            raise Refused(f"Gemm on data of layout {flow.describe()}; expected (batch, features)")
+            raise Refused(f"Gemm on data of layout {flow.describe()}; expected (batch, features) or (time*batch "
+                          "rows, features)")
         v.features_last(flow, "Gemm")
         matrix = self._float_const(inputs[1], "Gemm B")
         if matrix.ndim != 2:
@@ -799,7 +800,7 @@ class GraphReader:
         data_like = (Flow, GraphInput)
         if isinstance(first, data_like) and isinstance(second, data_like):
             raise Refused("adds two tensors computed from the input (a residual connection or a sum merge); "
-                          "fastlstm runs LSTM layers in a chain")
+                          f"fastlstm runs LSTM layers in a chain{self._data_inputs(node)}")
         if isinstance(first, data_like):
             data, constant = first, second
         elif isinstance(second, data_like):
