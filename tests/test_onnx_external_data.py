@@ -270,3 +270,13 @@ def test_external_location_without_external_flag_or_with_inline_data_is_refused(
                                   setattr(tensor, "raw_data", b"\0" * 640)))
     with pytest.raises(ModelFormatError, match="also holds values in the file"):
         load(path)
+
+
+def test_an_undecodable_location_is_a_format_error(tmp_path):
+    path = save_with_external_data(reference_model(), str(tmp_path))
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data.replace(b"m.onnx.data", b"\xff.onnx.data"))
+    with pytest.raises(ModelFormatError, match="external_data entry is not valid UTF-8"):
+        load(path)

@@ -70,6 +70,8 @@ class ExternalData:
         """The ``nbytes`` bytes of ``tensor``'s external data, after checking where they are and their size."""
         entries: dict[str, str] = {}
         for entry in tensor.external_data:
+            if not isinstance(entry.key, str) or not isinstance(entry.value, str):  # protobuf's undecodable text
+                raise ModelFormatError(f"{self.source}: {where}: an external_data entry is not valid UTF-8")
             if entry.key in entries:
                 raise ModelFormatError(f"{self.source}: {where}: external_data gives {entry.key!r} twice")
             entries[entry.key] = entry.value
