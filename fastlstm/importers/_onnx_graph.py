@@ -101,6 +101,8 @@ class GraphReader:
         for index, node in enumerate(nodes):
             if index in needed:
                 self._evaluate(node, index)
+        if not any(node.op_type == "LSTM" and node.domain in _STANDARD_DOMAINS for node in nodes):
+            raise UnsupportedModelError([_NO_LSTM] + self._operators_by_type() + self.unsupported + self.invalid)
         result = None
         if not self.invalid and not self.unsupported and not self.unknown_operators:
             # outputs are classified only after a clean walk
@@ -108,8 +110,6 @@ class GraphReader:
                 result = self._finish()
             except Refused as exc:
                 self.unsupported.append(str(exc))
-        if not any(node.op_type == "LSTM" and node.domain in _STANDARD_DOMAINS for node in nodes):
-            raise UnsupportedModelError([_NO_LSTM] + self._operators_by_type() + self.unsupported + self.invalid)
         if self.invalid:
             raise InvalidModelError(self.invalid, self.source)
         self.unsupported[:0] = [f"{where}: operator {op} is not supported{self._data_inputs(node)}"
@@ -545,7 +545,7 @@ class GraphReader:
         if isinstance(data, Zeros):
             return [data]
         if isinstance(data, Dims):
-            if any(isinstance(t, Axis) for t in target) or not (target in ([], [-1], [1]) or target == [len(data.entries)]):
+            if any(isinstance(t, Axis) for t in target) or target not in ([], [-1], [len(data.entries)]):
                 raise Refused(f"reshapes a shape tensor to {target}")
             if not target and len(data.entries) != 1:
                 raise Malformed(f"cannot reshape a shape tensor of {len(data.entries)} entries to a scalar")
