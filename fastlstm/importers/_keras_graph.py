@@ -26,6 +26,8 @@ from ..errors import ModelFormatError, UnsupportedModelError
 SEQUENTIAL = "Sequential"
 FUNCTIONAL_CLASS_NAMES = ("Functional", "Model")  # "Model": functional models written by Keras < 2.4
 _KERAS_TENSOR = "__keras_tensor__"
+# More layers than an LSTM model plausibly has; every step below is linear in the count, this bounds it.
+MAX_LAYERS = 4096
 # Keyword arguments a layer call may carry without changing what it computes at inference.
 _HARMLESS_CALL_KWARGS = {"training": (None, False), "mask": (None,)}
 
@@ -75,25 +77,33 @@ def model_graph(model_config, name: str) -> KerasGraph:
          "lists their layers; a subclassed model's computation lives in its Python call() method"])
 
 
+def _check_layer_count(entries: list, name: str) -> None:
+    if len(entries) > MAX_LAYERS:
+        raise UnsupportedModelError([f"the model has {len(entries)} layers; fastlstm reads models of at most "
+                                     f"{MAX_LAYERS} layers"], hint=f"({name})")
+
+
 def _sequential(entries: list, name: str) -> KerasGraph:
+    _check_layer_count(entries, name)
     parsed = [_layer_entry(entry, n, name) for n, entry in enumerate(entries)]
     # model.layers of a Sequential leaves out its InputLayer, so positions start after it.
     offset = 1 if parsed and parsed[0][1] == "InputLayer" else 0
-    saved_names = _saved_names([class_name for _, class_name, _ in parsed])
-    layers = [KerasLayer(n - offset, layer_name, class_name, config, saved_names[n])
+    layer_saved_names = saved_names([class_name for _, class_name, _ in parsed])
+    layers = [KerasLayer(n - offset, layer_name, class_name, config, layer_saved_names[n])
               for n, (layer_name, class_name, config) in enumerate(parsed)]
     return KerasGraph(SEQUENTIAL, layers)
 
 
 def _functional(config, name: str) -> KerasGraph:
     entries = _field(config, "layers", list, name, "config")
+    _check_layer_count(entries, name)
     parsed = [_layer_entry(entry, n, name) for n, entry in enumerate(entries)]
-    saved_names = _saved_names([class_name for _, class_name, _ in parsed])
+    layer_saved_names = saved_names([class_name for _, class_name, _ in parsed])
     layers = {}
     for n, (layer_name, class_name, layer_config) in enumerate(parsed):
         if layer_name in layers:
             raise ModelFormatError(f"{name}: two layers are named {layer_name!r}")
-        layers[layer_name] = KerasLayer(n, layer_name, class_name, layer_config, saved_names[n])
+        layers[layer_name] = KerasLayer(n, layer_name, class_name, layer_config, layer_saved_names[n])
 
     problems: list[str] = []
     inputs = _tensor_refs(config.get("input_layers"), name, "input_layers", problems)
@@ -147,7 +157,8 @@ def _functional(config, name: str) -> KerasGraph:
             problems.append(f"the layers do not form a single chain from the input {inputs[0][0]!r} to the "
                             f"output {last!r}: the output of {order[-1].name!r} goes to "
                             f"{consumers[order[-1].name] or 'no layer'}")
-        off_path = [layer_name for layer_name in layers if layer_name not in {layer.name for layer in order}]
+        on_path = {layer.name for layer in order}
+        off_path = [layer_name for layer_name in layers if layer_name not in on_path]
         if off_path and not problems:
             problems.append(f"layers {off_path} are not on the chain from the input to the output")
     return KerasGraph("Functional", order if not problems else list(layers.values()), problems)
@@ -164,7 +175,7 @@ def _layer_entry(entry, index: int, name: str) -> tuple[str, str, dict]:
     return layer_name, class_name, config
 
 
-def _saved_names(class_names: list[str]) -> list[str]:
+def saved_names(class_names: list) -> list[str]:
     """keras.saving's name for each layer's variable group: snake_case(class name), then _1, _2, ..."""
     used: dict[str, int] = {}
     names = []

@@ -49,14 +49,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..activations import IDENTITY, SIGMOID, Activation
-from ..errors import InvalidModelError, ModelFormatError, UnsupportedModelError
+from ..errors import FastLSTMError, InvalidModelError, ModelFormatError, UnsupportedModelError
 from ..spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
-from ._keras_files import WeightsOf, read_keras_file
+from ._keras_files import MAX_CONFIG_BYTES, ReadWeights, WeightsOf, open_keras_file, parse_config_json
 from ._keras_graph import FUNCTIONAL_CLASS_NAMES, SEQUENTIAL, KerasGraph, KerasLayer, model_graph
 
 NO_OPS_AT_INFERENCE = ("Dropout", "SpatialDropout1D", "GaussianDropout", "GaussianNoise", "AlphaDropout")
@@ -86,22 +87,28 @@ _TRAINING_ONLY_KEYS = {"kernel_initializer", "recurrent_initializer", "bias_init
                        "kernel_regularizer", "recurrent_regularizer", "bias_regularizer", "activity_regularizer",
                        "kernel_constraint", "recurrent_constraint", "bias_constraint", "dropout",
                        "recurrent_dropout", "seed"}
-_LSTM_KEYS = _COMMON_KEYS | _TRAINING_ONLY_KEYS | {
-    "units", "activation", "recurrent_activation", "use_bias", "return_sequences", "return_state", "go_backwards",
-    "stateful", "unroll", "zero_output_for_mask", "implementation", "time_major", "use_cudnn"}
+
 _DENSE_KEYS = _COMMON_KEYS | _TRAINING_ONLY_KEYS | {"units", "activation", "use_bias", "lora_rank", "lora_alpha",
                                                     "quantization_config"}
+_SEQUENCE_KEYS = {"return_sequences", "return_state", "go_backwards", "stateful", "unroll", "zero_output_for_mask",
+                  "time_major"}
+_LSTM_CELL_KEYS = _COMMON_KEYS | _TRAINING_ONLY_KEYS | {"units", "activation", "recurrent_activation", "use_bias",
+                                                        "implementation"}
+_RNN_KEYS = _COMMON_KEYS | _SEQUENCE_KEYS | {"cell"}
+_LSTM_KEYS = _LSTM_CELL_KEYS | _SEQUENCE_KEYS | {"use_cudnn"}
 _WRAPPER_KEYS = _COMMON_KEYS | {"layer", "backward_layer", "merge_mode"}
-_INPUT_KEYS = _COMMON_KEYS | {"sparse", "ragged", "optional", "shape"}
+_INPUT_KEYS = _COMMON_KEYS | {"sparse", "optional", "shape"}
+# Values the importer may add (identity and merge matrices) beyond as many as the model's weights hold.
+_SYNTHESIS_ALLOWANCE = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------- entry points
 def spec_from_file(path, **options) -> ModelSpec:
     """The ``ModelSpec`` of a ``.keras`` archive or a legacy Keras ``.h5`` model file (no Keras needed)."""
     _no_options(options)
-    saved = read_keras_file(os.fspath(path))
-    return spec_from_keras_config(saved.model_config, saved.weights_of, keras_version=saved.keras_version,
-                                  source=saved.description)
+    with open_keras_file(os.fspath(path)) as saved:
+        return spec_from_keras_config(saved.model_config, saved.weights_of, read=saved.read,
+                                      keras_version=saved.keras_version, source=saved.description)
 
 
 def spec_from_keras_model(model, **options) -> ModelSpec:
@@ -118,37 +125,40 @@ def spec_from_keras_model(model, **options) -> ModelSpec:
     if class_name != SEQUENTIAL and class_name not in FUNCTIONAL_CLASS_NAMES:
         raise UnsupportedModelError([f"model class {class_name!r}: fastlstm reads Sequential and functional Keras "
                                      "models; a subclassed model's computation lives in its call() method"])
+    source = f"Keras model {model.name!r} (in memory)"
     try:
         # Through JSON, as Keras writes config.json: tuples become lists, and the config reads like a file's.
-        config = json.loads(json.dumps(model.get_config(), default=lambda value: f"<{type(value).__name__}>"))
+        text = json.dumps(model.get_config(), default=lambda value: f"<{type(value).__name__}>")
     except Exception as exc:
-        raise ModelFormatError(f"Keras model {model.name!r}: get_config() failed: {exc}") from None
+        raise ModelFormatError(f"{source}: get_config() failed: {exc}") from None
+    config = parse_config_json(text, source, "get_config()")
 
     def weights_of(layer: KerasLayer) -> list[np.ndarray]:
         return model.get_layer(layer.name).get_weights()
 
     return spec_from_keras_config({"class_name": class_name, "config": config}, weights_of,
-                                  keras_version=getattr(keras, "__version__", None),
-                                  source=f"Keras model {model.name!r} (in memory)")
+                                  keras_version=getattr(keras, "__version__", None), source=source)
 
 
-def spec_from_keras_config(model_config: dict, weights_of: WeightsOf, *, keras_version: str | None,
-                           source: str) -> ModelSpec:
+def spec_from_keras_config(model_config: dict, weights_of: WeightsOf, *, read: ReadWeights | None = None,
+                           keras_version: str | None, source: str) -> ModelSpec:
     """Translate a Keras model config and its weights into a validated ``ModelSpec``.
 
     ``model_config`` is ``{"class_name": "Sequential" | "Functional", "config": {...}}``; ``weights_of(layer)``
-    returns a layer's weights in ``get_weights()`` order (each checked against the shape the config implies);
-    ``keras_version`` is the version that wrote the model (it decides what ``hard_sigmoid`` means).
-    Raises ``UnsupportedModelError`` listing everything fastlstm cannot run, ``ModelFormatError`` for a
-    malformed config and ``InvalidModelError`` (a ``ModelFormatError``) listing every missing or mis-shaped weight.
+    declares a layer's weights in ``get_weights()`` order (arrays, or anything with ``shape`` and ``dtype``),
+    each checked against the shape the config implies before ``read`` (default: ``np.asarray`` of each) turns
+    the ones the model needs into arrays; ``keras_version`` is the version that wrote the model (it decides
+    what ``hard_sigmoid`` means). Raises ``UnsupportedModelError`` listing everything fastlstm cannot run,
+    ``ModelFormatError`` for a malformed config and ``InvalidModelError`` (a ``ModelFormatError``) listing
+    every missing or mis-shaped weight.
     """
     graph = model_graph(model_config, source)
-    major = _major_version(keras_version)
+    major = _major_version(keras_version, source)
     if major is not None and major < 2:
         raise UnsupportedModelError([f"{source} was written by Keras {keras_version}; fastlstm reads models "
                                      "written by Keras 2 (tf.keras) and Keras 3"])
     plan = _Planner(graph, major, source).plan()
-    return _build(plan, weights_of, source).validate()
+    return _build(plan, weights_of, read or (lambda weights: [np.asarray(w) for w in weights]), source).validate()
 
 
 # ----------------------------------------------------------------------------------------- pass 1: the config
@@ -216,17 +226,16 @@ class _Planner:
                     self.problems.append(f"{where} is a second Masking layer")
                 else:
                     mask_value = self._mask_value(layer)
-            elif kind in ("LSTM", "Bidirectional"):
+            elif kind in ("LSTM", "RNN", "Bidirectional"):
                 saw_lstm = True
-                step = self._recurrent(layer)
+                steps = self._recurrent(layer)
                 if head:
                     self.problems.append(f"{where} comes after {head[0].layer.describe()}; fastlstm runs the LSTM "
                                          "layers first, then dense layers")
                 elif recurrent and not recurrent[-1].return_sequences:
                     self.problems.append(f"{where} follows {recurrent[-1].layer.describe()}, which returns its final "
                                          "state only (return_sequences=False)")
-                if step is not None:
-                    recurrent.append(step)
+                recurrent += steps
             elif kind in ("Dense", "TimeDistributed", "Activation", "Softmax"):
                 step = self._dense(layer) if kind in ("Dense", "TimeDistributed") else self._activation_layer(layer)
                 if step is None:
@@ -272,36 +281,40 @@ class _Planner:
             return None
         return float(value)
 
-    def _recurrent(self, layer: KerasLayer) -> _Recurrent | None:
-        if layer.class_name == "LSTM":
-            options = self._lstm_options(layer, layer.config)
-            if options is None:
-                return None
-            if options.direction == "reverse" and options.return_sequences:
+    def _recurrent(self, layer: KerasLayer) -> list[_Recurrent]:
+        """The fastlstm layer(s) of an LSTM, RNN(LSTMCell), RNN([LSTMCell, ...]) or Bidirectional layer."""
+        if layer.class_name in ("LSTM", "RNN"):
+            steps = self._recurrent_layer(layer, {"class_name": layer.class_name, "config": layer.config})
+            if steps and steps[-1].direction == "reverse" and steps[-1].return_sequences:
                 self.problems.append(
                     f"{layer.describe()}: go_backwards=True with return_sequences=True returns the outputs in "
                     "reversed time order, which fastlstm cannot express (wrap the LSTM in Bidirectional, or "
                     "return only the final state)")
-            return options
+            return steps
         # Bidirectional
         config = layer.config
         self._unknown_options(layer, config, _WRAPPER_KEYS)
         forward_config = _wrapped_layer(config, "layer", self.source, layer)
-        if forward_config is None or forward_config.get("class_name") != "LSTM":
+        if forward_config is None or forward_config.get("class_name") not in ("LSTM", "RNN"):
             self.problems.append(_not_supported(layer))
-            return None
-        forward = self._lstm_options(layer, forward_config["config"], inner="forward layer")
+            return []
+        forward = self._recurrent_layer(layer, forward_config, inner="forward layer")
         backward_config = _wrapped_layer(config, "backward_layer", self.source, layer)
         if backward_config is None:  # Keras 2 leaves it out when it is the forward layer run backwards
-            backward = None if forward is None else replace(forward, direction="reverse")
-        elif backward_config.get("class_name") != "LSTM":
+            backward = [replace(step, direction="reverse") for step in forward]
+        elif backward_config.get("class_name") not in ("LSTM", "RNN"):
             self.problems.append(f"{layer.describe()}: backward layer {backward_config.get('class_name')!r} is not "
                                  "an LSTM")
-            backward = None
+            backward = []
         else:
-            backward = self._lstm_options(layer, backward_config["config"], inner="backward layer")
-        if forward is None or backward is None:
-            return None
+            backward = self._recurrent_layer(layer, backward_config, inner="backward layer")
+        if len(forward) > 1 or len(backward) > 1:
+            self.problems.append(f"{layer.describe()}: Bidirectional over stacked cells runs each direction's "
+                                 "whole stack before merging, which fastlstm's bidirectional layers cannot express")
+            return []
+        if not forward or not backward:
+            return []
+        forward, backward = forward[0], backward[0]
         if forward.direction != "forward" or backward.direction != "reverse":
             self.problems.append(f"{layer.describe()}: the forward layer has go_backwards=True; fastlstm's "
                                  "bidirectional layers read forward first, then backward")
@@ -310,7 +323,8 @@ class _Planner:
                 self.problems.append(f"{layer.describe()}: the forward and backward layers differ in {attribute} "
                                      f"({getattr(forward, attribute)} vs {getattr(backward, attribute)})")
         merge_mode = config.get("merge_mode", "concat")
-        merge_scale = {"concat": None, "sum": 1.0, "ave": 0.5}.get(merge_mode, "refused")
+        merge_scale = {"concat": None, "sum": 1.0, "ave": 0.5}.get(merge_mode, "refused") \
+            if isinstance(merge_mode, (str, type(None))) else "refused"
         if merge_scale == "refused":
             reason = ("multiplies the directions' outputs, which no linear layer can express" if merge_mode == "mul"
                       else "returns the two directions as separate outputs" if merge_mode is None
@@ -318,29 +332,76 @@ class _Planner:
             self.problems.append(f"{layer.describe()}: merge_mode={merge_mode!r} {reason}; fastlstm supports "
                                  "'concat', 'sum' and 'ave'")
             merge_scale = None
-        return replace(forward, layer=layer, direction="bidirectional", merge_scale=merge_scale)
+        return [replace(forward, layer=layer, direction="bidirectional", merge_scale=merge_scale)]
 
-    def _lstm_options(self, layer: KerasLayer, config: dict, inner: str = "") -> _Recurrent | None:
+    def _recurrent_layer(self, layer: KerasLayer, serialised: dict, inner: str = "") -> list[_Recurrent]:
+        """An ``LSTM`` or ``RNN`` config (``layer`` itself, or wrapped in it): one step per LSTM cell."""
         where = layer.describe() + (f" ({inner})" if inner else "")
-        self._unknown_options(layer, config, _LSTM_KEYS, where)
-        units = config.get("units")
-        if not isinstance(units, int) or isinstance(units, bool) or units < 1:
-            raise ModelFormatError(f"{self.source}: {where}: units={units!r}, expected a positive integer")
+        config = serialised["config"]
+        if serialised["class_name"] == "LSTM":
+            self._unknown_options(layer, config, _LSTM_KEYS, where)
+            cells = [(config, where)]
+        else:  # RNN: the sequence options here, the maths in its cell (or each cell of a StackedRNNCells)
+            self._unknown_options(layer, config, _RNN_KEYS, where)
+            cells = self._rnn_cells(layer, config, where)
         if config.get("time_major"):
             self.problems.append(f"{where}: time_major=True; fastlstm reads batch-major (batch, time, features) input")
         if config.get("return_state") and self.graph.kind == SEQUENTIAL:
             self.problems.append(f"{where}: return_state=True in a Sequential model passes the states on as outputs; "
                                  "fastlstm returns states with predict(..., return_state=True)")
+        direction = "reverse" if config.get("go_backwards") else "forward"
+        steps = []
+        for n, (cell_config, cell_where) in enumerate(cells):
+            # Inside a stack, each cell's output sequence feeds the next cell.
+            return_sequences = bool(config.get("return_sequences", False)) if n == len(cells) - 1 else True
+            step = self._cell(layer, cell_config, cell_where, direction, return_sequences)
+            if step is not None:
+                steps.append(step)
+        return steps if len(steps) == len(cells) else []
+
+    def _rnn_cells(self, layer: KerasLayer, config: dict, where: str) -> list[tuple[dict, str]]:
+        """The LSTMCell configs of an RNN layer, with where each is described in messages."""
+        cell = _wrapped_layer(config, "cell", self.source, layer)
+        if cell is None:
+            raise ModelFormatError(f"{self.source}: {where}: an RNN layer without a cell")
+        if cell.get("class_name") == "StackedRNNCells":
+            self._unknown_options(layer, cell["config"], _COMMON_KEYS | {"cells"}, f"{where} StackedRNNCells")
+            cells = cell["config"].get("cells")
+            if not isinstance(cells, list) or not all(isinstance(c, dict) and isinstance(c.get("config"), dict)
+                                                      for c in cells):
+                raise ModelFormatError(f"{self.source}: {where}: StackedRNNCells cells is not a list of cells")
+            if not cells:
+                raise ModelFormatError(f"{self.source}: {where}: StackedRNNCells has no cells")
+        else:
+            cells = [cell]
+        found = []
+        for n, cell in enumerate(cells):
+            cell_where = f"{where} cell {n} ({cell.get('class_name')!r})"
+            if cell.get("class_name") != "LSTMCell":
+                self.problems.append(f"{cell_where}: fastlstm runs RNN layers of LSTMCell cells only")
+                continue
+            self._unknown_options(layer, cell["config"], _LSTM_CELL_KEYS, cell_where)
+            found.append((cell["config"], cell_where))
+        return found if len(found) == len(cells) else []
+
+    def _cell(self, layer: KerasLayer, config: dict, where: str, direction: str,
+              return_sequences: bool) -> _Recurrent | None:
+        """What one LSTM (or LSTMCell) computes: its size, bias and activations."""
+        units = config.get("units")
+        if not isinstance(units, int) or isinstance(units, bool) or units < 1:
+            raise ModelFormatError(f"{self.source}: {where}: units={units!r}, expected a positive integer")
         gate = self._activation(config.get("recurrent_activation", "sigmoid"), f"{where} recurrent_activation")
         cell = self._activation(config.get("activation", "tanh"), f"{where} activation")
         for name, act in (("recurrent_activation", gate), ("activation", cell)):
             if act is not None and act.name == "softmax":
                 self.problems.append(f"{where}: {name}='softmax' is not elementwise; fastlstm's LSTM cells take "
                                      "elementwise activations")
+        use_bias = config.get("use_bias", True)
+        if not isinstance(use_bias, bool):
+            raise ModelFormatError(f"{self.source}: {where}: use_bias={use_bias!r}, expected true or false")
         if gate is None or cell is None:
             return None
-        return _Recurrent(layer, units, "reverse" if config.get("go_backwards") else "forward",
-                          bool(config.get("use_bias", True)), bool(config.get("return_sequences", False)), gate, cell)
+        return _Recurrent(layer, units, direction, use_bias, return_sequences, gate, cell)
 
     def _dense(self, layer: KerasLayer) -> _Dense | None:
         config = layer.config
@@ -434,58 +495,90 @@ def _wrapped_class(layer: KerasLayer) -> str | None:
     return inner.get("class_name") if isinstance(inner, dict) and isinstance(inner.get("class_name"), str) else None
 
 
-def _major_version(version: str | None) -> int | None:
-    head = (version or "").split(".")[0]
-    return int(head) if head.isdigit() else None
+def _major_version(version, source: str) -> int | None:
+    """The major version of a ``keras_version`` such as ``"3.4.1"`` or ``"2.13.1-tf"``; None if not recorded."""
+    if version is None:
+        return None
+    match = re.fullmatch(r"(\d{1,6})(\.[0-9A-Za-z.+_-]{0,64})?", version, re.ASCII) if isinstance(version, str) \
+        else None
+    if match is None:
+        shown = repr(version[:80]) if isinstance(version, str) else f"a {type(version).__name__}"
+        raise ModelFormatError(f"{source}: keras_version is {shown}, not a version number such as '3.4.1'; "
+                               "fastlstm needs it to know which Keras wrote the model")
+    return int(match.group(1))
 
 
 # ----------------------------------------------------------------------------------------- pass 2: the weights
-def _build(plan: _Plan, weights_of: WeightsOf, source: str) -> ModelSpec:
+def _build(plan: _Plan, weights_of: WeightsOf, read: ReadWeights, source: str) -> ModelSpec:
+    """Check every layer's declared weights against the shapes the plan implies, then read them (all at once,
+    nothing else) and assemble the spec. Nothing is read or allocated before every shape has been checked."""
+    steps = [*plan.recurrent, *plan.head]
+    shapes = _expected_shapes(plan)
     reader = _WeightReader(weights_of, source)
+    by_layer: dict[int, tuple[KerasLayer, list[tuple]]] = {}  # the fastlstm layers of a stack share one Keras layer
+    for step, step_shapes in zip(steps, shapes):
+        if step_shapes:
+            by_layer.setdefault(step.layer.position, (step.layer, []))[1].extend(step_shapes)
+    declared = [reader.check(layer, layer_shapes) for layer, layer_shapes in by_layer.values()]
+    if reader.problems:
+        reader.fail()
+    stored = [weight for layer_weights in declared for weight in layer_weights]
+    arrays = iter(reader.read(read, stored))
+    budget = _SynthesisBudget(sum(int(np.prod(weight.shape)) for weight in stored), source)
+
     layers: list[LSTMLayer] = []
-    width = plan.input_features  # Keras-side feature width entering the next layer (None: not declared)
     merge_scale = None  # a pending Bidirectional sum/ave, folded into the next linear map
-    for step in plan.recurrent:
-        H, directions = step.units, 2 if step.direction == "bidirectional" else 1
-        per_direction = [(width, 4 * H), (H, 4 * H)] + ([(4 * H,)] if step.use_bias else [])
-        arrays = reader.read(step.layer, per_direction * directions)
-        if arrays is not None:
-            cells = []
-            for d in range(directions):
-                kernel, recurrent, *bias = arrays[d * len(per_direction):(d + 1) * len(per_direction)]
-                cells.append(LSTMCellWeights(
-                    w_ih=_fold_merge(np.ascontiguousarray(kernel.T), merge_scale),
-                    w_hh=np.ascontiguousarray(recurrent.T),
-                    bias=bias[0] if bias else np.zeros(4 * H, kernel.dtype)))
-            layers.append(LSTMLayer(input_size=cells[0].w_ih.shape[1], hidden_size=H, cells=tuple(cells),
-                                    direction=step.direction, gate_activation=step.gate_activation,
-                                    cell_activation=step.activation, output_activation=step.activation))
+    for step, step_shapes in zip(plan.recurrent, shapes):
+        H = step.units
+        directions = 2 if step.direction == "bidirectional" else 1
+        cells = []
+        for _ in range(directions):
+            kernel, recurrent = next(arrays), next(arrays)
+            bias = next(arrays) if step.use_bias else np.zeros(4 * H, kernel.dtype)
+            cells.append(LSTMCellWeights(w_ih=_fold_merge(np.ascontiguousarray(kernel.T), merge_scale),
+                                         w_hh=np.ascontiguousarray(recurrent.T), bias=bias))
+        layers.append(LSTMLayer(input_size=cells[0].w_ih.shape[1], hidden_size=H, cells=tuple(cells),
+                                direction=step.direction, gate_activation=step.gate_activation,
+                                cell_activation=step.activation, output_activation=step.activation))
         merge_scale = step.merge_scale
-        width = H if directions == 1 or merge_scale is not None else 2 * H
+    width = plan.recurrent[-1].units * (1 if plan.recurrent[-1].direction != "bidirectional" or merge_scale is not None
+                                        else 2)
 
     head: list[DenseLayer] = []
     for step in plan.head:
         if isinstance(step, _Dense):
-            shapes = [(width, step.units)] + ([(step.units,)] if step.use_bias else [])
-            arrays = reader.read(step.layer, shapes)
-            if arrays is not None:
-                weight = _fold_merge(np.ascontiguousarray(arrays[0].T), merge_scale)
-                head.append(DenseLayer(weight, arrays[1] if step.use_bias else None, step.activation))
+            weight = _fold_merge(np.ascontiguousarray(next(arrays).T), merge_scale)
+            head.append(DenseLayer(weight, next(arrays) if step.use_bias else None, step.activation))
             merge_scale, width = None, step.units
         elif merge_scale is not None:
-            head.append(DenseLayer(_merge_matrix(width, merge_scale), None, step.activation))
+            head.append(DenseLayer(budget.merge_matrix(width, merge_scale), None, step.activation))
             merge_scale = None
         elif head and head[-1].activation == IDENTITY:
             head[-1] = replace(head[-1], activation=step.activation)  # Dense(linear) then Activation(f) = Dense(f)
         else:
-            head.append(DenseLayer(np.eye(width, dtype=np.float32), None, step.activation))
+            head.append(DenseLayer(budget.identity(width), None, step.activation))
     if merge_scale is not None:
-        head.append(DenseLayer(_merge_matrix(width, merge_scale), None, IDENTITY))
-    if reader.problems:
-        return reader.fail()
+        head.append(DenseLayer(budget.merge_matrix(width, merge_scale), None, IDENTITY))
     output = "sequence" if plan.recurrent[-1].return_sequences else "final_state"
     return ModelSpec(layers=tuple(layers), head=tuple(head), output=output, mask_value=plan.mask_value,
                      source=source)
+
+
+def _expected_shapes(plan: _Plan) -> list[list[tuple]]:
+    """The weight shapes each step of the plan needs, in ``get_weights()`` order (``None``: any size)."""
+    shapes = []
+    width = plan.input_features  # Keras-side feature width entering the next layer (None: not declared)
+    for step in plan.recurrent:
+        H, directions = step.units, 2 if step.direction == "bidirectional" else 1
+        shapes.append(([(width, 4 * H), (H, 4 * H)] + ([(4 * H,)] if step.use_bias else [])) * directions)
+        width = H if directions == 1 or step.merge_scale is not None else 2 * H
+    for step in plan.head:
+        if isinstance(step, _Dense):
+            shapes.append([(width, step.units)] + ([(step.units,)] if step.use_bias else []))
+            width = step.units
+        else:
+            shapes.append([])
+    return shapes
 
 
 def _fold_merge(weight: np.ndarray, scale: float | None) -> np.ndarray:
@@ -496,43 +589,77 @@ def _fold_merge(weight: np.ndarray, scale: float | None) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([weight, weight], axis=1) * weight.dtype.type(scale))
 
 
-def _merge_matrix(width: int, scale: float) -> np.ndarray:
-    """``[sI sI]`` ``(H, 2H)``: Bidirectional's sum (s = 1) or average (s = 1/2) of the two directions."""
-    return _fold_merge(np.eye(width, dtype=np.float32), scale)
+class _SynthesisBudget:
+    """The dense layers the importer adds (identities for activation layers, Bidirectional merges) may hold at
+    most as many values as the weights read, plus ``_SYNTHESIS_ALLOWANCE``: a config cannot make the importer
+    allocate more than its file holds."""
+
+    def __init__(self, weight_values: int, source: str):
+        self.remaining = weight_values + _SYNTHESIS_ALLOWANCE
+        self.source = source
+
+    def identity(self, width: int) -> np.ndarray:
+        self._spend(width * width)
+        return np.eye(width, dtype=np.float32)
+
+    def merge_matrix(self, width: int, scale: float) -> np.ndarray:
+        """``[sI sI]`` ``(H, 2H)``: Bidirectional's sum (s = 1) or average (s = 1/2) of the two directions."""
+        self._spend(2 * width * width)
+        return _fold_merge(np.eye(width, dtype=np.float32), scale)
+
+    def _spend(self, values: int) -> None:
+        self.remaining -= values
+        if self.remaining < 0:
+            raise UnsupportedModelError([
+                "the activation and merge layers of the head would need more identity-matrix values than the "
+                f"model has weights (+{_SYNTHESIS_ALLOWANCE}); fastlstm adds a dense layer for each activation "
+                "layer that does not follow a linear dense layer"], hint=f"({self.source})")
 
 
 class _WeightReader:
-    """Checks each layer's weights (count, shapes, dtypes) against the config; collects the problems."""
+    """Checks each layer's declared weights (count, shapes, dtypes) against the config; collects the problems."""
 
     def __init__(self, weights_of: WeightsOf, source: str):
         self.weights_of = weights_of
         self.source = source
         self.problems: list[str] = []
 
-    def read(self, layer: KerasLayer, shapes: list[tuple]) -> list[np.ndarray] | None:
-        """Copies of the weights of ``layer`` if they match ``shapes`` (``None`` matches any size), else None."""
+    def check(self, layer: KerasLayer, shapes: list[tuple]) -> list:
+        """The declared weights of ``layer`` (arrays, or datasets not yet read) if they match ``shapes``
+        (``None`` matches any size); else the problems are noted and ``[]`` returned."""
         where = layer.describe()
         try:
-            weights = [np.asarray(weight) for weight in self.weights_of(layer)]
-        except ModelFormatError:
+            weights = list(self.weights_of(layer))
+        except FastLSTMError:
             raise
         except Exception as exc:
             raise ModelFormatError(f"{self.source}: cannot get the weights of {where}: {exc}") from None
         if len(weights) != len(shapes):
             hint = " (was the model built? call it once or give it an Input)" if not weights else ""
             self.problems.append(f"{where}: expected {len(shapes)} weight arrays, found {len(weights)}{hint}")
-            return None
+            return []
         problems = []
         for n, (weight, expected) in enumerate(zip(weights, shapes)):
-            if weight.ndim != len(expected) or any(e is not None and e != s for e, s in zip(expected, weight.shape)):
+            shape = tuple(getattr(weight, "shape", None) or ())
+            if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
                 wanted = tuple("?" if e is None else e for e in expected)
-                problems.append(f"{where}: weight {n} has shape {weight.shape}, expected {wanted}")
-            elif weight.dtype.kind != "f":
-                problems.append(f"{where}: weight {n} has dtype {weight.dtype}, expected floats")
+                problems.append(f"{where}: weight {n} has shape {shape}, expected {wanted}")
+            elif getattr(getattr(weight, "dtype", None), "kind", None) != "f":
+                problems.append(f"{where}: weight {n} has dtype {getattr(weight, 'dtype', None)}, expected floats")
         self.problems += problems
-        if problems:
-            return None
-        return [np.array(w, dtype=np.float64 if w.dtype == np.float64 else np.float32) for w in weights]
+        return [] if problems else weights
+
+    def read(self, read: ReadWeights, stored: list) -> list[np.ndarray]:
+        """The arrays of the checked weights: float64 kept, anything else as float32."""
+        try:
+            arrays = [np.asarray(array) for array in read(stored)]
+        except FastLSTMError:
+            raise
+        except Exception as exc:
+            raise ModelFormatError(f"{self.source}: cannot read the weights: {exc}") from None
+        if [a.shape for a in arrays] != [tuple(w.shape) for w in stored]:
+            raise ModelFormatError(f"{self.source}: the weights read differ in shape from the ones declared")
+        return [np.array(a, dtype=np.float64 if a.dtype == np.float64 else np.float32) for a in arrays]
 
     def fail(self):
         raise InvalidModelError(self.problems, context=f"Keras model ({self.source})")
