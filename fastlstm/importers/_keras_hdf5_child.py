@@ -40,8 +40,6 @@ MAX_COMPRESSED_EXPANSION = 1100
 # Attributes with more values than this are not read (Keras writes a few names per layer).
 MAX_ATTRIBUTE_VALUES = 100_000
 _DEFLATE, _SHUFFLE = 1, 2
-_FILTER_NAMES = {_DEFLATE: "deflate", _SHUFFLE: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
-                 6: "scaleoffset"}
 
 
 class Refused(Exception):
@@ -110,10 +108,8 @@ def describe(h5file, file_size: int) -> tuple[dict, dict]:
     attributes = {"/": _plain_attributes(h5file, "/", file_size)}
     descriptions, datasets = {}, {}
 
-    def visit_link(relative_path, link):
-        if not isinstance(link, (h5py.HardLink, h5py.SoftLink)):
-            raise Refused(f"/{relative_path} is a link to another file ({type(link).__name__}); fastlstm reads "
-                          "only the file it is given")
+    def outside_link(relative_path, link):  # a non-None answer stops the walk
+        return None if isinstance(link, (h5py.HardLink, h5py.SoftLink)) else (relative_path, link)
 
     def visit(relative_path, obj):  # each object once, through hard links only
         path = "/" + relative_path
@@ -124,7 +120,10 @@ def describe(h5file, file_size: int) -> tuple[dict, dict]:
                                   list(obj.shape) if obj.shape is not None else None]
             datasets[path] = obj
 
-    h5file.visititems_links(visit_link)
+    found = h5file.visititems_links(outside_link)
+    if found is not None:
+        raise Refused(f"/{found[0]} is a link to another file ({type(found[1]).__name__}); fastlstm reads only "
+                      "the file it is given")
     h5file.visititems(visit)
     return {"attributes": attributes, "datasets": descriptions}, datasets
 
@@ -142,10 +141,11 @@ def _refuse_outside_storage(dataset, path: str) -> None:
         raise Refused(f"dataset {path} stores its values in {plist.get_external_count()} external file(s) "
                       f"({first!r}, ...); fastlstm reads only the file it is given")
     for n in range(plist.get_nfilters()):
-        code = plist.get_filter(n)[0]
+        code, _, _, declared_name = plist.get_filter(n)
         if code not in (_DEFLATE, _SHUFFLE):
-            raise Refused(f"dataset {path} uses HDF5 filter {_FILTER_NAMES.get(code, code)!r}; fastlstm reads "
-                          "uncompressed, deflate and shuffle datasets only")
+            raise Refused(f"dataset {path} uses HDF5 filter {code} "
+                          f"({declared_name.decode('utf-8', 'replace')[:40]!r}); fastlstm reads uncompressed, "
+                          "deflate and shuffle datasets only")
 
 
 def _plain_attributes(obj, path: str, file_size: int) -> dict:
