@@ -81,6 +81,18 @@ MODELS = {
     "masked_bidirectional_backwards": lambda: sequential(
         L.Masking(0.0), L.Bidirectional(L.LSTM(4, return_sequences=True)), L.LSTM(4, go_backwards=True), L.Dense(2)),
     "functional_return_state": functional_return_state,
+    # RNN(LSTMCell) is an LSTM; RNN([LSTMCell, ...]) (StackedRNNCells) a stack of LSTM layers
+    "rnn_lstm_cell": lambda: sequential(L.RNN(L.LSTMCell(4), return_sequences=True), L.Dense(2)),
+    "rnn_stacked_cells_final": lambda: sequential(
+        L.RNN([L.LSTMCell(4), L.LSTMCell(4, activation="softsign", use_bias=False)]), L.Dense(2)),
+    "rnn_stacked_cells_sequence": lambda: sequential(
+        L.RNN([L.LSTMCell(4), L.LSTMCell(4), L.LSTMCell(4)], return_sequences=True), L.LSTM(4, return_sequences=True)),
+    "masked_rnn_stacked_cells_backwards": lambda: sequential(
+        L.Masking(0.0), L.RNN([L.LSTMCell(4), L.LSTMCell(4)], go_backwards=True), L.Dense(2)),
+    "bidirectional_rnn_cell": lambda: sequential(
+        L.Bidirectional(L.RNN(L.LSTMCell(4), return_sequences=True), merge_mode="sum"), L.Dense(2)),
+    "stateful_rnn_cell": lambda: sequential(L.RNN(L.LSTMCell(4), return_sequences=True, stateful=True, unroll=True),
+                                            batch_size=BATCH),
 }
 
 
@@ -257,6 +269,13 @@ REFUSED = {
     "branches": (branching_model, "Concatenate"),
     "states_as_outputs": (states_as_outputs, "return_state=True"),
     "dropout_at_inference": (dropout_at_inference, "training=True"),
+    "rnn_gru_cell": (lambda: sequential(L.RNN(L.GRUCell(4))), "LSTMCell cells only"),
+    "rnn_cells_of_different_units": (lambda: sequential(L.RNN([L.LSTMCell(4), L.LSTMCell(6)])), r"units \[4, 6\]"),
+    "bidirectional_stacked_cells": (lambda: sequential(L.Bidirectional(L.RNN([L.LSTMCell(4), L.LSTMCell(4)]))),
+                                    "Bidirectional over stacked cells"),
+    "rnn_reversed_sequence": (lambda: sequential(L.RNN(L.LSTMCell(4), return_sequences=True, go_backwards=True)),
+                              "reversed time order"),
+    "rnn_states_as_outputs": (lambda: sequential(L.RNN(L.LSTMCell(4), return_state=True)), "return_state=True"),
 }
 
 

@@ -209,7 +209,7 @@ def nested_global_heaps(size: int) -> bytes:
     image = bytearray(superblock)
     for n in range(units):
         image += (1).to_bytes(2, "little") + bytes(6) + (16).to_bytes(8, "little")  # an object of 16 bytes ...
-        image += b"GCOL\x01\x00\x00\x00" + ((units - n) * 32).to_bytes(8, "little")  # ... that opens a collection
+        image += b"GCOL\x01\x00\x00\x00" + ((units - n) * 32 - 16).to_bytes(8, "little")  # ... opening a collection
     return bytes(image)
 
 

@@ -61,8 +61,9 @@ from ._keras_files import MAX_CONFIG_BYTES, ReadWeights, WeightsOf, open_keras_f
 from ._keras_graph import FUNCTIONAL_CLASS_NAMES, SEQUENTIAL, KerasGraph, KerasLayer, model_graph
 
 NO_OPS_AT_INFERENCE = ("Dropout", "SpatialDropout1D", "GaussianDropout", "GaussianNoise", "AlphaDropout")
-SUPPORTED_LAYERS = ("InputLayer", "Masking", "LSTM", "Bidirectional(LSTM)", "Dense", "TimeDistributed(Dense)",
-                    "Activation", "Softmax") + NO_OPS_AT_INFERENCE
+SUPPORTED_LAYERS = ("InputLayer", "Masking", "LSTM", "RNN(LSTMCell)", "RNN([LSTMCell, ...])", "Bidirectional(LSTM)",
+                    "Bidirectional(RNN(LSTMCell))", "Dense", "TimeDistributed(Dense)", "Activation",
+                    "Softmax") + NO_OPS_AT_INFERENCE
 
 # Keras activation names and what they are in fastlstm's catalogue ("hard_sigmoid" depends on the version).
 _ACTIVATIONS = {
