@@ -276,6 +276,7 @@ REFUSED = {
     "rnn_reversed_sequence": (lambda: sequential(L.RNN(L.LSTMCell(4), return_sequences=True, go_backwards=True)),
                               "reversed time order"),
     "rnn_states_as_outputs": (lambda: sequential(L.RNN(L.LSTMCell(4), return_state=True)), "return_state=True"),
+    "mixed_precision": (lambda: sequential(L.LSTM(4, dtype="mixed_float16")), "dtype policy 'mixed_float16'"),
 }
 
 
@@ -284,6 +285,42 @@ def test_refused_models_say_why(name):
     build, reason = REFUSED[name]
     with pytest.raises(UnsupportedModelError, match=reason):
         keras_importer.spec_from_keras_model(build())
+
+
+def layer_config(config: dict, class_name: str) -> dict:
+    return next(entry["config"] for entry in config["config"]["layers"] if entry["class_name"] == class_name)
+
+
+# Edits of a saved config, and what the importer must say: nothing in a config is ignored without a word.
+CONFIG_EDITS = {
+    "unknown option set to 0": (lambda c: layer_config(c, "LSTM").update(mystery_option=0),
+                                UnsupportedModelError, "option mystery_option=0 is not one fastlstm knows"),
+    "unknown Masking option": (lambda c: layer_config(c, "Masking").update(mystery=False),
+                               UnsupportedModelError, "Masking 'masking'.*option mystery=False"),
+    "ragged input": (lambda c: layer_config(c, "InputLayer").update(ragged=True), UnsupportedModelError,
+                     "ragged=True"),
+    "use_bias as text": (lambda c: layer_config(c, "LSTM").update(use_bias="false"), ModelFormatError,
+                         "use_bias='false', expected true or false"),
+    "return_sequences as a number": (lambda c: layer_config(c, "LSTM").update(return_sequences=1), ModelFormatError,
+                                     "return_sequences=1, expected true or false"),
+    "huge mask value": (lambda c: layer_config(c, "Masking").update(mask_value=10 ** 400), UnsupportedModelError,
+                        "fastlstm masks with a finite number"),
+    "float16 policy": (lambda c: layer_config(c, "Dense").update(dtype="float16"), UnsupportedModelError,
+                       "dtype policy 'float16'"),
+}
+
+
+@pytest.mark.parametrize("edit", list(CONFIG_EDITS))
+def test_config_options_are_translated_or_refused(zoo, edit):
+    change, error, message = CONFIG_EDITS[edit]
+    model = zoo["masked_sequence"].model
+    config = {"class_name": "Sequential", "config": json.loads(json.dumps(model.get_config()))}
+    keras_importer.spec_from_keras_config(config, lambda layer: model.get_layer(layer.name).get_weights(),
+                                          keras_version="3.5.0", source="edited")
+    change(config)
+    with pytest.raises(error, match=message):
+        keras_importer.spec_from_keras_config(config, lambda layer: model.get_layer(layer.name).get_weights(),
+                                              keras_version="3.5.0", source="edited")
 
 
 def test_options_do_not_apply(zoo):

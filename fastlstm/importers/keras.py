@@ -48,6 +48,7 @@ valid step, and every final-state output, matches.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, replace
@@ -98,7 +99,7 @@ _LSTM_CELL_KEYS = _COMMON_KEYS | _TRAINING_ONLY_KEYS | {"units", "activation", "
 _RNN_KEYS = _COMMON_KEYS | _SEQUENCE_KEYS | {"cell"}
 _LSTM_KEYS = _LSTM_CELL_KEYS | _SEQUENCE_KEYS | {"use_cudnn"}
 _WRAPPER_KEYS = _COMMON_KEYS | {"layer", "backward_layer", "merge_mode"}
-_INPUT_KEYS = _COMMON_KEYS | {"sparse", "optional", "shape"}
+_INPUT_KEYS = _COMMON_KEYS | {"sparse", "ragged", "optional", "shape"}
 # Values the importer may add (identity and merge matrices) beyond as many as the model's weights hold.
 _SYNTHESIS_ALLOWANCE = 1 << 20
 
@@ -265,6 +266,9 @@ class _Planner:
     def _input_features(self, layer: KerasLayer) -> int | None:
         config = layer.config
         self._unknown_options(layer, config, _INPUT_KEYS)
+        if self._flag(config, "ragged", False, layer.describe()):
+            self.problems.append(f"{layer.describe()}: ragged=True; fastlstm reads padded (batch, time, features) "
+                                 "arrays")
         shape = config.get("batch_shape", config.get("batch_input_shape"))
         if shape is None:
             return None
@@ -276,8 +280,10 @@ class _Planner:
         return features if isinstance(features, int) and not isinstance(features, bool) else None
 
     def _mask_value(self, layer: KerasLayer) -> float | None:
+        self._unknown_options(layer, layer.config, _COMMON_KEYS | {"mask_value"})
         value = layer.config.get("mask_value", 0.0)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+        finite = isinstance(value, float) and math.isfinite(value) or isinstance(value, int) and abs(value) < 2 ** 64
+        if isinstance(value, bool) or not finite:
             self.problems.append(f"{layer.describe()}: mask_value={value!r}; fastlstm masks with a finite number")
             return None
         return float(value)
@@ -345,16 +351,16 @@ class _Planner:
         else:  # RNN: the sequence options here, the maths in its cell (or each cell of a StackedRNNCells)
             self._unknown_options(layer, config, _RNN_KEYS, where)
             cells = self._rnn_cells(layer, config, where)
-        if config.get("time_major"):
+        if self._flag(config, "time_major", False, where):
             self.problems.append(f"{where}: time_major=True; fastlstm reads batch-major (batch, time, features) input")
-        if config.get("return_state") and self.graph.kind == SEQUENTIAL:
+        if self._flag(config, "return_state", False, where) and self.graph.kind == SEQUENTIAL:
             self.problems.append(f"{where}: return_state=True in a Sequential model passes the states on as outputs; "
                                  "fastlstm returns states with predict(..., return_state=True)")
-        direction = "reverse" if config.get("go_backwards") else "forward"
+        direction = "reverse" if self._flag(config, "go_backwards", False, where) else "forward"
         steps = []
         for n, (cell_config, cell_where) in enumerate(cells):
             # Inside a stack, each cell's output sequence feeds the next cell.
-            return_sequences = bool(config.get("return_sequences", False)) if n == len(cells) - 1 else True
+            return_sequences = self._flag(config, "return_sequences", False, where) if n == len(cells) - 1 else True
             step = self._cell(layer, cell_config, cell_where, direction, return_sequences)
             if step is not None:
                 steps.append(step)
@@ -397,9 +403,7 @@ class _Planner:
             if act is not None and act.name == "softmax":
                 self.problems.append(f"{where}: {name}='softmax' is not elementwise; fastlstm's LSTM cells take "
                                      "elementwise activations")
-        use_bias = config.get("use_bias", True)
-        if not isinstance(use_bias, bool):
-            raise ModelFormatError(f"{self.source}: {where}: use_bias={use_bias!r}, expected true or false")
+        use_bias = self._flag(config, "use_bias", True, where)
         if gate is None or cell is None:
             return None
         return _Recurrent(layer, units, direction, use_bias, return_sequences, gate, cell)
@@ -426,7 +430,7 @@ class _Planner:
         activation = self._activation(config.get("activation", "linear"), f"{where} activation")
         if activation is None:
             return None
-        return _Dense(layer, units, bool(config.get("use_bias", True)), activation)
+        return _Dense(layer, units, self._flag(config, "use_bias", True, where), activation)
 
     def _activation_layer(self, layer: KerasLayer) -> _ActivationOnly | None:
         config = layer.config
@@ -465,14 +469,31 @@ class _Planner:
         return None
 
     def _unknown_options(self, layer: KerasLayer, config: dict, known: set, where: str = "") -> None:
-        """Refuse options this importer does not know unless they are unset: ignoring one could change the maths."""
+        """Refuse options this importer does not know unless they are unset (None): ignoring one could change
+        the maths, and even ``False`` or ``0`` can be a setting. Also refuses a dtype policy that computes in
+        anything but float32 or float64 (mixed precision, quantization), which fastlstm would not match."""
+        where = where or layer.describe()
         for key, value in config.items():
-            if key not in known and value not in (None, False, 0, "", [], {}):
-                self.problems.append(f"{where or layer.describe()}: option {key}={value!r} is not one fastlstm "
-                                     "knows; refusing rather than ignoring it")
+            if key not in known and value is not None:
+                self.problems.append(f"{where}: option {key}={value!r} is not one fastlstm knows; refusing rather "
+                                     "than ignoring it")
         dtype = config.get("dtype")
+        policy = dtype.get("config", {}).get("name") if isinstance(dtype, dict) and isinstance(
+            dtype.get("config"), dict) else dtype
         if isinstance(dtype, dict) and "Quantized" in str(dtype.get("class_name", "")):
-            self.problems.append(f"{where or layer.describe()}: quantized dtype policy; fastlstm runs float weights")
+            self.problems.append(f"{where}: quantized dtype policy; fastlstm runs float weights")
+        elif policy not in (None, "float32", "float64"):
+            self.problems.append(f"{where}: dtype policy {policy!r} computes in another precision than float32 "
+                                 "or float64; fastlstm would not reproduce its results")
+
+    def _flag(self, config: dict, key: str, default: bool, where: str) -> bool:
+        """A boolean option, which must be a boolean: ``"false"`` is not false."""
+        value = config.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ModelFormatError(f"{self.source}: {where}: {key}={value!r}, expected true or false")
+        return value
 
 
 def _not_supported(layer: KerasLayer) -> str:
