@@ -2,11 +2,12 @@
 
 Every source is reduced to the same two things and handed to one translator, ``spec_from_keras_config``:
 the model config (``config.json``, the ``model_config`` attribute, or ``model.get_config()``) and a function
-giving each layer's weights in ``layer.get_weights()`` order. Files are read with ``zipfile``, ``json`` and
-``h5py`` only (``_keras_files``; h5py runs in a child process, see ``_keras_hdf5``); Keras is imported only
-for in-memory models. Translation runs in two passes: the config alone decides what each layer becomes and
-collects everything fastlstm cannot run, raised together as one ``UnsupportedModelError``; then each weight's
-shape is checked against the one the config implies, all mismatches raised together.
+declaring each layer's weights in ``layer.get_weights()`` order. Files are read with ``zipfile`` and ``json``
+here and ``h5py`` in a child process (``_keras_files``, ``_keras_hdf5``); Keras is imported only for
+in-memory models. Translation runs in two passes: the config alone decides what each layer becomes and
+collects everything fastlstm cannot run, raised together as one ``UnsupportedModelError``; then each
+declared weight's shape is checked against the one the config implies, all mismatches raised together, and
+only then are the weights read (the ones the model needs, nothing else) and the spec assembled.
 
 What the layers become (Keras' gate order i, f, c, o is fastlstm's i, f, g, o: no permutation):
 
@@ -15,17 +16,25 @@ What the layers become (Keras' gate order i, f, c, o is fastlstm's i, f, g, o: n
   ``go_backwards=True`` is a ``"reverse"`` layer. ``return_sequences`` must be true on all but the last LSTM;
   the last one's ``False`` is ``output="final_state"`` (each direction's final state, as Keras returns it).
   ``stateful`` is accepted: ``predict`` starts from zero state like a freshly reset stateful Keras model, and
-  ``Model.stream()`` carries state across calls as ``stateful=True`` does. ``unroll``, ``dropout``,
-  ``recurrent_dropout``, initializers, regularizers and constraints do not change inference.
-* ``Bidirectional(LSTM)``: a ``"bidirectional"`` layer. ``merge_mode="concat"`` is native; ``"sum"`` and
-  ``"ave"`` are linear, so they are folded into whatever reads the merged output: the next LSTM's ``w_ih``
-  or the first dense layer's weight is duplicated (and halved for ``"ave"``) across the two directions, or,
-  when nothing linear follows, a dense layer ``[I I]`` (``[I/2 I/2]``) is added to the head.
+  ``Model.stream()`` carries state across calls as ``stateful=True`` does. ``unroll``, ``use_cudnn``,
+  ``implementation``, ``dropout``, ``recurrent_dropout``, ``seed``, initializers, regularizers and
+  constraints do not change inference.
+* ``RNN(LSTMCell)`` is the same layer (the ``RNN`` holds the sequence options, the cell the maths).
+  ``RNN([LSTMCell, ...])`` (``StackedRNNCells``) feeds each cell's output to the next at every step: one
+  fastlstm layer per cell, all but the last returning sequences; with ``go_backwards=True`` every cell reads
+  the reversed sequence, which is a stack of ``"reverse"`` layers.
+* ``Bidirectional(LSTM)`` and ``Bidirectional(RNN(LSTMCell))``: a ``"bidirectional"`` layer.
+  ``merge_mode="concat"`` is native; ``"sum"`` and ``"ave"`` are linear, so they are folded into whatever
+  reads the merged output: the next LSTM's ``w_ih`` or the first dense layer's weight is duplicated (and
+  halved for ``"ave"``) across the two directions, or, when nothing linear follows, a dense layer ``[I I]``
+  (``[I/2 I/2]``) is added to the head.
 * ``Dense`` and ``TimeDistributed(Dense)`` after the last LSTM form the head (``weight = kernel.T``); Keras
   applies a ``Dense`` to a sequence per time step, as ``TimeDistributed`` does. ``Activation`` and
-  ``Softmax`` (last axis) layers join the dense layer before them, or become an identity-weight dense layer.
+  ``Softmax`` (last axis) layers join the dense layer before them, or become an identity-weight dense layer
+  (all such added matrices together may hold no more values than the model's weights, plus 2^20).
 * ``Masking`` before the first LSTM sets ``mask_value``; ``Dropout``, ``SpatialDropout1D``,
-  ``GaussianDropout``, ``GaussianNoise`` and ``AlphaDropout`` are identities at inference.
+  ``GaussianDropout``, ``GaussianNoise`` and ``AlphaDropout`` are identities at inference (every option of
+  theirs acts in training only).
 
 Activations are those of the Keras version that wrote the model: ``hard_sigmoid`` is ``clip(0.2x + 0.5)``
 in Keras 2 / tf.keras and ``clip(x/6 + 0.5)`` in Keras 3. ``leaky_relu`` has Keras' slope 0.2.
@@ -37,7 +46,10 @@ returns that sequence in reversed time order, which the canonical model cannot e
 PyTorch's, needs one hidden size); a model whose outputs include the states of ``return_state=True``
 (``return_state`` is accepted when only the main output is used, in a functional model); activations
 outside fastlstm's catalogue; LoRA or quantized dense layers; functional models that are not a single
-chain; options this importer does not know, unless unset.
+chain; ``RNN`` of other cells, ``Bidirectional`` over stacked cells; ``time_major``; ragged or sparse inputs;
+dtype policies computing in another precision than float32/float64; options this importer does not know,
+unless ``None``. A boolean option that is not a boolean, or a ``keras_version`` that is not a version
+number, is a ``ModelFormatError``.
 
 Masked time steps: fastlstm turns a mask into per-sequence lengths, so the mask must pad the end of each
 sequence. The outputs at the padded steps of a sequence output differ from Keras' (Keras repeats the last
@@ -266,9 +278,10 @@ class _Planner:
     def _input_features(self, layer: KerasLayer) -> int | None:
         config = layer.config
         self._unknown_options(layer, config, _INPUT_KEYS)
-        if self._flag(config, "ragged", False, layer.describe()):
-            self.problems.append(f"{layer.describe()}: ragged=True; fastlstm reads padded (batch, time, features) "
-                                 "arrays")
+        for option in ("ragged", "sparse"):
+            if self._flag(config, option, False, layer.describe()):
+                self.problems.append(f"{layer.describe()}: {option}=True; fastlstm reads dense, padded "
+                                     "(batch, time, features) arrays")
         shape = config.get("batch_shape", config.get("batch_input_shape"))
         if shape is None:
             return None
