@@ -34,7 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 
 L = keras.layers
 STEPS, FEATURES, UNITS = 5, 3, 4
-KERNEL_H5 = "/model_weights/lstm/sequential/lstm/lstm_cell/kernel"  # in the legacy file of MODEL
+KERNEL_H5 = "/model_weights/lstm/safe/lstm/lstm_cell/kernel"  # in the legacy file of the saved model
 KERNEL_KERAS = "/layers/lstm/cell/vars/0"  # in model.weights.h5 of the .keras archive
 
 
@@ -42,13 +42,16 @@ KERNEL_KERAS = "/layers/lstm/cell/vars/0"  # in model.weights.h5 of the .keras a
 def saved(tmp_path_factory):
     """A small model saved in both formats: {"model", "x", "expected", "h5", "keras", "directory"}."""
     directory = tmp_path_factory.mktemp("safety")
-    model = keras.Sequential([keras.Input((STEPS, FEATURES)), L.LSTM(UNITS, return_sequences=True), L.Dense(2)])
+    model = keras.Sequential([keras.Input((STEPS, FEATURES)), L.LSTM(UNITS, return_sequences=True, name="lstm"),
+                              L.Dense(2, name="dense")], name="safe")
     rng = np.random.default_rng(0)
     model.set_weights([rng.normal(0.0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
     files = {}
     for fmt in ("h5", "keras"):
         files[fmt] = str(directory / f"model.{fmt}")
         model.save(files[fmt])
+    with h5py.File(files["h5"], "r") as h5file:
+        assert KERNEL_H5 in h5file
     x = rng.normal(size=(2, STEPS, FEATURES)).astype(np.float32)
     return dict(files, model=model, x=x, expected=keras.ops.convert_to_numpy(model(x)), directory=directory)
 
