@@ -123,7 +123,8 @@ def parse_config_json(data, name: str, what: str):
 
 def _nesting_depth(text: str) -> int:
     """The deepest nesting of JSON arrays and objects in ``text`` (brackets inside strings do not count)."""
-    brackets = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
+    # A string runs to its closing quote, or to the end of an unterminated one: each character is matched once.
+    brackets = re.sub(r'"(?:[^"\\]|\\.)*+"?', "", text, flags=re.DOTALL)
     steps = np.frombuffer(brackets.encode("utf-8"), np.uint8)
     changes = (np.isin(steps, (ord("["), ord("{"))).astype(np.int64)
                - np.isin(steps, (ord("]"), ord("}"))).astype(np.int64))

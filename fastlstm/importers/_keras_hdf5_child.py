@@ -111,20 +111,19 @@ def describe(h5file, file_size: int) -> tuple[dict, dict]:
     def outside_link(relative_path, link):  # a non-None answer stops the walk
         return None if isinstance(link, (h5py.HardLink, h5py.SoftLink)) else (relative_path, link)
 
-    def visit(relative_path, obj):  # each object once, through hard links only
-        path = "/" + relative_path
+    found = h5file.visititems_links(outside_link)
+    if found is not None:
+        raise Refused(f"/{found[0]} is a link to another file ({type(found[1]).__name__}); fastlstm reads only "
+                      "the file it is given")
+    objects = []  # each object once, through hard links only (collected first: h5py's walk must not raise)
+    h5file.visititems(lambda relative_path, obj: objects.append(("/" + relative_path, obj)))
+    for path, obj in objects:
         attributes[path] = _plain_attributes(obj, path, file_size)
         if isinstance(obj, h5py.Dataset):
             _refuse_outside_storage(obj, path)
             descriptions[path] = [obj.dtype.str if obj.dtype.str in READ_DTYPES else str(obj.dtype),
                                   list(obj.shape) if obj.shape is not None else None]
             datasets[path] = obj
-
-    found = h5file.visititems_links(outside_link)
-    if found is not None:
-        raise Refused(f"/{found[0]} is a link to another file ({type(found[1]).__name__}); fastlstm reads only "
-                      "the file it is given")
-    h5file.visititems(visit)
     return {"attributes": attributes, "datasets": descriptions}, datasets
 
 
