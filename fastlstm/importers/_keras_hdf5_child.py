@@ -47,13 +47,14 @@ class Refused(Exception):
 
 
 # ----------------------------------------------------------------------------------------- framing
-def write_message(out, header: dict, data: list[bytes] = ()) -> None:
-    header = dict(header, data_bytes=sum(len(part) for part in data))
+def write_message(out, header: dict, data: list = ()) -> None:
+    """Send ``header`` and the bytes of ``data`` (anything with the buffer protocol, e.g. arrays)."""
+    header = dict(header, data_bytes=sum(memoryview(part).nbytes for part in data))
     encoded = json.dumps(header).encode("utf-8")
     out.write(len(encoded).to_bytes(LENGTH_BYTES, "little"))
     out.write(encoded)
     for part in data:
-        out.write(part)
+        out.write(memoryview(part).cast("B"))
     out.flush()
 
 
@@ -188,7 +189,7 @@ def _plain(value):
     return None
 
 
-def read_datasets(datasets: dict, paths: list, file_size: int) -> tuple[dict, list[bytes]]:
+def read_datasets(datasets: dict, paths: list, file_size: int) -> tuple[dict, list]:
     """The arrays at ``paths`` (each a float dataset the description listed), checked before reading."""
     import numpy as np
 
@@ -209,7 +210,7 @@ def read_datasets(datasets: dict, paths: list, file_size: int) -> tuple[dict, li
         if array.dtype.str != dataset.dtype.str or array.shape != dataset.shape:
             raise Refused(f"dataset {path} read back as {array.dtype} {array.shape}")
         described[path] = [array.dtype.str, list(array.shape), offset]
-        data.append(array.tobytes())
+        data.append(array)
         offset += array.nbytes
     return {"arrays": described}, data
 
