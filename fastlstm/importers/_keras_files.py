@@ -125,7 +125,7 @@ def _nesting_depth(text: str) -> int:
     """The deepest nesting of JSON arrays and objects in ``text`` (brackets inside strings do not count)."""
     # A string runs to its closing quote, or to the end of an unterminated one: each character is matched once.
     brackets = re.sub(r'"(?:[^"\\]|\\.)*+"?', "", text, flags=re.DOTALL)
-    steps = np.frombuffer(brackets.encode("utf-8"), np.uint8)
+    steps = np.frombuffer(brackets.encode("utf-8", "replace"), np.uint8)  # lone surrogates from h5py included
     changes = (np.isin(steps, (ord("["), ord("{"))).astype(np.int64)
                - np.isin(steps, (ord("]"), ord("}"))).astype(np.int64))
     return int(np.cumsum(changes).max(initial=0))
