@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import time
 import tracemalloc
 import zipfile
@@ -18,6 +17,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastlstm
 from fastlstm.errors import FastLSTMError, InvalidModelError, ModelFormatError, UnsupportedModelError
@@ -243,7 +244,8 @@ def chain_config(layers: int) -> dict:
                 "config": {"name": "lstm", "units": UNITS, "return_sequences": True}}]
     previous = "lstm"
     for n in range(layers):
-        entries.append({"class_name": "Activation", "name": f"a{n}", "config": {"name": f"a{n}", "activation": "linear"},
+        entries.append({"class_name": "Activation", "name": f"a{n}",
+                        "config": {"name": f"a{n}", "activation": "linear"},
                         "inbound_nodes": [{"args": [tensor(previous)], "kwargs": {}}]})
         previous = f"a{n}"
     return {"class_name": "Functional", "config": {"name": "chain", "layers": entries,
@@ -381,6 +383,52 @@ def test_odd_keras_versions_are_named(saved, tmp_path, version):
             archive.writestr(name, data)
     with pytest.raises(ModelFormatError, match="keras_version"):
         load(path)
+
+
+JUNK = [None, -1, 0, 10 ** 400, "x", "", [], {}, True, 1.5, float("nan"), [None], {"class_name": "LSTM"},
+        {"config": {}}, ["a", 0, 0], [["a", 0, 0]], {"module": "keras", "config": 5}, "[" * 500]
+
+
+def config_paths(value, path=()):
+    """Every place in a JSON value, as a path of keys and indices."""
+    yield path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        yield from config_paths(item, path + (key,))
+
+
+@pytest.fixture(scope="module")
+def rich_model():
+    model = keras.Sequential([keras.Input((STEPS, FEATURES)), L.Masking(),
+                              L.Bidirectional(L.LSTM(UNITS, return_sequences=True), merge_mode="ave"),
+                              L.RNN([L.LSTMCell(UNITS), L.LSTMCell(UNITS)], return_sequences=True),
+                              L.TimeDistributed(L.Dense(3)), L.Activation("relu"), L.Softmax()])
+    config = {"class_name": "Sequential", "config": json.loads(json.dumps(model.get_config()))}
+    weights = {layer.name: layer.get_weights() for layer in model.layers}
+    return config, weights
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(data=st.data())
+def test_any_damaged_config_raises_a_fastlstm_error(rich_model, data):
+    """Whatever value replaces whatever part of a config, the importer answers or raises a FastLSTMError."""
+    config, weights = rich_model
+    config = json.loads(json.dumps(config))
+    paths = [path for path in config_paths(config) if path]
+    for _ in range(data.draw(st.integers(1, 3), label="edits")):
+        *parents, last = data.draw(st.sampled_from(paths), label="path")
+        target = config
+        try:
+            for key in parents:
+                target = target[key]
+            target[last] = data.draw(st.sampled_from(JUNK), label="value")
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier edit removed this place
+    try:
+        translate(config, lambda layer: weights.get(layer.name, []),
+                  keras_version=data.draw(st.sampled_from(["3.5.0", "2.4.0", None]), label="version"))
+    except FastLSTMError:
+        pass
 
 
 def test_keras_1_files_are_refused_by_version(saved, tmp_path):

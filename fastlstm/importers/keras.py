@@ -70,7 +70,7 @@ import numpy as np
 from ..activations import IDENTITY, SIGMOID, Activation
 from ..errors import FastLSTMError, InvalidModelError, ModelFormatError, UnsupportedModelError
 from ..spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
-from ._keras_files import MAX_CONFIG_BYTES, ReadWeights, WeightsOf, open_keras_file, parse_config_json
+from ._keras_files import ReadWeights, WeightsOf, open_keras_file, parse_config_json
 from ._keras_graph import FUNCTIONAL_CLASS_NAMES, SEQUENTIAL, KerasGraph, KerasLayer, model_graph
 
 NO_OPS_AT_INFERENCE = ("Dropout", "SpatialDropout1D", "GaussianDropout", "GaussianNoise", "AlphaDropout")
