@@ -246,7 +246,8 @@ def _cell_groups(prefix: str, recurrent_layer) -> list[str]:
     cells = stacked.get("config", {}).get("cells") if isinstance(stacked, dict) else None
     if not isinstance(stacked, dict) or stacked.get("class_name") != "StackedRNNCells" or not isinstance(cells, list):
         return [cell]
-    names = saved_names([c.get("class_name") if isinstance(c, dict) else "" for c in cells])
+    names = saved_names([c["class_name"] if isinstance(c, dict) and isinstance(c.get("class_name"), str) else ""
+                         for c in cells])
     return [f"{cell}/cells/{n}" for n in names]
 
 
