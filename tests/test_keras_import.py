@@ -323,6 +323,43 @@ def test_config_options_are_translated_or_refused(zoo, edit):
                                               keras_version="3.5.0", source="edited")
 
 
+@keras.saving.register_keras_serializable(package="spoof")
+class LSTM(L.LSTM):
+    """A user's class that reuses Keras' class name: its call() is not in the file."""
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        return 2 * super().call(sequences, initial_state, mask, training)
+
+
+def test_a_custom_class_named_like_a_keras_one_is_refused(tmp_path):
+    model = sequential(LSTM(4), L.Dense(2))
+    path = str(tmp_path / "custom.keras")
+    model.save(path)
+    for load in (lambda: fastlstm.load(path, backend="numpy"), lambda: keras_importer.spec_from_keras_model(model)):
+        with pytest.raises(UnsupportedModelError, match="a custom class \\(registered_name='spoof>LSTM'"):
+            load()
+
+
+# Where, in a zoo model's config, a serialised layer or cell can name a user's class.
+SPOOFED = {
+    "Bidirectional layer": ("bidirectional_concat", lambda layers: layers[1]["config"]["layer"]),
+    "RNN cell": ("rnn_lstm_cell", lambda layers: layers[1]["config"]["cell"]),
+    "stacked cell": ("rnn_stacked_cells_final", lambda layers: layers[1]["config"]["cell"]["config"]["cells"][1]),
+    "TimeDistributed layer": ("stacked_time_distributed", lambda layers: layers[3]["config"]["layer"]),
+}
+
+
+@pytest.mark.parametrize("where", list(SPOOFED))
+def test_custom_classes_inside_wrappers_are_refused(zoo, where):
+    name, inner = SPOOFED[where]
+    model = zoo[name].model
+    config = {"class_name": "Sequential", "config": json.loads(json.dumps(model.get_config()))}
+    inner(config["config"]["layers"]).update(module="mine.layers", registered_name="mine>Spoof")
+    with pytest.raises(UnsupportedModelError, match="registered_name='mine>Spoof'"):
+        keras_importer.spec_from_keras_config(config, lambda layer: model.get_layer(layer.name).get_weights(),
+                                              keras_version="3.5.0", source="spoofed")
+
+
 def test_options_do_not_apply(zoo):
     with pytest.raises(TypeError, match="do not apply"):
         fastlstm.load(zoo["sequence"].files["keras"], backend="numpy", head=[])

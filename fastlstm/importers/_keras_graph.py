@@ -43,6 +43,8 @@ class KerasLayer:
     # The group Keras 3 stores the layer's variables under in ``model.weights.h5`` ("lstm", "lstm_1", ...):
     # the snake-cased class name, numbered in ``model.layers`` order (keras.saving's naming rule).
     saved_name: str
+    # Set when the entry names a class registered outside Keras (see ``custom_class``): what it says.
+    custom: str | None = None
 
     def describe(self) -> str:
         where = f" at position {self.position}" if self.position >= 0 else ""  # a Sequential's InputLayer: -1
@@ -89,8 +91,8 @@ def _sequential(entries: list, name: str) -> KerasGraph:
     # model.layers of a Sequential leaves out its InputLayer, so positions start after it.
     offset = 1 if parsed and parsed[0][1] == "InputLayer" else 0
     layer_saved_names = saved_names([class_name for _, class_name, _ in parsed])
-    layers = [KerasLayer(n - offset, layer_name, class_name, config, layer_saved_names[n])
-              for n, (layer_name, class_name, config) in enumerate(parsed)]
+    layers = [KerasLayer(n - offset, layer_name, class_name, config, layer_saved_names[n], custom_class(entry))
+              for n, ((layer_name, class_name, config), entry) in enumerate(zip(parsed, entries))]
     return KerasGraph(SEQUENTIAL, layers)
 
 
@@ -103,7 +105,8 @@ def _functional(config, name: str) -> KerasGraph:
     for n, (layer_name, class_name, layer_config) in enumerate(parsed):
         if layer_name in layers:
             raise ModelFormatError(f"{name}: two layers are named {layer_name!r}")
-        layers[layer_name] = KerasLayer(n, layer_name, class_name, layer_config, layer_saved_names[n])
+        layers[layer_name] = KerasLayer(n, layer_name, class_name, layer_config, layer_saved_names[n],
+                                        custom_class(entries[n]))
 
     problems: list[str] = []
     inputs = _tensor_refs(config.get("input_layers"), name, "input_layers", problems)
@@ -173,6 +176,23 @@ def _layer_entry(entry, index: int, name: str) -> tuple[str, str, dict]:
     if not isinstance(layer_name, str):
         raise ModelFormatError(f"{name}: {where}: expected a layer name, got {layer_name!r}")
     return layer_name, class_name, config
+
+
+def custom_class(serialised: dict) -> str | None:
+    """Why a serialised Keras object is not the built-in class its ``class_name`` names, or None.
+
+    Keras 3 writes ``"module": "keras.layers", "registered_name": null`` for its own classes; a class
+    registered by user code (``register_keras_serializable``) carries a ``registered_name`` such as
+    ``"package>LSTM"`` and its own module, even when it reuses a built-in ``class_name``: its ``call()`` is
+    Python code that is not in the file.
+    """
+    module, registered = serialised.get("module"), serialised.get("registered_name")
+    keras_module = module is None or isinstance(module, str) and (module == "keras" or module.startswith(
+        ("keras.", "tf_keras.")))
+    if registered in (None, serialised.get("class_name")) and keras_module:
+        return None
+    return (f"a custom class (registered_name={registered!r}, module={module!r}), not Keras' "
+            f"{serialised.get('class_name')!r}; its computation is Python code that is not in the file")
 
 
 def saved_names(class_names: list) -> list[str]:

@@ -71,7 +71,7 @@ from ..activations import IDENTITY, SIGMOID, Activation
 from ..errors import FastLSTMError, InvalidModelError, ModelFormatError, UnsupportedModelError
 from ..spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
 from ._keras_files import ReadWeights, WeightsOf, open_keras_file, parse_config_json
-from ._keras_graph import FUNCTIONAL_CLASS_NAMES, SEQUENTIAL, KerasGraph, KerasLayer, model_graph
+from ._keras_graph import FUNCTIONAL_CLASS_NAMES, SEQUENTIAL, KerasGraph, KerasLayer, custom_class, model_graph
 
 NO_OPS_AT_INFERENCE = ("Dropout", "SpatialDropout1D", "GaussianDropout", "GaussianNoise", "AlphaDropout")
 SUPPORTED_LAYERS = ("InputLayer", "Masking", "LSTM", "RNN(LSTMCell)", "RNN([LSTMCell, ...])", "Bidirectional(LSTM)",
@@ -229,6 +229,10 @@ class _Planner:
         for layer in self.graph.layers:
             kind = layer.class_name
             where = layer.describe()
+            if layer.custom:
+                self.problems.append(f"{where} is {layer.custom}")
+                saw_lstm = saw_lstm or kind in ("LSTM", "RNN", "Bidirectional")
+                continue
             if kind in NO_OPS_AT_INFERENCE:
                 continue
             if kind == "InputLayer":
@@ -314,12 +318,12 @@ class _Planner:
         # Bidirectional
         config = layer.config
         self._unknown_options(layer, config, _WRAPPER_KEYS)
-        forward_config = _wrapped_layer(config, "layer", self.source, layer)
+        forward_config = self._wrapped(config, "layer", layer)
         if forward_config is None or forward_config.get("class_name") not in ("LSTM", "RNN"):
             self.problems.append(_not_supported(layer))
             return []
         forward = self._recurrent_layer(layer, forward_config, inner="forward layer")
-        backward_config = _wrapped_layer(config, "backward_layer", self.source, layer)
+        backward_config = self._wrapped(config, "backward_layer", layer)
         if backward_config is None:  # Keras 2 leaves it out when it is the forward layer run backwards
             backward = [replace(step, direction="reverse") for step in forward]
         elif backward_config.get("class_name") not in ("LSTM", "RNN"):
@@ -381,7 +385,7 @@ class _Planner:
 
     def _rnn_cells(self, layer: KerasLayer, config: dict, where: str) -> list[tuple[dict, str]]:
         """The LSTMCell configs of an RNN layer, with where each is described in messages."""
-        cell = _wrapped_layer(config, "cell", self.source, layer)
+        cell = cell_of_rnn = self._wrapped(config, "cell", layer)
         if cell is None:
             raise ModelFormatError(f"{self.source}: {where}: an RNN layer without a cell")
         if cell.get("class_name") == "StackedRNNCells":
@@ -397,6 +401,10 @@ class _Planner:
         found = []
         for n, cell in enumerate(cells):
             cell_where = f"{where} cell {n} ({cell.get('class_name')!r})"
+            if len(cells) > 1 or cells[0] is not cell_of_rnn:  # the RNN's own cell was checked by _wrapped
+                custom = custom_class(cell)
+                if custom:
+                    self.problems.append(f"{cell_where} is {custom}")
             if cell.get("class_name") != "LSTMCell":
                 self.problems.append(f"{cell_where}: fastlstm runs RNN layers of LSTMCell cells only")
                 continue
@@ -426,7 +434,7 @@ class _Planner:
         where = layer.describe()
         if layer.class_name == "TimeDistributed":
             self._unknown_options(layer, config, _WRAPPER_KEYS)
-            inner = _wrapped_layer(config, "layer", self.source, layer)
+            inner = self._wrapped(config, "layer", layer)
             if inner is None or inner.get("class_name") != "Dense":
                 self.problems.append(_not_supported(layer))
                 return None
@@ -462,6 +470,14 @@ class _Planner:
         return _ActivationOnly(layer, activation)
 
     # -------------------------------------------------------------------- options
+    def _wrapped(self, config: dict, key: str, layer: KerasLayer) -> dict | None:
+        """The serialised layer or cell under ``key`` (None if absent); a custom class in it is refused."""
+        inner = _wrapped_layer(config, key, self.source, layer)
+        custom = None if inner is None else custom_class(inner)
+        if custom:
+            self.problems.append(f"{layer.describe()}: {key} is {custom}")
+        return inner
+
     def _activation(self, value, where: str) -> Activation | None:
         """The catalogue entry for a Keras activation name, as the version that wrote the model defines it."""
         name = value
