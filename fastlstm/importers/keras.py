@@ -46,7 +46,8 @@ returns that sequence in reversed time order, which the canonical model cannot e
 PyTorch's, needs one hidden size); a model whose outputs include the states of ``return_state=True``
 (``return_state`` is accepted when only the main output is used, in a functional model); activations
 outside fastlstm's catalogue; LoRA or quantized dense layers; functional models that are not a single
-chain; ``RNN`` of other cells, ``Bidirectional`` over stacked cells; ``time_major``; ragged or sparse inputs;
+chain; ``RNN`` of other cells, ``Bidirectional`` over stacked cells; a user's class registered under a
+Keras class name (at any depth: layer, wrapped layer, cell); ``time_major``; ragged or sparse inputs;
 dtype policies computing in another precision than float32/float64; options this importer does not know,
 unless ``None``. A boolean option that is not a boolean, or a ``keras_version`` that is not a version
 number, is a ``ModelFormatError``.
