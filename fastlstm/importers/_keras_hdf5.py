@@ -98,6 +98,9 @@ class Hdf5File:
         except Exception as exc:
             self.close()
             raise ModelFormatError(f"{name}: could not decode the HDF5 reader's description: {exc}") from None
+        except BaseException:  # KeyboardInterrupt: the child must not outlive the call
+            self.close()
+            raise
 
     def read(self, paths: list[str]) -> dict[str, np.ndarray]:
         """The float datasets at ``paths`` (all listed in ``datasets``), as read-only arrays."""

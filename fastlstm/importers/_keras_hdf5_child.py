@@ -227,7 +227,10 @@ def _read_filtered(dataset, path: str):
     chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
     array = np.full(shape, dataset.fillvalue, dtype=dtype)
     chunks = []
-    dataset.id.chunk_iter(lambda info: chunks.append(info))
+    if hasattr(dataset.id, "chunk_iter"):  # HDF5 1.14+: one pass over the chunk index
+        dataset.id.chunk_iter(chunks.append)
+    else:
+        chunks = [dataset.id.get_chunk_info(n) for n in range(dataset.id.get_num_chunks())]
     for info in chunks:
         if any(o >= s or o % c for o, s, c in zip(info.chunk_offset, shape, chunk_shape)):
             raise Refused(f"dataset {path} has a chunk at {info.chunk_offset}, outside its shape {shape}")
