@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ModelFormatError
-from ._keras_hdf5_child import FORMAT_ERROR_EXIT, LENGTH_BYTES, READ_DTYPES
+from ._keras_hdf5_child import FORMAT_ERROR_EXIT, LENGTH_BYTES, READ_DTYPES, frame
 
 _CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_keras_hdf5_child.py")
 # Run by path (not "-m"), so that the child needs neither this package on its path nor anything it imports.
@@ -140,8 +140,7 @@ class Hdf5File:
 
     # -------------------------------------------------------------------- the conversation
     def _send(self, header: dict, data: bytes = b"") -> None:
-        encoded = json.dumps(dict(header, data_bytes=len(data))).encode("utf-8")
-        self._pump(len(encoded).to_bytes(LENGTH_BYTES, "little") + encoded + data, reply_limit=None)
+        self._pump(frame(header, len(data)) + data, reply_limit=None)
 
     def _receive(self, header_limit: int, data_bytes: int | None = 0) -> tuple[dict, bytes]:
         """The child's next message; ``data_bytes`` is the size of the data it must carry (None: any)."""

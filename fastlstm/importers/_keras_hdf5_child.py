@@ -47,12 +47,15 @@ class Refused(Exception):
 
 
 # ----------------------------------------------------------------------------------------- framing
+def frame(header: dict, data_bytes: int) -> bytes:
+    """The start of a message: the header's length, then the header, which says how much data follows."""
+    encoded = json.dumps(dict(header, data_bytes=data_bytes)).encode("utf-8")
+    return len(encoded).to_bytes(LENGTH_BYTES, "little") + encoded
+
+
 def write_message(out, header: dict, data: list = ()) -> None:
     """Send ``header`` and the bytes of ``data`` (anything with the buffer protocol, e.g. arrays)."""
-    header = dict(header, data_bytes=sum(memoryview(part).nbytes for part in data))
-    encoded = json.dumps(header).encode("utf-8")
-    out.write(len(encoded).to_bytes(LENGTH_BYTES, "little"))
-    out.write(encoded)
+    out.write(frame(header, sum(memoryview(part).nbytes for part in data)))
     for part in data:
         out.write(memoryview(part).cast("B"))
     out.flush()
