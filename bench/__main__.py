@@ -1,7 +1,7 @@
 """The benchmark harness: ``python -m bench [--quick] [--out DIR]`` (``make bench``).
 
-Compares every fastlstm backend with PyTorch (``nn.LSTM``, ``nn.LSTMCell``) and ONNX Runtime (``run`` and
-IO binding) on this machine, in one run: streaming per-step latency (p50, p99) at batch 1 and batch N, and
+Compares every fastlstm backend with PyTorch (``nn.LSTM``, ``nn.LSTMCell``; ``nn.GRU``, ``nn.GRUCell`` for
+the GRU rows) and ONNX Runtime (``run`` and IO binding) on this machine, in one run: streaming per-step latency (p50, p99) at batch 1 and batch N, and
 whole-sequence time. Fair by construction: the same weights everywhere, outputs checked equal before
 timing, the same thread count for every engine, engines interleaved within a streaming run, each
 whole-sequence measurement in its own process, set-up and first-call time reported apart.
@@ -22,8 +22,10 @@ from pathlib import Path
 from .engines import SEQUENCE_ENGINES, STREAM_ENGINES, engines_available
 from .report import write_report
 
-FULL_STREAM_CONFIGS = [(32, 64, 1), (64, 128, 1), (128, 256, 2), (256, 512, 1)]
-QUICK_STREAM_CONFIGS = [(32, 64, 1), (64, 128, 1), (128, 256, 2)]
+# (input, hidden, layers[, cell]): LSTM unless a cell is named
+FULL_STREAM_CONFIGS = [(32, 64, 1), (64, 128, 1), (128, 256, 2), (256, 512, 1), (64, 128, 1, "gru"),
+                       (128, 256, 2, "gru")]
+QUICK_STREAM_CONFIGS = [(32, 64, 1), (64, 128, 1), (128, 256, 2), (64, 128, 1, "gru")]
 BATCHED_STREAM = [((64, 128, 1), 64), ((128, 256, 2), 64)]
 # (batch, steps, input, hidden), one layer
 SEQUENCE_SHAPES = [(1, 200, 128, 256), (64, 100, 256, 256), (32, 100, 512, 512)]

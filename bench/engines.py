@@ -4,8 +4,8 @@ A ``Stepper`` advances ``batch`` sequences by one time step per ``step(x_t)`` ca
 user of that engine would (PyTorch modules get the previous ``(h, c)``; ONNX Runtime gets them as inputs).
 A ``SequenceRunner`` runs a whole ``(B, T, I)`` batch per call from zero state.
 
-Every engine is built from the same PyTorch ``nn.LSTM`` (weights from a fixed seed), so outputs can be
-checked equal before anything is timed.
+Every engine is built from the same PyTorch ``nn.LSTM`` or ``nn.GRU`` (weights from a fixed seed), so outputs
+can be checked equal before anything is timed. A GRU carries ``h`` alone where an LSTM carries ``(h, c)``.
 """
 
 from __future__ import annotations
@@ -26,21 +26,30 @@ SEQUENCE_ENGINES = ("fastlstm-cython", "fastlstm-numba", "torch-lstm", "ort-run"
 
 @dataclass(frozen=True)
 class Config:
-    """One LSTM size: input I, hidden H, L layers."""
+    """One network size: input I, hidden H, L layers, of an LSTM or a GRU."""
 
     input_size: int
     hidden_size: int
     num_layers: int = 1
+    cell: str = "lstm"
 
     @property
     def label(self) -> str:
-        return f"I={self.input_size} H={self.hidden_size} L={self.num_layers}"
+        return f"{self.cell.upper()} I={self.input_size} H={self.hidden_size} L={self.num_layers}"
+
+    @property
+    def gates(self) -> int:
+        return {"lstm": 4, "gru": 3}[self.cell]
+
+    @property
+    def has_cell_state(self) -> bool:
+        return self.cell == "lstm"
 
     def flops_per_step(self, batch: int = 1) -> int:
         """Multiply-adds x2 of the gate products of one time step, all layers (the dominant work)."""
         total, layer_input = 0, self.input_size
         for _ in range(self.num_layers):
-            total += 2 * 4 * self.hidden_size * (layer_input + self.hidden_size)
+            total += 2 * self.gates * self.hidden_size * (layer_input + self.hidden_size)
             layer_input = self.hidden_size
         return total * batch
 
@@ -61,11 +70,13 @@ def set_threads(threads: int) -> None:
     threadpool_limits(threads)
 
 
-def torch_lstm(config: Config):
+def torch_recurrent(config: Config):
+    """The ``nn.LSTM`` or ``nn.GRU`` every engine of a measurement is built from."""
     import torch
 
     torch.manual_seed(1234)
-    module = torch.nn.LSTM(config.input_size, config.hidden_size, num_layers=config.num_layers, batch_first=True)
+    kind = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[config.cell]
+    module = kind(config.input_size, config.hidden_size, num_layers=config.num_layers, batch_first=True)
     return module.eval()
 
 
@@ -95,15 +106,17 @@ class TorchLSTMStepper:
 
 
 class TorchLSTMCellStepper:
-    """The cheapest PyTorch streaming path: one ``nn.LSTMCell`` per layer with the same weights."""
+    """The cheapest PyTorch streaming path: one ``nn.LSTMCell`` (``nn.GRUCell``) per layer, same weights."""
 
     def __init__(self, module, batch: int, threads: int):
         import torch
 
         self.torch = torch
         self.cells = []
+        cell_class = torch.nn.LSTMCell if isinstance(module, torch.nn.LSTM) else torch.nn.GRUCell
+        self.carries_c = cell_class is torch.nn.LSTMCell
         for layer in range(module.num_layers):
-            cell = torch.nn.LSTMCell(module.input_size if layer == 0 else module.hidden_size, module.hidden_size)
+            cell = cell_class(module.input_size if layer == 0 else module.hidden_size, module.hidden_size)
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 getattr(cell, name).data.copy_(getattr(module, f"{name}_l{layer}"))
             self.cells.append(cell.eval())
@@ -114,35 +127,43 @@ class TorchLSTMCellStepper:
             layer_input = self.torch.from_numpy(x_t)
             for n, cell in enumerate(self.cells):
                 self.state[n] = cell(layer_input, self.state[n])
-                layer_input = self.state[n][0]
+                layer_input = self.state[n][0] if self.carries_c else self.state[n]
         return layer_input.numpy()
 
 
+def state_names(config: Config) -> tuple[list[str], list[str]]:
+    """The ONNX graph's state inputs and outputs: ``h0, c0 -> h_n, c_n`` for an LSTM, ``h0 -> h_n`` for a GRU."""
+    return (["h0", "c0"], ["h_n", "c_n"]) if config.has_cell_state else (["h0"], ["h_n"])
+
+
 def onnx_bytes(module, config: Config, batch: int, steps: int | None) -> bytes:
-    """``torch.onnx.export`` of ``forward(x, h0, c0) -> (y, h_n, c_n)``; ``steps=None`` makes B and T dynamic."""
+    """``torch.onnx.export`` of ``forward(x, *state) -> (y, *state_n)``; ``steps=None`` makes B and T dynamic."""
     import torch
 
     class WithState(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.lstm = module
+            self.rnn = module
 
-        def forward(self, x, h0, c0):
-            y, (h, c) = self.lstm(x, (h0, c0))
+        def forward(self, x, h0, c0=None):
+            if c0 is None:
+                y, h = self.rnn(x, h0)
+                return y, h
+            y, (h, c) = self.rnn(x, (h0, c0))
             return y, h, c
 
+    inputs, outputs = state_names(config)
     shape_steps = steps or 5
-    args = (torch.zeros(batch, shape_steps, config.input_size),
-            torch.zeros(config.num_layers, batch, config.hidden_size),
-            torch.zeros(config.num_layers, batch, config.hidden_size))
+    args = (torch.zeros(batch, shape_steps, config.input_size),) + tuple(
+        torch.zeros(config.num_layers, batch, config.hidden_size) for _ in inputs)
     dynamic = None
     if steps is None:
-        dynamic = {"x": {0: "B", 1: "T"}, "h0": {1: "B"}, "c0": {1: "B"}, "y": {0: "B", 1: "T"}}
+        dynamic = {"x": {0: "B", 1: "T"}, "y": {0: "B", 1: "T"}, **{name: {1: "B"} for name in inputs}}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(WithState(), args, buffer, dynamo=False, opset_version=17,
-                          input_names=["x", "h0", "c0"], output_names=["y", "h_n", "c_n"], dynamic_axes=dynamic)
+                          input_names=["x"] + inputs, output_names=["y"] + outputs, dynamic_axes=dynamic)
     return buffer.getvalue()
 
 
@@ -160,11 +181,11 @@ def ort_session(model_bytes: bytes, threads: int):
 class OrtRunStepper:
     def __init__(self, module, config: Config, batch: int, threads: int):
         self.session = ort_session(onnx_bytes(module, config, batch, steps=1), threads)
-        self.h = np.zeros((config.num_layers, batch, config.hidden_size), np.float32)
-        self.c = np.zeros_like(self.h)
+        self.state_inputs = state_names(config)[0]
+        self.state = [np.zeros((config.num_layers, batch, config.hidden_size), np.float32) for _ in self.state_inputs]
 
     def step(self, x_t):
-        y, self.h, self.c = self.session.run(None, {"x": x_t[:, None], "h0": self.h, "c0": self.c})
+        y, *self.state = self.session.run(None, {"x": x_t[:, None], **dict(zip(self.state_inputs, self.state))})
         return y[:, 0]
 
 
@@ -177,13 +198,15 @@ class OrtIOBindingStepper:
         self.session = ort_session(onnx_bytes(module, config, batch, steps=1), threads)
         self.x = np.zeros((batch, 1, config.input_size), np.float32)
         self.y = np.zeros((batch, 1, config.hidden_size), np.float32)
-        states = [np.zeros((config.num_layers, batch, config.hidden_size), np.float32) for _ in range(4)]
+        inputs, outputs = state_names(config)
+        shape = (config.num_layers, batch, config.hidden_size)
+        ping, pong = ([np.zeros(shape, np.float32) for _ in inputs] for _ in range(2))
         self.bindings = []
-        for (h_in, c_in), (h_out, c_out) in (((0, 1), (2, 3)), ((2, 3), (0, 1))):
+        for state_in, state_out in ((ping, pong), (pong, ping)):
             binding = self.session.io_binding()
-            for name, array in (("x", self.x), ("h0", states[h_in]), ("c0", states[c_in])):
+            for name, array in [("x", self.x)] + list(zip(inputs, state_in)):
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-            for name, array in (("y", self.y), ("h_n", states[h_out]), ("c_n", states[c_out])):
+            for name, array in [("y", self.y)] + list(zip(outputs, state_out)):
                 binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
             self.bindings.append(binding)
         self.turn = 0
@@ -237,7 +260,7 @@ class OrtSequence:
 
     def run(self, x):
         zeros = np.zeros((self.config.num_layers, x.shape[0], self.config.hidden_size), np.float32)
-        return self.session.run(["y"], {"x": x, "h0": zeros, "c0": zeros})[0]
+        return self.session.run(["y"], {"x": x, **{name: zeros for name in state_names(self.config)[0]}})[0]
 
 
 def make_sequence_runner(engine: str, module, config: Config, threads: int):

@@ -8,7 +8,8 @@ from pathlib import Path
 from .engines import Config
 
 PEERS = ("torch-lstm", "torch-lstmcell", "ort-run", "ort-iobinding")
-PEER_NAMES = {"torch-lstm": "PyTorch nn.LSTM", "torch-lstmcell": "PyTorch nn.LSTMCell",
+# The PyTorch engines run nn.GRU / nn.GRUCell in the GRU rows (the last field of the row's config says "gru").
+PEER_NAMES = {"torch-lstm": "PyTorch nn.LSTM (nn.GRU)", "torch-lstmcell": "PyTorch nn.LSTMCell (nn.GRUCell)",
               "ort-run": "ONNX Runtime run", "ort-iobinding": "ONNX Runtime IO binding"}
 
 
@@ -96,8 +97,8 @@ def markdown(report) -> str:
         "### Streaming: one time step per Python call, median (p50) latency in µs, each engine at its best "
         "thread count (1 or 2)",
         "",
-        "| I, H, layers | batch | fastlstm (backend) p50 / p99 | " + " | ".join(PEER_NAMES[p] for p in PEERS)
-        + " | × vs ORT IO binding | × vs nn.LSTM | floor fraction |",
+        "| I, H, layers[, cell] | batch | fastlstm (backend) p50 / p99 | " + " | ".join(PEER_NAMES[p] for p in PEERS)
+        + " | × vs ORT IO binding | × vs nn.LSTM (nn.GRU) | floor fraction |",
         "|---|---|---|" + "---|" * len(PEERS) + "---|---|---|",
     ]
     for row in streaming_summary(results):

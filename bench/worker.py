@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .engines import Config, make_sequence_runner, make_stepper, set_threads, torch_lstm
+from .engines import Config, make_sequence_runner, make_stepper, set_threads, torch_recurrent
 
 CHECK_TOLERANCE = 1e-4  # engines must agree this well with PyTorch before any timing counts
 
@@ -29,7 +29,7 @@ def streaming(task: dict) -> dict:
     config = Config(*task["config"])
     batch, threads = task["batch"], task["threads"]
     set_threads(threads)
-    module = torch_lstm(config)
+    module = torch_recurrent(config)
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=(4096, batch, config.input_size)).astype(np.float32)
 
@@ -91,7 +91,7 @@ def sequence(task: dict) -> dict:
     config = Config(*task["config"])
     batch, steps, threads, engine = task["batch"], task["steps"], task["threads"], task["engine"]
     set_threads(threads)
-    module = torch_lstm(config)
+    module = torch_recurrent(config)
     x = np.random.default_rng(0).normal(size=(batch, steps, config.input_size)).astype(np.float32)
     start = time.perf_counter()
     runner = make_sequence_runner(engine, module, config, threads)
