@@ -1,4 +1,5 @@
-"""Jitted kernels of the Numba backend: the stacked streaming step and whole sequences, float32 and float64.
+"""Jitted kernels of the Numba backend: the streaming step and whole sequences of stacks of LSTM, GRU and
+simple RNN cells, float32 and float64.
 
 Every kernel takes the weights as arguments (nothing is compiled per model) and is cached on disk. One
 compiled version exists per dtype; the float32 one evaluates sigmoid and tanh with the rational
@@ -11,26 +12,35 @@ Packed layout, built once per model by ``numba_backend.pack_cells`` from the pla
   flagged read-only: Numba takes 0.1 us longer to dispatch each read-only argument, a stream step pays it
   on every call). Each cell (one direction of one layer) owns segments of it, each on a 64-byte boundary:
 
-  - ``stacked`` ``(I + R, 4H)``: ``[w_ih.T ; w_hh.T]``, i.e. row k holds what input feature k (then
-    recurrent feature k - I) adds to the 4H gate pre-activations, gates in spec order [i | f | g | o].
-    Transposed so that both blocks are contiguous matrices: BLAS multiplies all time steps' inputs by
-    ``stacked[:I]`` in one GEMM, and the per-step products ``[x | h] @ stacked`` are one pass over the
-    whole matrix whose inner loop runs along a contiguous row (vectorised by LLVM, no reductions);
-  - ``bias`` ``(4H,)``; ``peephole`` ``(3, H)`` (i, f, o), when present; ``projection`` ``w_hr.T``
-    ``(H, P)``, when present;
+  - ``input`` ``(I, G*H)``: ``w_ih.T`` (G = 4, 3, 1 gates for an LSTM, a GRU, a simple RNN), i.e. row k
+    holds what input feature k adds to the G*H gate pre-activations, gates in spec order; BLAS multiplies
+    all time steps' inputs by it in one GEMM, and a step's ``x @ input`` is one pass over it whose inner
+    loop runs along a contiguous row (vectorised by LLVM, no reductions);
+  - ``recurrent`` ``(R, G*H)``: ``w_hh.T``, the same for the fed-back state. A GRU that resets before the
+    linear map needs ``r`` before its candidate's product, so its ``w_hh.T`` is split in two segments:
+    the r and z columns ``(R, 2H)`` and the candidate's ``(R, H)``;
+  - ``bias`` ``(G*H,)``; a GRU's ``recurrent_bias`` ``(3H,)`` ``[0 | 0 | b_hn]``, where its recurrent products
+    start; ``peephole`` ``(3, H)`` (i, f, o), when present; ``projection`` ``w_hr.T`` ``(H, P)``, when present;
   - ``params`` ``(7,)``: the clip bound (+inf without clip) and alpha, beta of the gate, cell and output
     activations, cast to the run dtype as the NumPy reference casts them.
 
 * ``cells`` is an int64 table with one row per cell, in state order (layer by layer, forward direction
-  first); its columns are the ``COL_*`` constants below.
+  first); its columns are the ``COL_*`` constants below, among them where the cell's blocks of the flat
+  state start (``COL_H_START``, ``COL_C_START``: the kernels take ``h`` and ``c`` in the flat layout of
+  ``fastlstm.backends.base``, of any C-contiguous shape, and slice each cell's ``(B, R)`` and ``(B, H)``
+  blocks from them).
+
+Every cell step is one product of the input with ``input`` (hoisted over whole sequences, or one pass per
+stream step), one pass over ``recurrent`` (two for a GRU that resets first), then one fused pointwise loop
+per kind; scratch is sized by the widest cell, and nothing is allocated per step.
 
 This file holds jitted code and the constants it reads only: Numba's on-disk cache is keyed on the file that
 defines a cached function, so everything compiled into the kernels must live here; the pure-Python packing
 lives in ``numba_backend``. The thresholds' names are shared with the Cython backend (see ``_cells``).
 
 The layering is: drivers that Python calls (``step_stack``, ``run_stack``, ``step_scratch_size``), then
-one layer / one cell (``_layer_step``, ``_run_layer``, ``_run_cell``), then small helpers (products,
-pointwise updates, activations).
+one layer / one cell (``_layer_step``, ``_run_layer``, ``_run_cell``, and ``_cell_step``, the recurrent
+half of a step both share), then small helpers (products, pointwise updates, activations).
 
 The float32 rational-approximation constants are read from ``fastlstm.fast_activations`` when a kernel is
 compiled and are frozen into the on-disk cache; the cache is keyed on this file only, so after changing
@@ -90,23 +100,35 @@ BLAS_GEMV_MIN_BYTES = 2 * 1024 * 1024
 # ------------------------------------------------------------------------------------------------------
 # The cell table.
 
-NUM_COLUMNS = 14
+NUM_COLUMNS = 22
 (
-    COL_INPUT_SIZE,      # I
-    COL_HIDDEN_SIZE,     # H
-    COL_PROJ_SIZE,       # P, 0 without projection (then R = H)
-    COL_STACKED,         # offset of the (I + R, 4H) stacked transposed weights
-    COL_BIAS,            # offset of the (4H,) bias
-    COL_PEEPHOLE,        # offset of the (3, H) peepholes, -1 when none
-    COL_PROJECTION,      # offset of the (H, P) transposed projection, -1 when none
-    COL_PARAMS,          # offset of (clip, gate alpha, gate beta, cell alpha, cell beta, output alpha, beta)
-    COL_ACTIVATIONS,     # gate, cell and output activation codes, 8 bits each (gate lowest)
-    COL_INPUT_FORGET,    # 1 for coupled input/forget gates
-    COL_STANDARD,        # 1 for sigmoid/tanh/tanh without clip, peepholes or coupled gates (the fast path)
-    COL_REVERSE,         # 1 for a cell that reads the sequence from its end
-    COL_DIRECTIONS,      # 1 or 2: directions of the cell's layer
-    COL_BLAS_GEMV,       # 1 when its batch-1 products go to BLAS (see BLAS_GEMV_MIN_BYTES)
+    COL_KIND,                 # KIND_CODES of the cell's kind
+    COL_GATES,                # G: 4 (LSTM), 3 (GRU) or 1 (RNN)
+    COL_INPUT_SIZE,           # I
+    COL_HIDDEN_SIZE,          # H
+    COL_PROJ_SIZE,            # P, 0 without projection (then R = H)
+    COL_INPUT,                # offset of the (I, G*H) input weights w_ih.T
+    COL_RECURRENT,            # offset of the (R, G*H) recurrent weights w_hh.T; for a GRU that resets before
+                              # the linear map, of the (R, 2H) r and z columns only
+    COL_RECURRENT_N,          # offset of that GRU's (R, H) candidate columns of w_hh.T; -1 for other cells
+    COL_BIAS,                 # offset of the (G*H,) bias
+    COL_RECURRENT_BIAS,       # GRU: offset of (3H,) [0 | 0 | b_hn], what the recurrent products start from; else -1
+    COL_PEEPHOLE,             # offset of the (3, H) peepholes, -1 when none
+    COL_PROJECTION,           # offset of the (H, P) transposed projection, -1 when none
+    COL_PARAMS,               # offset of (clip, gate alpha, gate beta, cell alpha, cell beta, output alpha, beta)
+    COL_ACTIVATIONS,          # gate, cell and output activation codes, 8 bits each (gate lowest)
+    COL_INPUT_FORGET,         # 1 for coupled input/forget gates
+    COL_LINEAR_BEFORE_RESET,  # GRU: 1 for the linear-before-reset variant (1 for the other kinds)
+    COL_STANDARD,             # 1 for the kind's plain activations without clip, peepholes or coupled gates
+    COL_REVERSE,              # 1 for a cell that reads the sequence from its end
+    COL_DIRECTIONS,           # 1 or 2: directions of the cell's layer
+    COL_BLAS_GEMV,            # 1 when its batch-1 products go to BLAS (see BLAS_GEMV_MIN_BYTES)
+    COL_H_START,              # items of one batch row of h held by the cells before this one: the cell's
+    COL_C_START,              # (B, R) block of the flat h starts at B * COL_H_START; likewise its c block
 ) = range(NUM_COLUMNS)
+
+KIND_CODES = {"lstm": 0, "gru": 1, "rnn": 2}
+_KIND_LSTM, _KIND_GRU, _KIND_RNN = KIND_CODES["lstm"], KIND_CODES["gru"], KIND_CODES["rnn"]
 
 _ACT_IDENTITY = ACTIVATION_CODES["identity"]
 _ACT_SIGMOID = ACTIVATION_CODES["sigmoid"]
@@ -360,16 +382,39 @@ def _matmul(a, m, out, by_hand):
 
 
 @njit(**_HELPER_OPTIONS)
+def _matmul_onto(a, m, init, out, by_hand):
+    """out = init + a @ m for a (B, K), m (K, N), init (N,), out (B, N): the hand loop, or BLAS."""
+    if by_hand:
+        for b in range(out.shape[0]):
+            out[b] = init
+        _add_matrix_product(a, m, out)
+    else:
+        np.dot(a, m, out)
+        for b in range(out.shape[0]):
+            row = out[b]
+            for n in range(init.shape[0]):
+                row[n] += init[n]
+
+
+@njit(**_HELPER_OPTIONS)
 def _uses_hand_loop(cell, batch):
     return batch <= HAND_MATMUL_MAX_ROWS and not (batch == 1 and cell[COL_BLAS_GEMV])
 
 
 # ------------------------------------------------------------------------------------------------------
-# Pointwise part of a step: activations and the c/h update of one batch row.
+# Pointwise part of a step, one batch row: activations and the state update of each kind.
 
 @njit(**_HELPER_OPTIONS)
-def _pointwise_standard(z, z_add, c, h_out):
-    """The plain cell: i, f, o = sigmoid, g = tanh of (z + z_add); c = f*c + i*g; h_out = o*tanh(c).
+def _activation_params(weights, cell):
+    """(clip bound, gate code, alpha, beta, cell code, alpha, beta, output code, alpha, beta) of the cell."""
+    p = weights[cell[COL_PARAMS]:cell[COL_PARAMS] + 7]
+    codes = cell[COL_ACTIVATIONS]
+    return (p[0], codes & 255, p[1], p[2], (codes >> 8) & 255, p[3], p[4], (codes >> 16) & 255, p[5], p[6])
+
+
+@njit(**_HELPER_OPTIONS)
+def _lstm_standard(z, z_add, c, h_out):
+    """The plain LSTM cell: i, f, o = sigmoid, g = tanh of (z + z_add); c = f*c + i*g; h_out = o*tanh(c).
 
     Branch-free, so LLVM vectorises it in float32 (the rational tanh is multiplies, adds and a divide).
     """
@@ -387,16 +432,12 @@ def _pointwise_standard(z, z_add, c, h_out):
 
 
 @njit(**_HELPER_OPTIONS)
-def _pointwise_general(z, z_add, c, h_out, weights, cell):
-    """Every option of the spec: activations with parameters, clip (of the gate pre-activations only),
+def _lstm_general(z, z_add, c, h_out, weights, cell):
+    """Every LSTM option of the spec: activations with parameters, clip (of the gate pre-activations only),
     peepholes, coupled input/forget gates."""
     H = c.shape[0]
-    params = weights[cell[COL_PARAMS]:cell[COL_PARAMS] + 7]
-    bound = params[0]
-    gate_alpha, gate_beta, cell_alpha, cell_beta, out_alpha, out_beta = (
-        params[1], params[2], params[3], params[4], params[5], params[6])
-    codes = cell[COL_ACTIVATIONS]
-    gate_code, cell_code, out_code = codes & 255, (codes >> 8) & 255, (codes >> 16) & 255
+    bound, gate_code, gate_alpha, gate_beta, cell_code, cell_alpha, cell_beta, out_code, out_alpha, out_beta = (
+        _activation_params(weights, cell))
     input_forget = cell[COL_INPUT_FORGET] != 0
     has_peepholes = cell[COL_PEEPHOLE] >= 0
     peep = weights[max(cell[COL_PEEPHOLE], 0):max(cell[COL_PEEPHOLE], 0) + 3 * H]
@@ -425,109 +466,326 @@ def _pointwise_general(z, z_add, c, h_out, weights, cell):
 
 
 @njit(**_HELPER_OPTIONS)
-def _pointwise(z, z_add, c, h_out, weights, cell):
+def _lstm_pointwise(z, z_add, c, h_out, weights, cell):
+    """LSTM: c and h_out (before the projection) from the pre-activations z + z_add (4H each)."""
     if cell[COL_STANDARD]:
-        _pointwise_standard(z, z_add, c, h_out)
+        _lstm_standard(z, z_add, c, h_out)
     else:
-        _pointwise_general(z, z_add, c, h_out, weights, cell)
+        _lstm_general(z, z_add, c, h_out, weights, cell)
+
+
+@njit(**_HELPER_OPTIONS)
+def _rnn_pointwise(z, z_add, h, weights, cell):
+    """Simple RNN: h = g(clip(z + z_add))."""
+    H = h.shape[0]
+    if cell[COL_STANDARD]:
+        for j in range(H):
+            h[j] = _tanh(z[j] + z_add[j])
+    else:
+        bound, _, _, _, cell_code, cell_alpha, cell_beta, _, _, _ = _activation_params(weights, cell)
+        for j in range(H):
+            h[j] = _activation(_clamp(z[j] + z_add[j], bound), cell_code, cell_alpha, cell_beta)
+
+
+@njit(**_HELPER_OPTIONS)
+def _gru_pointwise(zx, zh, h, weights, cell):
+    """GRU, linear before reset: zx = W x + b and zh = R h + [0 | 0 | b_hn] (3H each) give
+    r, z = f(clip(zx + zh)), n = g(clip(zx_n + r * zh_n)), h = (1 - z) * n + z * h."""
+    H = h.shape[0]
+    one = h.dtype.type(1)
+    xr, xz, xn = zx[:H], zx[H:2 * H], zx[2 * H:3 * H]
+    hr, hz, hn = zh[:H], zh[H:2 * H], zh[2 * H:3 * H]
+    if cell[COL_STANDARD]:
+        for j in range(H):
+            r = _sigmoid(xr[j] + hr[j])
+            u = _sigmoid(xz[j] + hz[j])
+            n = _tanh(xn[j] + r * hn[j])
+            h[j] = (one - u) * n + u * h[j]
+    else:
+        bound, gate_code, gate_alpha, gate_beta, cell_code, cell_alpha, cell_beta, _, _, _ = (
+            _activation_params(weights, cell))
+        for j in range(H):
+            r = _activation(_clamp(xr[j] + hr[j], bound), gate_code, gate_alpha, gate_beta)
+            u = _activation(_clamp(xz[j] + hz[j], bound), gate_code, gate_alpha, gate_beta)
+            n = _activation(_clamp(xn[j] + r * hn[j], bound), cell_code, cell_alpha, cell_beta)
+            h[j] = (one - u) * n + u * h[j]
+
+
+@njit(**_HELPER_OPTIONS)
+def _gru_reset(zx, zh_rz, h, reset_h, weights, cell):
+    """GRU, reset before linear, first half: r = f(clip(zx_r + zh_r)) and reset_h = r * h (zh_rz = R_rz h)."""
+    H = h.shape[0]
+    if cell[COL_STANDARD]:
+        for j in range(H):
+            reset_h[j] = _sigmoid(zx[j] + zh_rz[j]) * h[j]
+    else:
+        bound, gate_code, gate_alpha, gate_beta, _, _, _, _, _, _ = _activation_params(weights, cell)
+        for j in range(H):
+            reset_h[j] = _activation(_clamp(zx[j] + zh_rz[j], bound), gate_code, gate_alpha, gate_beta) * h[j]
+
+
+@njit(**_HELPER_OPTIONS)
+def _gru_update(zx, zh_rz, zh_n, h, weights, cell):
+    """GRU, reset before linear, second half: zh_n = R_n (r * h) + b_hn gives n = g(clip(zx_n + zh_n)),
+    z = f(clip(zx_z + zh_z)), h = (1 - z) * n + z * h."""
+    H = h.shape[0]
+    one = h.dtype.type(1)
+    xz, xn, hz = zx[H:2 * H], zx[2 * H:3 * H], zh_rz[H:2 * H]
+    if cell[COL_STANDARD]:
+        for j in range(H):
+            u = _sigmoid(xz[j] + hz[j])
+            n = _tanh(xn[j] + zh_n[j])
+            h[j] = (one - u) * n + u * h[j]
+    else:
+        bound, gate_code, gate_alpha, gate_beta, cell_code, cell_alpha, cell_beta, _, _, _ = (
+            _activation_params(weights, cell))
+        for j in range(H):
+            u = _activation(_clamp(xz[j] + hz[j], bound), gate_code, gate_alpha, gate_beta)
+            n = _activation(_clamp(xn[j] + zh_n[j], bound), cell_code, cell_alpha, cell_beta)
+            h[j] = (one - u) * n + u * h[j]
 
 
 # ------------------------------------------------------------------------------------------------------
-# Views of a cell's packed weights.
+# Views of a cell's packed weights and of its state.
 
 @njit(**_HELPER_OPTIONS)
-def _stacked(weights, cell):
-    """The cell's (I + R, 4H) stacked transposed weights."""
+def _sizes(cell):
+    """(I, H, P, R, G*H) of the cell."""
     I, H, P = cell[COL_INPUT_SIZE], cell[COL_HIDDEN_SIZE], cell[COL_PROJ_SIZE]
-    rows = I + (P if P else H)
-    start = cell[COL_STACKED]
-    return weights[start:start + rows * 4 * H].reshape(rows, 4 * H)
+    return I, H, P, P if P else H, cell[COL_GATES] * H
+
+
+@njit(**_HELPER_OPTIONS)
+def _matrix(weights, start, rows, cols):
+    return weights[start:start + rows * cols].reshape(rows, cols)
+
+
+@njit(**_HELPER_OPTIONS)
+def _input_weights(weights, cell):
+    """The cell's (I, G*H) w_ih.T."""
+    I, _, _, _, GH = _sizes(cell)
+    return _matrix(weights, cell[COL_INPUT], I, GH)
+
+
+@njit(**_HELPER_OPTIONS)
+def _recurrent_weights(weights, cell):
+    """The cell's (R, G*H) w_hh.T; for a GRU resetting before the linear map, its (R, 2H) r and z columns."""
+    _, H, _, R, GH = _sizes(cell)
+    return _matrix(weights, cell[COL_RECURRENT], R, GH if cell[COL_LINEAR_BEFORE_RESET] else 2 * H)
+
+
+@njit(**_HELPER_OPTIONS)
+def _candidate_weights(weights, cell):
+    """A GRU resetting before the linear map: its (R, H) candidate columns of w_hh.T."""
+    _, H, _, R, _ = _sizes(cell)
+    return _matrix(weights, max(cell[COL_RECURRENT_N], 0), R, H)
 
 
 @njit(**_HELPER_OPTIONS)
 def _projection(weights, cell):
     """The cell's (H, P) transposed projection; (H, 0) without one."""
-    H, P = cell[COL_HIDDEN_SIZE], cell[COL_PROJ_SIZE]
-    start = max(cell[COL_PROJECTION], 0)
-    return weights[start:start + H * P].reshape(H, P)
+    _, H, P, _, _ = _sizes(cell)
+    return _matrix(weights, max(cell[COL_PROJECTION], 0), H, P)
 
 
 @njit(**_HELPER_OPTIONS)
 def _bias(weights, cell):
     start = cell[COL_BIAS]
-    return weights[start:start + 4 * cell[COL_HIDDEN_SIZE]]
+    return weights[start:start + cell[COL_GATES] * cell[COL_HIDDEN_SIZE]]
+
+
+@njit(**_HELPER_OPTIONS)
+def _recurrent_bias(weights, cell):
+    """A GRU's (3H,) [0 | 0 | b_hn]."""
+    start = max(cell[COL_RECURRENT_BIAS], 0)
+    return weights[start:start + 3 * cell[COL_HIDDEN_SIZE]]
+
+
+@njit(**_HELPER_OPTIONS)
+def _state_items(cells):
+    """Items of one batch row of the flat h and of the flat c (the state layout of ``fastlstm.backends.base``)."""
+    last = cells[cells.shape[0] - 1]
+    _, H, _, R, _ = _sizes(last)
+    return last[COL_H_START] + R, last[COL_C_START] + (H if last[COL_KIND] == _KIND_LSTM else 0)
+
+
+@njit(**_HELPER_OPTIONS)
+def _cell_state(h, c, cell, batch):
+    """The cell's (B, R) block of the flat h and its (B, H) block of the flat c ((B, 0) without a cell state)."""
+    _, H, _, R, _ = _sizes(cell)
+    C = H if cell[COL_KIND] == _KIND_LSTM else 0
+    hs, cs = batch * cell[COL_H_START], batch * cell[COL_C_START]
+    return h[hs:hs + batch * R].reshape(batch, R), c[cs:cs + batch * C].reshape(batch, C)
 
 
 # ------------------------------------------------------------------------------------------------------
-# The streaming step.
+# Scratch, sized by the widest cell, and the rows a step runs.
 
 @njit(**_HELPER_OPTIONS)
 def _aligned(n):
     return (n + 15) // 16 * 16  # 16 items: 64 bytes of float32, a multiple of 64 bytes of float64
 
 
+@njit(**_HELPER_OPTIONS)
+def _scratch_layout(cells, batch):
+    """Offsets of the scratch regions a step of any cell uses at this batch size, and the items they need:
+    x part (B, G*H) at 0, z (B, G*H), auxiliary (B, max(G*H, P)), hidden (B, H), each as wide as the widest
+    cell needs."""
+    gates = auxiliary = hidden = 0
+    for n in range(cells.shape[0]):
+        _, H, P, _, GH = _sizes(cells[n])
+        gates = max(gates, GH)
+        auxiliary = max(auxiliary, GH, P)
+        hidden = max(hidden, H)
+    z_start = _aligned(batch * gates)
+    auxiliary_start = z_start + _aligned(batch * gates)
+    hidden_start = auxiliary_start + _aligned(batch * auxiliary)
+    return z_start, auxiliary_start, hidden_start, hidden_start + _aligned(batch * hidden)
+
+
 @njit(cache=True, **_HELPER_OPTIONS)
 def step_scratch_size(cells, batch):
-    """Items of scratch ``step_stack`` needs at this batch size: z (B, 4H), hidden (B, H), [x | h] (B, K)."""
-    H = cells[0, COL_HIDDEN_SIZE]
-    widest = 0
-    for n in range(cells.shape[0]):
-        R = cells[n, COL_PROJ_SIZE] if cells[n, COL_PROJ_SIZE] else H
-        widest = max(widest, cells[n, COL_INPUT_SIZE] + R)
-    return _aligned(batch * 4 * H) + _aligned(batch * H) + _aligned(batch * widest)
+    """Items of scratch ``step_stack`` needs at this batch size."""
+    return _scratch_layout(cells, batch)[3]
 
+
+def _row_runs(lengths, b, s):
+    """Whether batch row b runs step s: every row in a stream step (lengths None), else s < lengths[b]."""
+
+
+def _time_index(lengths, b, s, reverse):
+    """The time index of row b's step s: s in a stream step (lengths None), else counted from the row's end
+    for a reverse cell."""
+
+
+@overload(_row_runs, jit_options=_HELPER_OPTIONS)
+def _row_runs_overload(lengths, b, s):
+    if isinstance(lengths, types.NoneType):
+        return lambda lengths, b, s: True
+    return lambda lengths, b, s: s < lengths[b]
+
+
+@overload(_time_index, jit_options=_HELPER_OPTIONS)
+def _time_index_overload(lengths, b, s, reverse):
+    if isinstance(lengths, types.NoneType):
+        return lambda lengths, b, s, reverse: s
+    return lambda lengths, b, s, reverse: lengths[b] - 1 - s if reverse else s
+
+
+# ------------------------------------------------------------------------------------------------------
+# One step of one cell over a batch, shared by the stream step and whole sequences.
 
 @njit(**_HELPER_OPTIONS)
-def _layer_step(inputs, h, c, weights, cell, scratch):
-    """One layer of a forward stack one step: inputs (B, I), h (B, R) and c (B, H) in place.
+def _cell_step(x_part, h, c, lengths, s, weights, cell, scratch, layout, by_hand):
+    """Step s of one cell for the batch rows that run it: h (B, R) and c (B, H or 0) in place.
 
-    All four gates come from one pass over the stacked weights ([x | h] @ stacked), then the pointwise
-    update writes c and h (through the projection when there is one).
+    ``x_part`` (B, T, G*H) holds W x + b of every row and time step (the input projection, bias included);
+    this adds the recurrent products, each one pass over its weights, and the kind's pointwise update.
+    """
+    batch = h.shape[0]
+    _, H, P, R, GH = _sizes(cell)
+    kind = cell[COL_KIND]
+    reverse = cell[COL_REVERSE] != 0
+    z_start, auxiliary_start, hidden_start, _ = layout
+    if kind == _KIND_LSTM:
+        z = scratch[z_start:z_start + batch * GH].reshape(batch, GH)
+        hidden = scratch[hidden_start:hidden_start + batch * H].reshape(batch, H)
+        _matmul(h, _recurrent_weights(weights, cell), z, by_hand)
+        for b in range(batch):
+            if _row_runs(lengths, b, s):
+                _lstm_pointwise(z[b], x_part[b, _time_index(lengths, b, s, reverse)], c[b],
+                                hidden[b] if P else h[b], weights, cell)
+        if P:
+            projected = scratch[auxiliary_start:auxiliary_start + batch * P].reshape(batch, P)
+            _matmul(hidden, _projection(weights, cell), projected, by_hand)
+            for b in range(batch):
+                if _row_runs(lengths, b, s):
+                    h[b] = projected[b]
+    elif kind == _KIND_RNN:
+        z = scratch[z_start:z_start + batch * H].reshape(batch, H)
+        _matmul(h, _recurrent_weights(weights, cell), z, by_hand)
+        for b in range(batch):
+            if _row_runs(lengths, b, s):
+                _rnn_pointwise(z[b], x_part[b, _time_index(lengths, b, s, reverse)], h[b], weights, cell)
+    elif cell[COL_LINEAR_BEFORE_RESET]:
+        zh = scratch[z_start:z_start + batch * GH].reshape(batch, GH)
+        _matmul_onto(h, _recurrent_weights(weights, cell), _recurrent_bias(weights, cell), zh, by_hand)
+        for b in range(batch):
+            if _row_runs(lengths, b, s):
+                _gru_pointwise(x_part[b, _time_index(lengths, b, s, reverse)], zh[b], h[b], weights, cell)
+    else:
+        zh_rz = scratch[z_start:z_start + batch * 2 * H].reshape(batch, 2 * H)
+        reset_h = scratch[hidden_start:hidden_start + batch * H].reshape(batch, H)
+        zh_n = scratch[auxiliary_start:auxiliary_start + batch * H].reshape(batch, H)
+        _matmul(h, _recurrent_weights(weights, cell), zh_rz, by_hand)
+        for b in range(batch):
+            if _row_runs(lengths, b, s):
+                _gru_reset(x_part[b, _time_index(lengths, b, s, reverse)], zh_rz[b], h[b], reset_h[b], weights, cell)
+        _matmul_onto(reset_h, _candidate_weights(weights, cell), _recurrent_bias(weights, cell)[2 * H:], zh_n,
+                     by_hand)
+        for b in range(batch):
+            if _row_runs(lengths, b, s):
+                _gru_update(x_part[b, _time_index(lengths, b, s, reverse)], zh_rz[b], zh_n[b], h[b], weights, cell)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The streaming step.
+
+@njit(**_HELPER_OPTIONS)
+def _layer_step(inputs, h, c, weights, cell, scratch, layout):
+    """One forward cell one step: inputs (B, I), h (B, R) and c (B, H or 0) in place.
+
+    The input part W x + b goes to the scratch's x part, then ``_cell_step`` adds the recurrent part.
     """
     batch = inputs.shape[0]
-    I, H, P = cell[COL_INPUT_SIZE], cell[COL_HIDDEN_SIZE], cell[COL_PROJ_SIZE]
-    R = P if P else H
-    G = 4 * H
-    z = scratch[:batch * G].reshape(batch, G)
-    hidden_start = _aligned(batch * G)
-    hidden = scratch[hidden_start:hidden_start + batch * H].reshape(batch, H)
-    stacked = _stacked(weights, cell)
+    GH = cell[COL_GATES] * cell[COL_HIDDEN_SIZE]
     by_hand = _uses_hand_loop(cell, batch)
-    if by_hand:
-        z[:] = 0
-        _add_matrix_product(inputs, stacked[:I], z)
-        _add_matrix_product(h, stacked[I:], z)
-    else:
-        xh_start = hidden_start + _aligned(batch * H)
-        xh = scratch[xh_start:xh_start + batch * (I + R)].reshape(batch, I + R)
-        for b in range(batch):
-            xh[b, :I] = inputs[b]
-            xh[b, I:] = h[b]
-        np.dot(xh, stacked, z)
-    bias = _bias(weights, cell)
-    for b in range(batch):
-        _pointwise(z[b], bias, c[b], hidden[b] if P else h[b], weights, cell)
-    if P:
-        _matmul(hidden, _projection(weights, cell), h, by_hand)
+    x_part = scratch[:batch * GH].reshape(batch, GH)
+    _matmul_onto(inputs, _input_weights(weights, cell), _bias(weights, cell), x_part, by_hand)
+    _cell_step(x_part.reshape(batch, 1, GH), h, c, None, 0, weights, cell, scratch, layout, by_hand)
 
 
 @njit(**_HELPER_OPTIONS)
-def _layer_step_one_row(inputs, h, c, weights, cell, scratch):
-    """``_layer_step`` at batch 1 with the hand loop: inputs (I,), h (R,), c (H,).
+def _layer_step_one_row(inputs, h, c, weights, cell, scratch, layout):
+    """``_layer_step`` at batch 1 with the hand loop: inputs (I,), h (R,), c (H,) or (0,).
 
     The same computation on 1-D views only: on the streaming hot path the 2-D plumbing of the general
-    version (reshapes, row loops, the BLAS branch) costs about 0.15 us of a 1.2 us step.
+    version (reshapes, row loops, the BLAS branch) costs about 0.15 us of a 1.2 us step. An LSTM's or RNN's
+    gates sum both products into one z before the pointwise part adds the bias.
     """
-    I, H, P = cell[COL_INPUT_SIZE], cell[COL_HIDDEN_SIZE], cell[COL_PROJ_SIZE]
-    G = 4 * H
-    z = scratch[:G]
-    stacked = _stacked(weights, cell)
-    hidden_start = _aligned(G)
-    hidden = scratch[hidden_start:hidden_start + H]
+    _, H, P, _, GH = _sizes(cell)
+    kind = cell[COL_KIND]
+    z_start, auxiliary_start, hidden_start, _ = layout
+    if kind == _KIND_GRU:
+        zx = scratch[:GH]
+        zx[:] = _bias(weights, cell)
+        _add_vector_matrix_product(inputs, _input_weights(weights, cell), zx)
+        recurrent_bias = _recurrent_bias(weights, cell)
+        zh = scratch[z_start:z_start + GH]
+        if cell[COL_LINEAR_BEFORE_RESET]:
+            zh[:] = recurrent_bias
+            _add_vector_matrix_product(h, _recurrent_weights(weights, cell), zh)
+            _gru_pointwise(zx, zh, h, weights, cell)
+        else:
+            zh_rz = zh[:2 * H]
+            zh_rz[:] = 0
+            _add_vector_matrix_product(h, _recurrent_weights(weights, cell), zh_rz)
+            reset_h = scratch[hidden_start:hidden_start + H]
+            _gru_reset(zx, zh_rz, h, reset_h, weights, cell)
+            zh_n = scratch[auxiliary_start:auxiliary_start + H]
+            zh_n[:] = recurrent_bias[2 * H:]
+            _add_vector_matrix_product(reset_h, _candidate_weights(weights, cell), zh_n)
+            _gru_update(zx, zh_rz, zh_n, h, weights, cell)
+        return
+    z = scratch[:GH]
     z[:] = 0
-    _add_vector_matrix_product(inputs, stacked[:I], z)
-    _add_vector_matrix_product(h, stacked[I:], z)
-    _pointwise(z, _bias(weights, cell), c, hidden if P else h, weights, cell)
+    _add_vector_matrix_product(inputs, _input_weights(weights, cell), z)
+    _add_vector_matrix_product(h, _recurrent_weights(weights, cell), z)
+    if kind == _KIND_RNN:
+        _rnn_pointwise(z, _bias(weights, cell), h, weights, cell)
+        return
+    hidden = scratch[hidden_start:hidden_start + H]
+    _lstm_pointwise(z, _bias(weights, cell), c, hidden if P else h, weights, cell)
     if P:
         h[:] = 0
         _add_vector_matrix_product(hidden, _projection(weights, cell), h)
@@ -535,33 +793,39 @@ def _layer_step_one_row(inputs, h, c, weights, cell, scratch):
 
 @njit(**_KERNEL_OPTIONS)
 def step_stack(x, h, c, scratch, weights, cells):
-    """One time step of a forward stack: x (B, I); h (L, B, R) and c (L, B, H) updated in place.
+    """One time step of a forward stack: x (B, I); h and c (flat state, any C-contiguous shape) in place.
 
     ``scratch`` holds at least ``step_scratch_size(cells, B)`` items. Raises ValueError (before touching
     anything) when the shapes do not fit the model.
     """
-    num_layers = cells.shape[0]
+    num_cells = cells.shape[0]
     batch = x.shape[0]
-    fits = (x.shape[1] == cells[0, COL_INPUT_SIZE] and h.shape[0] == num_layers and c.shape[0] == num_layers
-            and h.shape[1] == batch and c.shape[1] == batch and c.shape[2] == cells[0, COL_HIDDEN_SIZE]
-            and h.shape[2] == (cells[0, COL_PROJ_SIZE] if cells[0, COL_PROJ_SIZE] else c.shape[2])
-            and scratch.size >= step_scratch_size(cells, batch))
-    for n in range(num_layers):
+    h, c = h.reshape(h.size), c.reshape(c.size)
+    h_items, c_items = _state_items(cells)
+    layout = _scratch_layout(cells, batch)
+    fits = (x.shape[1] == cells[0, COL_INPUT_SIZE] and h.size == batch * h_items and c.size == batch * c_items
+            and scratch.size >= layout[3])
+    for n in range(num_cells):
         fits = fits and cells[n, COL_DIRECTIONS] == 1 and cells[n, COL_REVERSE] == 0
     if not fits:
         raise ValueError("step(): x, h, c or the workspace do not fit this model, or it is not forward-only")
     one_row = batch == 1
-    for n in range(num_layers):
+    for n in range(num_cells):
         one_row = one_row and _uses_hand_loop(cells[n], batch)
     saved_mode = _flush_denormals()
     if one_row:
-        _layer_step_one_row(x[0], h[0, 0], c[0, 0], weights, cells[0], scratch)
-        for layer in range(1, num_layers):
-            _layer_step_one_row(h[layer - 1, 0], h[layer, 0], c[layer, 0], weights, cells[layer], scratch)
+        inputs = x[0]
+        for n in range(num_cells):
+            cell_h, cell_c = _cell_state(h, c, cells[n], 1)
+            _layer_step_one_row(inputs, cell_h[0], cell_c[0], weights, cells[n], scratch, layout)
+            inputs = cell_h[0]
     else:
-        _layer_step(x, h[0], c[0], weights, cells[0], scratch)
-        for layer in range(1, num_layers):
-            _layer_step(h[layer - 1], h[layer], c[layer], weights, cells[layer], scratch)
+        cell_h, cell_c = _cell_state(h, c, cells[0], batch)
+        _layer_step(x, cell_h, cell_c, weights, cells[0], scratch, layout)
+        for n in range(1, num_cells):
+            inputs = cell_h
+            cell_h, cell_c = _cell_state(h, c, cells[n], batch)
+            _layer_step(inputs, cell_h, cell_c, weights, cells[n], scratch, layout)
     _set_fp_mode(saved_mode)
 
 
@@ -575,91 +839,80 @@ def step_stack_holding_gil(x, h, c, scratch, weights, cells):
 # Whole sequences.
 
 @njit(**_HELPER_OPTIONS)
-def _run_cell(inputs, h, c, lengths, weights, cell, y, column, x_proj, z, hidden, projected):
-    """One direction of one layer over inputs (B, T, I); h (B, R) and c (B, H) in place.
+def _run_cell(inputs, h, c, lengths, weights, cell, y, column, x_proj, scratch, layout):
+    """One direction of one layer over inputs (B, T, I); h (B, R) and c (B, H or 0) in place.
 
     Writes this direction's outputs into y[b, t, column:column + R] for the steps each row runs (row b runs
-    steps 0 .. lengths[b]-1, backwards when the cell is reverse). Scratch: x_proj (B*T, 4H), z (B, 4H),
-    hidden (B, H), projected (B, P).
+    steps 0 .. lengths[b]-1, backwards when the cell is reverse). ``x_proj`` holds at least B*T*G*H items.
     """
     batch, steps = inputs.shape[0], inputs.shape[1]
-    I, H, P = cell[COL_INPUT_SIZE], cell[COL_HIDDEN_SIZE], cell[COL_PROJ_SIZE]
-    R = P if P else H
-    G = 4 * H
-    stacked = _stacked(weights, cell)
-    bias = _bias(weights, cell)
-    projection = _projection(weights, cell)
+    I, _, _, R, GH = _sizes(cell)
     reverse = cell[COL_REVERSE] != 0
+    bias = _bias(weights, cell)
 
     # The input projection of every step in one GEMM, then the bias folded in.
-    np.dot(inputs.reshape(batch * steps, I), stacked[:I], x_proj)
+    x_part = x_proj[:batch * steps * GH].reshape(batch * steps, GH)
+    np.dot(inputs.reshape(batch * steps, I), _input_weights(weights, cell), x_part)
     for n in range(batch * steps):
-        row = x_proj[n]
-        for g in range(G):
+        row = x_part[n]
+        for g in range(GH):
             row[g] += bias[g]
-    x_proj_steps = x_proj.reshape(batch, steps, G)
+    x_part_steps = x_part.reshape(batch, steps, GH)
 
     by_hand = _uses_hand_loop(cell, batch)
-    recurrent = stacked[I:]
     for s in range(lengths.max()):
-        _matmul(h, recurrent, z, by_hand)
+        _cell_step(x_part_steps, h, c, lengths, s, weights, cell, scratch, layout, by_hand)
         for b in range(batch):
             if s < lengths[b]:
                 t = lengths[b] - 1 - s if reverse else s
-                _pointwise(z[b], x_proj_steps[b, t], c[b], hidden[b] if P else h[b], weights, cell)
-        if P:
-            _matmul(hidden, projection, projected, by_hand)
-        for b in range(batch):
-            if s < lengths[b]:
-                t = lengths[b] - 1 - s if reverse else s
-                if P:
-                    h[b] = projected[b]
                 y[b, t, column:column + R] = h[b]
 
 
 @njit(**_HELPER_OPTIONS)
-def _run_layer(inputs, h, c, lengths, weights, cells, first_cell, x_proj):
+def _run_layer(inputs, h, c, lengths, weights, cells, first_cell, x_proj, scratch, layout):
     """Every direction of the layer whose first cell is ``first_cell``; returns its output (B, T, D * R)."""
     batch, steps = inputs.shape[0], inputs.shape[1]
     cell = cells[first_cell]
-    H, P = cell[COL_HIDDEN_SIZE], cell[COL_PROJ_SIZE]
-    R = P if P else H
+    R = _sizes(cell)[3]
     directions = cell[COL_DIRECTIONS]
     # Outputs past a row's length stay zero.
     if lengths.min() < steps:
         y = np.zeros((batch, steps, directions * R), dtype=inputs.dtype)
     else:
         y = np.empty((batch, steps, directions * R), dtype=inputs.dtype)
-    z = np.empty((batch, 4 * H), dtype=inputs.dtype)
-    hidden = np.empty((batch, H), dtype=inputs.dtype)
-    projected = np.empty((batch, P), dtype=inputs.dtype)
     for d in range(directions):
         n = first_cell + d
+        cell_h, cell_c = _cell_state(h, c, cells[n], batch)
         saved_mode = _flush_denormals()
-        _run_cell(inputs, h[n], c[n], lengths, weights, cells[n], y, d * R, x_proj, z, hidden, projected)
+        _run_cell(inputs, cell_h, cell_c, lengths, weights, cells[n], y, d * R, x_proj, scratch, layout)
         _set_fp_mode(saved_mode)
     return y
 
 
 @njit(**_KERNEL_OPTIONS)
 def run_stack(x, h, c, lengths, weights, cells):
-    """Every layer over x (B, T, I); h (cells, B, R) and c (cells, B, H) hold the initial state and get the
-    final one; ``lengths`` (B,) int64 in 1..T. Returns the last layer's output (B, T, D * R), a new array."""
+    """Every layer over x (B, T, I); h and c (flat state, any C-contiguous shape) hold the initial state and
+    get the final one; ``lengths`` (B,) int64 in 1..T. Returns the last layer's output (B, T, D * R), a new
+    array."""
     batch, steps = x.shape[0], x.shape[1]
     num_cells = cells.shape[0]
-    H = cells[0, COL_HIDDEN_SIZE]
-    R = cells[0, COL_PROJ_SIZE] if cells[0, COL_PROJ_SIZE] else H
-    fits = (x.shape[2] == cells[0, COL_INPUT_SIZE] and h.shape[0] == num_cells and c.shape[0] == num_cells
-            and h.shape[1] == batch and c.shape[1] == batch and h.shape[2] == R and c.shape[2] == H
+    h, c = h.reshape(h.size), c.reshape(c.size)
+    h_items, c_items = _state_items(cells)
+    fits = (x.shape[2] == cells[0, COL_INPUT_SIZE] and h.size == batch * h_items and c.size == batch * c_items
             and lengths.shape[0] == batch and batch > 0 and steps > 0)
     if not fits:
         raise ValueError("run_sequence(): x, h or c do not fit this model")
     if lengths.min() < 1 or lengths.max() > steps:
         raise ValueError("run_sequence(): lengths must lie in 1..T")
-    x_proj = np.empty((batch * steps, 4 * H), dtype=x.dtype)
-    y = _run_layer(x, h, c, lengths, weights, cells, 0, x_proj)
+    layout = _scratch_layout(cells, batch)
+    scratch = np.zeros(layout[3], dtype=x.dtype)
+    widest = 0
+    for n in range(num_cells):
+        widest = max(widest, _sizes(cells[n])[4])
+    x_proj = np.empty(batch * steps * widest, dtype=x.dtype)
+    y = _run_layer(x, h, c, lengths, weights, cells, 0, x_proj, scratch, layout)
     n = cells[0, COL_DIRECTIONS]
     while n < num_cells:
-        y = _run_layer(y, h, c, lengths, weights, cells, n, x_proj)
+        y = _run_layer(y, h, c, lengths, weights, cells, n, x_proj, scratch, layout)
         n += cells[n, COL_DIRECTIONS]
     return y

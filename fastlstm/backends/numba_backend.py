@@ -30,24 +30,39 @@ def pack_cells(plans: tuple[CellPlan, ...], dtype, num_threads: int) -> tuple[np
         return start
 
     rows = []
+    h_start = c_start = 0
     for plan in plans:
-        stacked = np.concatenate([np.asarray(plan.w_ih).T, np.asarray(plan.w_hh).T])
-        codes = plan.activation_codes
+        H = plan.hidden_size
+        recurrent = np.asarray(plan.w_hh).T
+        reset_before_linear = plan.kind == "gru" and not plan.linear_before_reset
         row = np.zeros(kernels.NUM_COLUMNS, np.int64)
+        row[kernels.COL_KIND] = kernels.KIND_CODES[plan.kind]
+        row[kernels.COL_GATES] = plan.num_gates
         row[kernels.COL_INPUT_SIZE] = plan.input_size
-        row[kernels.COL_HIDDEN_SIZE] = plan.hidden_size
+        row[kernels.COL_HIDDEN_SIZE] = H
         row[kernels.COL_PROJ_SIZE] = plan.proj_size
-        row[kernels.COL_STACKED] = place(stacked)
+        row[kernels.COL_INPUT] = place(np.asarray(plan.w_ih).T)
+        row[kernels.COL_RECURRENT] = place(recurrent[:, :2 * H] if reset_before_linear else recurrent)
+        row[kernels.COL_RECURRENT_N] = place(recurrent[:, 2 * H:]) if reset_before_linear else -1
         row[kernels.COL_BIAS] = place(plan.bias)
+        row[kernels.COL_RECURRENT_BIAS] = (
+            -1 if plan.candidate_bias is None else place(np.concatenate([np.zeros(2 * H), plan.candidate_bias])))
         row[kernels.COL_PEEPHOLE] = -1 if plan.peephole is None else place(plan.peephole)
         row[kernels.COL_PROJECTION] = -1 if plan.w_hr is None else place(np.asarray(plan.w_hr).T)
         row[kernels.COL_PARAMS] = place((plan.clip,) + plan.activation_params)
+        codes = plan.activation_codes
         row[kernels.COL_ACTIVATIONS] = codes[0] | codes[1] << 8 | codes[2] << 16
         row[kernels.COL_INPUT_FORGET] = plan.input_forget
+        row[kernels.COL_LINEAR_BEFORE_RESET] = plan.linear_before_reset
         row[kernels.COL_STANDARD] = plan.standard
         row[kernels.COL_REVERSE] = plan.reverse
         row[kernels.COL_DIRECTIONS] = plan.num_directions
-        row[kernels.COL_BLAS_GEMV] = num_threads > 1 and stacked.size * dtype.itemsize >= kernels.BLAS_GEMV_MIN_BYTES
+        gate_weights = np.size(plan.w_ih) + np.size(plan.w_hh)
+        row[kernels.COL_BLAS_GEMV] = num_threads > 1 and gate_weights * dtype.itemsize >= kernels.BLAS_GEMV_MIN_BYTES
+        row[kernels.COL_H_START] = h_start
+        row[kernels.COL_C_START] = c_start
+        h_start += plan.recurrent_size
+        c_start += plan.state_size
         rows.append(row)
     weights = aligned_zeros(end, dtype)
     for start, array in segments:
@@ -62,25 +77,21 @@ def step_releases_gil(plans: tuple[CellPlan, ...], batch: int) -> bool:
 
 
 class StepWorkspace:
-    """One stream's scratch for ``NumbaLSTM.step``, and the output view it returns.
+    """One stream's scratch for ``NumbaLSTM.step``; nothing in it is shared: streams on different threads
+    each have their own."""
 
-    Nothing in it is shared: streams on different threads each have their own.
-    """
-
-    __slots__ = ("batch_size", "scratch", "kernel", "last_h", "last_output")
+    __slots__ = ("batch_size", "scratch", "kernel")
 
     def __init__(self, batch_size: int, scratch: np.ndarray, kernel):
         self.batch_size = batch_size
         self.scratch = scratch
         #: the jitted step: one that releases the GIL, or for small steps one that keeps it
         self.kernel = kernel
-        # The view of h's last layer that step returns, kept while step is given the same h.
-        self.last_h = None
-        self.last_output = None
 
 
 class NumbaLSTM(PreparedLSTM):
-    """A spec's LSTM stack on the jitted kernels; immutable after construction, shared by every stream.
+    """A spec's recurrent stack (LSTM, GRU and simple RNN layers of any sizes) on the jitted kernels;
+    immutable after construction, shared by every stream.
 
     Kernels compile on first use per dtype (about 10 s each for the stream step and for whole sequences)
     and load from the on-disk cache afterwards. Threads: the kernels run on the calling thread; BLAS runs
@@ -96,18 +107,11 @@ class NumbaLSTM(PreparedLSTM):
             raise ValueError(f"dtype: expected float32 or float64, got {self.dtype}")
         self._plans = plan_cells(spec)
         self._weights, self._cells = pack_cells(self._plans, self.dtype, num_threads)
-        self._num_layers = len(spec.layers)
         self._streamable = spec.is_unidirectional_forward
 
-    @classmethod
-    def unsupported(cls, spec):
-        return _uniform_lstm_only(spec)
-
     def run_sequence(self, x, h, c, lengths=None):
-        batch, steps = x.shape[0], x.shape[1]
-        h, c = _stacked_state(self.spec, h, c, batch)
         if lengths is None:
-            lengths = np.full(batch, steps, dtype=np.int64)
+            lengths = np.full(x.shape[0], x.shape[1], dtype=np.int64)
         return kernels.run_stack(x, h, c, np.ascontiguousarray(lengths, dtype=np.int64), self._weights, self._cells)
 
     def new_workspace(self, batch_size):
@@ -123,14 +127,11 @@ class NumbaLSTM(PreparedLSTM):
 
     def step(self, x, h, c, workspace):
         # The kernel checks every shape (and the scratch size) before it writes anything.
-        h, c = _stacked_state(self.spec, h, c, workspace.batch_size)
         workspace.kernel(x, h, c, workspace.scratch, self._weights, self._cells)
-        if workspace.last_h is not h:
-            workspace.last_h = h
-            workspace.last_output = h[self._num_layers - 1]
-        return workspace.last_output
 
 
+# Interim: the Cython backend still imports these two until its own flat-state kernels land (its branch drops
+# the import); the Numba backend no longer uses them. Delete both when cython_backend stops importing them.
 def _uniform_lstm_only(spec) -> str | None:
     if any(layer.kind != "lstm" for layer in spec.layers):
         return "its kernels run LSTM layers only"
