@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import fastlstm
 from fastlstm import fast_activations
-from fastlstm.activations import ELEMENTWISE, SIGMOID, TANH, Activation, apply_activation
+from fastlstm.activations import SIGMOID, TANH, Activation, apply_activation
 from fastlstm.backends.base import flat_state_sizes
 from fastlstm.backends.numpy_backend import NumpyLSTM
 from fastlstm.spec import CELL_KINDS, LSTMCellWeights, LSTMLayer, ModelSpec
@@ -231,7 +231,7 @@ def check_stream(spec, dtype, x, h0, c0, num_threads=1):
     prepared = NumbaLSTM(spec, dtype, num_threads)
     workspace = prepared.new_workspace(batch)
     h, c = h0.copy(), c0.copy()
-    top = h[h.size - batch * spec.layers[-1].output_size:].reshape(batch, -1)
+    top = h.reshape(-1)[h.size - batch * spec.layers[-1].output_size:].reshape(batch, -1)  # a view of h
     for t in range(x.shape[1]):
         assert prepared.step(np.ascontiguousarray(x[:, t]), h, c, workspace) is None
         np.testing.assert_allclose(top, y_ref[:, t], **TOLERANCE[dtype])
@@ -288,6 +288,19 @@ def test_blas_gemv_path_for_gru_and_rnn(monkeypatch, dtype, case):
     x, h0, c0 = flat_inputs(rng, spec, 1, 5, dtype)
     check_sequences(spec, dtype, x, h0, c0, num_threads=2)
     check_stream(spec, dtype, x, h0, c0, num_threads=2)
+
+
+@pytest.mark.parametrize("kind", ["gru", "rnn"])
+def test_state_in_pytorch_shape(kind):
+    """An equal-sized GRU or RNN stack's state as PyTorch's (layers, B, H) array: the same memory as the flat
+    layout, taken as it is (and an empty c)."""
+    rng = np.random.default_rng(45)
+    spec = random_stack(rng, [kind, kind], [7, 7], input_size=4)
+    x = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    h0 = rng.normal(0, 0.5, (2, 3, 7)).astype(np.float32)
+    c0 = np.zeros((2, 3, 0), np.float32)
+    check_sequences(spec, np.float32, x, h0, c0)
+    check_stream(spec, np.float32, x, h0, c0)
 
 
 HYPOTHESIS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

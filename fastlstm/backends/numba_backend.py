@@ -93,8 +93,8 @@ class NumbaLSTM(PreparedLSTM):
     """A spec's recurrent stack (LSTM, GRU and simple RNN layers of any sizes) on the jitted kernels;
     immutable after construction, shared by every stream.
 
-    Kernels compile on first use per dtype (about 10 s each for the stream step and for whole sequences)
-    and load from the on-disk cache afterwards. Threads: the kernels run on the calling thread; BLAS runs
+    Kernels compile on first use per dtype and per rank of the state arrays (about 10 s each for the stream
+    step and for whole sequences) and load from the on-disk cache afterwards. Threads: the kernels run on the calling thread; BLAS runs
     batched GEMMs with its own threads; ``num_threads > 1`` also lets batch-1 products of large matrices go
     to BLAS (see ``_numba_kernels``).
     """
