@@ -1,4 +1,5 @@
-"""Compiled LSTM kernels: the stacked streaming step and whole sequences, in float32 and float64.
+"""Compiled recurrent kernels (LSTM, GRU, simple RNN): the stacked streaming step and whole sequences, in
+float32 and float64.
 
 Everything here works in ``float`` and ``double`` through Cython's fused ``floating`` type, without the GIL,
 on weights packed once by ``LSTMKernels``. The only BLAS is SciPy's (``scipy.linalg.cython_blas``); there is
@@ -7,26 +8,33 @@ no BLAS of our own to link.
 Weight layout (per direction of each layer), packed once in Python by ``cython_backend.pack_for_extension``
 from the planner's cells and handed over as arrays and numbers (this module reads nothing of the spec):
 
-* ``weights`` is ``(4H, K)`` row-major, gate order i, f, g, o as in the spec, each row ``[w_ih | 0 | w_hh | 0]``:
-  the input block padded from I to ``I_pad`` and the recurrent block from R to ``R_pad``, both multiples of
-  one 64-byte vector (16 floats, 8 doubles), so ``K = I_pad + R_pad``. The step of a stream multiplies it
-  with the scratch vector ``[x | 0 | h | 0]`` in one pass over all four gates; whole sequences use the
-  ``w_ih`` block for one GEMM over all time steps and the ``w_hh`` block per step. BLAS reads the blocks
-  in place (leading dimension K). The padding puts every row and block on a 64-byte boundary, so the
-  hand-written loops run whole aligned vectors and never a scalar tail; the zeros add nothing to a sum.
+* ``weights`` is ``(G*H, K)`` row-major (G gates: 4 for an LSTM, 3 for a GRU, 1 for a simple RNN), gates in
+  the spec's order (i, f, g, o; r, z, n), each row ``[w_ih | 0 | w_hh | 0]``: the input block padded from I
+  to ``I_pad`` and the recurrent block from R to ``R_pad``, both multiples of one 64-byte vector (16 floats,
+  8 doubles), so ``K = I_pad + R_pad``. The step of a stream multiplies it with the scratch vector
+  ``[x | 0 | h | 0]`` in one pass over all gates (a GRU takes the two blocks in two passes: its candidate
+  keeps the input and recurrent parts apart); whole sequences use the ``w_ih`` block for one GEMM over all
+  time steps and the ``w_hh`` block per step. BLAS reads the blocks in place (leading dimension K). The
+  padding puts every row and block on a 64-byte boundary, so the hand-written loops run whole aligned
+  vectors and never a scalar tail; the zeros add nothing to a sum.
 * ``packed`` (float32 only) is ``weights`` again as panels of 32 gate rows stored k-major (layout in
   lstm_parallel.h), which the float32 products of 4 rows or more stream instead of BLAS: BLAS would pack
   the weights anew on every call of a time loop.
 * ``projection`` (LSTMP) is ``w_hr`` ``(P, H_pad)`` with each row zero-padded the same way.
+* ``candidate_bias`` (GRU) is ``b_hn`` ``(H,)``.
 
-A pre-activation vector ``z`` is ``(4H,)`` in gate order [i | f | g | o]; the pointwise kernels add the
-bias or the precomputed input projection to it, apply the activations and update ``c`` and ``h``.
+A pre-activation vector ``z`` is ``(G*H,)`` in gate order; the pointwise kernels add the bias or the
+precomputed input projection to it, apply the activations and update the state.
+
+The state is the flat ``h`` and ``c`` of fastlstm.backends.base: per cell a ``(B, R)`` block of h and a
+``(B, H)`` block of c (none for a GRU or RNN), cell after cell; each cell knows where its blocks start.
 
 Threads (at most ``num_threads``, from the pool of lstm_parallel.h): a time loop runs as one job over the
-whole sequence (or stack step). At batch 1 each thread owns a block of hidden units, all four gates of them,
+whole sequence (or stack step). At batch 1 each thread owns a block of hidden units, all gates of them,
 so its slice of the weights stays in its own cache from step to step, and the threads meet once per step
-(once per layer in a stream step); above batch 1 each thread runs its own rows' whole loop and they never
-meet. BLAS is never called inside a thread: it may start threads of its own.
+(once per layer in a stream step; a GRU with the reset before the linear map meets once more, for r * h');
+above batch 1 each thread runs its own rows' whole loop and they never meet. BLAS is never called inside
+a thread: it may start threads of its own.
 """
 
 from cython cimport floating
@@ -238,18 +246,30 @@ cdef inline floating activation(floating x, int code, floating alpha, floating b
 # ------------------------------------------------------------------------------------------------------
 # Packed cell description: what the nogil kernels need, as plain C.
 
-ctypedef void (*PointwiseFloat)(const CellDesc*, const float*, const float*, float*, float*,
+ctypedef void (*PointwiseFloat)(const CellDesc*, const float*, const float*, float*, const float*, float*,
                                 Py_ssize_t, Py_ssize_t) noexcept nogil
-ctypedef void (*PointwiseDouble)(const CellDesc*, const double*, const double*, double*, double*,
+ctypedef void (*PointwiseDouble)(const CellDesc*, const double*, const double*, double*, const double*, double*,
                                  Py_ssize_t, Py_ssize_t) noexcept nogil
 
+# The kind of a cell (equations in fastlstm.spec), from its gate count and GRU variant.
+cdef enum CellKind:
+    CELL_LSTM
+    CELL_GRU                 # linear before reset: n = g(W_n x + b_n + r * (R_n h' + b_hn))
+    CELL_GRU_RESET_FIRST     # reset before linear: n = g(W_n x + b_n + R_n (r * h') + b_hn)
+    CELL_RNN
+
 cdef struct CellDesc:
-    void* weights        # (4H, row_stride): [w_ih | 0 | w_hh | 0] per row
-    void* bias           # (4H,)
+    CellKind kind
+    void* weights        # (G*H, row_stride): [w_ih | 0 | w_hh | 0] per row
+    void* bias           # (G*H,)
     void* peephole       # (3, H) in order i, f, o, or NULL
     void* projection     # (P, hidden_stride), or NULL
+    void* candidate_bias # GRU: b_hn (H,), else NULL
     const float* packed  # float32 only: ``weights`` again as GEMM panels (see lstm_parallel.h), else NULL
     Py_ssize_t input_size, hidden_size, proj_size, rec_size   # I, H, P (0 = none), R = P or H
+    Py_ssize_t gate_rows       # G*H: rows of ``weights``, width of a pre-activation vector
+    Py_ssize_t state_size      # C: H for an LSTM (its c), 0 for a GRU or RNN
+    Py_ssize_t h_start, c_start  # where the cell's (B, R) and (B, C) blocks start in the flat h and c, per batch row
     Py_ssize_t input_stride    # I_pad: where the recurrent block starts in a row
     Py_ssize_t rec_stride      # R_pad
     Py_ssize_t row_stride      # K = I_pad + R_pad
@@ -395,17 +415,21 @@ cdef inline void matmul_nt(Py_ssize_t batch, Py_ssize_t rows, const floating* a,
 
 
 # ------------------------------------------------------------------------------------------------------
-# Pointwise part of a step: activations and the c/h update, for one batch row.
+# Pointwise part of a step: activations and the state update, for one batch row.
+#
+# Every pointwise kernel has one signature: ``z`` is the cell's recurrent product (G*H,), ``zadd`` what is
+# added to it (the bias in a stream step of an LSTM or RNN, else the input projection with the bias),
+# ``c`` the LSTM's cell state, ``h_prev`` the state fed back, ``h`` where the new output goes (``h_prev``
+# itself when updating in place), over units first .. stop-1.
 
 cdef enum:
     POINTWISE_CHUNK = 64
 
 
-cdef void pointwise_standard(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                             floating* h, Py_ssize_t first, Py_ssize_t stop) noexcept nogil:
+cdef void pointwise_lstm_standard(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
+                                  const floating* h_prev, floating* h, Py_ssize_t first,
+                                  Py_ssize_t stop) noexcept nogil:
     """The plain LSTM cell: i, f, o = sigmoid, g = tanh of (z + zadd); c = f*c + i*g; h = o*tanh(c).
-
-    Units ``first .. stop-1`` of one batch row (a thread of a hidden-unit split updates only its own).
 
     Branch-free, so gcc vectorises it in float32 (the rational tanh is multiplies, adds and one divide).
     The units go in chunks whose new c and h are first written to local arrays: a loop that only loads
@@ -431,9 +455,10 @@ cdef void pointwise_standard(const CellDesc* d, const floating* z, const floatin
         memcpy(h + start, h_chunk, count * sizeof(floating))
 
 
-cdef void pointwise_general(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                            floating* h, Py_ssize_t first, Py_ssize_t stop) noexcept nogil:
-    """Every option of the spec: activations with parameters, clip, peepholes, coupled input/forget gates."""
+cdef void pointwise_lstm_general(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
+                                 const floating* h_prev, floating* h, Py_ssize_t first,
+                                 Py_ssize_t stop) noexcept nogil:
+    """Every LSTM option of the spec: activations with parameters, clip, peepholes, coupled input/forget gates."""
     cdef Py_ssize_t H = d.hidden_size, j
     cdef const floating* peep = <const floating*>d.peephole
     cdef floating bound = <floating>d.clip
@@ -465,15 +490,123 @@ cdef void pointwise_general(const CellDesc* d, const floating* z, const floating
         h[j] = o * activation(c_new, out, oa, ob)
 
 
+cdef void pointwise_gru_standard(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
+                                 const floating* h_prev, floating* h, Py_ssize_t first,
+                                 Py_ssize_t stop) noexcept nogil:
+    """The plain GRU cell, linear before reset: z = R h' (r, u, n rows), zadd = W x + b;
+    r, u = sigmoid(z + zadd); n = tanh(zadd_n + r * (z_n + b_hn)); h = (1 - u) * n + u * h'.
+
+    Branch-free and chunked as ``pointwise_lstm_standard`` (h may be h_prev: each unit reads its own first).
+    """
+    cdef Py_ssize_t H = d.hidden_size, chunk, start, count, j, u
+    cdef const floating* b_hn = <const floating*>d.candidate_bias
+    cdef floating h_chunk[POINTWISE_CHUNK]
+    cdef floating r, update, n
+    for chunk in range((stop - first + POINTWISE_CHUNK - 1) // POINTWISE_CHUNK):
+        start = first + chunk * POINTWISE_CHUNK
+        count = min(<Py_ssize_t>POINTWISE_CHUNK, stop - start)
+        for j in range(count):
+            u = start + j
+            r = sigmoid(z[u] + zadd[u])
+            update = sigmoid(z[H + u] + zadd[H + u])
+            n = tanh_(zadd[2 * H + u] + r * (z[2 * H + u] + b_hn[u]))
+            h_chunk[j] = n + update * (h_prev[u] - n)
+        memcpy(h + start, h_chunk, count * sizeof(floating))
+
+
+cdef void pointwise_gru_general(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
+                                const floating* h_prev, floating* h, Py_ssize_t first,
+                                Py_ssize_t stop) noexcept nogil:
+    """The GRU cell, linear before reset, with any gate and candidate activations and clip."""
+    cdef Py_ssize_t H = d.hidden_size, j
+    cdef const floating* b_hn = <const floating*>d.candidate_bias
+    cdef floating bound = <floating>d.clip
+    cdef floating ga = <floating>d.gate_alpha, gb = <floating>d.gate_beta
+    cdef floating ca = <floating>d.cell_alpha, cb = <floating>d.cell_beta
+    cdef int gate = d.gate_code, cell = d.cell_code
+    cdef floating r, update, n
+    for j in range(first, stop):
+        r = activation(clamp(z[j] + zadd[j], bound), gate, ga, gb)
+        update = activation(clamp(z[H + j] + zadd[H + j], bound), gate, ga, gb)
+        n = activation(clamp(zadd[2 * H + j] + r * (z[2 * H + j] + b_hn[j]), bound), cell, ca, cb)
+        h[j] = n + update * (h_prev[j] - n)
+
+
+cdef void gru_reset_gates(const CellDesc* d, floating* z, const floating* zadd, const floating* h_prev,
+                          floating* reset_h, Py_ssize_t first, Py_ssize_t stop) noexcept nogil:
+    """First half of a GRU step with the reset before the linear map: from z = R h' (r, u rows) and
+    zadd = W x + b, reset_h = r * h' (the operand of R_n) and u, kept in z's u rows for the second half."""
+    cdef Py_ssize_t H = d.hidden_size, j
+    cdef floating bound = <floating>d.clip
+    cdef floating ga = <floating>d.gate_alpha, gb = <floating>d.gate_beta
+    cdef int gate = d.gate_code
+    if d.standard:
+        for j in range(first, stop):
+            reset_h[j] = sigmoid(z[j] + zadd[j]) * h_prev[j]
+            z[H + j] = sigmoid(z[H + j] + zadd[H + j])
+    else:
+        for j in range(first, stop):
+            reset_h[j] = activation(clamp(z[j] + zadd[j], bound), gate, ga, gb) * h_prev[j]
+            z[H + j] = activation(clamp(z[H + j] + zadd[H + j], bound), gate, ga, gb)
+
+
+cdef void pointwise_gru_reset_first(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
+                                    const floating* h_prev, floating* h, Py_ssize_t first,
+                                    Py_ssize_t stop) noexcept nogil:
+    """Second half of a GRU step with the reset before the linear map (after ``gru_reset_gates``): z holds
+    u in its u rows and R_n (r * h') in its n rows; n = g(zadd_n + z_n + b_hn); h = (1 - u) * n + u * h'."""
+    cdef Py_ssize_t H = d.hidden_size, j
+    cdef const floating* b_hn = <const floating*>d.candidate_bias
+    cdef floating bound = <floating>d.clip
+    cdef floating ca = <floating>d.cell_alpha, cb = <floating>d.cell_beta
+    cdef int cell = d.cell_code
+    cdef floating n
+    if d.standard:
+        for j in range(first, stop):
+            n = tanh_(zadd[2 * H + j] + z[2 * H + j] + b_hn[j])
+            h[j] = n + z[H + j] * (h_prev[j] - n)
+    else:
+        for j in range(first, stop):
+            n = activation(clamp(zadd[2 * H + j] + z[2 * H + j] + b_hn[j], bound), cell, ca, cb)
+            h[j] = n + z[H + j] * (h_prev[j] - n)
+
+
+cdef void pointwise_rnn_standard(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
+                                 const floating* h_prev, floating* h, Py_ssize_t first,
+                                 Py_ssize_t stop) noexcept nogil:
+    """The plain simple RNN: h = tanh(z + zadd), chunked as ``pointwise_lstm_standard``."""
+    cdef Py_ssize_t chunk, start, count, j
+    cdef floating h_chunk[POINTWISE_CHUNK]
+    for chunk in range((stop - first + POINTWISE_CHUNK - 1) // POINTWISE_CHUNK):
+        start = first + chunk * POINTWISE_CHUNK
+        count = min(<Py_ssize_t>POINTWISE_CHUNK, stop - start)
+        for j in range(count):
+            h_chunk[j] = tanh_(z[start + j] + zadd[start + j])
+        memcpy(h + start, h_chunk, count * sizeof(floating))
+
+
+cdef void pointwise_rnn_general(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
+                                const floating* h_prev, floating* h, Py_ssize_t first,
+                                Py_ssize_t stop) noexcept nogil:
+    """The simple RNN with any activation and clip: h = g(clip(z + zadd))."""
+    cdef floating bound = <floating>d.clip
+    cdef floating ca = <floating>d.cell_alpha, cb = <floating>d.cell_beta
+    cdef int cell = d.cell_code
+    cdef Py_ssize_t j
+    for j in range(first, stop):
+        h[j] = activation(clamp(z[j] + zadd[j], bound), cell, ca, cb)
+
+
 cdef inline void pointwise(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                           floating* h, Py_ssize_t first=0, Py_ssize_t stop=-1) noexcept nogil:
+                           const floating* h_prev, floating* h, Py_ssize_t first=0,
+                           Py_ssize_t stop=-1) noexcept nogil:
     """The cell's pointwise kernel (see CellDesc.pointwise_float) over units first .. stop-1 (all by default)."""
     if stop < 0:
         stop = d.hidden_size
     if floating is float:
-        d.pointwise_float(d, z, zadd, c, h, first, stop)
+        d.pointwise_float(d, z, zadd, c, h_prev, h, first, stop)
     else:
-        d.pointwise_double(d, z, zadd, c, h, first, stop)
+        d.pointwise_double(d, z, zadd, c, h_prev, h, first, stop)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -481,17 +614,21 @@ cdef inline void pointwise(const CellDesc* d, const floating* z, const floating*
 # a range of batch rows, or split by hidden units over a team of threads at batch 1.
 
 cdef inline void gate_product(const CellDesc* d, Py_ssize_t batch, const floating* x, Py_ssize_t ldx,
-                              Py_ssize_t k_offset, Py_ssize_t n, floating* z) noexcept nogil:
-    """z (batch, 4H) = x (batch, n) @ weights[:, k_offset : k_offset + n].T, on one thread.
+                              Py_ssize_t k_offset, Py_ssize_t n, Py_ssize_t first_row, Py_ssize_t rows,
+                              floating* z, Py_ssize_t ldz) noexcept nogil:
+    """z (batch, rows) = x (batch, n) @ weights[first_row : first_row + rows, k_offset : k_offset + n].T, on
+    one thread.
 
-    Float32 from PACKED_MIN_BATCH rows: the tiles over prepacked panels; otherwise ``matmul_nt``.
+    Float32 from PACKED_MIN_BATCH rows: the tiles over prepacked panels (when first_row starts a panel);
+    otherwise ``matmul_nt``.
     """
-    cdef Py_ssize_t G = 4 * d.hidden_size
     if floating is float:
-        if d.packed != NULL and batch >= PACKED_MIN_BATCH:
-            packed_gemm(batch, G, n, x, ldx, d.packed, d.row_stride, k_offset, NULL, z, G)
+        if d.packed != NULL and batch >= PACKED_MIN_BATCH and first_row % PANEL_COLUMNS == 0:
+            packed_gemm(batch, rows, n, x, ldx, d.packed + first_row * d.row_stride, d.row_stride, k_offset,
+                        NULL, z, ldz)
             return
-    matmul_nt(batch, G, <const floating*>d.weights + k_offset, d.row_stride, x, ldx, n, z, G)
+    matmul_nt(batch, rows, <const floating*>d.weights + first_row * d.row_stride + k_offset, d.row_stride,
+              x, ldx, n, z, ldz)
 
 
 cdef inline void split_range(Py_ssize_t size, Py_ssize_t grain, int part, int parts, Py_ssize_t* first,
@@ -503,98 +640,155 @@ cdef inline void split_range(Py_ssize_t size, Py_ssize_t grain, int part, int pa
     stop[0] = min(first[0] + piece, size)
 
 
+cdef void cell_step(const CellDesc* d, Py_ssize_t rows, const floating* xh, floating* z, floating* zx,
+                    floating* hidden, floating* h, floating* c) noexcept nogil:
+    """One time step of one cell for ``rows`` batch rows, on one thread: h (rows, R) and c (rows, C) in place.
+
+    xh (rows, K) holds each row's padded [x | 0 | h' | 0]. An LSTM or RNN takes all its gates from one
+    pass over the packed weights; a GRU takes the input part (with the bias) and the recurrent part in two
+    passes over the same rows, for its candidate keeps them apart (with the reset first, the candidate's
+    recurrent rows wait for r * h'). Scratch: z and zx (rows, G*H); hidden (rows, H_pad), zero-padded: the
+    unprojected h of an LSTMP, r * h' of a GRU with the reset first.
+    """
+    cdef Py_ssize_t H = d.hidden_size, R = d.rec_size, C = d.state_size, G = d.gate_rows, K = d.row_stride
+    cdef Py_ssize_t Ip = d.input_stride, Rs = d.rec_stride, Hs = d.hidden_stride, b, j
+    cdef const floating* bias = <const floating*>d.bias
+    if d.kind == CELL_LSTM or d.kind == CELL_RNN:
+        gate_product(d, rows, xh, K, 0, K, 0, G, z, G)
+        for b in range(rows):
+            pointwise(d, z + b * G, bias, c + b * C, h + b * R, hidden + b * Hs if d.proj_size else h + b * R)
+        if d.proj_size:
+            matmul_nt(rows, d.proj_size, <const floating*>d.projection, Hs, hidden, Hs, Hs, h, R)
+        return
+    gate_product(d, rows, xh, K, 0, Ip, 0, G, zx, G)
+    for b in range(rows):
+        for j in range(G):
+            zx[b * G + j] += bias[j]
+    if d.kind == CELL_GRU:
+        gate_product(d, rows, xh + Ip, K, Ip, Rs, 0, G, z, G)
+    else:
+        gate_product(d, rows, xh + Ip, K, Ip, Rs, 0, 2 * H, z, G)
+        for b in range(rows):
+            gru_reset_gates(d, z + b * G, zx + b * G, h + b * R, hidden + b * Hs, 0, H)
+        gate_product(d, rows, hidden, Hs, Ip, Rs, 2 * H, H, z + 2 * H, G)
+    for b in range(rows):
+        pointwise(d, z + b * G, zx + b * G, c, h + b * R, h + b * R)
+
+
 cdef void step_stack(const CellDesc* cells, Py_ssize_t num_layers, Py_ssize_t batch, Py_ssize_t row0,
                      Py_ssize_t rows, const floating* x, floating* h, floating* c, floating* scratch,
-                     const Py_ssize_t* xh_offsets, Py_ssize_t z_offset, Py_ssize_t hidden_offset) noexcept nogil:
-    """One time step of a forward stack for batch rows row0 .. row0+rows-1: h (L, B, R) and c (L, B, H) in
-    place, x (B, I).
+                     const Py_ssize_t* offsets) noexcept nogil:
+    """One time step of a forward stack for batch rows row0 .. row0+rows-1: the flat h and c in place
+    (layout in fastlstm.backends.base), x (B, I).
 
-    Per layer: [x | h] is copied into its padded scratch row, one pass over the packed (4H, K) weights gives
-    all four gates (``gate_product``), then the pointwise update writes c and h (through the projection when
-    there is one). Scratch offsets come from ``StepWorkspace``; rows use only their own scratch rows, so
-    threads may run disjoint row ranges at once.
+    Per layer: [x | h] is copied into its padded scratch rows, then ``cell_step``. Scratch offsets come from
+    ``StepWorkspace``; rows use only their own scratch rows, so threads may run disjoint row ranges at once.
     """
-    cdef Py_ssize_t layer, b, H, R, P, K
+    cdef Py_ssize_t layer, b, R, K, G
     cdef const CellDesc* d
     cdef Py_ssize_t input_stride = cells[0].input_size
     cdef const floating* layer_input = x + row0 * input_stride
+    cdef const Py_ssize_t* regions
     cdef floating* xh
-    cdef floating* z
-    cdef floating* hidden = scratch + hidden_offset + row0 * cells[0].hidden_stride
     cdef floating* h_layer
-    cdef floating* c_layer
-    cdef floating* out
-    cdef const floating* bias
     for layer in range(num_layers):
         d = &cells[layer]
-        H, R, P, K = d.hidden_size, d.rec_size, d.proj_size, d.row_stride
-        h_layer = h + (layer * batch + row0) * R
-        c_layer = c + (layer * batch + row0) * H
-        bias = <const floating*>d.bias
-        xh = scratch + xh_offsets[layer] + row0 * K
-        z = scratch + z_offset + row0 * 4 * H
+        R, K, G = d.rec_size, d.row_stride, d.gate_rows
+        regions = offsets + layer * WS_PER_LAYER
+        h_layer = h + batch * d.h_start + row0 * R
+        xh = scratch + regions[WS_XH] + row0 * K
         for b in range(rows):
             memcpy(xh + b * K, layer_input + b * input_stride, d.input_size * sizeof(floating))
             memcpy(xh + b * K + d.input_stride, h_layer + b * R, R * sizeof(floating))
-        gate_product(d, rows, xh, K, 0, K, z)
-        for b in range(rows):
-            out = hidden + b * d.hidden_stride if P else h_layer + b * R
-            pointwise(d, z + b * 4 * H, bias, c_layer + b * H, out)
-        if P:
-            matmul_nt(rows, P, <const floating*>d.projection, d.hidden_stride, hidden, d.hidden_stride,
-                      d.hidden_stride, h_layer, R)
+        cell_step(d, rows, xh, scratch + regions[WS_Z] + row0 * G, scratch + regions[WS_ZX] + row0 * G,
+                  scratch + regions[WS_HIDDEN] + row0 * d.hidden_stride, h_layer,
+                  c + batch * d.c_start + row0 * d.state_size)
         layer_input = h_layer
         input_stride = R
 
 
+cdef void units_product(const CellDesc* d, const floating* x, Py_ssize_t k_offset, Py_ssize_t n,
+                        Py_ssize_t first_gate, Py_ssize_t gates, Py_ssize_t first, Py_ssize_t stop,
+                        floating* z) noexcept nogil:
+    """z[g*H + u] = weights[g*H + u, k_offset : k_offset + n] . x for gates g of first_gate ..
+    first_gate+gates-1 and units u of first .. stop-1: a thread's share of a batch-1 product."""
+    cdef Py_ssize_t H = d.hidden_size, K = d.row_stride, gate
+    cdef const floating* weights = <const floating*>d.weights + k_offset
+    for gate in range(first_gate, first_gate + gates):
+        dot_rows(weights + (gate * H + first) * K, K, stop - first, x, K, 1, n, z + gate * H + first, d.gate_rows)
+
+
+cdef void cell_step_units(const CellDesc* d, const floating* xh, floating* z, floating* zx, floating* hidden,
+                          floating* h, floating* c, Py_ssize_t first, Py_ssize_t stop, int team,
+                          Barrier* barrier, int* sense) noexcept nogil:
+    """``cell_step`` at batch 1 (no projection) for this thread's units first .. stop-1, all gates of them.
+
+    A GRU with the reset first meets the team once more: its candidate's product reads every unit of r * h'.
+    """
+    cdef Py_ssize_t H = d.hidden_size, G = d.gate_rows, Ip = d.input_stride, Rs = d.rec_stride, g, u
+    cdef const floating* bias = <const floating*>d.bias
+    if d.kind == CELL_LSTM or d.kind == CELL_RNN:
+        units_product(d, xh, 0, d.row_stride, 0, G // H, first, stop, z)
+        pointwise(d, z, bias, c, h, h, first, stop)
+        return
+    units_product(d, xh, 0, Ip, 0, 3, first, stop, zx)
+    for g in range(3):
+        for u in range(g * H + first, g * H + stop):
+            zx[u] += bias[u]
+    if d.kind == CELL_GRU:
+        units_product(d, xh + Ip, Ip, Rs, 0, 3, first, stop, z)
+    else:
+        units_product(d, xh + Ip, Ip, Rs, 0, 2, first, stop, z)
+        gru_reset_gates(d, z, zx, h, hidden, first, stop)
+        barrier_wait(barrier, team, sense)
+        units_product(d, hidden, Ip, Rs, 2, 1, first, stop, z)
+    pointwise(d, z, zx, c, h, h, first, stop)
+
+
 cdef void step_stack_units(const CellDesc* cells, Py_ssize_t num_layers, const floating* x, floating* h,
-                           floating* c, floating* scratch, const Py_ssize_t* xh_offsets, Py_ssize_t z_offset,
+                           floating* c, floating* scratch, const Py_ssize_t* offsets,
                            int part, int team, Barrier* barrier, int* sense) noexcept nogil:
-    """``step_stack`` at batch 1, thread ``part`` of ``team``: this thread's block of hidden units, all four
-    gates, in every layer (no projection; every layer of the same H, so a thread's units of one layer's
-    output are the ones it feeds to the next).
+    """``step_stack`` at batch 1, thread ``part`` of ``team``: this thread's block of hidden units, all gates,
+    in every layer (no projection; every layer of the same H, so a thread's units of one layer's output are
+    the ones it feeds to the next).
 
     Per layer the thread copies its own units of the layer input and of h into the scratch [x | h], waits
     for the others (then [x | h] is whole, and nobody reads this layer's h any more), multiplies its gate
-    rows and updates its units of c and h.
+    rows and updates its units of c and h (``cell_step_units``).
     """
-    cdef Py_ssize_t layer, gate, H, K, first, stop
+    cdef Py_ssize_t layer, H, first, stop
     cdef const CellDesc* d
+    cdef const Py_ssize_t* regions
     cdef floating* xh
-    cdef floating* z = scratch + z_offset
     cdef floating* h_layer
-    cdef floating* c_layer
-    cdef const floating* weights
     for layer in range(num_layers):
         d = &cells[layer]
-        H, K = d.hidden_size, d.row_stride
+        H = d.hidden_size
         split_range(H, UNIT_GRAIN, part, team, &first, &stop)
-        h_layer = h + layer * H
-        c_layer = c + layer * H
-        xh = scratch + xh_offsets[layer]
+        regions = offsets + layer * WS_PER_LAYER
+        h_layer = h + d.h_start
+        xh = scratch + regions[WS_XH]
         if layer == 0:
             if part == 0:
                 memcpy(xh, x, d.input_size * sizeof(floating))
         else:
-            memcpy(xh + first, h_layer - H + first, (stop - first) * sizeof(floating))
+            memcpy(xh + first, h + cells[layer - 1].h_start + first, (stop - first) * sizeof(floating))
         memcpy(xh + d.input_stride + first, h_layer + first, (stop - first) * sizeof(floating))
         barrier_wait(barrier, team, sense)
-        weights = <const floating*>d.weights
-        for gate in range(4):
-            dot_rows(weights + (gate * H + first) * K, K, stop - first, xh, K, 1, K, z + gate * H + first,
-                     4 * H)
-        pointwise(d, z, <const floating*>d.bias, c_layer, h_layer, first, stop)
+        cell_step_units(d, xh, scratch + regions[WS_Z], scratch + regions[WS_ZX], scratch + regions[WS_HIDDEN],
+                        h_layer, c + d.c_start,
+                        first, stop, team, barrier, sense)
 
 
 cdef struct StepJob:
     # step_stack's arguments, for the parts of one threaded step (see step_part)
     const CellDesc* cells
-    Py_ssize_t num_layers, batch, z_offset, hidden_offset
+    Py_ssize_t num_layers, batch
     const void* x
     void* h
     void* c
     void* scratch
-    const Py_ssize_t* xh_offsets
+    const Py_ssize_t* offsets
     Barrier barrier
 
 
@@ -606,12 +800,12 @@ cdef void step_part(StepJob* job, const floating* x, int part, int parts) noexce
     cdef unsigned int saved_mode = flush_denormals()
     if job.batch == 1:
         step_stack_units(job.cells, job.num_layers, x, <floating*>job.h, <floating*>job.c,
-                         <floating*>job.scratch, job.xh_offsets, job.z_offset, part, parts, &job.barrier, &sense)
+                         <floating*>job.scratch, job.offsets, part, parts, &job.barrier, &sense)
     else:
         split_range(job.batch, TILE_ROWS, part, parts, &first, &stop)
         if stop > first:
             step_stack(job.cells, job.num_layers, job.batch, first, stop - first, x, <floating*>job.h,
-                       <floating*>job.c, <floating*>job.scratch, job.xh_offsets, job.z_offset, job.hidden_offset)
+                       <floating*>job.c, <floating*>job.scratch, job.offsets)
     restore_fp_mode(saved_mode)
 
 
@@ -625,12 +819,12 @@ cdef void step_job_double(void* job, int part, int parts) noexcept nogil:
 
 cdef void input_projection(const CellDesc* d, Py_ssize_t rows, const floating* x,
                            floating* x_proj) noexcept nogil:
-    """x_proj (rows, 4H) = bias + x (rows, I) @ w_ih.T: the input part of every step, before the time loop.
+    """x_proj (rows, G*H) = bias + x (rows, I) @ w_ih.T: the input part of every step, before the time loop.
 
     Float32 on the packed tiles, on the calling thread alone; float64 by BLAS, which may take threads of its
     own, so never call it for float64 inside a parallel region.
     """
-    cdef Py_ssize_t G = 4 * d.hidden_size, n
+    cdef Py_ssize_t G = d.gate_rows, n
     if floating is float:
         if d.packed != NULL:
             packed_gemm(rows, G, d.input_size, x, d.input_size, d.packed, d.row_stride, 0, <const float*>d.bias,
@@ -649,9 +843,11 @@ cdef void recurrence(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, floa
     Every pointer may start at some row of the caller's arrays: the rows touch nothing of other rows, so
     threads may run disjoint row ranges at once.
     """
-    cdef Py_ssize_t H = d.hidden_size, R = d.rec_size, P = d.proj_size
-    cdef Py_ssize_t G = 4 * H, Hs = d.hidden_stride, Rs = d.rec_stride
+    cdef Py_ssize_t H = d.hidden_size, R = d.rec_size, P = d.proj_size, C = d.state_size
+    cdef Py_ssize_t G = d.gate_rows, Hs = d.hidden_stride, Rs = d.rec_stride
     cdef Py_ssize_t b, s, t, n, active_steps = steps
+    cdef Py_ssize_t ld_state = Rs if batch == 1 else R
+    cdef bint reset_first = d.kind == CELL_GRU_RESET_FIRST
     cdef floating* state
     cdef floating* out
 
@@ -665,10 +861,15 @@ cdef void recurrence(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, floa
         memcpy(h_pad, h, R * sizeof(floating))
 
     for s in range(active_steps):
-        if batch == 1:
-            gate_product(d, 1, h_pad, Rs, d.input_stride, Rs, z)
-        else:
-            gate_product(d, batch, h, R, d.input_stride, R, z)
+        gate_product(d, batch, state, ld_state, d.input_stride, ld_state, 0, 2 * H if reset_first else G, z, G)
+        if reset_first:
+            for b in range(batch):
+                n = steps if lengths == NULL else lengths[b]
+                if s < n:
+                    t = n - 1 - s if reverse else s
+                    gru_reset_gates(d, z + b * G, x_proj + (b * steps + t) * G, state + b * R, hidden + b * Hs,
+                                    0, H)
+            gate_product(d, batch, hidden, Hs, d.input_stride, Hs, 2 * H, H, z + 2 * H, G)
         for b in range(batch):
             n = steps if lengths == NULL else lengths[b]
             if s >= n:
@@ -678,7 +879,7 @@ cdef void recurrence(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, floa
                 out = hidden + b * Hs
             else:
                 out = state + b * R
-            pointwise(d, z + b * G, x_proj + (b * steps + t) * G, c + b * H, out)
+            pointwise(d, z + b * G, x_proj + (b * steps + t) * G, c + b * C, state + b * R, out)
         if P:
             # All rows at once (Hs columns: the padding is zero), then only the rows still running take
             # their new state.
@@ -698,18 +899,20 @@ cdef void recurrence(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, floa
 
 
 cdef void recurrence_units(const CellDesc* d, Py_ssize_t length, floating* h, floating* c, floating* y,
-                           Py_ssize_t y_stride, bint reverse, const floating* x_proj, floating* z, floating* h_pads,
-                           int part, int team, Barrier* barrier, int* sense) noexcept nogil:
+                           Py_ssize_t y_stride, bint reverse, const floating* x_proj, floating* z,
+                           floating* hidden, floating* h_pads, int part, int team, Barrier* barrier,
+                           int* sense) noexcept nogil:
     """The time loop of ``run_cell`` at batch 1 (no projection), thread ``part`` of ``team``: this thread's
-    block of hidden units, all four gates, over ``length`` steps.
+    block of hidden units, all gates, over ``length`` steps.
 
     h_pads holds two zero-padded copies of h (2, R_pad): step s reads copy s % 2 whole and writes this
     thread's units of the other, so one meeting per step suffices: after it, every unit of the new h is
-    written and nobody reads the old copy any more.
+    written and nobody reads the old copy any more. A GRU with the reset first meets once more per step,
+    after writing its units of r * h' into ``hidden``, which its candidate's product reads whole.
     """
-    cdef Py_ssize_t H = d.hidden_size, G = 4 * H, K = d.row_stride, Rs = d.rec_stride
-    cdef Py_ssize_t s, t, gate, first, stop
-    cdef const floating* recurrent = <const floating*>d.weights + d.input_stride
+    cdef Py_ssize_t H = d.hidden_size, G = d.gate_rows, Rs = d.rec_stride
+    cdef Py_ssize_t s, t, first, stop
+    cdef bint reset_first = d.kind == CELL_GRU_RESET_FIRST
     cdef floating* h_old
     cdef floating* h_new
     split_range(H, UNIT_GRAIN, part, team, &first, &stop)
@@ -719,10 +922,12 @@ cdef void recurrence_units(const CellDesc* d, Py_ssize_t length, floating* h, fl
         h_old = h_pads + (s % 2) * Rs
         h_new = h_pads + ((s + 1) % 2) * Rs
         t = length - 1 - s if reverse else s
-        for gate in range(4):
-            dot_rows(recurrent + (gate * H + first) * K, K, stop - first, h_old, Rs, 1, Rs,
-                     z + gate * H + first, G)
-        pointwise(d, z, x_proj + t * G, c, h_new, first, stop)
+        units_product(d, h_old, d.input_stride, Rs, 0, 2 if reset_first else G // H, first, stop, z)
+        if reset_first:
+            gru_reset_gates(d, z, x_proj + t * G, h_old, hidden, first, stop)
+            barrier_wait(barrier, team, sense)
+            units_product(d, hidden, d.input_stride, Rs, 2, 1, first, stop, z)
+        pointwise(d, z, x_proj + t * G, c, h_old, h_new, first, stop)
         memcpy(y + t * y_stride + first, h_new + first, (stop - first) * sizeof(floating))
         barrier_wait(barrier, team, sense)
     memcpy(h + first, h_pads + (length % 2) * Rs + first, (stop - first) * sizeof(floating))
@@ -733,7 +938,7 @@ cdef int sequence_team(const CellDesc* d, Py_ssize_t batch, int num_threads) noe
     if num_threads < 2 or d.proj_size:
         return 1
     if batch == 1:
-        if 4 * d.hidden_size * d.rec_stride < UNIT_SPLIT_MIN_WEIGHTS:
+        if d.gate_rows * d.rec_stride < UNIT_SPLIT_MIN_WEIGHTS:
             return 1
         return num_threads
     # Threads over rows, each row range's own time loop: only where no BLAS call would run inside a thread.
@@ -766,7 +971,7 @@ cdef void sequence_part(SequenceJob* job, const floating* x, int part, int parts
     the first meeting); float64 had it projected before, by BLAS, outside the threads.
     """
     cdef const CellDesc* d = job.cell
-    cdef Py_ssize_t G = 4 * d.hidden_size, I = d.input_size, steps = job.steps, first, stop
+    cdef Py_ssize_t G = d.gate_rows, I = d.input_size, steps = job.steps, first, stop
     cdef floating* x_proj = <floating*>job.x_proj
     cdef int sense = 0
     cdef unsigned int saved_mode = flush_denormals()
@@ -776,14 +981,15 @@ cdef void sequence_part(SequenceJob* job, const floating* x, int part, int parts
             input_projection(d, stop - first, x + first * I, x_proj + first * G)
         recurrence_units(d, steps if job.lengths == NULL else job.lengths[0], <floating*>job.h,
                          <floating*>job.c, <floating*>job.y, job.y_stride, job.reverse, x_proj,
-                         <floating*>job.z, <floating*>job.h_pad, part, parts, &job.barrier, &sense)
+                         <floating*>job.z, <floating*>job.hidden, <floating*>job.h_pad, part, parts,
+                         &job.barrier, &sense)
     else:
         split_range(job.batch, TILE_ROWS, part, parts, &first, &stop)
         if stop > first:
             if floating is float:
                 input_projection(d, (stop - first) * steps, x + first * steps * I, x_proj + first * steps * G)
             recurrence(d, stop - first, steps, <floating*>job.h + first * d.rec_size,
-                       <floating*>job.c + first * d.hidden_size,
+                       <floating*>job.c + first * d.state_size,
                        <floating*>job.y + first * steps * job.y_stride, job.y_stride, job.reverse,
                        NULL if job.lengths == NULL else job.lengths + first, x_proj + first * steps * G,
                        <floating*>job.z + first * G, <floating*>job.hidden + first * d.hidden_stride,
@@ -803,11 +1009,11 @@ cdef void run_cell(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, const 
                    floating* c, floating* y, Py_ssize_t y_stride, bint reverse, const int64_t* lengths,
                    floating* x_proj, floating* z, floating* hidden, floating* h_pad,
                    int num_threads) noexcept nogil:
-    """One direction of one layer over x (B, T, I); h (B, R) and c (B, H) in place; writes y[b, t, :R].
+    """One direction of one layer over x (B, T, I); h (B, R) and c (B, C) in place; writes y[b, t, :R].
 
     y points at this direction's first column and advances y_stride per time step. Row b runs its own
     steps 0 .. lengths[b]-1 (all T without lengths), backwards when reverse; other outputs are left alone.
-    Scratch: x_proj (B*T, 4H), z (B, 4H), hidden (B, H_pad), h_pad (max(B, 2), R_pad), the last two zero
+    Scratch: x_proj (B*T, G*H), z (B, G*H), hidden (B, H_pad), h_pad (max(B, 2), R_pad), the last two zero
     on entry. The time loop runs on up to ``num_threads`` threads (``sequence_team``, ``sequence_part``).
     """
     cdef int team = sequence_team(d, batch, num_threads)
@@ -833,29 +1039,40 @@ cdef Py_ssize_t padded(Py_ssize_t n, Py_ssize_t itemsize):
     return (n + lanes - 1) // lanes * lanes
 
 
+# Where each region of a stream's scratch starts (StepWorkspace.offsets[layer * WS_PER_LAYER + WS_*]): per
+# layer its [x | h] rows, its zero-padded hidden rows (the unprojected h of an LSTMP, r * h' of a GRU with
+# the reset first), its gate pre-activations and a GRU's input part. Nothing is shared between layers:
+# threads that split the rows run through the layers without meeting.
+cdef enum:
+    WS_XH = 0
+    WS_HIDDEN = 1
+    WS_Z = 2
+    WS_ZX = 3
+    WS_PER_LAYER = 4
+
+
 cdef class StepWorkspace:
-    """Scratch of one stream: padded [x | h] rows per layer, gate pre-activations, the unprojected h.
+    """Scratch of one stream: padded [x | h] rows and hidden rows per layer, gate pre-activations.
 
     One aligned buffer holds all of it; ``step`` writes only here and into the caller's h and c.
     """
     cdef readonly Py_ssize_t batch_size
     cdef cnp.ndarray buffer
     cdef void* scratch
-    cdef Py_ssize_t* xh_offsets
-    cdef Py_ssize_t z_offset, hidden_offset
+    cdef Py_ssize_t* offsets          # region starts, indexed by the WS_* constants
     cdef object owner                 # the LSTMKernels whose layout the offsets follow
     cdef readonly int threads         # threads per step (LSTMKernels._stream_threads)
-    cdef object last_h, last_output   # the view of h that step returns, reused while h is the same array
 
     def __cinit__(self):
-        self.xh_offsets = NULL
+        self.offsets = NULL
 
     def __dealloc__(self):
-        free(self.xh_offsets)
+        free(self.offsets)
 
 
 cdef class LSTMKernels:
-    """A ModelSpec's LSTM stack packed for the compiled kernels in one dtype; immutable once built.
+    """A ModelSpec's recurrent stack (LSTM, GRU and RNN layers of any sizes) packed for the compiled kernels
+    in one dtype; immutable once built.
 
     ``num_threads`` is the most threads one call may take (1: the calling thread alone).
     """
@@ -868,7 +1085,9 @@ cdef class LSTMKernels:
     cdef list arrays            # owners of the packed arrays the CellDesc pointers point into
     cdef tuple directions       # per layer: 1 or 2
     cdef tuple reverse_layer    # per layer: True for direction "reverse"
-    cdef Py_ssize_t input_size, rec_size, hidden_size, output_size
+    cdef tuple first_cells      # per layer: the index of its first cell
+    cdef Py_ssize_t input_size, h_items, c_items   # I; items of the flat h and c per batch row
+    cdef Py_ssize_t max_gate_rows                  # the widest G*H of all cells
     cdef bint streamable
     cdef Py_ssize_t weights_per_step   # packed weights one batch row of a stream step reads
     cdef readonly int num_threads      # the most threads one call may use
@@ -883,6 +1102,7 @@ cdef class LSTMKernels:
     def __init__(self, dtype, int num_threads, list cells):
         """``cells``: one dict per cell in state order, as ``cython_backend.pack_for_extension`` makes them
         (sizes, strides, activation codes and parameters, flags, and the packed arrays of the layout above)."""
+        cdef CellDesc* d
         if num_threads < 1:
             raise ValueError(f"num_threads: expected a positive integer, got {num_threads}")
         if not cells:
@@ -902,26 +1122,35 @@ cdef class LSTMKernels:
         memset(self.cells, 0, self.num_cells * sizeof(CellDesc))
         self.arrays = []
         directions, reverse_layer = [0] * self.num_layers, [False] * self.num_layers
+        first_cells = [0] * self.num_layers
         self.weights_per_step = 0
+        self.h_items = self.c_items = self.max_gate_rows = 0
         for n, cell in enumerate(cells):
-            self._describe_cell(&self.cells[n], cell)
+            d = &self.cells[n]
+            self._describe_cell(d, cell)
+            d.h_start, d.c_start = self.h_items, self.c_items
+            self.h_items += d.rec_size
+            self.c_items += d.state_size
+            self.max_gate_rows = max(self.max_gate_rows, d.gate_rows)
+            if cell["direction"] == 0:
+                first_cells[cell["layer"]] = n
             directions[cell["layer"]] += 1
             reverse_layer[cell["layer"]] = reverse_layer[cell["layer"]] or (cell["reverse"] and cell["num_directions"] == 1)
             if cell["direction"] == cell["num_directions"] - 1:  # a stream step reads one cell per layer
-                self.weights_per_step += self.cells[n].row_stride * 4 * self.cells[n].hidden_size
+                self.weights_per_step += d.row_stride * d.gate_rows
         self.directions = tuple(directions)
         self.reverse_layer = tuple(reverse_layer)
-        first, last = self.cells[0], self.cells[self.num_cells - 1]
-        self.input_size, self.hidden_size, self.rec_size = first.input_size, first.hidden_size, first.rec_size
-        self.output_size = self.directions[self.num_layers - 1] * last.rec_size
+        self.first_cells = tuple(first_cells)
+        self.input_size = self.cells[0].input_size
+        first_hidden = self.cells[0].hidden_size
         self.streamable = all(not cell["reverse"] for cell in cells)
-        self.steps_threadable = all(cell["proj_size"] == 0 and cell["hidden_size"] == first.hidden_size
+        self.steps_threadable = all(cell["proj_size"] == 0 and cell["hidden_size"] == first_hidden
                                     for cell in cells)
 
     cdef _describe_cell(self, CellDesc* d, dict cell):
         """Point ``d`` at a packed cell's arrays (kept alive in ``self.arrays``) and copy its numbers."""
         cdef cnp.ndarray array
-        for name in ("weights", "packed", "bias", "peephole", "projection"):
+        for name in ("weights", "packed", "bias", "peephole", "projection", "candidate_bias"):
             array = cell[name]
             if array is None:
                 continue
@@ -931,13 +1160,27 @@ cdef class LSTMKernels:
             self.arrays.append(array)
         if (cell["packed"] is None) != self.is_double:
             raise ValueError("LSTMKernels: float32 cells need the packed panels, float64 cells have none")
+        num_gates = cell["num_gates"]
+        if num_gates == 4:
+            d.kind = CELL_LSTM
+        elif num_gates == 3:
+            d.kind = CELL_GRU if cell["linear_before_reset"] else CELL_GRU_RESET_FIRST
+            if cell["candidate_bias"] is None:
+                raise ValueError("LSTMKernels: a GRU cell needs its candidate_bias")
+        elif num_gates == 1:
+            d.kind = CELL_RNN
+        else:
+            raise ValueError(f"LSTMKernels: num_gates must be 4 (LSTM), 3 (GRU) or 1 (RNN), got {num_gates}")
         d.weights = cnp.PyArray_DATA(cell["weights"])
         d.bias = cnp.PyArray_DATA(cell["bias"])
         d.packed = NULL if cell["packed"] is None else <const float*>cnp.PyArray_DATA(cell["packed"])
         d.peephole = NULL if cell["peephole"] is None else cnp.PyArray_DATA(cell["peephole"])
         d.projection = NULL if cell["projection"] is None else cnp.PyArray_DATA(cell["projection"])
+        d.candidate_bias = NULL if cell["candidate_bias"] is None else cnp.PyArray_DATA(cell["candidate_bias"])
         d.input_size, d.hidden_size, d.proj_size = cell["input_size"], cell["hidden_size"], cell["proj_size"]
         d.rec_size = d.proj_size or d.hidden_size
+        d.gate_rows = num_gates * d.hidden_size
+        d.state_size = d.hidden_size if d.kind == CELL_LSTM else 0
         d.input_stride, d.rec_stride = cell["input_stride"], cell["rec_stride"]
         d.row_stride, d.hidden_stride = d.input_stride + d.rec_stride, cell["hidden_stride"]
         d.gate_code, d.cell_code, d.output_code = cell["activation_codes"]
@@ -946,10 +1189,34 @@ cdef class LSTMKernels:
         d.clip = cell["clip"]
         d.input_forget = cell["input_forget"]
         d.standard = cell["standard"]
-        if d.standard:
-            d.pointwise_float, d.pointwise_double = pointwise_standard[float], pointwise_standard[double]
+        if d.kind == CELL_LSTM and d.standard:
+            d.pointwise_float, d.pointwise_double = pointwise_lstm_standard[float], pointwise_lstm_standard[double]
+        elif d.kind == CELL_LSTM:
+            d.pointwise_float, d.pointwise_double = pointwise_lstm_general[float], pointwise_lstm_general[double]
+        elif d.kind == CELL_GRU and d.standard:
+            d.pointwise_float, d.pointwise_double = pointwise_gru_standard[float], pointwise_gru_standard[double]
+        elif d.kind == CELL_GRU:
+            d.pointwise_float, d.pointwise_double = pointwise_gru_general[float], pointwise_gru_general[double]
+        elif d.kind == CELL_GRU_RESET_FIRST:
+            d.pointwise_float = pointwise_gru_reset_first[float]
+            d.pointwise_double = pointwise_gru_reset_first[double]
+        elif d.standard:
+            d.pointwise_float, d.pointwise_double = pointwise_rnn_standard[float], pointwise_rnn_standard[double]
         else:
-            d.pointwise_float, d.pointwise_double = pointwise_general[float], pointwise_general[double]
+            d.pointwise_float, d.pointwise_double = pointwise_rnn_general[float], pointwise_rnn_general[double]
+
+    cdef bint _state_fits(self, cnp.ndarray h, cnp.ndarray c, Py_ssize_t batch):
+        """Whether h and c are C-contiguous, writeable arrays of this dtype holding the flat state of ``batch`` rows."""
+        return (cnp.PyArray_TYPE(h) == self.type_num and cnp.PyArray_TYPE(c) == self.type_num
+                and cnp.PyArray_IS_C_CONTIGUOUS(h) and cnp.PyArray_IS_C_CONTIGUOUS(c)
+                and cnp.PyArray_ISWRITEABLE(h) and cnp.PyArray_ISWRITEABLE(c)
+                and cnp.PyArray_SIZE(h) == batch * self.h_items and cnp.PyArray_SIZE(c) == batch * self.c_items)
+
+    def _state_error(self, str where, h, c, Py_ssize_t batch):
+        return ValueError(
+            f"{where}: h and c must be C-contiguous, writeable {self.dtype} arrays of {batch * self.h_items} and "
+            f"{batch * self.c_items} items (the flat state of {batch} rows); got {np.shape(h)} {h.dtype}, "
+            f"{np.shape(c)} {c.dtype}")
 
     # -------------------------------------------------------------------------------- streaming
     def new_workspace(self, Py_ssize_t batch_size):
@@ -958,63 +1225,52 @@ cdef class LSTMKernels:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
         cdef StepWorkspace ws = StepWorkspace()
         cdef Py_ssize_t layer, offset = 0, lanes = VECTOR_BYTES // self.itemsize
+        cdef const CellDesc* d
         ws.batch_size = batch_size
         ws.owner = self
         ws.threads = self._stream_threads(batch_size)
-        ws.xh_offsets = <Py_ssize_t*>malloc(self.num_layers * sizeof(Py_ssize_t))
-        if ws.xh_offsets == NULL:
+        ws.offsets = <Py_ssize_t*>malloc(WS_PER_LAYER * self.num_layers * sizeof(Py_ssize_t))
+        if ws.offsets == NULL:
             raise MemoryError()
         # Every region starts on a whole vector: offsets are multiples of the lane count.
         for layer in range(self.num_layers):
-            ws.xh_offsets[layer] = offset
-            offset += batch_size * self.cells[self._first_cell(layer)].row_stride
-        ws.z_offset = offset
-        offset += padded(batch_size * 4 * self.hidden_size, self.itemsize)
-        ws.hidden_offset = offset
-        offset += batch_size * self.cells[0].hidden_stride
+            d = &self.cells[self.first_cells[layer]]
+            ws.offsets[layer * WS_PER_LAYER + WS_XH] = offset
+            offset += batch_size * d.row_stride
+            ws.offsets[layer * WS_PER_LAYER + WS_HIDDEN] = offset
+            offset += batch_size * d.hidden_stride
+            ws.offsets[layer * WS_PER_LAYER + WS_Z] = offset
+            offset += padded(batch_size * d.gate_rows, self.itemsize)
+            ws.offsets[layer * WS_PER_LAYER + WS_ZX] = offset
+            if d.kind != CELL_LSTM and d.kind != CELL_RNN:
+                offset += padded(batch_size * d.gate_rows, self.itemsize)
         ws.buffer = aligned_zeros(offset + lanes, self.dtype)
         ws.scratch = cnp.PyArray_DATA(ws.buffer)
         return ws
 
-    cdef Py_ssize_t _first_cell(self, Py_ssize_t layer):
-        cdef Py_ssize_t n = 0, l
-        for l in range(layer):
-            n += self.directions[l]
-        return n
-
     def step(self, cnp.ndarray x not None, cnp.ndarray h not None, cnp.ndarray c not None,
              StepWorkspace workspace not None):
-        """Advance a forward stack one time step in place; returns the last layer's h ``(B, R)``, a view of h.
+        """Advance a forward stack one time step in place.
 
-        ``x`` is ``(B, I)`` (or ``(I,)`` at batch 1), ``h`` ``(L, B, R)``, ``c`` ``(L, B, H)``, all C-contiguous of
-        this dtype; B is the workspace's batch size. The checks are C macros on the array headers, so a call
-        costs little beyond them. The GIL is released when a step reads 64K weights or more: releasing and
-        re-taking it costs about 45 ns, a few percent of a smaller step, which no other thread could use.
+        ``x`` is ``(B, I)`` (or ``(I,)`` at batch 1); ``h`` and ``c`` hold the flat state (layout in
+        fastlstm.backends.base; any shape of that memory, 1-D as fastlstm.model passes it); all C-contiguous
+        of this dtype; B is the workspace's batch size. The checks are C macros on the array headers, so a
+        call costs little beyond them. The GIL is released when a step reads 64K weights or more: releasing
+        and re-taking it costs about 45 ns, a few percent of a smaller step, which no other thread could use.
         """
         cdef Py_ssize_t batch = workspace.batch_size
         if not self.streamable:
             raise ValueError("step(): only models whose layers are all forward can be stepped")
         if workspace.owner is not self:
             raise ValueError("step(): the workspace was made by another model's new_workspace()")
-        if not (cnp.PyArray_TYPE(x) == self.type_num and cnp.PyArray_TYPE(h) == self.type_num
-                and cnp.PyArray_TYPE(c) == self.type_num):
-            raise ValueError(f"step(): x, h and c must be {self.dtype} arrays")
-        if not (cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_IS_C_CONTIGUOUS(h)
-                and cnp.PyArray_IS_C_CONTIGUOUS(c) and cnp.PyArray_ISWRITEABLE(h)
-                and cnp.PyArray_ISWRITEABLE(c)):
-            raise ValueError("step(): x, h and c must be C-contiguous, h and c writeable")
-        cdef bint x_fits = (
-            (cnp.PyArray_NDIM(x) == 2 and cnp.PyArray_DIM(x, 0) == batch and cnp.PyArray_DIM(x, 1) == self.input_size)
-            or (cnp.PyArray_NDIM(x) == 1 and batch == 1 and cnp.PyArray_DIM(x, 0) == self.input_size))
-        if not (x_fits
-                and cnp.PyArray_NDIM(h) == 3 and cnp.PyArray_DIM(h, 0) == self.num_layers
-                and cnp.PyArray_DIM(h, 1) == batch and cnp.PyArray_DIM(h, 2) == self.rec_size
-                and cnp.PyArray_NDIM(c) == 3 and cnp.PyArray_DIM(c, 0) == self.num_layers
-                and cnp.PyArray_DIM(c, 1) == batch and cnp.PyArray_DIM(c, 2) == self.hidden_size):
-            raise ValueError(
-                f"step(): expected x ({batch}, {self.input_size}), h ({self.num_layers}, {batch}, "
-                f"{self.rec_size}), c ({self.num_layers}, {batch}, {self.hidden_size}); got "
-                f"{np.shape(x)}, {np.shape(h)}, {np.shape(c)}")
+        if not (cnp.PyArray_TYPE(x) == self.type_num and cnp.PyArray_IS_C_CONTIGUOUS(x)):
+            raise ValueError(f"step(): x must be a C-contiguous {self.dtype} array")
+        if not ((cnp.PyArray_NDIM(x) == 2 and cnp.PyArray_DIM(x, 0) == batch
+                 and cnp.PyArray_DIM(x, 1) == self.input_size)
+                or (cnp.PyArray_NDIM(x) == 1 and batch == 1 and cnp.PyArray_DIM(x, 0) == self.input_size)):
+            raise ValueError(f"step(): expected x ({batch}, {self.input_size}), got {np.shape(x)}")
+        if not self._state_fits(h, c, batch):
+            raise self._state_error("step()", h, c, batch)
         cdef void* xp = cnp.PyArray_DATA(x)
         cdef void* hp = cnp.PyArray_DATA(h)
         cdef void* cp = cnp.PyArray_DATA(c)
@@ -1023,26 +1279,21 @@ cdef class LSTMKernels:
                 self._step(batch, xp, hp, cp, workspace)
         else:
             self._step(batch, xp, hp, cp, workspace)
-        if workspace.last_h is not h:
-            workspace.last_h = h
-            workspace.last_output = h[self.num_layers - 1]
-        return workspace.last_output
 
     cdef void _step(self, Py_ssize_t batch, void* x, void* h, void* c, StepWorkspace ws) noexcept nogil:
         cdef unsigned int saved_mode = flush_denormals()
         cdef StepJob job
         if ws.threads > 1:
-            job.cells, job.num_layers, job.batch = self.cells, self.num_layers, batch
-            job.z_offset, job.hidden_offset, job.xh_offsets = ws.z_offset, ws.hidden_offset, ws.xh_offsets
+            job.cells, job.num_layers, job.batch, job.offsets = self.cells, self.num_layers, batch, ws.offsets
             job.x, job.h, job.c, job.scratch = x, h, c, ws.scratch
             barrier_init(&job.barrier)
             run_parallel(step_job_double if self.is_double else step_job_float, &job, ws.threads)
         elif self.is_double:
             step_stack[double](self.cells, self.num_layers, batch, 0, batch, <double*>x, <double*>h,
-                               <double*>c, <double*>ws.scratch, ws.xh_offsets, ws.z_offset, ws.hidden_offset)
+                               <double*>c, <double*>ws.scratch, ws.offsets)
         else:
             step_stack[float](self.cells, self.num_layers, batch, 0, batch, <float*>x, <float*>h, <float*>c,
-                              <float*>ws.scratch, ws.xh_offsets, ws.z_offset, ws.hidden_offset)
+                              <float*>ws.scratch, ws.offsets)
         restore_fp_mode(saved_mode)
 
     cdef int _stream_threads(self, Py_ssize_t batch):
@@ -1065,23 +1316,16 @@ cdef class LSTMKernels:
 
     def run_sequence(self, cnp.ndarray x not None, cnp.ndarray h not None, cnp.ndarray c not None,
                      lengths=None):
-        """Every layer over x (B, T, I); h (rows, B, R) and c (rows, B, H) hold the initial state and get
-        the final one. Returns the last layer's output (B, T, D * R). Semantics of ``lengths`` as in
+        """Every layer over x (B, T, I); h and c (the flat state, as in ``step``) hold the initial state and
+        get the final one. Returns the last layer's output (B, T, D * R). Semantics of ``lengths`` as in
         ``PreparedLSTM.run_sequence``."""
-        if not (cnp.PyArray_TYPE(x) == self.type_num and cnp.PyArray_TYPE(h) == self.type_num
-                and cnp.PyArray_TYPE(c) == self.type_num):
-            raise ValueError(f"run_sequence(): x, h and c must be {self.dtype} arrays")
-        if not (cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_IS_C_CONTIGUOUS(h)
-                and cnp.PyArray_IS_C_CONTIGUOUS(c) and cnp.PyArray_ISWRITEABLE(h)
-                and cnp.PyArray_ISWRITEABLE(c)):
-            raise ValueError("run_sequence(): x, h and c must be C-contiguous, h and c writeable")
+        if not (cnp.PyArray_TYPE(x) == self.type_num and cnp.PyArray_IS_C_CONTIGUOUS(x)):
+            raise ValueError(f"run_sequence(): x must be a C-contiguous {self.dtype} array")
+        if x.ndim != 3 or x.shape[2] != self.input_size:
+            raise ValueError(f"run_sequence(): expected x (B, T, {self.input_size}), got {np.shape(x)}")
         cdef Py_ssize_t batch = x.shape[0], steps = x.shape[1]
-        if (x.ndim != 3 or x.shape[2] != self.input_size
-                or (<object>h).shape != (self.num_cells, batch, self.rec_size)
-                or (<object>c).shape != (self.num_cells, batch, self.hidden_size)):
-            raise ValueError(
-                f"run_sequence(): expected x (B, T, {self.input_size}), h ({self.num_cells}, B, {self.rec_size}), "
-                f"c ({self.num_cells}, B, {self.hidden_size}); got {np.shape(x)}, {np.shape(h)}, {np.shape(c)}")
+        if not self._state_fits(h, c, batch):
+            raise self._state_error("run_sequence()", h, c, batch)
         cdef cnp.ndarray lengths_array = None
         cdef const int64_t* lengths_ptr = NULL
         if lengths is not None:
@@ -1092,11 +1336,11 @@ cdef class LSTMKernels:
                 raise ValueError(f"lengths: expected values in [1, {steps}]")
             lengths_ptr = <const int64_t*>cnp.PyArray_DATA(lengths_array)
 
-        cdef Py_ssize_t R = self.rec_size, H = self.hidden_size, lanes = VECTOR_BYTES // self.itemsize
+        cdef Py_ssize_t lanes = VECTOR_BYTES // self.itemsize
         cdef Py_ssize_t layer, direction, cell_index = 0, num_dirs
         cdef cnp.ndarray layer_input = x, layer_output
-        cdef cnp.ndarray x_proj = np.empty((batch * steps, 4 * H), dtype=self.dtype)
-        cdef cnp.ndarray z = np.empty((batch, 4 * H), dtype=self.dtype)
+        cdef cnp.ndarray x_proj = np.empty((batch * steps, self.max_gate_rows), dtype=self.dtype)
+        cdef cnp.ndarray z = np.empty((batch, self.max_gate_rows), dtype=self.dtype)
         cdef cnp.ndarray hidden, h_pad
         cdef const CellDesc* d
         cdef bint reverse
@@ -1107,7 +1351,7 @@ cdef class LSTMKernels:
         cdef Py_ssize_t out_width
         for layer in range(self.num_layers):
             num_dirs = self.directions[layer]
-            out_width = num_dirs * R
+            out_width = num_dirs * self.cells[cell_index].rec_size
             make = np.zeros if lengths is not None else np.empty  # outputs past a row's length are zero
             layer_output = make((batch, steps, out_width), dtype=self.dtype)
             out_base = <char*>cnp.PyArray_DATA(layer_output)
@@ -1121,18 +1365,18 @@ cdef class LSTMKernels:
                     if self.is_double:
                         run_cell[double](
                             d, batch, steps, <const double*>cnp.PyArray_DATA(layer_input),
-                            <double*>(h_base + cell_index * batch * R * self.itemsize),
-                            <double*>(c_base + cell_index * batch * H * self.itemsize),
-                            <double*>out_base + direction * R, out_width, reverse, lengths_ptr,
+                            <double*>(h_base + batch * d.h_start * self.itemsize),
+                            <double*>(c_base + batch * d.c_start * self.itemsize),
+                            <double*>out_base + direction * d.rec_size, out_width, reverse, lengths_ptr,
                             <double*>cnp.PyArray_DATA(x_proj), <double*>cnp.PyArray_DATA(z),
                             <double*>cnp.PyArray_DATA(hidden), <double*>cnp.PyArray_DATA(h_pad),
                             self.num_threads)
                     else:
                         run_cell[float](
                             d, batch, steps, <const float*>cnp.PyArray_DATA(layer_input),
-                            <float*>(h_base + cell_index * batch * R * self.itemsize),
-                            <float*>(c_base + cell_index * batch * H * self.itemsize),
-                            <float*>out_base + direction * R, out_width, reverse, lengths_ptr,
+                            <float*>(h_base + batch * d.h_start * self.itemsize),
+                            <float*>(c_base + batch * d.c_start * self.itemsize),
+                            <float*>out_base + direction * d.rec_size, out_width, reverse, lengths_ptr,
                             <float*>cnp.PyArray_DATA(x_proj), <float*>cnp.PyArray_DATA(z),
                             <float*>cnp.PyArray_DATA(hidden), <float*>cnp.PyArray_DATA(h_pad),
                             self.num_threads)

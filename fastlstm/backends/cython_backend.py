@@ -1,8 +1,9 @@
 """The Cython backend: the compiled kernels of ``fastlstm.backends._cykernels`` behind ``PreparedLSTM``.
 
-``pack_for_extension`` turns the planner's cells into the extension's layout (described in its docstring)
-with NumPy; the extension's ``LSTMKernels`` receives those arrays and numbers and reads nothing of the
-spec. A stream's ``step`` is that object's compiled method itself, so a call goes from ``Stream.step``
+``pack_for_extension`` turns the planner's cells (LSTM, GRU and simple RNN, of any sizes) into the
+extension's layout (described in its docstring) with NumPy; the extension's ``LSTMKernels`` receives those
+arrays and numbers and reads nothing of the spec. Its kernels take the flat state of ``fastlstm.backends.base``
+as it is. A stream's ``step`` is that object's compiled method itself, so a call goes from ``Stream.step``
 straight into C with no Python frame in between. ``num_threads`` caps the extension's threads; it decides
 per call shape how many pay (by hidden units at batch 1, by batch rows above).
 """
@@ -14,7 +15,6 @@ import numpy as np
 from ..spec import ModelSpec
 from ._cells import CellPlan, aligned_zeros, padded, plan_cells
 from .base import PreparedLSTM
-from .numba_backend import _stacked_state, _uniform_lstm_only
 
 try:
     from . import _cykernels
@@ -26,37 +26,43 @@ except ImportError as exc:  # not compiled in this checkout
 
 
 def pack_for_extension(plan: CellPlan, dtype: np.dtype) -> dict:
-    """One cell in the extension's layout: padded ``[w_ih | 0 | w_hh | 0]`` rows, float32 GEMM panels,
-    bias, peepholes and the padded projection, with the sizes, strides, codes and flags ``LSTMKernels``
-    reads."""
+    """One cell in the extension's layout: padded ``[w_ih | 0 | w_hh | 0]`` rows (G*H of them), float32 GEMM
+    panels, bias, peepholes, the GRU candidate bias and the padded projection, with the sizes, strides, codes
+    and flags ``LSTMKernels`` reads."""
     H, I, P, R = plan.hidden_size, plan.input_size, plan.proj_size, plan.recurrent_size
+    G = plan.num_gates * H
     Ip, Rp, Hp = padded(I, dtype), padded(R, dtype), padded(H, dtype)
     K = Ip + Rp
-    weights = aligned_zeros(4 * H * K, dtype).reshape(4 * H, K)
+    weights = aligned_zeros(G * K, dtype).reshape(G, K)
     weights[:, :I] = plan.w_ih
     weights[:, Ip:Ip + R] = plan.w_hh
-    bias = aligned_zeros(4 * H, dtype)
+    bias = aligned_zeros(G, dtype)
     bias[:] = plan.bias
     packed = None
     if dtype == np.float32:
         # Panels of PANEL_ROWS gate rows, each stored k-major: packed[p, k, j] = weights[p * PANEL_ROWS + j, k].
         panel = _cykernels.PANEL_ROWS
-        panels = -(-4 * H // panel)
+        panels = -(-G // panel)
         rows = np.zeros((panels * panel, K), dtype)
-        rows[:4 * H] = weights
+        rows[:G] = weights
         packed = aligned_zeros(panels * K * panel, dtype).reshape(panels, K, panel)
         packed[:] = rows.reshape(panels, panel, K).transpose(0, 2, 1)
     projection = None
     if P:
         projection = aligned_zeros(P * Hp, dtype).reshape(P, Hp)
         projection[:, :H] = plan.w_hr
+
+    def contiguous(array):
+        return None if array is None else np.ascontiguousarray(array, dtype=dtype)
+
     return dict(
         layer=plan.layer, direction=plan.direction, num_directions=plan.num_directions, reverse=plan.reverse,
+        num_gates=plan.num_gates, linear_before_reset=plan.linear_before_reset,
         input_size=I, hidden_size=H, proj_size=P, input_stride=Ip, rec_stride=Rp, hidden_stride=Hp,
         activation_codes=plan.activation_codes, activation_params=plan.activation_params, clip=plan.clip,
         input_forget=plan.input_forget, standard=plan.standard,
         weights=weights, packed=packed, bias=bias, projection=projection,
-        peephole=None if plan.peephole is None else np.ascontiguousarray(plan.peephole, dtype=dtype),
+        peephole=contiguous(plan.peephole), candidate_bias=contiguous(plan.candidate_bias),
     )
 
 
@@ -67,18 +73,14 @@ class CythonLSTM(PreparedLSTM):
         super().__init__(spec, dtype, num_threads)
         cells = [pack_for_extension(plan, self.dtype) for plan in plan_cells(spec)]
         self._kernels = _cykernels.LSTMKernels(self.dtype, num_threads, cells)
-
-    @classmethod
-    def unsupported(cls, spec):
-        return _uniform_lstm_only(spec)
+        # The bound compiled method shadows the class's `step` below: one call layer less per stream step.
+        self.step = self._kernels.step
 
     def run_sequence(self, x, h, c, lengths=None):
-        h, c = _stacked_state(self.spec, h, c, x.shape[0])
         return self._kernels.run_sequence(x, h, c, lengths)
 
     def new_workspace(self, batch_size):
         return self._kernels.new_workspace(batch_size)
 
     def step(self, x, h, c, workspace):
-        h, c = _stacked_state(self.spec, h, c, workspace.batch_size)
-        return self._kernels.step(x, h, c, workspace)
+        self._kernels.step(x, h, c, workspace)
