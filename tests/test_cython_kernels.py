@@ -4,8 +4,10 @@ The shared backend suite compares every backend with the NumPy reference; these 
 backend has: its C copies of Python constants, its float32 rational tanh/sigmoid, its activation switch,
 each kernel path (hand-written loop at batch 1 and small batches, BLAS GEMV above the size threshold,
 BLAS GEMM at larger batches, the float32 tiles over prepacked weights, projection tails, several pointwise
-chunks), the threaded paths (hidden units split over threads at batch 1, rows split above; each against the
-reference and against one thread), the floating-point mode it restores, and its import error.
+chunks) for every cell kind (LSTM, GRU in both variants, simple RNN) and for stacks of mixed kinds and
+sizes on the flat state, the threaded paths (hidden units split over threads at batch 1, rows split above;
+each against the reference and against one thread), the floating-point mode it restores, and its import
+error.
 """
 
 from __future__ import annotations
@@ -17,13 +19,20 @@ import sys
 import threading
 import time
 
+import dataclasses
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import fastlstm
 from fastlstm import fast_activations
 from fastlstm.activations import SIGMOID, TANH, Activation, apply_activation
+from fastlstm.backends.base import flat_state_sizes
 from fastlstm.backends.numpy_backend import NumpyLSTM
 from fastlstm.spec import LSTMCellWeights, LSTMLayer, ModelSpec
+from random_models import random_cell, random_stack
 
 cy = pytest.importorskip("fastlstm.backends._cykernels", reason="the Cython extension is not built")
 from fastlstm.backends.cython_backend import CythonLSTM  # noqa: E402
@@ -69,11 +78,12 @@ def make_spec(rng, input_size, hidden, *, layers=1, proj=0, direction="forward",
 
 
 def run_both(spec, dtype, x, lengths=None, seed=0, num_threads=1):
+    """The reference's and this backend's ``(y, h, c)`` from one random initial state, in the flat 1-D
+    layout fastlstm.model passes."""
     rng = np.random.default_rng(seed)
-    h_size, c_size = spec.state_sizes()
-    shape = (spec.num_state_rows, x.shape[0])
-    h0 = rng.normal(0, 0.5, shape + (h_size,)).astype(dtype)
-    c0 = rng.normal(0, 0.5, shape + (c_size,)).astype(dtype)
+    h_items, c_items = flat_state_sizes(spec, x.shape[0])
+    h0 = rng.normal(0, 0.5, h_items).astype(dtype)
+    c0 = rng.normal(0, 0.5, c_items).astype(dtype)
     results = []
     for backend in (NumpyLSTM(spec, dtype), CythonLSTM(spec, dtype, num_threads)):
         h, c = h0.copy(), c0.copy()
@@ -354,3 +364,228 @@ def test_missing_extension_raises_import_error_saying_how_to_build(monkeypatch):
     monkeypatch.delitem(sys.modules, "fastlstm.backends.cython_backend")
     with pytest.raises(ImportError, match=r"not built.*pip install -e \."):
         importlib.import_module("fastlstm.backends.cython_backend")
+
+
+# ---------------------------------------------------------------------------------------------- GRU, RNN, mixed stacks
+def make_layer(rng, kind, input_size, hidden, *, direction="forward", proj=0, peepholes=False,
+               linear_before_reset=True, gate=SIGMOID, cell=TANH, clip=None, scale=0.3):
+    """One layer of any kind with random weights; ``gate`` and ``cell`` are the activations the kind uses
+    (a GRU both, an RNN ``cell`` only, an LSTM both with tanh on c)."""
+    cells = tuple(random_cell(rng, input_size, hidden, proj, peepholes, scale, kind)
+                  for _ in range(2 if direction == "bidirectional" else 1))
+    return LSTMLayer(input_size, hidden, cells, direction, proj, SIGMOID if kind == "rnn" else gate, cell,
+                     clip=clip, kind=kind, linear_before_reset=linear_before_reset if kind == "gru" else True)
+
+
+def make_stack(rng, input_size, *layers):
+    """A validated spec of ``layers``, each ``(kind, hidden, options)``, the input sizes chained."""
+    result, size = [], input_size
+    for kind, hidden, options in layers:
+        layer = make_layer(rng, kind, size, hidden, **options)
+        result.append(layer)
+        size = layer.num_directions * layer.output_size
+    return ModelSpec(tuple(result)).validate()
+
+
+RESET_FIRST = dict(linear_before_reset=False)
+GENERAL_GRU = dict(gate=Activation.of("hard_sigmoid"), cell=Activation.of("softsign"), clip=0.9)
+KIND_CASES = {
+    # name: (layers, batch); GRU rows of a reset-first candidate start a float32 panel at H = 16, not at 13
+    "gru, hand gemv": ([("gru", 13, {})], 1),
+    "gru reset first, hand gemv": ([("gru", 13, RESET_FIRST)], 1),
+    "gru, hand loop batch": ([("gru", 13, {})], 3),
+    "gru reset first, hand loop batch": ([("gru", 13, RESET_FIRST)], 3),
+    "gru reset first, candidate rows on a panel": ([("gru", 16, RESET_FIRST)], 3),
+    "gru, gemm batch": ([("gru", 21, {})], 12),
+    "gru reset first, gemm batch": ([("gru", 21, RESET_FIRST)], 12),
+    "gru, several pointwise chunks": ([("gru", 70, {})], 2),
+    "gru, activations with parameters and clip": ([("gru", 11, GENERAL_GRU)], 3),
+    "gru reset first, activations and clip": ([("gru", 11, dict(GENERAL_GRU, **RESET_FIRST))], 3),
+    "gru bidirectional then reverse": ([("gru", 9, dict(direction="bidirectional")),
+                                        ("gru", 9, dict(direction="reverse", **RESET_FIRST))], 3),
+    "rnn tanh": ([("rnn", 13, {})], 1),
+    "rnn tanh, several pointwise chunks, gemm batch": ([("rnn", 70, dict(scale=0.1))], 11),
+    "rnn relu": ([("rnn", 12, dict(cell=Activation.of("relu")))], 3),
+    "rnn leaky relu with alpha": ([("rnn", 12, dict(cell=Activation.of("leaky_relu", alpha=0.2)))], 1),
+    "rnn scaled tanh with clip": ([("rnn", 12, dict(cell=Activation.of("scaled_tanh", alpha=1.3, beta=0.7),
+                                                   clip=0.5))], 10),
+    "rnn bidirectional": ([("rnn", 8, dict(direction="bidirectional"))], 3),
+    "mixed kinds and sizes": ([("lstm", 11, dict(proj=6, peepholes=True)), ("gru", 17, dict(direction="bidirectional")),
+                               ("rnn", 5, {}), ("gru", 9, RESET_FIRST), ("lstm", 20, {})], 3),
+    "mixed kinds and sizes, batch 1": ([("rnn", 30, dict(direction="reverse")), ("lstm", 7, {}),
+                                        ("gru", 12, RESET_FIRST)], 1),
+    "mixed kinds and sizes, gemm batch": ([("gru", 6, {}), ("lstm", 24, dict(direction="bidirectional")),
+                                           ("rnn", 10, {})], 13),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", KIND_CASES)
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_every_kind_run_sequence_matches_reference(case, dtype, with_lengths):
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    layers, batch = KIND_CASES[case]
+    spec = make_stack(rng, 6, *layers)
+    steps = 7
+    x = rng.normal(0, 1, (batch, steps, 6))
+    lengths = rng.integers(1, steps + 1, batch) if with_lengths else None
+    assert_close(run_both(spec, dtype, x, lengths), dtype)
+
+
+STEP_CASES = {name: case for name, case in KIND_CASES.items()
+              if all(options.get("direction", "forward") == "forward" for _, _, options in case[0])}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_every_kind_step_matches_reference_on_the_flat_state(case, dtype):
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    layers, batch = STEP_CASES[case]
+    spec = make_stack(rng, 6, *layers)
+    reference, backend = NumpyLSTM(spec, dtype), CythonLSTM(spec, dtype)
+    h_items, c_items = flat_state_sizes(spec, batch)
+    h_ref, c_ref = rng.normal(0, 0.5, h_items).astype(dtype), rng.normal(0, 0.5, c_items).astype(dtype)
+    h, c = h_ref.copy(), c_ref.copy()
+    workspace = backend.new_workspace(batch)
+    for _ in range(5):
+        x = rng.normal(0, 1, (batch, 6)).astype(dtype)
+        reference.step(x, h_ref, c_ref, None)
+        assert backend.step(x, h, c, workspace) is None
+        np.testing.assert_allclose(h, h_ref, rtol=0, atol=TOLERANCE[dtype])
+    np.testing.assert_allclose(c, c_ref, rtol=0, atol=TOLERANCE[dtype])
+
+
+def test_stacked_state_arrays_are_the_flat_state():
+    # PyTorch's (rows, B, size) arrays of an equal-sized stack are the flat state's memory: same results.
+    rng = np.random.default_rng(11)
+    spec = make_spec(rng, 5, 8, layers=2)
+    backend = CythonLSTM(spec, np.float64)
+    x = rng.normal(0, 1, (3, 4, 5))
+    h0, c0 = rng.normal(0, 0.5, (2, 3, 8)), rng.normal(0, 0.5, (2, 3, 8))
+    h3, c3, h1, c1 = h0.copy(), c0.copy(), h0.ravel().copy(), c0.ravel().copy()
+    np.testing.assert_array_equal(backend.run_sequence(x, h3, c3), backend.run_sequence(x, h1, c1))
+    np.testing.assert_array_equal(h3.ravel(), h1)
+    np.testing.assert_array_equal(c3.ravel(), c1)
+
+
+def test_state_of_the_wrong_size_is_rejected():
+    rng = np.random.default_rng(12)
+    spec = make_stack(rng, 3, ("gru", 4, {}), ("lstm", 6, {}))
+    backend = CythonLSTM(spec, np.float32)
+    workspace = backend.new_workspace(2)
+    x, h, c = np.zeros((2, 3), np.float32), np.zeros(2 * 10, np.float32), np.zeros(2 * 6, np.float32)
+    backend.step(x, h, c, workspace)
+    with pytest.raises(ValueError, match="20 and 12 items"):
+        backend.step(x, h[:-1], c, workspace)
+    with pytest.raises(ValueError, match="20 and 12 items"):
+        backend.run_sequence(np.zeros((2, 4, 3), np.float32), h, np.zeros(2 * 10, np.float32))
+    with pytest.raises(ValueError, match="writeable"):
+        h.flags.writeable = False
+        backend.step(x, h, c, workspace)
+
+
+# Unit splits at batch 1 from 64K recurrent weights per cell (3H x H_pad: H = 160 for a GRU, 1 x H_pad: H = 260
+# for an RNN); rows split above (float64 while each thread has at most 8 rows).
+THREADED_KIND_CASES = {
+    # name: (layers, batch, threads taken in float32, in float64)
+    "gru unit split": ([("gru", 160, dict(scale=0.1))], 1, 2, 2),
+    "gru reset first unit split, bidirectional": ([("gru", 165, dict(scale=0.1, direction="bidirectional",
+                                                                      **RESET_FIRST))], 1, 2, 2),
+    "rnn unit split, reversed": ([("rnn", 260, dict(scale=0.05, direction="reverse"))], 1, 2, 2),
+    "gru below the unit split threshold": ([("gru", 140, dict(scale=0.1))], 1, 1, 1),
+    "gru reset first rows split": ([("gru", 21, RESET_FIRST)], 3, 2, 2),
+    "mixed rows split": ([("gru", 13, {}), ("rnn", 9, {}), ("lstm", 7, {})], 20, 2, 1),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", THREADED_KIND_CASES)
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_threaded_kinds_run_sequence_match_reference_and_one_thread(case, dtype, with_lengths):
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    layers, batch, threads_float32, threads_float64 = THREADED_KIND_CASES[case]
+    spec = make_stack(rng, 8, *layers)
+    assert CythonLSTM(spec, dtype, 2)._kernels.sequence_threads(batch) == (
+        threads_float32 if dtype == np.float32 else threads_float64)
+    steps = 6
+    x = rng.normal(0, 0.3, (batch, steps, 8))
+    lengths = rng.integers(1, steps + 1, batch) if with_lengths else None
+    threaded = run_both(spec, dtype, x, lengths, num_threads=2)
+    assert_close(threaded, dtype)
+    single = run_both(spec, dtype, x, lengths, num_threads=1)
+    for got, expected in zip(threaded[1], single[1]):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE[dtype] / 10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("layers", "batch", "threads"), [
+    ([("gru", 192, {}), ("gru", 192, {})], 1, 2),                               # 368K weights per step
+    ([("gru", 192, RESET_FIRST), ("rnn", 192, {}), ("lstm", 192, {})], 1, 2),  # one more meeting for r * h'
+    ([("gru", 192, {}), ("gru", 96, {}), ("lstm", 192, {})], 1, 1),            # sizes differ: one thread
+    ([("gru", 21, RESET_FIRST), ("rnn", 21, {})], 70, 2),                      # rows split
+])
+def test_threaded_kinds_step_matches_reference(dtype, layers, batch, threads):
+    rng = np.random.default_rng(batch + len(layers))
+    spec = make_stack(rng, 64, *((kind, hidden, dict(options, scale=0.08)) for kind, hidden, options in layers))
+    reference, backend = NumpyLSTM(spec, dtype), CythonLSTM(spec, dtype, num_threads=2)
+    workspace = backend.new_workspace(batch)
+    assert workspace.threads == (1 if dtype == np.float64 and batch > 16 else threads)
+    h_items, c_items = flat_state_sizes(spec, batch)
+    states = [np.zeros(h_items, dtype), np.zeros(c_items, dtype), np.zeros(h_items, dtype), np.zeros(c_items, dtype)]
+    for _ in range(4):
+        x = rng.normal(0, 0.3, (batch, 64)).astype(dtype)
+        reference.step(x, states[0], states[1], None)
+        backend.step(x, states[2], states[3], workspace)
+        np.testing.assert_allclose(states[2], states[0], rtol=0, atol=TOLERANCE[dtype])
+    np.testing.assert_allclose(states[3], states[1], rtol=0, atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_streams_of_mixed_stacks_equal_predict(dtype, batch):
+    rng = np.random.default_rng(13)
+    spec = make_stack(rng, 4, ("gru", 10, RESET_FIRST), ("lstm", 6, dict(proj=3)), ("rnn", 8, {}), ("gru", 5, {}))
+    model = fastlstm.Model(spec, backend="cython", dtype=dtype)
+    assert model.backend == "cython"
+    x = rng.normal(0, 1, (batch, 9, 4))
+    expected = model.predict(x)
+    stream = model.stream(batch_size=batch)
+    streamed = np.stack([stream.step(x[:, t]) for t in range(9)], axis=1)
+    np.testing.assert_allclose(streamed, expected, rtol=0, atol=TOLERANCE[np.dtype(dtype).type])
+
+
+@st.composite
+def mixed_stacks(draw):
+    """A random stack of 1 to 3 layers of any kinds, sizes and directions, with its input and lengths."""
+    count = draw(st.integers(1, 3))
+    kinds = draw(st.lists(st.sampled_from(["lstm", "gru", "rnn"]), min_size=count, max_size=count))
+    sizes = draw(st.lists(st.integers(1, 40), min_size=count, max_size=count))
+    directions = draw(st.lists(st.sampled_from(["forward", "reverse", "bidirectional"]), min_size=count,
+                               max_size=count))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    spec = random_stack(rng, kinds, sizes, input_size=draw(st.integers(1, 20)), directions=directions,
+                        linear_before_reset=draw(st.booleans()), scale=0.2)
+    batch, steps = draw(st.integers(1, 12)), draw(st.integers(1, 8))
+    x = rng.normal(0, 1, (batch, steps, spec.input_size))
+    lengths = rng.integers(1, steps + 1, batch) if draw(st.booleans()) else None
+    return spec, x, lengths, draw(st.sampled_from([np.float32, np.float64])), draw(st.sampled_from([1, 2]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=mixed_stacks())
+def test_random_mixed_stacks_match_reference(case):
+    """Whole sequences against the reference; forward stacks also step by step against its sequence."""
+    spec, x, lengths, dtype, num_threads = case
+    results = run_both(spec, dtype, x, lengths, num_threads=num_threads)
+    assert_close(results, dtype)
+    if all(layer.direction == "forward" for layer in spec.layers) and lengths is None:
+        batch, steps, _ = x.shape
+        h_items, c_items = flat_state_sizes(spec, batch)
+        y_ref = NumpyLSTM(spec, dtype).run_sequence(x.astype(dtype), np.zeros(h_items, dtype), np.zeros(c_items, dtype))
+        backend = CythonLSTM(spec, dtype, num_threads)
+        h, c = np.zeros(h_items, dtype), np.zeros(c_items, dtype)
+        workspace = backend.new_workspace(batch)
+        for t in range(steps):
+            backend.step(np.ascontiguousarray(x[:, t], dtype=dtype), h, c, workspace)
+            top = h[h_items - batch * spec.layers[-1].output_size:].reshape(batch, -1)  # the last layer's block
+            np.testing.assert_allclose(top, y_ref[:, t], rtol=0, atol=TOLERANCE[dtype])
