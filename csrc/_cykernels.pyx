@@ -749,15 +749,17 @@ cdef void step_stack_units(const CellDesc* cells, Py_ssize_t num_layers, const f
                            floating* c, floating* scratch, const Py_ssize_t* offsets,
                            int part, int team, Barrier* barrier, int* sense) noexcept nogil:
     """``step_stack`` at batch 1, thread ``part`` of ``team``: this thread's block of hidden units, all gates,
-    in every layer (no projection; every layer of the same H, so a thread's units of one layer's output are
-    the ones it feeds to the next).
+    in every layer (no projection).
 
     Per layer the thread copies its own units of the layer input and of h into the scratch [x | h], waits
     for the others (then [x | h] is whole, and nobody reads this layer's h any more), multiplies its gate
-    rows and updates its units of c and h (``cell_step_units``).
+    rows and updates its units of c and h (``cell_step_units``). Where a layer has the H of the one before,
+    the units a thread feeds on are the ones it has just computed; where H changes, the threads meet once
+    more first, so that the previous layer's output is whole before each copies its share of it.
     """
-    cdef Py_ssize_t layer, H, first, stop
+    cdef Py_ssize_t layer, H, first, stop, input_first, input_stop
     cdef const CellDesc* d
+    cdef const CellDesc* previous
     cdef const Py_ssize_t* regions
     cdef floating* xh
     cdef floating* h_layer
@@ -772,7 +774,13 @@ cdef void step_stack_units(const CellDesc* cells, Py_ssize_t num_layers, const f
             if part == 0:
                 memcpy(xh, x, d.input_size * sizeof(floating))
         else:
-            memcpy(xh + first, h + cells[layer - 1].h_start + first, (stop - first) * sizeof(floating))
+            previous = &cells[layer - 1]
+            input_first, input_stop = first, stop
+            if previous.hidden_size != H:
+                barrier_wait(barrier, team, sense)
+                split_range(previous.hidden_size, UNIT_GRAIN, part, team, &input_first, &input_stop)
+            memcpy(xh + input_first, h + previous.h_start + input_first,
+                   (input_stop - input_first) * sizeof(floating))
         memcpy(xh + d.input_stride + first, h_layer + first, (stop - first) * sizeof(floating))
         barrier_wait(barrier, team, sense)
         cell_step_units(d, xh, scratch + regions[WS_Z], scratch + regions[WS_ZX], scratch + regions[WS_HIDDEN],
@@ -1091,7 +1099,7 @@ cdef class LSTMKernels:
     cdef bint streamable
     cdef Py_ssize_t weights_per_step   # packed weights one batch row of a stream step reads
     cdef readonly int num_threads      # the most threads one call may use
-    cdef bint steps_threadable         # no projection, one H for all layers: stream steps may run threaded
+    cdef bint steps_threadable         # no projection: stream steps may run threaded
 
     def __cinit__(self):
         self.cells = NULL
@@ -1142,10 +1150,8 @@ cdef class LSTMKernels:
         self.reverse_layer = tuple(reverse_layer)
         self.first_cells = tuple(first_cells)
         self.input_size = self.cells[0].input_size
-        first_hidden = self.cells[0].hidden_size
         self.streamable = all(not cell["reverse"] for cell in cells)
-        self.steps_threadable = all(cell["proj_size"] == 0 and cell["hidden_size"] == first_hidden
-                                    for cell in cells)
+        self.steps_threadable = all(cell["proj_size"] == 0 for cell in cells)
 
     cdef _describe_cell(self, CellDesc* d, dict cell):
         """Point ``d`` at a packed cell's arrays (kept alive in ``self.arrays``) and copy its numbers."""

@@ -521,8 +521,9 @@ def test_threaded_kinds_run_sequence_match_reference_and_one_thread(case, dtype,
 @pytest.mark.parametrize(("layers", "batch", "threads"), [
     ([("gru", 192, {}), ("gru", 192, {})], 1, 2),                               # 368K weights per step
     ([("gru", 192, RESET_FIRST), ("rnn", 192, {}), ("lstm", 192, {})], 1, 2),  # one more meeting for r * h'
-    ([("gru", 192, {}), ("gru", 96, {}), ("lstm", 192, {})], 1, 1),            # sizes differ: one thread
-    ([("gru", 21, RESET_FIRST), ("rnn", 21, {})], 70, 2),                      # rows split
+    ([("gru", 192, {}), ("gru", 96, {}), ("lstm", 200, {})], 1, 2),           # sizes differ: a meeting each
+    ([("gru", 192, {}), ("lstm", 200, dict(proj=100))], 1, 1),                 # a projection: one thread
+    ([("gru", 21, RESET_FIRST), ("rnn", 13, {}), ("lstm", 30, {})], 70, 2),    # rows split
 ])
 def test_threaded_kinds_step_matches_reference(dtype, layers, batch, threads):
     rng = np.random.default_rng(batch + len(layers))
