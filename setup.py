@@ -43,11 +43,12 @@ extensions = [
         "fastlstm.backends._cykernels",
         ["csrc/_cykernels.pyx"],
         include_dirs=[np.get_include(), "csrc"],
-        depends=["csrc/lstm_parallel.h"],
+        depends=["csrc/lstm_parallel.h", "csrc/activations.pxd", "csrc/blas.pxd", "csrc/cell.pxd"],
         extra_compile_args=compile_args + thread_args,
         extra_link_args=thread_args,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives))
+# csrc/*.pxd: the inline building blocks _cykernels.pyx cimports (compiled into the one extension).
+setup(ext_modules=cythonize(extensions, compiler_directives=directives, include_path=["csrc"]))

@@ -38,13 +38,17 @@ a thread: it may start threads of its own.
 """
 
 from cython cimport floating
-from libc.math cimport NAN, exp, expm1, fabs, log1p, tanh
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 cimport numpy as cnp
-from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
+
+from activations cimport D0, D1, D2, D3, N0, N1, N2, N3, N4, N5, N6, TANH_CLAMP_C, activation, fast_tanh, sigmoid
+from blas cimport HAND_MATMUL_MAX_ROWS, dot_rows, gemm_nt, matmul_nt
+from cell cimport (CELL_GRU, CELL_GRU_RESET_FIRST, CELL_LSTM, CELL_RNN, CellDesc, gru_reset_gates, pointwise,
+                   pointwise_gru_general, pointwise_gru_reset_first, pointwise_gru_standard, pointwise_lstm_general,
+                   pointwise_lstm_standard, pointwise_rnn_general, pointwise_rnn_standard)
 
 import numpy as np
 
@@ -55,26 +59,10 @@ cnp.import_array()
 
 
 # ------------------------------------------------------------------------------------------------------
-# Constants shared with the Python side.
+# Constants shared with the Python side, and the floating-point mode of the kernels.
 
 cdef extern from *:
     """
-    /* The rational tanh of fastlstm/fast_activations.py, repeated here because C cannot read the Python
-       module's constants at compile time; tests/test_cython_kernels.py checks both copies agree.
-       tanh(x) ~= x * N(x^2) / D(x^2) for |x| <= CLAMP (x clamped first). */
-    #define FASTLSTM_TANH_CLAMP 7.90531110763549805
-    #define FASTLSTM_TANH_N0 4.89352455891786e-03
-    #define FASTLSTM_TANH_N1 6.37261928875436e-04
-    #define FASTLSTM_TANH_N2 1.48572235717979e-05
-    #define FASTLSTM_TANH_N3 5.12229709037114e-08
-    #define FASTLSTM_TANH_N4 -8.60467152213735e-11
-    #define FASTLSTM_TANH_N5 2.00018790482477e-13
-    #define FASTLSTM_TANH_N6 -2.76076847742355e-16
-    #define FASTLSTM_TANH_D0 4.89352518554385e-03
-    #define FASTLSTM_TANH_D1 2.26843463243900e-03
-    #define FASTLSTM_TANH_D2 1.18534705686654e-04
-    #define FASTLSTM_TANH_D3 1.19825839466702e-06
-
     /* Denormals flushed to zero (FTZ, MXCSR bit 15) and read as zero (DAZ, bit 6) while a kernel runs:
        a decaying state that reaches the denormal range would otherwise slow every operation on it
        by ~100x. The caller's mode is restored on exit. Other architectures keep their default mode. */
@@ -95,18 +83,6 @@ cdef extern from *:
     #define FASTLSTM_FLUSHES_DENORMALS 0
     #endif
     """
-    const double TANH_CLAMP_C "FASTLSTM_TANH_CLAMP"
-    const double N0 "FASTLSTM_TANH_N0"
-    const double N1 "FASTLSTM_TANH_N1"
-    const double N2 "FASTLSTM_TANH_N2"
-    const double N3 "FASTLSTM_TANH_N3"
-    const double N4 "FASTLSTM_TANH_N4"
-    const double N5 "FASTLSTM_TANH_N5"
-    const double N6 "FASTLSTM_TANH_N6"
-    const double D0 "FASTLSTM_TANH_D0"
-    const double D1 "FASTLSTM_TANH_D1"
-    const double D2 "FASTLSTM_TANH_D2"
-    const double D3 "FASTLSTM_TANH_D3"
     const bint FLUSHES_DENORMALS_C "FASTLSTM_FLUSHES_DENORMALS"
     unsigned int flush_denormals "fastlstm_flush_denormals"() noexcept nogil
     void restore_fp_mode "fastlstm_restore_fp_mode"(unsigned int saved) noexcept nogil
@@ -131,22 +107,6 @@ TANH_DENOMINATOR = (D0, D1, D2, D3)
 FLUSHES_DENORMALS = bool(FLUSHES_DENORMALS_C)
 PANEL_ROWS = PANEL_COLUMNS  # gate rows per panel of the float32 ``packed`` layout (lstm_parallel.h)
 
-# Activation codes, in the order of fastlstm.activations.ACTIVATION_PARAMS (``Activation.code``, which the
-# planner hands over; tests/test_cython_kernels.py checks the two agree through ``activation_array``).
-cdef enum ActivationCode:
-    ACT_IDENTITY = 0
-    ACT_SIGMOID = 1
-    ACT_TANH = 2
-    ACT_RELU = 3
-    ACT_AFFINE = 4
-    ACT_LEAKY_RELU = 5
-    ACT_THRESHOLDED_RELU = 6
-    ACT_SCALED_TANH = 7
-    ACT_HARD_SIGMOID = 8
-    ACT_ELU = 9
-    ACT_SOFTSIGN = 10
-    ACT_SOFTPLUS = 11
-
 # Row padding unit of the packed weights and scratch vectors: one 64-byte vector (a cache line); the
 # Python packer pads with fastlstm.backends._cells.ALIGN_BYTES, which must be the same (checked at import).
 cdef enum:
@@ -162,219 +122,7 @@ cdef enum:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Scalar maths. Every clamp is written so that a NaN passes through unchanged.
-
-cdef inline float fast_tanh(float x) noexcept nogil:
-    """tanh(x) by the rational approximation of fastlstm.fast_activations (|error| <= 4e-7)."""
-    cdef float clamp = <float>TANH_CLAMP_C
-    x = clamp if x > clamp else x
-    x = -clamp if x < -clamp else x
-    cdef float x2 = x * x
-    cdef float p = <float>N6
-    p = p * x2 + <float>N5
-    p = p * x2 + <float>N4
-    p = p * x2 + <float>N3
-    p = p * x2 + <float>N2
-    p = p * x2 + <float>N1
-    p = p * x2 + <float>N0
-    cdef float q = <float>D3
-    q = q * x2 + <float>D2
-    q = q * x2 + <float>D1
-    q = q * x2 + <float>D0
-    return x * p / q
-
-
-cdef inline floating tanh_(floating x) noexcept nogil:
-    """tanh: the rational approximation in float32, the exact function in float64."""
-    if floating is float:
-        return fast_tanh(x)
-    else:
-        return tanh(x)
-
-
-cdef inline floating sigmoid(floating x) noexcept nogil:
-    """1 / (1 + exp(-x)): 0.5 * tanh(x / 2) + 0.5 (an identity) in float32, the exact form in float64."""
-    cdef float half = 0.5  # a float constant: a bare 0.5 would promote the float32 arithmetic to double
-    if floating is float:
-        return half * fast_tanh(half * x) + half
-    else:
-        return 1.0 / (1.0 + exp(-x))  # exp overflowing to inf for x < -709 gives the right limit, 0
-
-
-cdef inline floating clamp(floating x, floating bound) noexcept nogil:
-    """x limited to [-bound, bound] (bound = inf for no clip)."""
-    x = bound if x > bound else x
-    return -bound if x < -bound else x
-
-
-cdef inline floating activation(floating x, int code, floating alpha, floating beta) noexcept nogil:
-    """The activation ``code`` of fastlstm.activations at x (formulas in ACTIVATION_PARAMS' comment).
-
-    The Numba backend repeats this switch (``_numba_kernels``): C and Numba cannot share code; both are
-    held to the NumPy definitions by tests/test_kernel_activations.py.
-    """
-    cdef floating y
-    if code == ACT_SIGMOID:
-        return sigmoid(x)
-    if code == ACT_TANH:
-        return tanh_(x)
-    if code == ACT_IDENTITY:
-        return x
-    if code == ACT_RELU:
-        return 0 if x < 0 else x
-    if code == ACT_AFFINE:
-        return alpha * x + beta
-    if code == ACT_LEAKY_RELU:
-        return x if x >= 0 else alpha * x
-    if code == ACT_THRESHOLDED_RELU:
-        return x if x > alpha else 0
-    if code == ACT_SCALED_TANH:
-        return alpha * tanh_(beta * x)
-    if code == ACT_HARD_SIGMOID:
-        y = alpha * x + beta
-        y = 0 if y < 0 else y
-        return 1 if y > 1 else y
-    if code == ACT_ELU:
-        return x if x >= 0 else alpha * <floating>expm1(x)
-    if code == ACT_SOFTSIGN:
-        return x / (1 + fabs(x))
-    if code == ACT_SOFTPLUS:  # log(1 + e^x) = max(x, 0) + log1p(e^-|x|), never overflowing
-        return (x if x > 0 else 0) + <floating>log1p(exp(-fabs(x)))
-    return <floating>NAN  # unknown code: rejected at construction, never reached
-
-
-# ------------------------------------------------------------------------------------------------------
-# Packed cell description: what the nogil kernels need, as plain C.
-
-ctypedef void (*PointwiseFloat)(const CellDesc*, const float*, const float*, float*, const float*, float*,
-                                Py_ssize_t, Py_ssize_t) noexcept nogil
-ctypedef void (*PointwiseDouble)(const CellDesc*, const double*, const double*, double*, const double*, double*,
-                                 Py_ssize_t, Py_ssize_t) noexcept nogil
-
-# The kind of a cell (equations in fastlstm.spec), from its gate count and GRU variant.
-cdef enum CellKind:
-    CELL_LSTM
-    CELL_GRU                 # linear before reset: n = g(W_n x + b_n + r * (R_n h' + b_hn))
-    CELL_GRU_RESET_FIRST     # reset before linear: n = g(W_n x + b_n + R_n (r * h') + b_hn)
-    CELL_RNN
-
-cdef struct CellDesc:
-    CellKind kind
-    void* weights        # (G*H, row_stride): [w_ih | 0 | w_hh | 0] per row
-    void* bias           # (G*H,)
-    void* peephole       # (3, H) in order i, f, o, or NULL
-    void* projection     # (P, hidden_stride), or NULL
-    void* candidate_bias # GRU: b_hn (H,), else NULL
-    const float* packed  # float32 only: ``weights`` again as GEMM panels (see lstm_parallel.h), else NULL
-    Py_ssize_t input_size, hidden_size, proj_size, rec_size   # I, H, P (0 = none), R = P or H
-    Py_ssize_t gate_rows       # G*H: rows of ``weights``, width of a pre-activation vector
-    Py_ssize_t state_size      # C: H for an LSTM (its c), 0 for a GRU or RNN
-    Py_ssize_t h_start, c_start  # where the cell's (B, R) and (B, C) blocks start in the flat h and c, per batch row
-    Py_ssize_t input_stride    # I_pad: where the recurrent block starts in a row
-    Py_ssize_t rec_stride      # R_pad
-    Py_ssize_t row_stride      # K = I_pad + R_pad
-    Py_ssize_t hidden_stride   # H_pad
-    int gate_code, cell_code, output_code
-    double gate_alpha, gate_beta, cell_alpha, cell_beta, output_alpha, output_beta
-    double clip                # +inf when the layer has no clip
-    bint input_forget
-    bint standard              # sigmoid/tanh/tanh, no clip, no peepholes, no coupled gates
-    # The pointwise kernel of this cell in each dtype, chosen once at packing. Called through a pointer,
-    # it is compiled once on its own, where gcc vectorises it, rather than inlined into every caller.
-    PointwiseFloat pointwise_float
-    PointwiseDouble pointwise_double
-
-
-# ------------------------------------------------------------------------------------------------------
-# Linear algebra: a thin typed layer over SciPy's BLAS (row-major handled here) and the hand-written GEMV.
-
-cdef inline void gemm_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating* a, Py_ssize_t lda,
-                         const floating* b, Py_ssize_t ldb, floating beta, floating* c,
-                         Py_ssize_t ldc) noexcept nogil:
-    """Row-major C (m, n) = A (m, k) @ B (n, k).T + beta * C."""
-    # Column-major BLAS sees the row-major C as C.T (n, m) = B @ A.T: B's buffer is B.T column-major
-    # (hence 'T'), A's buffer is A.T column-major (hence 'N').
-    cdef char trans_b = b'T'
-    cdef char trans_a = b'N'
-    cdef int m_ = <int>n, n_ = <int>m, k_ = <int>k, lda_ = <int>ldb, ldb_ = <int>lda, ldc_ = <int>ldc
-    cdef floating one = 1
-    if floating is float:
-        sgemm(&trans_b, &trans_a, &m_, &n_, &k_, &one, <float*>b, &lda_, <float*>a, &ldb_, &beta, c, &ldc_)
-    else:
-        dgemm(&trans_b, &trans_a, &m_, &n_, &k_, &one, <double*>b, &lda_, <double*>a, &ldb_, &beta, c, &ldc_)
-
-
-cdef inline void gemv_n(Py_ssize_t m, Py_ssize_t k, const floating* a, Py_ssize_t lda, const floating* x,
-                        floating beta, floating* y) noexcept nogil:
-    """Row-major y (m,) = A (m, k) @ x + beta * y."""
-    # A's buffer is A.T column-major (k, m): y = (A.T).T @ x.
-    cdef char trans = b'T'
-    cdef int m_ = <int>k, n_ = <int>m, lda_ = <int>lda, inc = 1
-    cdef floating one = 1
-    if floating is float:
-        sgemv(&trans, &m_, &n_, &one, <float*>a, &lda_, <float*>x, &inc, &beta, y, &inc)
-    else:
-        dgemv(&trans, &m_, &n_, &one, <double*>a, &lda_, <double*>x, &inc, &beta, y, &inc)
-
-
-cdef inline void dot_rows(const floating* a, Py_ssize_t lda, Py_ssize_t rows, const floating* x,
-                          Py_ssize_t ldx, Py_ssize_t batch, Py_ssize_t n, floating* y,
-                          Py_ssize_t ldy) noexcept nogil:
-    """y[b, r] = a[r, :n] . x[b, :n] for r < rows, b < batch.
-
-    Four rows at a time share each load of x: four independent sums that gcc turns into four vector FMA
-    chains (the build allows it to reassociate the sums, see setup.py), added across lanes once per row.
-    Each group of four rows is taken by every batch row in turn, so its weights come from memory once and
-    from L1 for the other batch rows.
-    """
-    cdef floating s0, s1, s2, s3, xv
-    cdef const floating* r0
-    cdef const floating* r1
-    cdef const floating* r2
-    cdef const floating* r3
-    cdef const floating* xb
-    cdef Py_ssize_t r = 0, b, k
-    while r + 4 <= rows:
-        r0 = a + r * lda
-        r1 = r0 + lda
-        r2 = r1 + lda
-        r3 = r2 + lda
-        for b in range(batch):
-            xb = x + b * ldx
-            s0 = s1 = s2 = s3 = 0
-            for k in range(n):
-                xv = xb[k]
-                s0 += r0[k] * xv
-                s1 += r1[k] * xv
-                s2 += r2[k] * xv
-                s3 += r3[k] * xv
-            y[b * ldy + r] = s0
-            y[b * ldy + r + 1] = s1
-            y[b * ldy + r + 2] = s2
-            y[b * ldy + r + 3] = s3
-        r += 4
-    while r < rows:  # a projection size that is not a multiple of 4
-        r0 = a + r * lda
-        for b in range(batch):
-            xb = x + b * ldx
-            s0 = 0
-            for k in range(n):
-                s0 += r0[k] * xb[k]
-            y[b * ldy + r] = s0
-        r += 1
-
-
-# When the hand-written loop beats BLAS in matmul_nt (float64 products and projections; float32 gate products
-# take the tiles from PACKED_MIN_BATCH rows). Medians over whole sequences, one or two OpenBLAS threads:
-# * at batch 1 it is as fast as OpenBLAS gemv or faster (by 0-12%) on one thread at every size measured;
-#   from about 2 MiB of weights OpenBLAS splits its gemv over threads and wins with two cores (1.8x at
-#   2 MiB), so larger matrices go to BLAS;
-# * at batches 2 to 8 OpenBLAS sgemm re-packs the whole weight matrix on every call, which the hand loop
-#   does not: up to 2.5x faster (H >= 128 from batch 4, H >= 256 from batch 2), at worst 5-25% slower
-#   (batch 2 to 4 at H <= 128); from batch 16 on, GEMM's register blocking wins (1.3-1.5x at batch 64).
-cdef enum:
-    BLAS_GEMV_MIN_BYTES = 2 * 1024 * 1024
-    HAND_MATMUL_MAX_ROWS = 8
+# When the drivers take the prepacked tiles and threads.
 
 # Float32 products of this many rows or more run on the prepacked tiles (lstm_parallel.h) instead, on one
 # thread: a stream step at (I, H) = (32, 64) took 2.4 us at batch 2 against 2.8 with the hand loop, 5.7 us
@@ -397,216 +145,6 @@ cdef enum:
     UNIT_SPLIT_MIN_WEIGHTS = 64 * 1024
     STREAM_UNIT_SPLIT_MIN_WEIGHTS = 256 * 1024
     ROWS_SPLIT_MIN_WEIGHTS = 256 * 1024
-
-
-cdef inline void matmul_nt(Py_ssize_t batch, Py_ssize_t rows, const floating* a, Py_ssize_t lda,
-                           const floating* x, Py_ssize_t ldx, Py_ssize_t n, floating* y,
-                           Py_ssize_t ldy) noexcept nogil:
-    """Row-major y (batch, rows) = x (batch, n) @ A (rows, n).T: hand loop or BLAS, whichever is faster."""
-    if batch == 1:
-        if rows * n * <Py_ssize_t>sizeof(floating) < BLAS_GEMV_MIN_BYTES:
-            dot_rows(a, lda, rows, x, ldx, 1, n, y, ldy)  # a constant batch: gcc drops the batch loop
-        else:
-            gemv_n(rows, n, a, lda, x, 0, y)
-    elif batch <= HAND_MATMUL_MAX_ROWS:
-        dot_rows(a, lda, rows, x, ldx, batch, n, y, ldy)
-    else:
-        gemm_nt(batch, rows, n, x, ldx, a, lda, 0, y, ldy)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Pointwise part of a step: activations and the state update, for one batch row.
-#
-# Every pointwise kernel has one signature: ``z`` is the cell's recurrent product (G*H,), ``zadd`` what is
-# added to it (the bias in a stream step of an LSTM or RNN, else the input projection with the bias),
-# ``c`` the LSTM's cell state, ``h_prev`` the state fed back, ``h`` where the new output goes (``h_prev``
-# itself when updating in place), over units first .. stop-1.
-
-cdef enum:
-    POINTWISE_CHUNK = 64
-
-
-cdef void pointwise_lstm_standard(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                                  const floating* h_prev, floating* h, Py_ssize_t first,
-                                  Py_ssize_t stop) noexcept nogil:
-    """The plain LSTM cell: i, f, o = sigmoid, g = tanh of (z + zadd); c = f*c + i*g; h = o*tanh(c).
-
-    Branch-free, so gcc vectorises it in float32 (the rational tanh is multiplies, adds and one divide).
-    The units go in chunks whose new c and h are first written to local arrays: a loop that only loads
-    from the caller's pointers needs no aliasing checks, which gcc would otherwise give up on.
-    """
-    cdef Py_ssize_t H = d.hidden_size, chunk, start, count, j, u
-    cdef floating c_chunk[POINTWISE_CHUNK]
-    cdef floating h_chunk[POINTWISE_CHUNK]
-    cdef floating i, f, g, o, c_new
-    for chunk in range((stop - first + POINTWISE_CHUNK - 1) // POINTWISE_CHUNK):
-        start = first + chunk * POINTWISE_CHUNK
-        count = min(<Py_ssize_t>POINTWISE_CHUNK, stop - start)
-        for j in range(count):
-            u = start + j
-            i = sigmoid(z[u] + zadd[u])
-            f = sigmoid(z[H + u] + zadd[H + u])
-            g = tanh_(z[2 * H + u] + zadd[2 * H + u])
-            o = sigmoid(z[3 * H + u] + zadd[3 * H + u])
-            c_new = f * c[u] + i * g
-            c_chunk[j] = c_new
-            h_chunk[j] = o * tanh_(c_new)
-        memcpy(c + start, c_chunk, count * sizeof(floating))
-        memcpy(h + start, h_chunk, count * sizeof(floating))
-
-
-cdef void pointwise_lstm_general(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                                 const floating* h_prev, floating* h, Py_ssize_t first,
-                                 Py_ssize_t stop) noexcept nogil:
-    """Every LSTM option of the spec: activations with parameters, clip, peepholes, coupled input/forget gates."""
-    cdef Py_ssize_t H = d.hidden_size, j
-    cdef const floating* peep = <const floating*>d.peephole
-    cdef floating bound = <floating>d.clip
-    cdef floating ga = <floating>d.gate_alpha, gb = <floating>d.gate_beta
-    cdef floating ca = <floating>d.cell_alpha, cb = <floating>d.cell_beta
-    cdef floating oa = <floating>d.output_alpha, ob = <floating>d.output_beta
-    cdef int gate = d.gate_code, cell = d.cell_code, out = d.output_code
-    cdef floating zi, zf, zg, zo, c_old, c_new, i, f, g, o
-    for j in range(first, stop):
-        zi = z[j] + zadd[j]
-        zf = z[H + j] + zadd[H + j]
-        zg = z[2 * H + j] + zadd[2 * H + j]
-        zo = z[3 * H + j] + zadd[3 * H + j]
-        c_old = c[j]
-        if peep != NULL:
-            zi = zi + peep[j] * c_old
-            zf = zf + peep[H + j] * c_old
-        i = activation(clamp(zi, bound), gate, ga, gb)
-        if d.input_forget:
-            f = 1 - i
-        else:
-            f = activation(clamp(zf, bound), gate, ga, gb)
-        g = activation(clamp(zg, bound), cell, ca, cb)
-        c_new = f * c_old + i * g
-        if peep != NULL:
-            zo = zo + peep[2 * H + j] * c_new
-        o = activation(clamp(zo, bound), gate, ga, gb)
-        c[j] = c_new
-        h[j] = o * activation(c_new, out, oa, ob)
-
-
-cdef void pointwise_gru_standard(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                                 const floating* h_prev, floating* h, Py_ssize_t first,
-                                 Py_ssize_t stop) noexcept nogil:
-    """The plain GRU cell, linear before reset: z = R h' (r, u, n rows), zadd = W x + b;
-    r, u = sigmoid(z + zadd); n = tanh(zadd_n + r * (z_n + b_hn)); h = (1 - u) * n + u * h'.
-
-    Branch-free and chunked as ``pointwise_lstm_standard`` (h may be h_prev: each unit reads its own first).
-    """
-    cdef Py_ssize_t H = d.hidden_size, chunk, start, count, j, u
-    cdef const floating* b_hn = <const floating*>d.candidate_bias
-    cdef floating h_chunk[POINTWISE_CHUNK]
-    cdef floating r, update, n
-    for chunk in range((stop - first + POINTWISE_CHUNK - 1) // POINTWISE_CHUNK):
-        start = first + chunk * POINTWISE_CHUNK
-        count = min(<Py_ssize_t>POINTWISE_CHUNK, stop - start)
-        for j in range(count):
-            u = start + j
-            r = sigmoid(z[u] + zadd[u])
-            update = sigmoid(z[H + u] + zadd[H + u])
-            n = tanh_(zadd[2 * H + u] + r * (z[2 * H + u] + b_hn[u]))
-            h_chunk[j] = n + update * (h_prev[u] - n)
-        memcpy(h + start, h_chunk, count * sizeof(floating))
-
-
-cdef void pointwise_gru_general(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                                const floating* h_prev, floating* h, Py_ssize_t first,
-                                Py_ssize_t stop) noexcept nogil:
-    """The GRU cell, linear before reset, with any gate and candidate activations and clip."""
-    cdef Py_ssize_t H = d.hidden_size, j
-    cdef const floating* b_hn = <const floating*>d.candidate_bias
-    cdef floating bound = <floating>d.clip
-    cdef floating ga = <floating>d.gate_alpha, gb = <floating>d.gate_beta
-    cdef floating ca = <floating>d.cell_alpha, cb = <floating>d.cell_beta
-    cdef int gate = d.gate_code, cell = d.cell_code
-    cdef floating r, update, n
-    for j in range(first, stop):
-        r = activation(clamp(z[j] + zadd[j], bound), gate, ga, gb)
-        update = activation(clamp(z[H + j] + zadd[H + j], bound), gate, ga, gb)
-        n = activation(clamp(zadd[2 * H + j] + r * (z[2 * H + j] + b_hn[j]), bound), cell, ca, cb)
-        h[j] = n + update * (h_prev[j] - n)
-
-
-cdef void gru_reset_gates(const CellDesc* d, floating* z, const floating* zadd, const floating* h_prev,
-                          floating* reset_h, Py_ssize_t first, Py_ssize_t stop) noexcept nogil:
-    """First half of a GRU step with the reset before the linear map: from z = R h' (r, u rows) and
-    zadd = W x + b, reset_h = r * h' (the operand of R_n) and u, kept in z's u rows for the second half."""
-    cdef Py_ssize_t H = d.hidden_size, j
-    cdef floating bound = <floating>d.clip
-    cdef floating ga = <floating>d.gate_alpha, gb = <floating>d.gate_beta
-    cdef int gate = d.gate_code
-    if d.standard:
-        for j in range(first, stop):
-            reset_h[j] = sigmoid(z[j] + zadd[j]) * h_prev[j]
-            z[H + j] = sigmoid(z[H + j] + zadd[H + j])
-    else:
-        for j in range(first, stop):
-            reset_h[j] = activation(clamp(z[j] + zadd[j], bound), gate, ga, gb) * h_prev[j]
-            z[H + j] = activation(clamp(z[H + j] + zadd[H + j], bound), gate, ga, gb)
-
-
-cdef void pointwise_gru_reset_first(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                                    const floating* h_prev, floating* h, Py_ssize_t first,
-                                    Py_ssize_t stop) noexcept nogil:
-    """Second half of a GRU step with the reset before the linear map (after ``gru_reset_gates``): z holds
-    u in its u rows and R_n (r * h') in its n rows; n = g(zadd_n + z_n + b_hn); h = (1 - u) * n + u * h'."""
-    cdef Py_ssize_t H = d.hidden_size, j
-    cdef const floating* b_hn = <const floating*>d.candidate_bias
-    cdef floating bound = <floating>d.clip
-    cdef floating ca = <floating>d.cell_alpha, cb = <floating>d.cell_beta
-    cdef int cell = d.cell_code
-    cdef floating n
-    if d.standard:
-        for j in range(first, stop):
-            n = tanh_(zadd[2 * H + j] + z[2 * H + j] + b_hn[j])
-            h[j] = n + z[H + j] * (h_prev[j] - n)
-    else:
-        for j in range(first, stop):
-            n = activation(clamp(zadd[2 * H + j] + z[2 * H + j] + b_hn[j], bound), cell, ca, cb)
-            h[j] = n + z[H + j] * (h_prev[j] - n)
-
-
-cdef void pointwise_rnn_standard(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                                 const floating* h_prev, floating* h, Py_ssize_t first,
-                                 Py_ssize_t stop) noexcept nogil:
-    """The plain simple RNN: h = tanh(z + zadd), chunked as ``pointwise_lstm_standard``."""
-    cdef Py_ssize_t chunk, start, count, j
-    cdef floating h_chunk[POINTWISE_CHUNK]
-    for chunk in range((stop - first + POINTWISE_CHUNK - 1) // POINTWISE_CHUNK):
-        start = first + chunk * POINTWISE_CHUNK
-        count = min(<Py_ssize_t>POINTWISE_CHUNK, stop - start)
-        for j in range(count):
-            h_chunk[j] = tanh_(z[start + j] + zadd[start + j])
-        memcpy(h + start, h_chunk, count * sizeof(floating))
-
-
-cdef void pointwise_rnn_general(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                                const floating* h_prev, floating* h, Py_ssize_t first,
-                                Py_ssize_t stop) noexcept nogil:
-    """The simple RNN with any activation and clip: h = g(clip(z + zadd))."""
-    cdef floating bound = <floating>d.clip
-    cdef floating ca = <floating>d.cell_alpha, cb = <floating>d.cell_beta
-    cdef int cell = d.cell_code
-    cdef Py_ssize_t j
-    for j in range(first, stop):
-        h[j] = activation(clamp(z[j] + zadd[j], bound), cell, ca, cb)
-
-
-cdef inline void pointwise(const CellDesc* d, const floating* z, const floating* zadd, floating* c,
-                           const floating* h_prev, floating* h, Py_ssize_t first=0,
-                           Py_ssize_t stop=-1) noexcept nogil:
-    """The cell's pointwise kernel (see CellDesc.pointwise_float) over units first .. stop-1 (all by default)."""
-    if stop < 0:
-        stop = d.hidden_size
-    if floating is float:
-        d.pointwise_float(d, z, zadd, c, h_prev, h, first, stop)
-    else:
-        d.pointwise_double(d, z, zadd, c, h_prev, h, first, stop)
 
 
 # ------------------------------------------------------------------------------------------------------
