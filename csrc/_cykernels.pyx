@@ -178,8 +178,8 @@ cdef inline void split_range(Py_ssize_t size, Py_ssize_t grain, int part, int pa
     stop[0] = min(first[0] + piece, size)
 
 
-cdef void cell_step(const CellDesc* d, Py_ssize_t rows, const floating* xh, floating* z, floating* zx,
-                    floating* hidden, floating* h, floating* c) noexcept nogil:
+cdef inline void cell_step(const CellDesc* d, Py_ssize_t rows, const floating* xh, floating* z, floating* zx,
+                           floating* hidden, floating* h, floating* c) noexcept nogil:
     """One time step of one cell for ``rows`` batch rows, on one thread: h (rows, R) and c (rows, C) in place.
 
     xh (rows, K) holds each row's padded [x | 0 | h' | 0]. An LSTM or RNN takes all its gates from one
@@ -749,7 +749,7 @@ cdef class LSTMKernels:
         else:
             d.pointwise_float, d.pointwise_double = pointwise_rnn_general[float], pointwise_rnn_general[double]
 
-    cdef bint _state_fits(self, cnp.ndarray h, cnp.ndarray c, Py_ssize_t batch):
+    cdef inline bint _state_fits(self, cnp.ndarray h, cnp.ndarray c, Py_ssize_t batch) noexcept:
         """Whether h and c are C-contiguous, writeable arrays of this dtype holding the flat state of ``batch`` rows."""
         return (cnp.PyArray_TYPE(h) == self.type_num and cnp.PyArray_TYPE(c) == self.type_num
                 and cnp.PyArray_IS_C_CONTIGUOUS(h) and cnp.PyArray_IS_C_CONTIGUOUS(c)
