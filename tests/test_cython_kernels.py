@@ -31,7 +31,7 @@ from fastlstm import fast_activations
 from fastlstm.activations import SIGMOID, TANH, Activation, apply_activation
 from fastlstm.backends.base import flat_state_sizes
 from fastlstm.backends.numpy_backend import NumpyLSTM
-from fastlstm.spec import LSTMCellWeights, LSTMLayer, ModelSpec
+from fastlstm.spec import LSTMCellWeights, LSTMLayer, ModelSpec, RecurrentLayer
 from random_models import random_cell, random_stack
 
 cy = pytest.importorskip("fastlstm.backends._cykernels", reason="the Cython extension is not built")
@@ -373,8 +373,8 @@ def make_layer(rng, kind, input_size, hidden, *, direction="forward", proj=0, pe
     (a GRU both, an RNN ``cell`` only, an LSTM both with tanh on c)."""
     cells = tuple(random_cell(rng, input_size, hidden, proj, peepholes, scale, kind)
                   for _ in range(2 if direction == "bidirectional" else 1))
-    return LSTMLayer(input_size, hidden, cells, direction, proj, SIGMOID if kind == "rnn" else gate, cell,
-                     clip=clip, kind=kind, linear_before_reset=linear_before_reset if kind == "gru" else True)
+    return RecurrentLayer(input_size, hidden, cells, direction, proj, SIGMOID if kind == "rnn" else gate, cell,
+                          clip=clip, kind=kind, linear_before_reset=linear_before_reset if kind == "gru" else True)
 
 
 def make_stack(rng, input_size, *layers):
@@ -570,6 +570,20 @@ def mixed_stacks(draw):
     x = rng.normal(0, 1, (batch, steps, spec.input_size))
     lengths = rng.integers(1, steps + 1, batch) if draw(st.booleans()) else None
     return spec, x, lengths, draw(st.sampled_from([np.float32, np.float64])), draw(st.sampled_from([1, 2]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layer", [("gru", 20, {}), ("gru", 20, RESET_FIRST), ("rnn", 20, {})])
+def test_nan_input_propagates_in_every_kind(dtype, layer):
+    spec = make_stack(np.random.default_rng(14), 3, layer)
+    backend = CythonLSTM(spec, dtype)
+    x = np.zeros((1, 4, 3), dtype)
+    x[0, 1, 0] = np.nan
+    y = backend.run_sequence(x, np.zeros(20, dtype), np.zeros(0, dtype))
+    assert not np.isnan(y[0, 0]).any() and np.isnan(y[0, 1:]).all()
+    h = np.zeros(20, dtype)
+    backend.step(x[:, 1].copy(), h, np.zeros(0, dtype), backend.new_workspace(1))
+    assert np.isnan(h).all()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
