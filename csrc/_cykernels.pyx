@@ -18,8 +18,9 @@ from the planner's cells and handed over as arrays and numbers (this module read
   padding puts every row and block on a 64-byte boundary, so the hand-written loops run whole aligned
   vectors and never a scalar tail; the zeros add nothing to a sum.
 * ``packed`` (float32 only) is ``weights`` again as panels of 32 gate rows stored k-major (layout in
-  lstm_parallel.h), which the float32 products of 4 rows or more stream instead of BLAS: BLAS would pack
-  the weights anew on every call of a time loop.
+  lstm_parallel.h), which the float32 products of 2 rows or more stream instead of BLAS: BLAS would pack
+  the weights anew on every call of a time loop. A GRU with the reset first has its candidate rows as
+  panels of their own too (``candidate_packed``): they multiply r * h', apart from the other rows.
 * ``projection`` (LSTMP) is ``w_hr`` ``(P, H_pad)`` with each row zero-padded the same way.
 * ``candidate_bias`` (GRU) is ``b_hn`` ``(H,)``.
 
@@ -152,21 +153,31 @@ cdef enum:
 # a range of batch rows, or split by hidden units over a team of threads at batch 1.
 
 cdef inline void gate_product(const CellDesc* d, Py_ssize_t batch, const floating* x, Py_ssize_t ldx,
-                              Py_ssize_t k_offset, Py_ssize_t n, Py_ssize_t first_row, Py_ssize_t rows,
-                              floating* z, Py_ssize_t ldz) noexcept nogil:
-    """z (batch, rows) = x (batch, n) @ weights[first_row : first_row + rows, k_offset : k_offset + n].T, on
-    one thread.
+                              Py_ssize_t k_offset, Py_ssize_t n, Py_ssize_t rows, floating* z,
+                              Py_ssize_t ldz) noexcept nogil:
+    """z (batch, rows) = x (batch, n) @ weights[:rows, k_offset : k_offset + n].T, on one thread.
 
-    Float32 from PACKED_MIN_BATCH rows: the tiles over prepacked panels (when first_row starts a panel);
-    otherwise ``matmul_nt``.
+    Float32 from PACKED_MIN_BATCH rows: the tiles over prepacked panels; otherwise ``matmul_nt``.
     """
     if floating is float:
-        if d.packed != NULL and batch >= PACKED_MIN_BATCH and first_row % PANEL_COLUMNS == 0:
-            packed_gemm(batch, rows, n, x, ldx, d.packed + first_row * d.row_stride, d.row_stride, k_offset,
-                        NULL, z, ldz)
+        if d.packed != NULL and batch >= PACKED_MIN_BATCH:
+            packed_gemm(batch, rows, n, x, ldx, d.packed, d.row_stride, k_offset, NULL, z, ldz)
             return
-    matmul_nt(batch, rows, <const floating*>d.weights + first_row * d.row_stride + k_offset, d.row_stride,
-              x, ldx, n, z, ldz)
+    matmul_nt(batch, rows, <const floating*>d.weights + k_offset, d.row_stride, x, ldx, n, z, ldz)
+
+
+cdef inline void candidate_product(const CellDesc* d, Py_ssize_t batch, const floating* reset_h,
+                                   Py_ssize_t ld_reset_h, floating* z) noexcept nogil:
+    """z[:, 2H:3H] (ld G*H) = reset_h (batch, R_pad) @ R_n.T: the candidate rows of a GRU with the reset first,
+    on one thread; on their own tiles in float32 (``CellDesc.candidate_packed``) as ``gate_product``."""
+    cdef Py_ssize_t H = d.hidden_size, G = d.gate_rows
+    if floating is float:
+        if d.candidate_packed != NULL and batch >= PACKED_MIN_BATCH:
+            packed_gemm(batch, H, d.rec_stride, reset_h, ld_reset_h, d.candidate_packed, d.row_stride,
+                        d.input_stride, NULL, z + 2 * H, G)
+            return
+    matmul_nt(batch, H, <const floating*>d.weights + 2 * H * d.row_stride + d.input_stride, d.row_stride,
+              reset_h, ld_reset_h, d.rec_stride, z + 2 * H, G)
 
 
 cdef inline void split_range(Py_ssize_t size, Py_ssize_t grain, int part, int parts, Py_ssize_t* first,
@@ -183,32 +194,47 @@ cdef inline void cell_step(const CellDesc* d, Py_ssize_t rows, const floating* x
     """One time step of one cell for ``rows`` batch rows, on one thread: h (rows, R) and c (rows, C) in place.
 
     xh (rows, K) holds each row's padded [x | 0 | h' | 0]. An LSTM or RNN takes all its gates from one
-    pass over the packed weights; a GRU takes the input part (with the bias) and the recurrent part in two
-    passes over the same rows, for its candidate keeps them apart (with the reset first, the candidate's
-    recurrent rows wait for r * h'). Scratch: z and zx (rows, G*H); hidden (rows, H_pad), zero-padded: the
+    pass over the packed weights. A GRU keeps its candidate's input and recurrent parts apart (with the
+    reset first, the candidate's recurrent rows wait for r * h'): z gets the recurrent parts, zx the input
+    parts with the bias. In the hand loop r and z take one pass over [x | h] (z then holds both parts and
+    zx their bias alone), the candidate's rows one pass over x and one over h: a row's sum costs a
+    reduction across lanes, and this way each row has one or two. The tiles take the input part of all
+    rows, then the recurrent part. Scratch: z and zx (rows, G*H); hidden (rows, H_pad), zero-padded: the
     unprojected h of an LSTMP, r * h' of a GRU with the reset first.
     """
     cdef Py_ssize_t H = d.hidden_size, R = d.rec_size, C = d.state_size, G = d.gate_rows, K = d.row_stride
     cdef Py_ssize_t Ip = d.input_stride, Rs = d.rec_stride, Hs = d.hidden_stride, b, j
     cdef const floating* bias = <const floating*>d.bias
+    cdef const floating* candidate = <const floating*>d.weights + 2 * H * K
+    cdef bint tiles = False
     if d.kind == CELL_LSTM or d.kind == CELL_RNN:
-        gate_product(d, rows, xh, K, 0, K, 0, G, z, G)
+        gate_product(d, rows, xh, K, 0, K, G, z, G)
         for b in range(rows):
             pointwise(d, z + b * G, bias, c + b * C, h + b * R, hidden + b * Hs if d.proj_size else h + b * R)
         if d.proj_size:
             matmul_nt(rows, d.proj_size, <const floating*>d.projection, Hs, hidden, Hs, Hs, h, R)
         return
-    gate_product(d, rows, xh, K, 0, Ip, 0, G, zx, G)
-    for b in range(rows):
-        for j in range(G):
-            zx[b * G + j] += bias[j]
-    if d.kind == CELL_GRU:
-        gate_product(d, rows, xh + Ip, K, Ip, Rs, 0, G, z, G)
+    if floating is float:
+        tiles = d.packed != NULL and rows >= PACKED_MIN_BATCH
+    if tiles:
+        gate_product(d, rows, xh, K, 0, Ip, G, zx, G)
+        gate_product(d, rows, xh + Ip, K, Ip, Rs, G if d.kind == CELL_GRU else 2 * H, z, G)
+        for b in range(rows):
+            for j in range(G):
+                zx[b * G + j] += bias[j]
     else:
-        gate_product(d, rows, xh + Ip, K, Ip, Rs, 0, 2 * H, z, G)
+        matmul_nt(rows, 2 * H, <const floating*>d.weights, K, xh, K, K, z, G)
+        matmul_nt(rows, H, candidate, K, xh, K, Ip, zx + 2 * H, G)
+        if d.kind == CELL_GRU:
+            matmul_nt(rows, H, candidate + Ip, K, xh + Ip, K, Rs, z + 2 * H, G)
+        for b in range(rows):
+            memcpy(zx + b * G, bias, 2 * H * sizeof(floating))
+            for j in range(2 * H, G):
+                zx[b * G + j] += bias[j]
+    if d.kind == CELL_GRU_RESET_FIRST:
         for b in range(rows):
             gru_reset_gates(d, z + b * G, zx + b * G, h + b * R, hidden + b * Hs, 0, H)
-        gate_product(d, rows, hidden, Hs, Ip, Rs, 2 * H, H, z + 2 * H, G)
+        candidate_product(d, rows, hidden, Hs, z)
     for b in range(rows):
         pointwise(d, z + b * G, zx + b * G, c, h + b * R, h + b * R)
 
@@ -261,22 +287,24 @@ cdef void cell_step_units(const CellDesc* d, const floating* xh, floating* z, fl
                           Barrier* barrier, int* sense) noexcept nogil:
     """``cell_step`` at batch 1 (no projection) for this thread's units first .. stop-1, all gates of them.
 
-    A GRU with the reset first meets the team once more: its candidate's product reads every unit of r * h'.
+    A GRU splits its products as ``cell_step``'s hand loop does; with the reset first it meets the team once
+    more: its candidate's product reads every unit of r * h'.
     """
-    cdef Py_ssize_t H = d.hidden_size, G = d.gate_rows, Ip = d.input_stride, Rs = d.rec_stride, g, u
+    cdef Py_ssize_t H = d.hidden_size, G = d.gate_rows, K = d.row_stride, Ip = d.input_stride
+    cdef Py_ssize_t Rs = d.rec_stride, g, u
     cdef const floating* bias = <const floating*>d.bias
     if d.kind == CELL_LSTM or d.kind == CELL_RNN:
-        units_product(d, xh, 0, d.row_stride, 0, G // H, first, stop, z)
+        units_product(d, xh, 0, K, 0, G // H, first, stop, z)
         pointwise(d, z, bias, c, h, h, first, stop)
         return
-    units_product(d, xh, 0, Ip, 0, 3, first, stop, zx)
+    units_product(d, xh, 0, K, 0, 2, first, stop, z)
+    units_product(d, xh, 0, Ip, 2, 1, first, stop, zx)
     for g in range(3):
         for u in range(g * H + first, g * H + stop):
-            zx[u] += bias[u]
+            zx[u] = bias[u] if g < 2 else zx[u] + bias[u]
     if d.kind == CELL_GRU:
-        units_product(d, xh + Ip, Ip, Rs, 0, 3, first, stop, z)
+        units_product(d, xh + Ip, Ip, Rs, 2, 1, first, stop, z)
     else:
-        units_product(d, xh + Ip, Ip, Rs, 0, 2, first, stop, z)
         gru_reset_gates(d, z, zx, h, hidden, first, stop)
         barrier_wait(barrier, team, sense)
         units_product(d, hidden, Ip, Rs, 2, 1, first, stop, z)
@@ -407,7 +435,7 @@ cdef void recurrence(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, floa
         memcpy(h_pad, h, R * sizeof(floating))
 
     for s in range(active_steps):
-        gate_product(d, batch, state, ld_state, d.input_stride, ld_state, 0, 2 * H if reset_first else G, z, G)
+        gate_product(d, batch, state, ld_state, d.input_stride, ld_state, 2 * H if reset_first else G, z, G)
         if reset_first:
             for b in range(batch):
                 n = steps if lengths == NULL else lengths[b]
@@ -415,7 +443,7 @@ cdef void recurrence(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, floa
                     t = n - 1 - s if reverse else s
                     gru_reset_gates(d, z + b * G, x_proj + (b * steps + t) * G, state + b * R, hidden + b * Hs,
                                     0, H)
-            gate_product(d, batch, hidden, Hs, d.input_stride, Hs, 2 * H, H, z + 2 * H, G)
+            candidate_product(d, batch, hidden, Hs, z)
         for b in range(batch):
             n = steps if lengths == NULL else lengths[b]
             if s >= n:
@@ -694,7 +722,7 @@ cdef class LSTMKernels:
     cdef _describe_cell(self, CellDesc* d, dict cell):
         """Point ``d`` at a packed cell's arrays (kept alive in ``self.arrays``) and copy its numbers."""
         cdef cnp.ndarray array
-        for name in ("weights", "packed", "bias", "peephole", "projection", "candidate_bias"):
+        for name in ("weights", "packed", "candidate_packed", "bias", "peephole", "projection", "candidate_bias"):
             array = cell[name]
             if array is None:
                 continue
@@ -704,6 +732,10 @@ cdef class LSTMKernels:
             self.arrays.append(array)
         if (cell["packed"] is None) != self.is_double:
             raise ValueError("LSTMKernels: float32 cells need the packed panels, float64 cells have none")
+        if (cell["candidate_packed"] is None) != (self.is_double or cell["num_gates"] != 3
+                                                  or cell["linear_before_reset"]):
+            raise ValueError("LSTMKernels: float32 GRU cells with the reset first need their candidate panels, "
+                             "other cells have none")
         num_gates = cell["num_gates"]
         if num_gates == 4:
             d.kind = CELL_LSTM
@@ -718,6 +750,8 @@ cdef class LSTMKernels:
         d.weights = cnp.PyArray_DATA(cell["weights"])
         d.bias = cnp.PyArray_DATA(cell["bias"])
         d.packed = NULL if cell["packed"] is None else <const float*>cnp.PyArray_DATA(cell["packed"])
+        d.candidate_packed = (NULL if cell["candidate_packed"] is None
+                              else <const float*>cnp.PyArray_DATA(cell["candidate_packed"]))
         d.peephole = NULL if cell["peephole"] is None else cnp.PyArray_DATA(cell["peephole"])
         d.projection = NULL if cell["projection"] is None else cnp.PyArray_DATA(cell["projection"])
         d.candidate_bias = NULL if cell["candidate_bias"] is None else cnp.PyArray_DATA(cell["candidate_bias"])

@@ -26,6 +26,7 @@ cdef struct CellDesc:
     void* projection     # (P, hidden_stride), or NULL
     void* candidate_bias # GRU: b_hn (H,), else NULL
     const float* packed  # float32 only: ``weights`` again as GEMM panels (see lstm_parallel.h), else NULL
+    const float* candidate_packed  # float32 GRU with the reset first: its candidate rows alone as panels, else NULL
     Py_ssize_t input_size, hidden_size, proj_size, rec_size   # I, H, P (0 = none), R = P or H
     Py_ssize_t gate_rows       # G*H: rows of ``weights``, width of a pre-activation vector
     Py_ssize_t state_size      # C: H for an LSTM (its c), 0 for a GRU or RNN

@@ -390,12 +390,12 @@ def make_stack(rng, input_size, *layers):
 RESET_FIRST = dict(linear_before_reset=False)
 GENERAL_GRU = dict(gate=Activation.of("hard_sigmoid"), cell=Activation.of("softsign"), clip=0.9)
 KIND_CASES = {
-    # name: (layers, batch); GRU rows of a reset-first candidate start a float32 panel at H = 16, not at 13
+    # name: (layers, batch)
     "gru, hand gemv": ([("gru", 13, {})], 1),
     "gru reset first, hand gemv": ([("gru", 13, RESET_FIRST)], 1),
     "gru, hand loop batch": ([("gru", 13, {})], 3),
     "gru reset first, hand loop batch": ([("gru", 13, RESET_FIRST)], 3),
-    "gru reset first, candidate rows on a panel": ([("gru", 16, RESET_FIRST)], 3),
+    "gru reset first, whole panels": ([("gru", 16, RESET_FIRST)], 3),
     "gru, gemm batch": ([("gru", 21, {})], 12),
     "gru reset first, gemm batch": ([("gru", 21, RESET_FIRST)], 12),
     "gru, several pointwise chunks": ([("gru", 70, {})], 2),

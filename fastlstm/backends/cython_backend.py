@@ -27,8 +27,8 @@ except ImportError as exc:  # not compiled in this checkout
 
 def pack_for_extension(plan: CellPlan, dtype: np.dtype) -> dict:
     """One cell in the extension's layout: padded ``[w_ih | 0 | w_hh | 0]`` rows (G*H of them), float32 GEMM
-    panels, bias, peepholes, the GRU candidate bias and the padded projection, with the sizes, strides, codes
-    and flags ``LSTMKernels`` reads."""
+    panels (and those of a reset-first GRU's candidate rows alone), bias, peepholes, the GRU candidate bias and
+    the padded projection, with the sizes, strides, codes and flags ``LSTMKernels`` reads."""
     H, I, P, R = plan.hidden_size, plan.input_size, plan.proj_size, plan.recurrent_size
     G = plan.num_gates * H
     Ip, Rp, Hp = padded(I, dtype), padded(R, dtype), padded(H, dtype)
@@ -38,15 +38,12 @@ def pack_for_extension(plan: CellPlan, dtype: np.dtype) -> dict:
     weights[:, Ip:Ip + R] = plan.w_hh
     bias = aligned_zeros(G, dtype)
     bias[:] = plan.bias
-    packed = None
+    packed = candidate_packed = None
     if dtype == np.float32:
-        # Panels of PANEL_ROWS gate rows, each stored k-major: packed[p, k, j] = weights[p * PANEL_ROWS + j, k].
-        panel = _cykernels.PANEL_ROWS
-        panels = -(-G // panel)
-        rows = np.zeros((panels * panel, K), dtype)
-        rows[:G] = weights
-        packed = aligned_zeros(panels * K * panel, dtype).reshape(panels, K, panel)
-        packed[:] = rows.reshape(panels, panel, K).transpose(0, 2, 1)
+        packed = _panels(weights, dtype)
+        if plan.kind == "gru" and not plan.linear_before_reset:
+            # The candidate's rows multiply r * h' apart from the others: panels of their own.
+            candidate_packed = _panels(weights[2 * H:], dtype)
     projection = None
     if P:
         projection = aligned_zeros(P * Hp, dtype).reshape(P, Hp)
@@ -61,9 +58,21 @@ def pack_for_extension(plan: CellPlan, dtype: np.dtype) -> dict:
         input_size=I, hidden_size=H, proj_size=P, input_stride=Ip, rec_stride=Rp, hidden_stride=Hp,
         activation_codes=plan.activation_codes, activation_params=plan.activation_params, clip=plan.clip,
         input_forget=plan.input_forget, standard=plan.standard,
-        weights=weights, packed=packed, bias=bias, projection=projection,
+        weights=weights, packed=packed, candidate_packed=candidate_packed, bias=bias, projection=projection,
         peephole=contiguous(plan.peephole), candidate_bias=contiguous(plan.candidate_bias),
     )
+
+
+def _panels(rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``rows`` (n, K) as panels of PANEL_ROWS rows, each stored k-major (the last one zero-padded):
+    ``panels[p, k, j] = rows[p * PANEL_ROWS + j, k]``."""
+    panel = _cykernels.PANEL_ROWS
+    count, K = -(-rows.shape[0] // panel), rows.shape[1]
+    whole = np.zeros((count * panel, K), dtype)
+    whole[:rows.shape[0]] = rows
+    panels = aligned_zeros(count * K * panel, dtype).reshape(count, K, panel)
+    panels[:] = whole.reshape(count, panel, K).transpose(0, 2, 1)
+    return panels
 
 
 class CythonLSTM(PreparedLSTM):
