@@ -128,19 +128,3 @@ class NumbaLSTM(PreparedLSTM):
     def step(self, x, h, c, workspace):
         # The kernel checks every shape (and the scratch size) before it writes anything.
         workspace.kernel(x, h, c, workspace.scratch, self._weights, self._cells)
-
-
-# Interim: the Cython backend still imports these two until its own flat-state kernels land (its branch drops
-# the import); the Numba backend no longer uses them. Delete both when cython_backend stops importing them.
-def _uniform_lstm_only(spec) -> str | None:
-    if any(layer.kind != "lstm" for layer in spec.layers):
-        return "its kernels run LSTM layers only"
-    if spec.state_form != "h_c":
-        return "its kernels run stacks of equal-sized layers only"
-    return None
-
-
-def _stacked_state(spec, h, c, batch):
-    """The flat state as (rows, B, size) views, the layout the kernels take for equal-sized LSTM stacks."""
-    rows = spec.num_state_rows
-    return h.reshape(rows, batch, -1), c.reshape(rows, batch, -1)
