@@ -1,0 +1,142 @@
+"""The formats the fuzzer covers and the valid seed files each one starts from.
+
+Seeds are written at the start of every run from small models built here with the real frameworks (torch,
+Keras on its torch backend, ONNX through ``torch.onnx.export``) and with fastlstm's own ``Model.save``;
+nothing binary is kept in the repository. The models are tiny (3 inputs, 4 hidden units) so that most of a
+file's bytes are structure (zip directories, pickles, JSON, HDF5 headers, protobuf) rather than weights,
+and there are two per format, one plain and one using more features, for splices to mix.
+
+``python -m fuzz.seeds DIR [FORMAT ...]`` writes them; the harness runs that in a child process, so the
+frameworks never load into the process that drives the fuzzing.
+
+Adding a format is one entry in ``FORMATS``: its name, the suffix its files need, and a function writing
+one seed model to a path, e.g. for safetensors once fastlstm reads it::
+
+    Format("safetensors", ".safetensors", lambda net, path: safetensors_torch.save_file(net.state_dict(), path)),
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+
+@dataclass(frozen=True)
+class Format:
+    """A file format fastlstm loads: ``write(net, path)`` saves the seed network ``net`` (a ``SeedNet``) there."""
+
+    name: str
+    suffix: str  # fastlstm recognises ONNX by its suffix only; the others by their leading bytes
+    write: Callable[["SeedNet", str], None]
+
+
+class SeedNet:
+    """One small network, built in torch and in Keras with the same layout, saved in whichever format asks."""
+
+    def __init__(self, torch_module, keras_model, example_input):
+        self.torch = torch_module
+        self.keras = keras_model
+        self.example_input = example_input
+
+
+def _torch_save(net: SeedNet, path: str, zip_layout: bool) -> None:
+    import torch
+
+    torch.save(net.torch.state_dict(), path, _use_new_zipfile_serialization=zip_layout)
+
+
+def _torchscript(net: SeedNet, path: str) -> None:
+    import torch
+
+    torch.jit.save(torch.jit.trace(net.torch, net.example_input), path)
+
+
+def _onnx(net: SeedNet, path: str) -> None:
+    import torch
+
+    torch.onnx.export(net.torch, (net.example_input,), path, dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch", 1: "time"}})
+
+
+def _native(net: SeedNet, path: str) -> None:
+    import fastlstm
+
+    fastlstm.load(net.torch, backend="numpy").save(path)
+
+
+FORMATS = (
+    Format("native", ".fastlstm", _native),
+    Format("torch-zip", ".pt", lambda net, path: _torch_save(net, path, zip_layout=True)),
+    Format("torch-legacy", ".pt", lambda net, path: _torch_save(net, path, zip_layout=False)),
+    Format("torchscript", ".pt", _torchscript),
+    Format("keras", ".keras", lambda net, path: net.keras.save(path)),
+    Format("keras-h5", ".h5", lambda net, path: net.keras.save(path)),
+    Format("onnx", ".onnx", _onnx),
+)
+FORMAT_NAMES = tuple(f.name for f in FORMATS)
+
+
+def format_named(name: str) -> Format:
+    for fmt in FORMATS:
+        if fmt.name == name:
+            return fmt
+    raise ValueError(f"unknown format {name!r}; known: {', '.join(FORMAT_NAMES)}")
+
+
+def seed_nets() -> list[SeedNet]:
+    """A plain network (LSTM -> Linear) and a richer one (two bidirectional layers; a second LSTM and a
+    softmax head in Keras), with fixed weights. No projection (``proj_size``): ONNX cannot express it."""
+    import keras
+    import torch
+    from torch import nn
+
+    class LSTMWithHead(nn.Module):
+        def __init__(self, lstm: nn.LSTM, head_inputs: int):
+            super().__init__()
+            self.lstm = lstm
+            self.fc = nn.Linear(head_inputs, 2)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0])
+
+    torch.manual_seed(0)
+    keras.utils.set_random_seed(0)
+    example = torch.zeros(1, 5, 3)
+    plain = LSTMWithHead(nn.LSTM(3, 4, batch_first=True), 4).eval()
+    rich = LSTMWithHead(nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True), 8).eval()
+    plain_keras = keras.Sequential([keras.Input((None, 3)), keras.layers.LSTM(4, return_sequences=True),
+                                    keras.layers.Dense(2)])
+    rich_keras = keras.Sequential([keras.Input((None, 3)),
+                                   keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True)),
+                                   keras.layers.LSTM(4), keras.layers.Dense(2, activation="softmax")])
+    return [SeedNet(plain, plain_keras, example), SeedNet(rich, rich_keras, example)]
+
+
+def write_seeds(directory: str | os.PathLike, names=FORMAT_NAMES) -> dict[str, list[str]]:
+    """Write every seed of the formats ``names`` into ``directory``; their paths, by format."""
+    import warnings
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    nets = seed_nets()
+    written: dict[str, list[str]] = {}
+    for name in names:
+        fmt = format_named(name)
+        for n, net in enumerate(nets):
+            path = str(directory / f"{fmt.name}-{n}{fmt.suffix}")
+            with warnings.catch_warnings():  # the frameworks' deprecation notes (legacy .h5, TorchScript, ...)
+                warnings.simplefilter("ignore")
+                fmt.write(net, path)
+            written.setdefault(fmt.name, []).append(path)
+    return written
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(write_seeds(sys.argv[1], sys.argv[2:] or FORMAT_NAMES)))
