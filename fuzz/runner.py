@@ -178,7 +178,7 @@ class FormatRun:
     refused_by_class: Counter = field(default_factory=Counter)
     predict_refused_by_class: Counter = field(default_factory=Counter)
     operations: Counter = field(default_factory=Counter)
-    peaks_kib: list[int] = field(default_factory=list)
+    peaks_kib: list[int] = field(default_factory=list)  # of every file loaded, the seeds included
     file_seconds: list[float] = field(default_factory=list)
     findings: list[dict] = field(default_factory=list)
     baseline_rss_kib: int | None = None
@@ -256,6 +256,8 @@ def fuzz_format(name: str, suffix: str, seed_paths: list[str], *, seconds: float
         try:
             for path in seed_paths:
                 result = worker.run(path)
+                if "peak_rss_kib" in result:
+                    run.peaks_kib.append(result["peak_rss_kib"])
                 run.seeds.append({"file": os.path.basename(path), "bytes": os.path.getsize(path),
                                   "outcome": result["outcome"] if result["outcome"] == "ok"
                                   else f"{result['outcome']} {result.get('error', '')}".strip()})
