@@ -2,13 +2,14 @@
 #   make run    demo on the bundled example models (no framework needed)
 #   make test   the whole test suite
 #   make bench  the benchmark harness (BENCH_ARGS="--quick --out DIR")
+#   make fuzz   fuzz every loader with damaged files (FUZZ_ARGS="--seconds-per-format 600 --out DIR")
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 SOURCES := pyproject.toml setup.py constraints.txt $(wildcard csrc/*.pyx csrc/*.pxd)
 
-.PHONY: run test bench install clean
+.PHONY: run test bench fuzz install clean
 
 run: $(VENV)/.installed-base
 	$(PY) examples/demo.py
@@ -18,6 +19,10 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m bench $(BENCH_ARGS)
+
+# The seed files are written with torch, Keras and ONNX: the test requirements.
+fuzz: $(VENV)/.installed-test
+	$(PY) -m fuzz $(FUZZ_ARGS)
 
 install: $(VENV)/.installed-base
 

@@ -15,7 +15,8 @@ A seeded ``random.Random`` gives the same files for the same seed, which is what
 Zip-based formats (fastlstm native, PyTorch, TorchScript, ``.keras``) store a CRC-32 per member, so flipped
 member bytes mostly stop at the CRC check. ``member`` therefore damages one member's bytes (or, for JSON,
 one value of its document) and writes the archive again with correct checksums, to reach the parsers of
-the pickles, ``.npy`` headers, JSON and HDF5 inside.
+the pickles, ``.npy`` headers, JSON and HDF5 inside. For the same reason ``field`` changes one field of a
+protobuf message (ONNX) and writes the enclosing lengths again.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Mutator:
         self.operations = {"flip": self.flip, "truncate": self.truncate, "splice": self.splice}
         if any(_is_zip(s) for s in seeds):
             self.operations["member"] = self.member
+        if all(_protobuf_fields(s) for s in seeds):
+            self.operations["field"] = self.protobuf_field
 
     def mutate(self) -> tuple[bytes, int, str]:
         """A new mutant: its bytes, the index of the seed it started from, and the operations applied."""
@@ -111,7 +114,12 @@ class Mutator:
             return self.flip(data)
         if not members:
             return self.flip(data)
-        index = self.rng.randrange(len(members))
+        documents = [i for i, (info, _) in enumerate(members) if info.filename.endswith(".json")]
+        # The JSON documents describe the model; the other members are mostly weights: damage them as often.
+        if documents and self.rng.random() < 0.5:
+            index = self.rng.choice(documents)
+        else:
+            index = self.rng.randrange(len(members))
         info, content = members[index]
         if info.filename.endswith(".json") and self.rng.random() < 0.6:
             content = self.json_value(content)
@@ -147,6 +155,105 @@ class Mutator:
             return json.dumps(root).encode()
         except (ValueError, RecursionError):  # a value moved into itself: keep the document as it was
             return document
+
+    # ------------------------------------------------------------------ inside a protobuf message (ONNX)
+    def protobuf_field(self, data: bytes) -> bytes:
+        """One field of a protobuf message, at any depth, changed, removed or repeated, every enclosing length
+        written again, so that the ONNX reader gets past the wire format to the model's contents."""
+        fields = _protobuf_fields(data)
+        if not fields:
+            return self.flip(data)
+        slots = list(_protobuf_slots(fields))
+        siblings, index = self.rng.choice(slots)
+        number, wire_type, value = siblings[index]
+        choice = self.rng.random()
+        if choice < 0.15:
+            del siblings[index]
+        elif choice < 0.25:
+            siblings.insert(index, siblings[index])
+        elif wire_type == 0:
+            value = self.rng.choice(INTERESTING_INTEGERS)
+            siblings[index] = (number, 0, value if self.rng.random() < 0.7 else (-value) % 2**64)
+        elif wire_type == 2 and not isinstance(value, list):
+            siblings[index] = (number, 2, self.rng.choice((self.flip, self.truncate, self.splice))(value))
+        elif wire_type in (1, 5):
+            siblings[index] = (number, wire_type, self.flip(value))
+        return _encode_protobuf(fields)
+
+
+def _protobuf_fields(data: bytes, depth: int = 0):
+    """``data`` parsed as protobuf wire format: a list of (field number, wire type, value), where a
+    length-delimited value that itself parses as a message is a nested list; ``None`` if it does not parse."""
+    fields, at = [], 0
+    try:
+        while at < len(data):
+            key, at = _read_varint(data, at)
+            number, wire_type = key >> 3, key & 7
+            if number == 0:
+                return None
+            if wire_type == 0:
+                value, at = _read_varint(data, at)
+            elif wire_type in (1, 5):
+                width = 8 if wire_type == 1 else 4
+                if at + width > len(data):
+                    return None
+                value, at = data[at:at + width], at + width
+            elif wire_type == 2:
+                length, at = _read_varint(data, at)
+                if at + length > len(data):
+                    return None
+                value, at = data[at:at + length], at + length
+                nested = _protobuf_fields(value, depth + 1) if value and depth < 20 else None
+                value = nested if nested else value
+            else:
+                return None
+            fields.append((number, wire_type, value))
+    except IndexError:
+        return None
+    return fields
+
+
+def _protobuf_slots(fields):
+    for index, (_, _, value) in enumerate(fields):
+        yield fields, index
+        if isinstance(value, list):
+            yield from _protobuf_slots(value)
+
+
+def _encode_protobuf(fields) -> bytes:
+    out = bytearray()
+    for number, wire_type, value in fields:
+        out += _varint(number << 3 | wire_type)
+        if wire_type == 0:
+            out += _varint(value)
+        elif wire_type == 2:
+            payload = _encode_protobuf(value) if isinstance(value, list) else value
+            out += _varint(len(payload)) + payload
+        else:
+            out += value
+    return bytes(out)
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _json_slots(node, depth: int = 0):

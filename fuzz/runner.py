@@ -177,6 +177,7 @@ class FormatRun:
     outcomes: Counter = field(default_factory=Counter)
     refused_by_class: Counter = field(default_factory=Counter)
     predict_refused_by_class: Counter = field(default_factory=Counter)
+    refusal_sites: Counter = field(default_factory=Counter)  # how deep the damage got: which checks refused it
     operations: Counter = field(default_factory=Counter)
     peaks_kib: list[int] = field(default_factory=list)  # of every file loaded, the seeds included
     file_seconds: list[float] = field(default_factory=list)
@@ -207,6 +208,7 @@ class FormatRun:
             "format": self.name, "seeds": self.seeds, "files": self.files, "outcomes": dict(self.outcomes),
             "refused_by_class": dict(self.refused_by_class),
             "predict_refused_by_class": dict(self.predict_refused_by_class),
+            "refusal_sites": dict(self.refusal_sites.most_common()),
             "operations": dict(self.operations),
             "peak_rss_mib": {"max": _mib(max(self.peaks_kib, default=0)),
                              "p99": _mib(percentile(self.peaks_kib, 99)),
@@ -297,6 +299,7 @@ def _count(run: FormatRun, result: dict, operations: str) -> None:
         run.operations[operation] += 1
     if result["outcome"] == "refused":
         run.refused_by_class[result["error"]] += 1
+        run.refusal_sites[f"{result['error']} at {result['raised_at']}"] += 1
     elif result["outcome"] == "predict-refused":
         run.predict_refused_by_class[result["error"]] += 1
     if "peak_rss_kib" in result:

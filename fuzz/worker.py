@@ -84,7 +84,8 @@ def _try_file(path: str, load, rng, FastLSTMError, peak_resettable: bool) -> dic
             model.predict(x)
             del model
         except FastLSTMError as exc:
-            result = {"outcome": "refused" if phase == "load" else "predict-refused", "error": type(exc).__name__}
+            result = {"outcome": "refused" if phase == "load" else "predict-refused", "error": type(exc).__name__,
+                      "raised_at": _describe(exc)["raised_at"]}
         except MemoryError as exc:
             result = {"outcome": "memory", **_describe(exc)}
         except BaseException as exc:  # noqa: BLE001 - anything else escaping a loader is the finding
