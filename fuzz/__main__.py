@@ -12,52 +12,38 @@ failure, and writes ``summary.json`` and ``summary.md`` into the output folder, 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from .report import markdown_report, write_report
-from .runner import Limits, fuzz_format
-from .seeds import FORMAT_NAMES, format_named
-
-
-def write_seed_files(directory: Path, names) -> dict[str, list[str]]:
-    """Seed files by format, written by ``fuzz.seeds`` in a child process (the frameworks stay out of this one)."""
-    env = dict(os.environ, KERAS_BACKEND="torch", PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-m", "fuzz.seeds", str(directory), *names], capture_output=True,
-                          text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
-    if done.returncode != 0:
-        raise RuntimeError(f"writing the seed files failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+from .runner import FAILING_OUTCOMES, Limits, fuzz_format
+from .seeds import FORMAT_NAMES, format_named, write_seeds_in_child
 
 
 def run(names, *, seconds_per_format: float, out: Path, limits: Limits, seed: int = 0,
-        loader: str = "fastlstm:load", minimize_seconds: float = 20.0, seed_paths: dict | None = None,
-        progress: bool = False) -> dict:
+        minimize_seconds: float = 20.0, progress: bool = False) -> dict:
     """Fuzz the formats ``names``; the summary (also written to ``out``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if seed_paths is None:
-        seed_paths = write_seed_files(out / "seeds", names)
+    seed_paths = write_seeds_in_child(out / "seeds", names)
     started = time.time()
     runs = []
     for name in names:
-        report = _progress_line(name, seconds_per_format) if progress else None
+        show = _progress_line(name, seconds_per_format) if progress else None
         runs.append(fuzz_format(name, format_named(name).suffix, seed_paths[name], seconds=seconds_per_format,
-                                limits=limits, out_dir=out, rng_seed=seed, loader=loader, minimize_seconds=minimize_seconds, progress=report))
+                                limits=limits, out_dir=out, rng_seed=seed, minimize_seconds=minimize_seconds,
+                                progress=show))
         if progress:
             sys.stderr.write("\n")
-    failures = [reason for r in runs for reason in r.failures(limits)]
-    summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
-               "seconds": time.time() - started, "seconds_per_format": seconds_per_format, "seed": seed,
-               "loader": loader, "limits": asdict(limits), "formats": [r.summary() for r in runs],
-               "failures": failures}
-    write_report(summary, out)
+        # Written after every format, so that an interrupted run keeps what it found.
+        summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
+                   "seconds": time.time() - started, "seconds_per_format": seconds_per_format, "seed": seed,
+                   "limits": asdict(limits), "formats": [r.summary() for r in runs],
+                   "failures": [reason for r in runs for reason in r.failures(limits)]}
+        write_report(summary, out)
     return summary
 
 
@@ -70,7 +56,7 @@ def _progress_line(name: str, seconds: float):
         if now - shown[0] < 1.0:
             return
         shown[0] = now
-        failing = sum(run.outcomes[o] for o in ("outside", "crash", "hang", "memory"))
+        failing = sum(run.outcomes[o] for o in FAILING_OUTCOMES)
         sys.stderr.write(f"\r{name:<14} {now - started:6.0f}/{seconds:.0f} s  {run.files:6d} files  "
                          f"{run.outcomes['ok']:5d} ok  {failing:4d} failing")
         sys.stderr.flush()
@@ -97,6 +83,8 @@ def main(argv=None) -> int:
                         help="time to minimise each distinct failure's repro (default: 20; 0 keeps it as found)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.formats.split(",") if n.strip()]
+    if not names:
+        parser.error("--formats: name at least one format")
     for name in names:
         format_named(name)
     limits = Limits(memory_mib=args.memory_limit_mib, peak_rss_mib=args.peak_rss_bound_mib,

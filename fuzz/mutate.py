@@ -167,6 +167,8 @@ class Mutator:
         siblings, index = self.rng.choice(slots)
         number, wire_type, value = siblings[index]
         choice = self.rng.random()
+        if isinstance(value, list):  # a nested message: drop it or repeat it (its fields get their own turn)
+            choice *= 0.25
         if choice < 0.15:
             del siblings[index]
         elif choice < 0.25:
@@ -174,7 +176,7 @@ class Mutator:
         elif wire_type == 0:
             value = self.rng.choice(INTERESTING_INTEGERS)
             siblings[index] = (number, 0, value if self.rng.random() < 0.7 else (-value) % 2**64)
-        elif wire_type == 2 and not isinstance(value, list):
+        elif wire_type == 2:
             siblings[index] = (number, 2, self.rng.choice((self.flip, self.truncate, self.splice))(value))
         elif wire_type in (1, 5):
             siblings[index] = (number, wire_type, self.flip(value))

@@ -33,8 +33,8 @@ LOG_TAIL_LINES = 25
 class Limits:
     """What one file may cost before it counts as a finding.
 
-    ``memory_mib`` is the worker's ``RLIMIT_AS`` (address space, not resident memory: NumPy, the thread pools
-    and the loaded libraries reserve about 0.5 GiB of it before any file is read); an allocation beyond it
+    ``memory_mib`` is the worker's ``RLIMIT_AS`` (address space, not resident memory: Python, NumPy, the
+    importers and thread stacks take about 0.35 GiB of it before any file is read); an allocation beyond it
     fails with ``MemoryError``, reported as a memory-limit hit. ``peak_rss_mib`` is the bound on a file's
     peak resident set size. ``seconds_per_file`` is the wall clock for loading and running one file; it is
     above the legacy Keras reader's own 10 s limit on its HDF5 child, so that the loader's refusal is seen
@@ -188,9 +188,6 @@ class FormatRun:
     fuzz_seconds: float = 0.0
     minimize_seconds: float = 0.0
 
-    def count(self, outcome: str) -> int:
-        return self.outcomes[outcome]
-
     def failures(self, limits: Limits) -> list[str]:
         """Why this run fails (empty if it passes)."""
         reasons = [f"{self.name}: seed {s['file']} did not load and run ({s['outcome']})"
@@ -252,7 +249,7 @@ def fuzz_format(name: str, suffix: str, seed_paths: list[str], *, seconds: float
     mutator = Mutator(seeds, random.Random(f"{rng_seed}:{name}"))
     worker = Worker(limits, loader, out_dir / f"worker-{name}.log")
     minimize_budget = seconds / 2
-    seen: set[bytes] = set()
+    seen = {_digest(s) for s in seeds}  # each file is tried once; the seeds are tried before the mutants
     with tempfile.TemporaryDirectory(prefix="fastlstm-fuzz-") as work:
         mutant_path = os.path.join(work, f"mutant{suffix}")
         try:
@@ -267,7 +264,7 @@ def fuzz_format(name: str, suffix: str, seed_paths: list[str], *, seconds: float
             deadline = started + seconds
             while time.monotonic() < deadline:
                 data, base, operations = mutator.mutate()
-                digest = hashlib.blake2b(data, digest_size=16).digest()
+                digest = _digest(data)
                 if digest in seen:
                     continue
                 seen.add(digest)
@@ -290,6 +287,10 @@ def fuzz_format(name: str, suffix: str, seed_paths: list[str], *, seconds: float
             run.worker_starts = worker.starts
             worker.close()
     return run
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _count(run: FormatRun, result: dict, operations: str) -> None:

@@ -6,8 +6,8 @@ nothing binary is kept in the repository. The models are tiny (3 inputs, 4 hidde
 file's bytes are structure (zip directories, pickles, JSON, HDF5 headers, protobuf) rather than weights,
 and there are two per format, one plain and one using more features, for splices to mix.
 
-``python -m fuzz.seeds DIR [FORMAT ...]`` writes them; the harness runs that in a child process, so the
-frameworks never load into the process that drives the fuzzing.
+``python -m fuzz.seeds DIR [FORMAT ...]`` writes them; the harness runs that in a child process
+(``write_seeds_in_child``), so the frameworks never load into the process that drives the fuzzing.
 
 Adding a format is one entry in ``FORMATS``: its name, the suffix its files need, and a function writing
 one seed model to a path, e.g. for safetensors once fastlstm reads it::
@@ -17,13 +17,13 @@ one seed model to a path, e.g. for safetensors once fastlstm reads it::
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-
-os.environ.setdefault("KERAS_BACKEND", "torch")
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ def format_named(name: str) -> Format:
 def seed_nets() -> list[SeedNet]:
     """A plain network (LSTM -> Linear) and a richer one (two bidirectional layers; a second LSTM and a
     softmax head in Keras), with fixed weights. No projection (``proj_size``): ONNX cannot express it."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")  # read when keras is first imported, just below
     import keras
     import torch
     from torch import nn
@@ -136,7 +137,15 @@ def write_seeds(directory: str | os.PathLike, names=FORMAT_NAMES) -> dict[str, l
     return written
 
 
-if __name__ == "__main__":
-    import json
+def write_seeds_in_child(directory: str | os.PathLike, names=FORMAT_NAMES) -> dict[str, list[str]]:
+    """``write_seeds`` run in a child process, so that the frameworks never load into the calling one."""
+    env = dict(os.environ, KERAS_BACKEND="torch", PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "-m", "fuzz.seeds", os.fspath(directory), *names], capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"writing the seed files failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
+
+if __name__ == "__main__":
     print(json.dumps(write_seeds(sys.argv[1], sys.argv[2:] or FORMAT_NAMES)))

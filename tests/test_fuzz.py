@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 
 from fastlstm.errors import InvalidInputError, ModelFormatError
-from fuzz.__main__ import write_seed_files
-from fuzz.mutate import Mutator
+from fuzz.mutate import Mutator, _encode_protobuf, _protobuf_fields
 from fuzz.report import markdown_report
 from fuzz.runner import Limits, Worker, fuzz_format, minimize
-from fuzz.seeds import FORMAT_NAMES, format_named
+from fuzz.seeds import FORMAT_NAMES, format_named, write_seeds_in_child
 
 BRIEF_SECONDS_PER_FORMAT = 3.0
 # Formats whose brief run fails today because of loader bugs that are being fixed (see the reasons).
@@ -202,10 +201,25 @@ def test_member_damage_keeps_the_zip_readable():
     assert 10 < changed_json < 50
 
 
+def test_protobuf_field_damage_keeps_the_wire_format():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=4)], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", 1, 3])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    seed = helper.make_model(graph).SerializeToString()
+    assert _encode_protobuf(_protobuf_fields(seed)) == seed
+    mutator = Mutator([seed], random.Random(2))
+    assert "field" in mutator.operations
+    damaged = [mutator.protobuf_field(seed) for _ in range(100)]
+    assert all(_protobuf_fields(d) is not None for d in damaged)  # the enclosing lengths were rewritten
+    assert sum(d != seed for d in damaged) > 80
+
+
 # --------------------------------------------------------------------------- a brief run on every format
 @pytest.fixture(scope="module")
 def seed_files(tmp_path_factory):
-    return write_seed_files(tmp_path_factory.mktemp("seeds"), FORMAT_NAMES)
+    return write_seeds_in_child(tmp_path_factory.mktemp("seeds"), FORMAT_NAMES)
 
 
 @pytest.mark.parametrize("name", [
