@@ -67,16 +67,21 @@ class Worker:
             self.process.stdin.write((json.dumps({"path": os.fspath(path)}) + "\n").encode())
             self.process.stdin.flush()
         except BrokenPipeError:  # died between files; only possible if the previous answer was its last words
-            return self._ended(time.monotonic())
+            return self._ended(time.monotonic(), "load")
         started = time.monotonic()
-        line = self._read_line(started + self.limits.seconds_per_file)
-        if line is None:
-            self._kill()
-            return {"outcome": "hang", "phase": "load or predict", "seconds": time.monotonic() - started,
-                    "message": f"no answer within {self.limits.seconds_per_file:g} s"}
-        if not line:
-            return self._ended(started)
-        return json.loads(line)
+        phase = "load"
+        while True:
+            line = self._read_line(started + self.limits.seconds_per_file)
+            if line is None:
+                self._kill()
+                return {"outcome": "hang", "phase": phase, "seconds": time.monotonic() - started,
+                        "message": f"no answer within {self.limits.seconds_per_file:g} s"}
+            if not line:
+                return self._ended(started, phase)
+            answer = json.loads(line)
+            if "outcome" in answer:
+                return answer
+            phase = "predict"  # the worker says the file loaded and it is running the model
 
     def close(self) -> None:
         if self.process is not None:
@@ -113,7 +118,7 @@ class Worker:
         self.baseline_rss_kib = hello["baseline_rss_kib"]
         self.peak_per_file = hello["peak_per_file"]
 
-    def _ended(self, started: float) -> dict:
+    def _ended(self, started: float, phase: str) -> dict:
         status = self.process.wait()
         self.process = None
         if status < 0:
@@ -121,7 +126,7 @@ class Worker:
         else:
             error = f"exit status {status}"
         tail = self.log_tail()
-        return {"outcome": "crash", "phase": "load or predict", "error": error, "message": tail,
+        return {"outcome": "crash", "phase": phase, "error": error, "message": tail,
                 "raised_at": _innermost_frame(tail), "fastlstm_frame": _innermost_frame(tail, "fastlstm/"),
                 "seconds": time.monotonic() - started}
 

@@ -13,7 +13,8 @@ prints can corrupt the answers. For each file it
    or ``path/to/file.py:function``);
 3. if that succeeds, runs the model once (``predict`` on a small random batch): a load that succeeds must
    give a model that runs, or refuses the input with a ``FastLSTMError``;
-4. answers with the outcome: ``ok``, ``refused`` / ``predict-refused`` (a ``FastLSTMError``, by class),
+4. answers with the outcome (after a line ``{"loaded": true}`` between steps 2 and 3, so that a crash or
+   a hang is charged to the right step): ``ok``, ``refused`` / ``predict-refused`` (a ``FastLSTMError``, by class),
    ``outside`` (any other exception: its type, message and where it was raised) or ``memory`` (a
    ``MemoryError``: the address-space limit was hit), with the peak RSS and the time taken.
 
@@ -64,10 +65,11 @@ def main(argv=None) -> None:
                               "baseline_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
-        answers.write(json.dumps(_try_file(request["path"], load, rng, FastLSTMError, peak_resettable)) + "\n")
+        answers.write(json.dumps(_try_file(request["path"], load, rng, FastLSTMError, peak_resettable,
+                                           loaded=lambda: answers.write('{"loaded": true}\n'))) + "\n")
 
 
-def _try_file(path: str, load, rng, FastLSTMError, peak_resettable: bool) -> dict:
+def _try_file(path: str, load, rng, FastLSTMError, peak_resettable: bool, loaded) -> dict:
     gc.collect()
     if peak_resettable:
         _reset_peak_rss()
@@ -80,6 +82,7 @@ def _try_file(path: str, load, rng, FastLSTMError, peak_resettable: bool) -> dic
         try:
             model = load(path)
             phase = "predict"
+            loaded()
             x = rng.standard_normal((2, 3, int(model.input_size))).astype(np.float32)
             model.predict(x)
             del model

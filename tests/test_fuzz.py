@@ -27,9 +27,17 @@ from fuzz.report import markdown_report
 from fuzz.runner import Limits, Worker, fuzz_format, minimize
 from fuzz.seeds import FORMAT_NAMES, format_named, write_seeds_in_child
 
-BRIEF_SECONDS_PER_FORMAT = 3.0
-# Formats whose brief run fails today because of loader bugs that are being fixed (see the reasons).
-KNOWN_FAILING: dict[str, str] = {}
+BRIEF_SECONDS_PER_FORMAT = 2.5
+# Formats whose brief run fails, or may fail within its few seconds, because of loader bugs found by the
+# fuzzer and being fixed; remove an entry once its fix is in.
+_ZIP_VERSION = ("a zip whose central directory asks for a newer zip version makes zipfile.ZipFile raise "
+                "NotImplementedError, which read_model (importers/__init__.py) lets through")
+KNOWN_FAILING: dict[str, str] = {
+    "native": "native.py lets TypeError (an unhashable activation name) and OverflowError (float() of a huge "
+              "JSON integer: clip, mask_value, activation parameters) through; and " + _ZIP_VERSION,
+    "torch-zip": _ZIP_VERSION,
+    "torchscript": _ZIP_VERSION,
+}
 
 FAKE_LOADER = f"{os.path.abspath(__file__)}:misbehaving_loader"
 FAKE_SEED = b"ok:" + b"." * 200
@@ -48,6 +56,10 @@ class _StandInModel:
             raise KeyError("predict went wrong")
         if self.predict_does == "refuse":
             raise InvalidInputError("x: refused")
+        if self.predict_does == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if self.predict_does == "hang":
+            time.sleep(3600)
         return np.zeros((x.shape[0], x.shape[1], 1))
 
 
@@ -55,7 +67,7 @@ def misbehaving_loader(path):
     """Loaded by the worker in place of ``fastlstm.load``: does what the file says.
 
     Commands: ``ok``, ``refuse``, ``raise``, ``crash``, ``exit``, ``hang``, ``memory``, ``big``,
-    ``predict-raise``, ``predict-refuse``. A file starting ``ok:`` stands for a valid file when it is
+    ``predict-raise``, ``predict-refuse``, ``predict-crash``, ``predict-hang``. A file starting ``ok:`` stands for a valid file when it is
     at least as long as ``FAKE_SEED`` and for a truncated one (``IndexError``) otherwise; anything else
     is refused.
     """
@@ -75,14 +87,14 @@ def misbehaving_loader(path):
         os._exit(7)
     if command == "hang":
         time.sleep(3600)
+    if command.startswith("predict-"):
+        return _StandInModel(command.removeprefix("predict-"))
     if command == "memory":
         return bytearray(8 * 2**30)
     if command == "big":
         block = np.ones(BIG_ALLOCATION_MIB * 2**20 // 8)
         del block
         return _StandInModel()
-    if command.startswith("predict-"):
-        return _StandInModel(command.removeprefix("predict-"))
     raise ModelFormatError(f"{path}: not a stand-in command")
 
 
@@ -99,15 +111,16 @@ def _write(directory: Path, name: str, data: bytes) -> str:
 # --------------------------------------------------------------------------- the harness counts what happens
 def test_worker_charges_every_outcome_to_its_file(tmp_path):
     commands = ["ok", "crash", "ok", "hang", "ok", "raise", "refuse", "memory", "exit", "predict-raise",
-                "predict-refuse", "ok"]
-    worker = Worker(Limits(memory_mib=1024, seconds_per_file=2.0), FAKE_LOADER, tmp_path / "worker.log")
+                "predict-refuse", "predict-crash", "predict-hang", "ok"]
+    worker = Worker(Limits(memory_mib=1024, seconds_per_file=1.0), FAKE_LOADER, tmp_path / "worker.log")
     try:
         results = [worker.run(_write(tmp_path, f"{n}-{c}", c.encode())) for n, c in enumerate(commands)]
     finally:
         worker.close()
     outcomes = [r["outcome"] for r in results]
     assert outcomes == ["ok", "crash", "ok", "hang", "ok", "outside", "refused", "memory", "crash", "outside",
-                        "predict-refused", "ok"]
+                        "predict-refused", "crash", "hang", "ok"]
+    assert [results[n]["phase"] for n in (1, 3, 8, 11, 12)] == ["load", "load", "load", "predict", "predict"]
     by_command = dict(zip(commands, results))
     assert by_command["crash"]["error"] == "SIGSEGV"
     assert "test_fuzz.py" in by_command["crash"]["raised_at"]  # faulthandler's stack, quoted from the log
@@ -117,7 +130,7 @@ def test_worker_charges_every_outcome_to_its_file(tmp_path):
     assert by_command["refuse"]["error"] == "ModelFormatError"
     assert by_command["predict-raise"]["error"] == "KeyError" and by_command["predict-raise"]["phase"] == "predict"
     assert by_command["predict-refuse"]["error"] == "InvalidInputError"
-    assert worker.starts == 4  # the first start, then one after each crash and the hang
+    assert worker.starts == 6  # the first start, then one after each crash and hang
 
 
 def test_peak_rss_is_measured_per_file(tmp_path):
