@@ -107,12 +107,8 @@ class Mutator:
     # ------------------------------------------------------------------ inside a zip
     def member(self, data: bytes) -> bytes:
         """One member of a zip archive damaged (its bytes, or one JSON value), the archive rewritten intact."""
-        try:
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                members = [(info, archive.read(info)) for info in archive.infolist()]
-        except Exception:  # an earlier operation broke the archive: damage the raw bytes instead
-            return self.flip(data)
-        if not members:
+        members = zip_members(data)
+        if not members:  # an earlier operation broke the archive: damage the raw bytes instead
             return self.flip(data)
         documents = [i for i, (info, _) in enumerate(members) if info.filename.endswith(".json")]
         # The JSON documents describe the model; the other members are mostly weights: damage them as often.
@@ -126,11 +122,7 @@ class Mutator:
         else:
             content = self.rng.choice((self.flip, self.flip, self.truncate, self.splice))(content)
         members[index] = (info, content)
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as archive:
-            for member_info, member_data in members:
-                archive.writestr(member_info, member_data)
-        return buffer.getvalue()
+        return zip_archive(members)
 
     def json_value(self, document: bytes) -> bytes:
         """The JSON ``document`` with one value (anywhere in it) replaced by a boundary value or another value
@@ -256,6 +248,30 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def zip_members(data: bytes) -> list[tuple[zipfile.ZipInfo, bytes]] | None:
+    """The members of the zip archive ``data`` with their contents; ``None`` if it is not a readable archive
+    or claims to expand far beyond its size (the file may be damaged, and this runs in the parent)."""
+    if not _is_zip(data):
+        return None
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            infos = archive.infolist()
+            if sum(info.file_size for info in infos) > MAX_GROWTH * 16 * len(data):
+                return None
+            return [(info, archive.read(info)) for info in infos]
+    except Exception:  # BadZipFile, a CRC error, zlib.error, NotImplementedError, ...
+        return None
+
+
+def zip_archive(members: list[tuple[zipfile.ZipInfo, bytes]]) -> bytes:
+    """A zip archive of ``members`` (names, order and compression as given), its checksums correct."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for info, content in members:
+            archive.writestr(info, content)
+    return buffer.getvalue()
 
 
 def _json_slots(node, depth: int = 0):

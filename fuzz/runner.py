@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .mutate import Mutator
+from .mutate import Mutator, zip_archive, zip_members
 
 FAILING_OUTCOMES = ("outside", "crash", "hang", "memory")
 WORKER_START_SECONDS = 120.0  # imports on a loaded two-core machine
@@ -355,8 +355,12 @@ def minimize(data: bytes, seed: bytes, reproduces: Callable[[bytes], bool], dead
     """A file that still ``reproduces`` the failure, closer to ``seed`` and shorter than ``data``.
 
     First every byte that differs from the seed is put back, in halving groups (delta debugging), as long
-    as the failure stays; then ever smaller chunks are cut out. Stops at ``deadline``.
+    as the failure stays; then ever smaller chunks are cut out. Stops at ``deadline``. Two zip archives are
+    compared member by member instead (see ``_minimize_members``).
     """
+    members = _minimize_members(data, seed, reproduces, deadline)
+    if members is not None:
+        return members
     current = data
     differing = [i for i in range(min(len(current), len(seed))) if current[i] != seed[i]]
     group = max(1, len(differing) // 2)
@@ -390,3 +394,75 @@ def minimize(data: bytes, seed: bytes, reproduces: Callable[[bytes], bool], dead
                 break
             chunk //= 2
     return current
+
+
+def _minimize_members(data: bytes, seed: bytes, reproduces: Callable[[bytes], bool], deadline: float) -> bytes | None:
+    """For a damaged member inside an intact archive (positions shift, so bytes cannot be compared): the
+    seed's archive with only the members that matter damaged, each of them minimised against the seed's
+    member. ``None`` when ``data`` or ``seed`` is not a readable archive or the rewritten archive does not
+    reproduce the failure (the damage is in the archive's own structure)."""
+    members, originals = zip_members(data), zip_members(seed)
+    if not members or not originals:
+        return None
+    original = {info.filename: content for info, content in originals}
+    if not reproduces(zip_archive(members)):
+        return None
+    for index, (info, content) in enumerate(members):
+        if info.filename in original and content != original[info.filename]:
+            def with_member(candidate: bytes, index=index, info=info) -> bytes:
+                return zip_archive(members[:index] + [(info, candidate)] + members[index + 1:])
+
+            member_reproduces = (lambda candidate, with_member=with_member: reproduces(with_member(candidate)))
+            if member_reproduces(original[info.filename]):
+                members[index] = (info, original[info.filename])
+            else:
+                members[index] = (info, _one_json_change(content, original[info.filename], member_reproduces)
+                                  or minimize(content, original[info.filename], member_reproduces, deadline))
+    return zip_archive(members)
+
+
+def _one_json_change(document: bytes, original: bytes, reproduces: Callable[[bytes], bool]) -> bytes | None:
+    """The ``original`` JSON document with one of the values in which ``document`` differs from it, if that one
+    change reproduces the failure; ``None`` otherwise (or if either is not JSON)."""
+    try:
+        damaged, seed = json.loads(document), json.loads(original)
+    except ValueError:
+        return None
+    for path in _json_differences(seed, damaged):
+        candidate = json.dumps(_json_with(seed, path, damaged)).encode()
+        if reproduces(candidate):
+            return candidate
+    return None
+
+
+def _json_differences(seed, damaged, path: tuple = ()):
+    """The paths (tuples of keys and indices) at which ``damaged`` differs from ``seed``, innermost first."""
+    if type(seed) is not type(damaged):
+        yield path
+    elif isinstance(seed, dict):
+        for key in [*seed, *(k for k in damaged if k not in seed)]:
+            if key in seed and key in damaged:
+                yield from _json_differences(seed[key], damaged[key], path + (key,))
+            else:
+                yield path + (key,)
+    elif isinstance(seed, list) and len(seed) == len(damaged):
+        for index, (a, b) in enumerate(zip(seed, damaged)):
+            yield from _json_differences(a, b, path + (index,))
+    elif seed != damaged:
+        yield path
+
+
+def _json_with(seed, path: tuple, damaged):
+    """A copy of ``seed`` whose value at ``path`` is ``damaged``'s (removed if ``damaged`` has none there)."""
+    if not path:
+        return damaged
+    copy = json.loads(json.dumps(seed))
+    parent, source = copy, damaged
+    for key in path[:-1]:
+        parent, source = parent[key], source[key]
+    key = path[-1]
+    if isinstance(source, dict) and key not in source:
+        del parent[key]
+    else:
+        parent[key] = source[key]
+    return copy

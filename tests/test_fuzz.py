@@ -184,12 +184,27 @@ def test_minimize_undoes_edits_then_cuts():
     assert len(smaller) == 50 and smaller[20] == 0xFF and smaller.count(0xFF) == 1
 
 
-def _zip_with_json() -> bytes:
+def _zip_with_json(config=None, weights: bytes = bytes(range(64))) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("config.json", json.dumps({"layers": [{"units": 4, "name": "lstm"}], "version": 1}))
-        archive.writestr("weights.bin", bytes(range(64)))
+        archive.writestr("config.json", json.dumps(config or {"layers": [{"units": 4, "name": "lstm"}], "version": 1},
+                                                   indent=1))
+        archive.writestr("weights.bin", weights)
     return buffer.getvalue()
+
+
+def test_minimize_keeps_one_json_change_in_an_intact_archive():
+    seed = _zip_with_json()
+    damaged = _zip_with_json({"layers": [{"units": [[]], "name": "lst"}], "version": 1, "extra": 7}, bytes(64))
+
+    def config_units_is_a_list(data: bytes) -> bool:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return isinstance(json.loads(archive.read("config.json"))["layers"][0]["units"], list)
+
+    smaller = minimize(damaged, seed, config_units_is_a_list, time.monotonic() + 10)
+    with zipfile.ZipFile(io.BytesIO(smaller)) as archive:
+        assert json.loads(archive.read("config.json")) == {"layers": [{"units": [[]], "name": "lstm"}], "version": 1}
+        assert archive.read("weights.bin") == bytes(range(64))
 
 
 def test_mutator_is_reproducible_and_damages():
