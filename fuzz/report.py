@@ -59,7 +59,9 @@ def markdown_report(summary: dict) -> str:
         lines.append(f"- **{finding['format']}**: {finding['outcome']} `{finding.get('error') or ''}` in "
                      f"{finding.get('phase')} at {located}, {finding['count']} file(s); repro `repros/"
                      f"{finding.get('minimized') or finding['repro']}` "
-                     f"({finding.get('minimized_bytes', finding['repro_bytes'])} bytes, from {finding['seed']})"
+                     f"({finding.get('minimized_bytes', finding['repro_bytes'])} bytes, from {finding['seed']}"
+                     + (f", differing in {finding['minimized_differs_from_seed_in']}"
+                        if "minimized_differs_from_seed_in" in finding else "") + ")"
                      + (f": {message[-1][:300]}" if message else ""))
     lines += ["", "Result: " + ("FAILED\n\n" + "\n".join(f"- {r}" for r in summary["failures"])
                                 if summary["failures"] else "passed"), ""]

@@ -342,13 +342,20 @@ def _record_finding(run: FormatRun, result: dict, data: bytes, seed: bytes, seed
         minimized = repro.with_name(f"{repro.stem}-min{suffix}")
         minimized.write_bytes(smaller)
         finding.update(minimized=minimized.name, minimized_bytes=len(smaller),
-                       minimized_bytes_differing_from_seed=_differing(smaller, seed))
+                       minimized_differs_from_seed_in=_difference(smaller, seed))
     run.findings.append(finding)
     return spent
 
 
-def _differing(data: bytes, seed: bytes) -> int:
-    return sum(a != b for a, b in zip(data, seed)) + abs(len(data) - len(seed))
+def _difference(data: bytes, seed: bytes) -> str:
+    """Where a repro differs from its seed: the archive members, or a count of bytes."""
+    members, originals = zip_members(data), zip_members(seed)
+    if members and originals:
+        original = {info.filename: content for info, content in originals}
+        return "members " + ", ".join(info.filename for info, content in members
+                                      if original.get(info.filename) != content)
+    differing = sum(a != b for a, b in zip(data, seed)) + abs(len(data) - len(seed))
+    return f"{differing} byte(s)"
 
 
 def minimize(data: bytes, seed: bytes, reproduces: Callable[[bytes], bool], deadline: float) -> bytes:
