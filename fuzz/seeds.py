@@ -10,9 +10,7 @@ and there are two per format, one plain and one using more features, for splices
 (``write_seeds_in_child``), so the frameworks never load into the process that drives the fuzzing.
 
 Adding a format is one entry in ``FORMATS``: its name, the suffix its files need, and a function writing
-one seed model to a path, e.g. for safetensors once fastlstm reads it::
-
-    Format("safetensors", ".safetensors", lambda net, path: safetensors_torch.save_file(net.state_dict(), path)),
+one seed model to a path.
 """
 
 from __future__ import annotations
@@ -63,6 +61,21 @@ def _onnx(net: SeedNet, path: str) -> None:
                       dynamic_axes={"x": {0: "batch", 1: "time"}})
 
 
+def _safetensors(net: SeedNet, path: str) -> None:
+    """The state_dict as the safetensors specification lays it out (8-byte header size, JSON header, data),
+    written here so that no ``safetensors`` package is needed."""
+    header, chunks, offset = {}, [], 0
+    for name, tensor in sorted(net.torch.state_dict().items()):
+        raw = tensor.detach().contiguous().numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks))
+
+
 def _native(net: SeedNet, path: str) -> None:
     import fastlstm
 
@@ -77,6 +90,7 @@ FORMATS = (
     Format("keras", ".keras", lambda net, path: net.keras.save(path)),
     Format("keras-h5", ".h5", lambda net, path: net.keras.save(path)),
     Format("onnx", ".onnx", _onnx),
+    Format("safetensors", ".safetensors", _safetensors),
 )
 FORMAT_NAMES = tuple(f.name for f in FORMATS)
 

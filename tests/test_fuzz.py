@@ -28,16 +28,9 @@ from fuzz.runner import Limits, Worker, fuzz_format, minimize
 from fuzz.seeds import FORMAT_NAMES, format_named, write_seeds_in_child
 
 BRIEF_SECONDS_PER_FORMAT = 2.5
-# Formats whose brief run fails, or may fail within its few seconds, because of loader bugs found by the
-# fuzzer and being fixed; remove an entry once its fix is in.
-_ZIP_VERSION = ("a zip whose central directory asks for a newer zip version makes zipfile.ZipFile raise "
-                "NotImplementedError, which read_model (importers/__init__.py) lets through")
-KNOWN_FAILING: dict[str, str] = {
-    "native": "native.py lets TypeError (an unhashable activation name) and OverflowError (float() of a huge "
-              "JSON integer: clip, mask_value, activation parameters) through; and " + _ZIP_VERSION,
-    "torch-zip": _ZIP_VERSION,
-    "torchscript": _ZIP_VERSION,
-}
+# Formats whose brief run may find a loader bug not fixed yet (format -> why), marked xfail; empty when every
+# bug the fuzzer found is fixed (each fix has its own test beside the loader's tests).
+KNOWN_FAILING: dict[str, str] = {}
 
 FAKE_LOADER = f"{os.path.abspath(__file__)}:misbehaving_loader"
 FAKE_SEED = b"ok:" + b"." * 200

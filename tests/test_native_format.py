@@ -211,3 +211,18 @@ def test_a_zip_of_an_unsupported_version_is_a_format_error(saved, tmp_path):
     bad.write_bytes(bytes(raw))
     with pytest.raises(ModelFormatError, match="cannot be opened: zip file version"):
         fastlstm.load(bad)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["layers"][0].update(cell_activation=[{"a": 1}, 0, 0]), "known name"),
+    (lambda m: m["layers"][0].update(clip=10**400), r"clip: the number .* is too large"),
+    (lambda m: m["layers"][0].update(gate_activation=["sigmoid", 10**400, 0]), r"gate_activation\[1\]: the number"),
+    (lambda m: m.update(mask_value=-10**400), r"mask_value: the number"),
+])
+def test_json_values_no_python_type_can_hold_are_format_errors(saved, tmp_path, change, message):
+    """Found by the fuzzer: a dict as an activation name (unhashable) and integers beyond float's range."""
+    _, path = saved
+    bad = tmp_path / "values.fastlstm"
+    rewrite_manifest(path, bad, change)
+    with pytest.raises(ModelFormatError, match=message):
+        fastlstm.load(bad)

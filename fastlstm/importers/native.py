@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import reprlib
 import zipfile
 
 import numpy as np
@@ -187,16 +188,23 @@ class _ManifestReader:
         return data.reshape(declared_shape, order="F" if fortran_order else "C").copy()
 
     def activation(self, value, where: str) -> Activation:
-        if (not isinstance(value, list) or len(value) != 3 or value[0] not in ACTIVATION_PARAMS
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value[1:])):
-            self.fail(where, f"expected [name, alpha, beta] with a known name, got {value!r}")
-        return Activation(value[0], float(value[1]), float(value[2]))
+        if (not isinstance(value, list) or len(value) != 3 or not isinstance(value[0], str)
+                or value[0] not in ACTIVATION_PARAMS):
+            self.fail(where, f"expected [name, alpha, beta] with a known name, got {reprlib.repr(value)}")
+        return Activation(value[0], self.number(value[1], f"{where}[1]"), self.number(value[2], f"{where}[2]"))
+
+    def number(self, value, where: str) -> float:
+        """A JSON number as a float; an integer too large for one (JSON allows any) is refused, not raised."""
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            self.fail(where, f"expected a number, got {reprlib.repr(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            self.fail(where, f"the number {reprlib.repr(value)} is too large")
 
     def number_or_none(self, obj: dict, key: str, where: str) -> float | None:
         value = obj.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            self.fail(f"{where}.{key}", f"expected a number or null, got {value!r}")
-        return None if value is None else float(value)
+        return None if value is None else self.number(value, f"{where}.{key}")
 
     def model(self, manifest) -> ModelSpec:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
