@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._arrays import as_real_array
 from .backends import prepare
 from .backends.base import state_blocks
 from .errors import InvalidInputError
@@ -132,7 +133,7 @@ class Model:
             if ids.size == 0:
                 raise InvalidInputError(f"x: expected at least one sequence of at least one step, got shape {_shape(ids, unbatched)}")
             return ids, unbatched
-        x = _as_real_array(x, "x")
+        x = as_real_array(x, "x")
         if x.ndim not in (2, 3):
             raise InvalidInputError(f"x: expected shape (batch, time, {self.input_size}) or (time, {self.input_size}), got {x.shape}")
         unbatched = x.ndim == 2
@@ -182,7 +183,7 @@ class Model:
         """Checked per-sequence lengths (int64), from ``lengths`` or the model's mask; None when all are T."""
         batch, steps = x.shape[0], x.shape[1]
         if lengths is not None:
-            given = _as_real_array(lengths, "lengths")
+            given = as_real_array(lengths, "lengths")
             expected = () if unbatched else (batch,)
             if given.shape != expected and not (unbatched and given.shape == (1,)):
                 raise InvalidInputError(f"lengths: expected shape {expected} (one length per sequence), got {given.shape}")
@@ -274,7 +275,7 @@ class Stream:
         if self._embedding is not None:
             x_t = _as_token_ids(x_t, "x_t", self._vocab_size)
         elif type(x_t) is not np.ndarray or x_t.dtype not in _REAL_DTYPES:
-            x_t = _as_real_array(x_t, "x_t")
+            x_t = as_real_array(x_t, "x_t")
         shape = x_t.shape
         if shape == self._unbatched_shape:
             unbatched = True
@@ -403,16 +404,6 @@ def _as_token_ids(value, name: str, vocab_size: int) -> np.ndarray:
         raise InvalidInputError(f"{name}: token ids must lie in 0..{vocab_size - 1} (the vocabulary has "
                                 f"{vocab_size} tokens); got {bad}")
     return value.astype(np.int64, copy=False)
-
-
-def _as_real_array(value, name: str) -> np.ndarray:
-    try:
-        array = np.asarray(value)
-    except Exception as exc:  # ragged lists and the like
-        raise InvalidInputError(f"{name}: could not be read as an array ({exc})") from None
-    if array.dtype.kind not in "biuf":
-        raise InvalidInputError(f"{name}: expected real numbers, got dtype {array.dtype}")
-    return array
 
 
 def _shape(x: np.ndarray, unbatched: bool) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._arrays import as_real_array
 from .backends.base import flat_state_sizes, state_views
 from .errors import InvalidInputError
 from .spec import ModelSpec
@@ -111,12 +112,7 @@ class StateCodec:
             raise InvalidInputError(f"{prefix}: this model's layers have no cell state; expected "
                                     f"{self.describe(None if unbatched else batch)}, got a pair")
         name = f"{prefix} {slot.label}"
-        try:
-            array = np.asarray(value)
-        except Exception as exc:  # ragged lists and the like
-            raise InvalidInputError(f"{name}: could not be read as an array ({exc})") from None
-        if array.dtype.kind not in "biuf":
-            raise InvalidInputError(f"{name}: expected real numbers, got dtype {array.dtype}")
+        array = as_real_array(value, name)
         expected = self._shape(slot, None if unbatched else batch)
         if array.shape != expected:
             raise InvalidInputError(f"{name}: expected shape {expected} ({'directions' if self.form == 'per_layer' else 'layers * directions'}, "

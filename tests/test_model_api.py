@@ -14,16 +14,6 @@ from random_models import random_spec
 BACKENDS = ["numpy", "numba", "cython"]
 
 
-@pytest.fixture(scope="module")
-def spec():
-    return random_spec(np.random.default_rng(0), input_size=4, hidden_size=6, num_layers=2, head=[(3, "tanh")])
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def model(request, spec):
-    return fastlstm.Model(spec, backend=request.param)
-
-
 def test_shapes_batched_and_unbatched(model):
     x = np.random.default_rng(1).normal(size=(2, 5, 4))
     y, (h, c) = model.predict(x, return_state=True)

@@ -13,22 +13,7 @@ from fastlstm.errors import ModelFormatError, UnsupportedModelError
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
-
-TOLERANCE = 1e-5
-
-
-def inputs(batch=3, steps=6, features=4, seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, steps, features)).astype(np.float32)
-
-
-def torch_output(module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return module.eval()(torch.from_numpy(x)).numpy()
-
-
-def assert_close(actual, expected):
-    assert actual.shape == expected.shape
-    assert np.max(np.abs(actual - expected)) <= TOLERANCE
+from torch_helpers import assert_close, inputs, torch_output  # noqa: E402
 
 
 class CellLoop(nn.Module):

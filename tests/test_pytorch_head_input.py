@@ -16,24 +16,11 @@ from fastlstm.errors import ModelFormatError, UnsupportedModelError
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
-
-TOLERANCE = 1e-5
-
-
-def inputs(batch=3, steps=6, features=4, seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, steps, features)).astype(np.float32)
-
-
-def torch_output(module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return module.eval()(torch.from_numpy(x)).numpy()
+from torch_helpers import assert_close, inputs, torch_output  # noqa: E402
 
 
 def assert_matches_torch(model, module, x):
-    expected = torch_output(module, x)
-    actual = model.predict(x)
-    assert actual.shape == expected.shape
-    assert np.max(np.abs(actual - expected)) <= TOLERANCE
+    assert_close(model.predict(x), torch_output(module, x))
 
 
 class ReluBeforeHead(nn.Module):
@@ -94,7 +81,7 @@ def test_activation_after_the_lstm_without_a_head():
     assert model.spec.head == () and model.spec.head_input_activation.name == "tanh"
     lstm_out, _ = net.lstm(torch.from_numpy(inputs()))
     expected = torch.tanh(lstm_out).detach().numpy()
-    assert np.max(np.abs(model.predict(inputs()) - expected)) <= TOLERANCE
+    assert_close(model.predict(inputs()), expected)
 
 
 def test_softmax_on_the_lstm_output_is_refused():

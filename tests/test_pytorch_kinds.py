@@ -13,13 +13,7 @@ from fastlstm import UnsupportedModelError
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
-
-TOLERANCE = 1e-5
-
-
-def assert_close(actual, expected):
-    assert np.shape(actual) == np.shape(expected), (np.shape(actual), np.shape(expected))
-    assert np.max(np.abs(np.asarray(actual) - np.asarray(expected))) <= TOLERANCE
+from torch_helpers import assert_close  # noqa: E402
 
 
 def features(batch=3, steps=7, size=4, seed=0):

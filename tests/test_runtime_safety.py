@@ -18,16 +18,6 @@ BACKENDS = ["numpy", "numba", "cython"]
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def spec():
-    return random_spec(np.random.default_rng(0), input_size=4, hidden_size=6, num_layers=2, head=[(3, "tanh")])
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def model(request, spec):
-    return fastlstm.Model(spec, backend=request.param)
-
-
 # ----------------------------------------------------------------------------------------- refused calls
 def _bad_outs():
     read_only = np.zeros(3, np.float32)
