@@ -20,6 +20,7 @@ EXAMPLES = [
     # file, load options (what a state_dict cannot say), what it is
     ("keyword_spotter.pt", {"head_activations": ["softmax"]}, "1-layer LSTM 32->64, softmax head of 12 classes"),
     ("sensor_forecaster.pt", {}, "2-layer LSTM 64->128, linear head of 4 values"),
+    ("intent_tagger.pt", {}, "token ids -> embedding 200x32 -> GRU 48 -> LSTM 24, linear head of 5 scores"),
 ]
 
 
@@ -54,7 +55,10 @@ def main() -> None:
         streamed = np.stack([stream.step(x_t) for x_t in x[0]])
         print(f"  stream of {len(x[0])} steps; max |stream - predict| = {np.abs(streamed - y[0]).max():.2e}")
 
-        inputs = rng.normal(size=(2000, model.input_size)).astype(np.float32)
+        if model.takes_token_ids:
+            inputs = rng.integers(0, model.spec.vocab_size, size=2000)
+        else:
+            inputs = rng.normal(size=(2000, model.input_size)).astype(np.float32)
         latencies = {
             name: median_step_microseconds(fastlstm.load(MODELS / filename, backend=name, **options).stream(), inputs)
             for name in backends

@@ -44,15 +44,38 @@ class SensorForecaster(nn.Module):
         return self.head(y)
 
 
+class IntentTagger(nn.Module):
+    """A text model: token ids -> Embedding(200, 32) -> GRU(48) -> LSTM(24) -> 5 intent scores per token
+    (two recurrent modules of different kinds and sizes)."""
+
+    vocab_size = 200
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(self.vocab_size, 32)
+        self.gru = nn.GRU(32, 48, batch_first=True)
+        self.lstm = nn.LSTM(48, 24, batch_first=True)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, ids):
+        y, _ = self.gru(self.embed(ids))
+        y, _ = self.lstm(y)
+        return self.fc(y)
+
+
 def main() -> None:
     torch.manual_seed(0)
     HERE.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     for name, module, features in (("keyword_spotter", KeywordSpotter(), 32),
-                                   ("sensor_forecaster", SensorForecaster(), 64)):
+                                   ("sensor_forecaster", SensorForecaster(), 64),
+                                   ("intent_tagger", IntentTagger(), None)):
         module.eval()
         torch.save(module.state_dict(), HERE / f"{name}.pt")
-        x = rng.normal(size=(2, 50, features)).astype(np.float32)
+        if features is None:  # token ids
+            x = rng.integers(0, module.vocab_size, size=(2, 50))
+        else:
+            x = rng.normal(size=(2, 50, features)).astype(np.float32)
         with torch.no_grad():
             y = module(torch.from_numpy(x)).numpy()
         np.savez(HERE / f"{name}_reference.npz", x=x, y=y)

@@ -273,7 +273,11 @@ class Stream:
         # the stream's input buffer; everything else goes through the general conversion and its errors.
         # Every argument is checked before the state is touched: a refused call leaves the stream as it was.
         if self._embedding is not None:
-            x_t = _as_token_ids(x_t, "x_t", self._vocab_size)
+            if type(x_t) is int and self._unbatched_shape is not None and 0 <= x_t < self._vocab_size:
+                x_t = np.intp(x_t)  # the hot path of a one-sequence text stream: one valid id
+            elif not (type(x_t) is np.ndarray and x_t.dtype in _INTEGER_DTYPES and x_t.shape == self._batched_shape
+                      and _ids_in_range(x_t, self._vocab_size)):
+                x_t = _as_token_ids(x_t, "x_t", self._vocab_size)
         elif type(x_t) is not np.ndarray or x_t.dtype not in _REAL_DTYPES:
             x_t = as_real_array(x_t, "x_t")
         shape = x_t.shape
@@ -290,7 +294,10 @@ class Stream:
         if out is not None:
             self._check_out(out, self._batched_out_shape[1:] if unbatched else self._batched_out_shape)
         if self._embedding is not None:
-            np.take(self._embedding, x_t.reshape(-1), axis=0, out=self._x)
+            if unbatched:
+                self._x_row[...] = self._embedding[x_t]
+            else:
+                np.take(self._embedding, x_t, axis=0, out=self._x)
         elif unbatched:
             self._x_row[...] = x_t
         else:
@@ -387,6 +394,14 @@ def _masked_steps(x: np.ndarray, mask_value: float, token_ids: bool) -> np.ndarr
     return x == mask_value if token_ids else np.all(x == mask_value, axis=-1)
 
 
+def _ids_in_range(ids: np.ndarray, vocab_size: int) -> bool:
+    """Whether every id of an integer array lies in ``0..vocab_size-1``: one pass, negatives read as huge
+    unsigned numbers."""
+    if ids.dtype.kind == "i":
+        ids = ids.view(ids.dtype.str.replace("i", "u"))
+    return ids.size == 0 or int(ids.max()) < vocab_size
+
+
 def _as_token_ids(value, name: str, vocab_size: int) -> np.ndarray:
     """``value`` as int64 token ids, each checked to lie in ``0..vocab_size-1``."""
     if type(value) is not np.ndarray or value.dtype not in _INTEGER_DTYPES:
@@ -399,7 +414,7 @@ def _as_token_ids(value, name: str, vocab_size: int) -> np.ndarray:
         if array.dtype.kind not in "iu" and not (array.dtype.kind == "f" and array.size == 0):
             raise InvalidInputError(f"{name}: this model takes integer token ids; got dtype {array.dtype}")
         value = array
-    if value.size and (value.min() < 0 or value.max() >= vocab_size):
+    if not _ids_in_range(value, vocab_size):
         bad = value[(value < 0) | (value >= vocab_size)].reshape(-1)[:5].tolist()
         raise InvalidInputError(f"{name}: token ids must lie in 0..{vocab_size - 1} (the vocabulary has "
                                 f"{vocab_size} tokens); got {bad}")

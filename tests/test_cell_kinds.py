@@ -158,9 +158,14 @@ def test_embedding_takes_token_ids():
     with pytest.raises(InvalidInputError, match="integer token ids"):
         model.predict(np.array([[0.5, 1.0]]))
     before = stream.state
-    with pytest.raises(InvalidInputError, match="vocabulary"):
-        stream.step(np.array([3, -1]))
+    for bad in (np.array([3, -1]), np.array([3, -1], np.int8), np.array([11, 0], np.uint16)):
+        with pytest.raises(InvalidInputError, match="vocabulary"):
+            stream.step(bad)
     np.testing.assert_array_equal(stream.state, before)
+    for bad, message in ((11, "vocabulary"), (-1, "vocabulary"), (True, "integer token ids"), (2.5, "integer")):
+        with pytest.raises(InvalidInputError, match=message):
+            one.step(bad)
+    np.testing.assert_allclose(model.stream().step(np.int16(4)), model.stream().step(4), atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
