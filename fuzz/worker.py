@@ -6,7 +6,7 @@ each with one JSON line on its original stdout before reading the next, so the p
 file a crash or a hang belongs to. File descriptor 1 itself is pointed at stderr, so nothing a library
 prints can corrupt the answers. For each file it
 
-1. resets the peak resident set size (``/proc/self/clear_refs``, Linux), so that ``ru_maxrss`` afterwards is
+1. resets the peak resident set size (``/proc/self/clear_refs``, Linux), so that the peak (``VmHWM``) afterwards is
    this file's peak and not the largest since the worker started (helper processes a loader starts are
    counted too, see ``_try_file``);
 2. loads the file with the loader (``fastlstm.load`` unless ``--loader`` names another ``module:function``
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     peak_resettable = _reset_peak_rss()
     answers.write(json.dumps({"ready": True, "peak_per_file": peak_resettable,
-                              "baseline_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}) + "\n")
+                              "baseline_rss_kib": _own_peak_rss_kib()}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
         answers.write(json.dumps(_try_file(request["path"], load, rng, FastLSTMError, peak_resettable,
@@ -96,7 +96,7 @@ def _try_file(path: str, load, rng, FastLSTMError, peak_resettable: bool, loaded
     result["phase"] = phase
     result["seconds"] = time.perf_counter() - started
     result["warnings"] = sorted({w.category.__name__ for w in caught})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _own_peak_rss_kib()
     # A helper process the loader started (the HDF5 reader) is counted when its peak beats every earlier
     # helper's (ru_maxrss of children is a running maximum). The count is an upper bound: a child's starts
     # from the worker's own size when it is forked.
@@ -126,6 +126,22 @@ def short_path(filename: str) -> str:
         if filename.startswith(entry + os.sep) and len(entry) > len(best):
             best = entry
     return os.path.relpath(filename, best) if best else os.path.basename(filename)
+
+
+def _own_peak_rss_kib() -> int:
+    """This process's peak resident set size since the last reset, in KiB: ``VmHWM`` where Linux has it.
+
+    ``ru_maxrss`` would not do after a reset: it also keeps the peak the process had before its ``exec``,
+    which for a worker started from a large process (a test run with torch loaded) is that process's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _reset_peak_rss() -> bool:
