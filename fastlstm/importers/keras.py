@@ -22,7 +22,8 @@ What the layers become (Keras' gate order i, f, c, o is fastlstm's i, f, g, o: n
 * ``RNN(LSTMCell)`` is the same layer (the ``RNN`` holds the sequence options, the cell the maths).
   ``RNN([LSTMCell, ...])`` (``StackedRNNCells``) feeds each cell's output to the next at every step: one
   fastlstm layer per cell, all but the last returning sequences; with ``go_backwards=True`` every cell reads
-  the reversed sequence, which is a stack of ``"reverse"`` layers.
+  the reversed sequence, which is a stack of ``"reverse"`` layers. Layers and cells may differ in ``units``:
+  the state then keeps one entry per layer (``ModelSpec.state_form`` ``"per_layer"``).
 * ``Bidirectional(LSTM)`` and ``Bidirectional(RNN(LSTMCell))``: a ``"bidirectional"`` layer.
   ``merge_mode="concat"`` is native; ``"sum"`` and ``"ave"`` are linear, so they are folded into whatever
   reads the merged output: the next LSTM's ``w_ih`` or the first dense layer's weight is duplicated (and
@@ -42,8 +43,7 @@ in Keras 2 / tf.keras and ``clip(x/6 + 0.5)`` in Keras 3. ``leaky_relu`` has Ker
 Refused, each named, all at once (``UnsupportedModelError``): any other layer; a layer outside the
 LSTM-then-head order; ``go_backwards=True`` with ``return_sequences=True`` outside ``Bidirectional`` (Keras
 returns that sequence in reversed time order, which the canonical model cannot express);
-``merge_mode="mul"`` or ``None``; LSTM layers of different ``units`` (fastlstm's state layout, like
-PyTorch's, needs one hidden size); a model whose outputs include the states of ``return_state=True``
+``merge_mode="mul"`` or ``None``; a model whose outputs include the states of ``return_state=True``
 (``return_state`` is accepted when only the main output is used, in a functional model); activations
 outside fastlstm's catalogue; LoRA or quantized dense layers; functional models that are not a single
 chain; ``RNN`` of other cells, ``Bidirectional`` over stacked cells; a user's class registered under a
@@ -270,11 +270,6 @@ class _Planner:
                 self.problems.append(_not_supported(layer))
         if not saw_lstm:
             self.problems.append("the model has no LSTM layer")
-        unit_counts = sorted({step.units for step in recurrent})
-        if len(unit_counts) > 1:
-            self.problems.append(
-                f"LSTM layers of different sizes (units {unit_counts}): fastlstm requires stacked layers to share "
-                "one hidden size, as its (layers * directions, batch, size) state does")
         if self.problems:
             raise UnsupportedModelError(self.problems, hint=f"({self.source})")
         return _Plan(recurrent, head, mask_value, input_features)
