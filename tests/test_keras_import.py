@@ -2,7 +2,8 @@
 
 Each model gets random weights (normal, scale 0.3, so a gate-order or transpose mistake shows), is saved as
 ``.keras`` and as a legacy ``.h5``, and is loaded from both files and from memory; fastlstm's float32 output
-(NumPy backend) must match Keras' within 1e-5. Models are built once per module and shared.
+(NumPy backend) must match Keras' within 1e-5. Models whose input is integer (an ``Embedding`` first) get
+random token ids. Models are built once per module and shared.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 import fastlstm
 from fastlstm.activations import Activation
-from fastlstm.errors import ModelFormatError, UnsupportedModelError
+from fastlstm.errors import InvalidModelError, ModelFormatError, UnsupportedModelError
 from fastlstm.importers import _keras_hdf5
 from fastlstm.importers import keras as keras_importer
 
@@ -36,12 +37,37 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 L = keras.layers
 TOLERANCE = 1e-5
 BATCH, STEPS, FEATURES = 3, 6, 3
+VOCAB = 11  # token ids of the models with an Embedding
 LENGTHS = np.array([6, 4, 2])  # valid steps of each sequence in the masked models
 FORMATS = ["keras", "h5"]
 
 
 def sequential(*layers, batch_size=None):
     return keras.Sequential([keras.Input((STEPS, FEATURES), batch_size=batch_size), *layers])
+
+
+def tokens(*layers):
+    """A Sequential model reading (batch, time) token ids."""
+    return keras.Sequential([keras.Input((STEPS,), dtype="int32"), *layers])
+
+
+def functional_tokens():
+    """Keras 3 writes the mask of a functional model's Embedding as an operation, not_equal(ids, 0)."""
+    ids = keras.Input((STEPS,), dtype="int32")
+    sequence = L.GRU(4, return_sequences=True)(L.Dropout(0.1)(L.Embedding(VOCAB, 3, mask_zero=True)(ids)))
+    return keras.Model(ids, L.Dense(2)(L.LSTM(5)(sequence)))
+
+
+def functional_masking():
+    """... and a Masking layer's as any(not_equal(x, mask_value), axis=-1)."""
+    inputs = keras.Input((STEPS, FEATURES))
+    sequence = L.SimpleRNN(4, return_sequences=True)(L.Masking(0.0)(inputs))
+    return keras.Model(inputs, L.Dense(2)(L.GRU(3, return_sequences=True)(sequence)))
+
+
+def functional_explicit_mask():
+    ids = keras.Input((STEPS,), dtype="int32")
+    return keras.Model(ids, L.LSTM(4)(L.Embedding(VOCAB, 3)(ids), mask=keras.ops.not_equal(ids, 1)))
 
 
 def functional_return_state():
@@ -100,6 +126,42 @@ MODELS = {
         L.Bidirectional(L.LSTM(3, return_sequences=True)), L.LSTM(2, return_sequences=True), L.Dense(2)),
     "rnn_stacked_cells_of_different_units": lambda: sequential(
         L.RNN([L.LSTMCell(6), L.LSTMCell(3)], return_sequences=True), L.Dense(2)),
+    # GRU: Keras' z, r, h permuted to r, z, n; reset_after=True (two bias rows) and False (one)
+    "gru_sequence": lambda: sequential(L.GRU(4, return_sequences=True), L.Dense(2)),
+    "gru_reset_before": lambda: sequential(
+        L.GRU(4, return_sequences=True, reset_after=False, recurrent_activation="hard_sigmoid", activation="softsign"),
+        L.GRU(4, reset_after=False), L.Dense(2)),
+    "gru_no_bias": lambda: sequential(L.GRU(3, return_sequences=True, use_bias=False),
+                                      L.GRU(3, return_sequences=True, use_bias=False, reset_after=False)),
+    "simple_rnn": lambda: sequential(L.SimpleRNN(4, return_sequences=True, activation="relu"),
+                                     L.SimpleRNN(4, activation="elu", use_bias=False), L.Dense(2)),
+    "mixed_kinds_and_sizes": lambda: sequential(L.LSTM(6, return_sequences=True), L.GRU(4, return_sequences=True),
+                                                L.SimpleRNN(3, return_sequences=True, activation="tanh"), L.Dense(2)),
+    "bidirectional_gru_sum_simple_rnn_concat": lambda: sequential(
+        L.Bidirectional(L.GRU(4, return_sequences=True), merge_mode="sum"), L.Bidirectional(L.SimpleRNN(3)),
+        L.Dense(2)),
+    "bidirectional_gru_reset_before_ave": lambda: sequential(
+        L.Bidirectional(L.GRU(4, reset_after=False), merge_mode="ave")),
+    "rnn_gru_cell": lambda: sequential(L.RNN(L.GRUCell(4), return_sequences=True), L.Dense(2)),
+    "rnn_simple_rnn_cell_backwards": lambda: sequential(L.RNN(L.SimpleRNNCell(4, activation="softsign"),
+                                                              go_backwards=True)),
+    "rnn_stacked_gru_cells": lambda: sequential(L.RNN([L.GRUCell(4), L.GRUCell(3, reset_after=False)],
+                                                      return_sequences=True)),
+    "rnn_stacked_simple_rnn_cells": lambda: sequential(L.RNN([L.SimpleRNNCell(4), L.SimpleRNNCell(4)]), L.Dense(2)),
+    "bidirectional_rnn_gru_cell": lambda: sequential(L.Bidirectional(L.RNN(L.GRUCell(4), return_sequences=True)),
+                                                     L.Dense(2)),
+    "masked_gru_simple_rnn": lambda: sequential(L.Masking(0.0), L.GRU(4, return_sequences=True),
+                                                L.SimpleRNN(3, return_sequences=True), L.Dense(2)),
+    # Embedding in front: token ids in; mask_zero makes id 0 padding
+    "tokens_lstm_stack": lambda: tokens(L.Embedding(VOCAB, 5), L.LSTM(8, return_sequences=True), L.LSTM(4),
+                                        L.Dense(2)),
+    "tokens_masked_gru": lambda: tokens(L.Embedding(VOCAB, 5, mask_zero=True), L.GRU(4, return_sequences=True),
+                                        L.Dense(3)),
+    "tokens_masked_lstm_final": lambda: tokens(L.Embedding(VOCAB, 4, mask_zero=True), L.LSTM(4), L.Dense(2)),
+    "tokens_masked_bidirectional_final": lambda: tokens(L.Embedding(VOCAB, 4, mask_zero=True),
+                                                        L.Bidirectional(L.LSTM(4)), L.Dense(2)),
+    "tokens_masked_functional": functional_tokens,
+    "masked_functional": functional_masking,
 }
 
 
@@ -139,9 +201,13 @@ class Zoo:
         if name not in self.built:
             model = MODELS[name]()
             randomize(model, seed=list(MODELS).index(name))
-            x = np.random.default_rng(1).normal(size=(BATCH, STEPS, FEATURES)).astype(np.float32)
+            rng = np.random.default_rng(1)
+            if "int" in str(model.inputs[0].dtype):
+                x = rng.integers(1, VOCAB, size=(BATCH, STEPS))
+            else:
+                x = rng.normal(size=(BATCH, STEPS, FEATURES)).astype(np.float32)
             compared = np.ones((BATCH, STEPS), bool)
-            if name.startswith("masked"):
+            if "masked" in name:
                 compared = np.arange(STEPS)[None, :] < LENGTHS[:, None]
                 x[~compared] = 0.0  # trailing padding
             files = {}
@@ -191,6 +257,20 @@ def test_what_the_layers_become(zoo):
     assert spec.layers[0].cell_activation == spec.layers[0].output_activation == Activation("softsign")
     assert not np.any(spec.layers[0].cells[0].bias)
     assert fastlstm.load(zoo["masked_sequence"].files["keras"], backend="numpy").spec.mask_value == 0.0
+    spec = fastlstm.load(zoo["gru_reset_before"].files["h5"], backend="numpy").spec
+    assert [(layer.kind, layer.linear_before_reset) for layer in spec.layers] == [("gru", False), ("gru", False)]
+    assert not np.any(spec.layers[0].cells[0].candidate_bias)  # reset_after=False: no recurrent bias
+    assert spec.layers[0].gate_activation == Activation("hard_sigmoid", 1 / 6, 0.5)
+    assert spec.layers[0].cell_activation == Activation("softsign") and spec.state_form == "h"
+    spec = fastlstm.load(zoo["gru_sequence"].files["keras"], backend="numpy").spec
+    keras_bias = zoo["gru_sequence"].model.layers[0].get_weights()[2]  # (2, 3H): input, recurrent; z, r, h
+    np.testing.assert_array_equal(spec.layers[0].cells[0].candidate_bias, keras_bias[1, 8:])
+    np.testing.assert_allclose(spec.layers[0].cells[0].bias[:4], keras_bias[0, 4:8] + keras_bias[1, 4:8])  # r
+    spec = fastlstm.load(zoo["mixed_kinds_and_sizes"].files["keras"], backend="numpy").spec
+    assert [layer.kind for layer in spec.layers] == ["lstm", "gru", "rnn"] and spec.state_form == "per_layer"
+    spec = fastlstm.load(zoo["tokens_masked_gru"].files["keras"], backend="numpy").spec
+    assert spec.embedding.shape == (VOCAB, 5) and spec.mask_value == 0 and spec.takes_token_ids
+    assert fastlstm.load(zoo["tokens_lstm_stack"].files["h5"], backend="numpy").spec.mask_value is None
 
 
 def test_streaming_equals_whole_sequence(zoo):
@@ -205,7 +285,9 @@ def test_streaming_equals_whole_sequence(zoo):
 # Models streamed step by step must give Keras' outputs: every step of a sequence output (its valid steps when
 # masked: x holds trailing padding there), the last step of a final-state one (bidirectional models do not stream).
 STREAMED = ["stacked_time_distributed", "different_units_final", "masked_sequence",
-            "rnn_stacked_cells_of_different_units"]
+            "rnn_stacked_cells_of_different_units", "gru_sequence", "gru_reset_before", "simple_rnn",
+            "mixed_kinds_and_sizes", "rnn_stacked_gru_cells", "masked_gru_simple_rnn", "tokens_lstm_stack",
+            "tokens_masked_gru", "tokens_masked_functional", "masked_functional"]
 
 
 @pytest.mark.parametrize("name", STREAMED)
@@ -220,6 +302,27 @@ def test_stream_matches_keras(zoo, name):
         assert_close(streamed[:, -1], built.expected)
 
 
+# A stream skips a masked step anywhere, as Keras does (predict() takes trailing padding only).
+MIDDLE_PADDING = ["tokens_masked_gru", "tokens_masked_lstm_final", "masked_gru_simple_rnn"]
+
+
+@pytest.mark.parametrize("name", MIDDLE_PADDING)
+def test_stream_skips_masked_steps_in_the_middle_as_keras(zoo, name):
+    built = zoo[name]
+    x = built.x.copy()
+    x[0, 1:3] = 0  # padding between valid steps; row 1 keeps its trailing padding, row 2 none
+    x[2, 0] = 0
+    x[1, LENGTHS[1]:] = 0
+    x[2, LENGTHS[2]:] = built.x[2, 0]
+    expected = keras_output(built.model, x)
+    model = fastlstm.load(built.files["h5"], backend="numpy")
+    stream = model.stream(batch_size=BATCH)
+    streamed = np.stack([stream.step(x[:, t]) for t in range(STEPS)], axis=1)
+    assert_close(streamed if expected.ndim == 3 else streamed[:, -1], expected)
+    with pytest.raises(fastlstm.errors.InvalidInputError, match="masked time steps"):
+        model.predict(x)
+
+
 def test_stacks_of_different_sizes_keep_a_state_per_layer(zoo):
     built = zoo["different_units_final"]
     model = fastlstm.load(built.files["h5"], backend="numpy")
@@ -232,16 +335,17 @@ def test_stacks_of_different_sizes_keep_a_state_per_layer(zoo):
     assert_close(h1[0] @ dense.weight.T + dense.bias, built.expected)
 
 
-def test_keras2_files_get_keras2_hard_sigmoid(tmp_path):
+@pytest.mark.parametrize("layer", [L.LSTM, L.GRU])
+def test_keras2_files_get_keras2_hard_sigmoid(tmp_path, layer):
     """Keras 2 defined hard_sigmoid as clip(0.2x + 0.5), Keras 3 as clip(x/6 + 0.5): the writer's version decides."""
-    model = sequential(L.LSTM(4, return_sequences=True, recurrent_activation="hard_sigmoid"))
+    model = sequential(layer(4, return_sequences=True, recurrent_activation="hard_sigmoid"))
     randomize(model, seed=7)
     path = str(tmp_path / "keras2.h5")
     model.save(path)
     with h5py.File(path, "r+") as f:
         f.attrs["keras_version"] = "2.12.0"
-    reference = sequential(L.LSTM(4, return_sequences=True,
-                                  recurrent_activation=lambda z: keras.ops.clip(0.2 * z + 0.5, 0.0, 1.0)))
+    reference = sequential(layer(4, return_sequences=True,
+                                 recurrent_activation=lambda z: keras.ops.clip(0.2 * z + 0.5, 0.0, 1.0)))
     reference.set_weights(model.get_weights())
     x = np.random.default_rng(2).normal(size=(BATCH, STEPS, FEATURES)).astype(np.float32)
     keras2_output = keras_output(reference, x)
@@ -259,15 +363,17 @@ def test_keras2_files_get_keras2_hard_sigmoid(tmp_path):
 
 # ----------------------------------------------------------------------------------------- refusals
 def test_unsupported_layers_are_named_together(tmp_path):
-    model = sequential(L.Conv1D(4, 2, padding="same"), L.LSTM(4, return_sequences=True), L.GRU(4), L.Dense(2))
-    path = str(tmp_path / "conv_gru.keras")
+    model = sequential(L.Conv1D(4, 2, padding="same"), L.LSTM(4, return_sequences=True), L.LayerNormalization(),
+                       L.Dense(2))
+    path = str(tmp_path / "conv_norm.keras")
     model.save(path)
     for load in (lambda: fastlstm.load(path, backend="numpy"), lambda: keras_importer.spec_from_keras_model(model)):
         with pytest.raises(UnsupportedModelError) as info:
             load()
         message = str(info.value)
-        assert "layer Conv1D 'conv1d' at position 0 is not supported; supported: InputLayer, Masking, LSTM" in message
-        assert "layer GRU 'gru' at position 2 is not supported" in message
+        assert ("layer Conv1D 'conv1d' at position 0 is not supported; supported: InputLayer, Embedding, Masking, "
+                "LSTM, GRU, SimpleRNN") in message
+        assert "layer LayerNormalization 'layer_normalization' at position 2 is not supported" in message
         assert len(info.value.unsupported) == 2
 
 
@@ -294,18 +400,36 @@ def dropout_at_inference():
     return keras.Model(inputs, L.Dropout(0.5)(L.LSTM(4)(inputs), training=True))
 
 
+def lora_embedding():
+    model = tokens(L.Embedding(VOCAB, 4), L.LSTM(4))
+    model.layers[0].enable_lora(2)
+    return model
+
+
 REFUSED = {
     "reversed_sequence": (lambda: sequential(L.LSTM(4, return_sequences=True, go_backwards=True)),
                           "reversed time order"),
     "merge_mul": (lambda: sequential(L.Bidirectional(L.LSTM(4), merge_mode="mul")), "merge_mode='mul'"),
     "merge_none": (separate_directions, "merge_mode=None"),
-    "dense_first": (lambda: sequential(L.Dense(4), L.LSTM(4)), "comes before the first LSTM"),
+    "dense_first": (lambda: sequential(L.Dense(4), L.LSTM(4)), "comes before the first recurrent layer"),
     "lstm_after_final_state": (lambda: sequential(L.LSTM(4), L.RepeatVector(2), L.LSTM(4)), "RepeatVector"),
     "unsupported_activation": (lambda: sequential(L.LSTM(4, activation="gelu")), "activation 'gelu'"),
     "branches": (branching_model, "Concatenate"),
     "states_as_outputs": (states_as_outputs, "return_state=True"),
     "dropout_at_inference": (dropout_at_inference, "training=True"),
-    "rnn_gru_cell": (lambda: sequential(L.RNN(L.GRUCell(4))), "LSTMCell cells only"),
+    "gru_softmax": (lambda: sequential(L.GRU(4, activation="softmax")), "activation='softmax' is not elementwise"),
+    "bidirectional_of_two_kinds": (lambda: sequential(L.Bidirectional(
+        L.GRU(4), backward_layer=L.LSTM(4, go_backwards=True))), "differ in kind"),
+    "gru_reversed_sequence": (lambda: sequential(L.GRU(4, return_sequences=True, go_backwards=True)),
+                              "reversed time order"),
+    "masking_after_embedding": (lambda: tokens(L.Embedding(VOCAB, 4), L.Masking(0.0), L.LSTM(4)),
+                                "Masking 'masking\\w*' at position 1 comes after Embedding"),
+    "embedding_after_masking": (lambda: tokens(L.Masking(0), L.Embedding(VOCAB, 4), L.LSTM(4)),
+                                "Embedding 'embedding\\w*' at position 1 comes after Masking"),
+    "embedding_lora": (lora_embedding, "LoRA-adapted"),
+    "explicit_mask": (functional_explicit_mask, "called with a tensor as 'mask'"),
+    "integer_input_without_embedding": (lambda: keras.Sequential([keras.Input((STEPS, FEATURES), dtype="int32"),
+                                                                  L.LSTM(4)]), "dtype 'int32' without an Embedding"),
     "bidirectional_stacked_cells": (lambda: sequential(L.Bidirectional(L.RNN([L.LSTMCell(4), L.LSTMCell(4)]))),
                                     "Bidirectional over stacked cells"),
     "rnn_reversed_sequence": (lambda: sequential(L.RNN(L.LSTMCell(4), return_sequences=True, go_backwards=True)),
@@ -326,6 +450,10 @@ def layer_config(config: dict, class_name: str) -> dict:
     return next(entry["config"] for entry in config["config"]["layers"] if entry["class_name"] == class_name)
 
 
+def rename_cell(config: dict) -> None:
+    layer_config(config, "RNN")["cell"]["class_name"] = "PeepholeLSTMCell"
+
+
 # Edits of a saved config, and what the importer must say: nothing in a config is ignored without a word.
 CONFIG_EDITS = {
     "unknown option set to 0": (lambda c: layer_config(c, "LSTM").update(mystery_option=0),
@@ -343,12 +471,35 @@ CONFIG_EDITS = {
     "float16 policy": (lambda c: layer_config(c, "Dense").update(dtype="float16"), UnsupportedModelError,
                        "dtype policy 'float16'"),
 }
+# The same for the other kinds and the embedding: (model, edit, error, message).
+OTHER_CONFIG_EDITS = {
+    "sparse embedding": ("tokens_masked_gru", lambda c: layer_config(c, "Embedding").update(sparse=True),
+                         UnsupportedModelError, "sparse=True"),
+    "quantized embedding": ("tokens_masked_gru", lambda c: layer_config(c, "Embedding").update(
+        quantization_config={"mode": "int8"}), UnsupportedModelError, "quantized"),
+    "mask_zero as text": ("tokens_masked_gru", lambda c: layer_config(c, "Embedding").update(mask_zero="true"),
+                          ModelFormatError, "mask_zero='true', expected true or false"),
+    "embedding size": ("tokens_masked_gru", lambda c: layer_config(c, "Embedding").update(output_dim=0),
+                       ModelFormatError, "output_dim=0, expected a positive integer"),
+    "unknown embedding option": ("tokens_masked_gru", lambda c: layer_config(c, "Embedding").update(scale=2.0),
+                                 UnsupportedModelError, "option scale=2.0 is not one fastlstm knows"),
+    # reset_after absent: Keras' default (True), whose two bias rows the file's one row does not match
+    "reset_after dropped": ("gru_reset_before", lambda c: layer_config(c, "GRU").pop("reset_after"),
+                            InvalidModelError, r"weight 2 has shape \(12,\), expected \(2, 12\)"),
+    "reset_after as text": ("gru_sequence", lambda c: layer_config(c, "GRU").update(reset_after="no"),
+                            ModelFormatError, "reset_after='no', expected true or false"),
+    "simple RNN with a recurrent_activation": (
+        "simple_rnn", lambda c: layer_config(c, "SimpleRNN").update(recurrent_activation="sigmoid"),
+        UnsupportedModelError, "option recurrent_activation='sigmoid' is not one fastlstm knows"),
+    "another cell": ("rnn_gru_cell", rename_cell, UnsupportedModelError,
+                     "LSTMCell, GRUCell, SimpleRNNCell cells only"),
+}
 
 
-@pytest.mark.parametrize("edit", list(CONFIG_EDITS))
+@pytest.mark.parametrize("edit", list(CONFIG_EDITS) + list(OTHER_CONFIG_EDITS))
 def test_config_options_are_translated_or_refused(zoo, edit):
-    change, error, message = CONFIG_EDITS[edit]
-    model = zoo["masked_sequence"].model
+    name, change, error, message = OTHER_CONFIG_EDITS.get(edit) or ("masked_sequence", *CONFIG_EDITS[edit])
+    model = zoo[name].model
     config = {"class_name": "Sequential", "config": json.loads(json.dumps(model.get_config()))}
     keras_importer.spec_from_keras_config(config, lambda layer: model.get_layer(layer.name).get_weights(),
                                           keras_version="3.5.0", source="edited")

@@ -53,7 +53,8 @@ MAX_CONFIG_DEPTH = 100
 _MAX_ZIP_EXPANSION = 1100
 # Where each layer class keeps its variable groups inside its group of a Keras 3 weights file, in the order
 # ``layer.get_weights()`` returns them (recurrent layers: see ``_variable_groups``).
-_KERAS3_VARIABLE_GROUPS = {"Dense": ("",), "TimeDistributed": ("layer",)}
+_KERAS3_VARIABLE_GROUPS = {"Dense": ("",), "Embedding": ("",), "TimeDistributed": ("layer",)}
+_RECURRENT_CLASSES = ("LSTM", "GRU", "SimpleRNN", "RNN")
 
 # A layer's weights in ``layer.get_weights()`` order, as arrays or as datasets declared but not yet read.
 WeightsOf = Callable[[KerasLayer], Sequence["np.ndarray | StoredDataset"]]
@@ -229,7 +230,7 @@ def _variable_groups(layer: KerasLayer, name: str) -> list[str]:
     if layer.class_name == "Bidirectional":
         return [group for wrapped, prefix in (("layer", "forward_layer"), ("backward_layer", "backward_layer"))
                 for group in _cell_groups(prefix, layer.config.get(wrapped) or layer.config.get("layer"))]
-    if layer.class_name in ("LSTM", "RNN"):
+    if layer.class_name in _RECURRENT_CLASSES:
         return _cell_groups("", {"class_name": layer.class_name, "config": layer.config})
     if layer.class_name in _KERAS3_VARIABLE_GROUPS:
         return list(_KERAS3_VARIABLE_GROUPS[layer.class_name])
@@ -238,7 +239,7 @@ def _variable_groups(layer: KerasLayer, name: str) -> list[str]:
 
 
 def _cell_groups(prefix: str, recurrent_layer) -> list[str]:
-    """An LSTM or RNN layer's cell group(s): ``cell``, or one group per cell of a StackedRNNCells, named as
+    """A recurrent layer's cell group(s): ``cell``, or one group per cell of a StackedRNNCells, named as
     keras.saving names the items of a list (snake_case class name, numbered)."""
     cell = f"{prefix}/cell" if prefix else "cell"
     config = recurrent_layer.get("config", {}) if isinstance(recurrent_layer, dict) else {}

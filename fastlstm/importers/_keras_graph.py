@@ -14,6 +14,13 @@ is called on. Both Keras 3 and Keras 2 (tf.keras) spellings are read:
 a layer called twice, a consumer of an LSTM's returned states, a tensor passed as a keyword such as
 ``initial_state``) is listed in ``KerasGraph.problems`` for the importer to refuse together with everything
 else it cannot run. A config that is not a model config at all raises ``ModelFormatError``.
+
+One exception to "a chain": Keras 3 records the mask an ``Embedding(mask_zero=True)`` or a ``Masking`` layer
+passes on as operations of their own, ``not_equal(ids, 0)`` or ``any(not_equal(x, mask_value), axis=-1)`` on the
+same tensor the layer reads, handed to the layers after it as ``mask=``. Exactly these operations are
+recognised, left out of the chain, and their tensor accepted as a ``mask`` argument: it is the mask Keras
+would propagate anyway, which the importer takes from the layer itself. Any other operation is a layer the
+importer refuses.
 """
 
 from __future__ import annotations
@@ -109,6 +116,7 @@ def _functional(config, name: str) -> KerasGraph:
                                         custom_class(entries[n]))
 
     problems: list[str] = []
+    mask_operations, mask_tensors = _implicit_masks(layers, entries, name)
     inputs = _tensor_refs(config.get("input_layers"), name, "input_layers", problems)
     outputs = _tensor_refs(config.get("output_layers"), name, "output_layers", problems)
     if len(inputs) != 1 or len(outputs) != 1:
@@ -124,6 +132,8 @@ def _functional(config, name: str) -> KerasGraph:
     # producer -> consumers: a chain has exactly one consumer per layer, and the output has none.
     consumers: dict[str, list[str]] = {layer_name: [] for layer_name in layers}
     for layer in layers.values():
+        if layer.name in mask_operations:
+            continue
         nodes = _inbound_nodes(entries[layer.position], name, layer.name)
         if not nodes:
             if layer.class_name != "InputLayer":
@@ -132,7 +142,7 @@ def _functional(config, name: str) -> KerasGraph:
         if len(nodes) > 1:
             problems.append(f"{layer.describe()} is called {len(nodes)} times (a shared layer); fastlstm runs "
                             "a chain of layers each called once")
-        refs, kwargs_problems = _node_inputs(nodes[0], name, layer.name)
+        refs, kwargs_problems = _node_inputs(nodes[0], name, layer.name, mask_tensors)
         problems += [f"{layer.describe()}: {p}" for p in kwargs_problems]
         if len(refs) != 1:
             problems.append(f"{layer.describe()} takes {len(refs)} inputs; fastlstm runs a chain of layers "
@@ -161,10 +171,58 @@ def _functional(config, name: str) -> KerasGraph:
                             f"output {last!r}: the output of {order[-1].name!r} goes to "
                             f"{consumers[order[-1].name] or 'no layer'}")
         on_path = {layer.name for layer in order}
-        off_path = [layer_name for layer_name in layers if layer_name not in on_path]
+        off_path = [layer_name for layer_name in layers if layer_name not in on_path | mask_operations]
         if off_path and not problems:
             problems.append(f"layers {off_path} are not on the chain from the input to the output")
     return KerasGraph("Functional", order if not problems else list(layers.values()), problems)
+
+
+def _implicit_masks(layers: dict[str, KerasLayer], entries: list, name: str) -> tuple[set[str], set[str]]:
+    """The operations that compute an ``Embedding``'s or a ``Masking`` layer's mask (module docstring), and the
+    names of the layers whose output is such a mask."""
+    def call(layer: KerasLayer) -> tuple[list, dict] | None:
+        """(positional arguments, keyword arguments) of a layer's only Keras 3 call, or None."""
+        nodes = _inbound_nodes(entries[layer.position], name, layer.name)
+        if len(nodes) != 1 or not isinstance(nodes[0], dict) or not isinstance(nodes[0].get("args", []), list):
+            return None
+        kwargs = nodes[0].get("kwargs", {})
+        return nodes[0].get("args", []), kwargs if isinstance(kwargs, dict) else {"": kwargs}
+
+    def reads(layer: KerasLayer) -> tuple[str, int, int] | None:
+        """The one tensor a layer is called on, when it is called once on one tensor."""
+        called = call(layer)
+        if called is None or len(called[0]) != 1:
+            return None
+        refs = _keras3_tensors(called[0], name, layer.name)
+        return refs[0] if len(refs) == 1 else None
+
+    def is_operation(layer: KerasLayer, class_name: str) -> bool:
+        module = entries[layer.position].get("module")  # legacy .h5 configs record no module
+        return layer.class_name == class_name and layer.custom is None and (
+            module is None or isinstance(module, str) and module.startswith("keras.src.ops."))
+
+    operations: set[str] = set()
+    masks: set[str] = set()
+    for not_equal in layers.values():
+        called = call(not_equal) if is_operation(not_equal, "NotEqual") else None
+        if called is None or called[1] or len(called[0]) != 2:
+            continue
+        refs, value = _keras3_tensors(called[0][:1], name, not_equal.name), called[0][1]
+        if len(refs) != 1 or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        for layer in layers.values():
+            if layer.custom is not None or reads(layer) != refs[0]:
+                continue
+            if layer.class_name == "Embedding" and layer.config.get("mask_zero") is True and value == 0:
+                operations.add(not_equal.name)
+                masks.add(not_equal.name)
+            if layer.class_name == "Masking" and layer.config.get("mask_value", 0.0) == value:
+                for any_ in layers.values():
+                    if (is_operation(any_, "Any") and reads(any_) == (not_equal.name, 0, 0) and not call(any_)[1]
+                            and any_.config.get("axis") == -1 and not any_.config.get("keepdims")):
+                        operations |= {not_equal.name, any_.name}
+                        masks.add(any_.name)
+    return operations, masks
 
 
 def _layer_entry(entry, index: int, name: str) -> tuple[str, str, dict]:
@@ -224,8 +282,10 @@ def _inbound_nodes(entry: dict, name: str, layer_name: str) -> list:
     return nodes
 
 
-def _node_inputs(node, name: str, layer_name: str) -> tuple[list[tuple[str, int, int]], list[str]]:
-    """The tensors one call of a layer takes as inputs, and problems with its keyword arguments."""
+def _node_inputs(node, name: str, layer_name: str,
+                 mask_tensors: set[str] = frozenset()) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """The tensors one call of a layer takes as inputs, and problems with its keyword arguments (a ``mask``
+    argument is accepted when it is the output of one of ``mask_tensors``)."""
     problems: list[str] = []
     if isinstance(node, dict):  # Keras 3: {"args": [...], "kwargs": {...}}
         refs = _keras3_tensors(node.get("args", []), name, layer_name)
@@ -233,7 +293,10 @@ def _node_inputs(node, name: str, layer_name: str) -> tuple[list[tuple[str, int,
         if not isinstance(kwargs, dict):
             raise ModelFormatError(f"{name}: layer {layer_name!r}: call kwargs are not an object")
         for key, value in kwargs.items():
-            if _keras3_tensors(value, name, layer_name):
+            tensors = _keras3_tensors(value, name, layer_name)
+            if key == "mask" and len(tensors) == 1 and tensors[0][0] in mask_tensors and tensors[0][1:] == (0, 0):
+                continue
+            if tensors:
                 problems.append(f"is called with a tensor as {key!r}; fastlstm runs layers on their "
                                 "main input only (no initial_state, no explicit mask)")
             elif value not in _HARMLESS_CALL_KWARGS.get(key, (None,)):

@@ -68,15 +68,19 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..activations import IDENTITY, SIGMOID, Activation
+from ..activations import IDENTITY, SIGMOID, TANH, Activation
 from ..errors import FastLSTMError, InvalidModelError, ModelFormatError, UnsupportedModelError
-from ..spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
+from ..spec import GATE_COUNTS, CellWeights, DenseLayer, ModelSpec, RecurrentLayer
 from ._keras_files import ReadWeights, WeightsOf, open_keras_file, parse_config_json
 from ._keras_graph import FUNCTIONAL_CLASS_NAMES, SEQUENTIAL, KerasGraph, KerasLayer, custom_class, model_graph
 
 NO_OPS_AT_INFERENCE = ("Dropout", "SpatialDropout1D", "GaussianDropout", "GaussianNoise", "AlphaDropout")
-SUPPORTED_LAYERS = ("InputLayer", "Masking", "LSTM", "RNN(LSTMCell)", "RNN([LSTMCell, ...])", "Bidirectional(LSTM)",
-                    "Bidirectional(RNN(LSTMCell))", "Dense", "TimeDistributed(Dense)", "Activation",
+# The recurrent layers and the cells of an RNN layer, and the kind of fastlstm layer each becomes.
+RECURRENT_LAYERS = {"LSTM": "lstm", "GRU": "gru", "SimpleRNN": "rnn"}
+RECURRENT_CELLS = {"LSTMCell": "lstm", "GRUCell": "gru", "SimpleRNNCell": "rnn"}
+SUPPORTED_LAYERS = ("InputLayer", "Embedding", "Masking", "LSTM", "GRU", "SimpleRNN",
+                    "RNN(LSTMCell | GRUCell | SimpleRNNCell)", "RNN([cell, ...])", "Bidirectional(LSTM | GRU | "
+                    "SimpleRNN | RNN(cell))", "Dense", "TimeDistributed(Dense)", "Activation",
                     "Softmax") + NO_OPS_AT_INFERENCE
 
 # Keras activation names and what they are in fastlstm's catalogue ("hard_sigmoid" depends on the version).
@@ -109,10 +113,19 @@ _SEQUENCE_KEYS = {"return_sequences", "return_state", "go_backwards", "stateful"
                   "time_major"}
 _LSTM_CELL_KEYS = _COMMON_KEYS | _TRAINING_ONLY_KEYS | {"units", "activation", "recurrent_activation", "use_bias",
                                                         "implementation"}
+# The options of each kind's cell; a layer (LSTM, GRU, SimpleRNN) adds the sequence options and use_cudnn.
+_CELL_KEYS = {"lstm": _LSTM_CELL_KEYS, "gru": _LSTM_CELL_KEYS | {"reset_after"},
+              "rnn": _COMMON_KEYS | _TRAINING_ONLY_KEYS | {"units", "activation", "use_bias"}}
+_LAYER_KEYS = _SEQUENCE_KEYS | {"use_cudnn"}
 _RNN_KEYS = _COMMON_KEYS | _SEQUENCE_KEYS | {"cell"}
-_LSTM_KEYS = _LSTM_CELL_KEYS | _SEQUENCE_KEYS | {"use_cudnn"}
+_EMBEDDING_KEYS = _COMMON_KEYS | {"input_dim", "output_dim", "embeddings_initializer", "embeddings_regularizer",
+                                  "activity_regularizer", "embeddings_constraint", "mask_zero", "sparse", "lora_rank",
+                                  "lora_alpha", "quantization_config"}
 _WRAPPER_KEYS = _COMMON_KEYS | {"layer", "backward_layer", "merge_mode"}
 _INPUT_KEYS = _COMMON_KEYS | {"sparse", "ragged", "optional", "shape"}
+_FLOAT_POLICIES = (None, "float32", "float64")
+# An input of token ids (for an Embedding) is declared with an integer dtype.
+_INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 # Values the importer may add (identity and merge matrices) beyond as many as the model's weights hold.
 _SYNTHESIS_ALLOWANCE = 1 << 20
 
@@ -180,14 +193,29 @@ def spec_from_keras_config(model_config: dict, weights_of: WeightsOf, *, read: R
 @dataclass
 class _Recurrent:
     layer: KerasLayer
+    kind: str  # "lstm", "gru" or "rnn"
     units: int
     direction: str
     use_bias: bool
     return_sequences: bool
-    gate_activation: Activation
+    gate_activation: Activation  # SIGMOID, unused, for a simple RNN
     activation: Activation
+    reset_after: bool  # GRU only (True elsewhere): Keras' reset_after, fastlstm's linear_before_reset
     # Bidirectional "sum" (1.0) and "ave" (0.5): the scale of the directions' sum; None for concatenation.
     merge_scale: float | None = None
+
+    @property
+    def bias_shape(self) -> tuple[int, ...]:
+        """Keras' bias: a GRU with ``reset_after`` keeps its input and recurrent biases as two rows."""
+        size = GATE_COUNTS[self.kind] * self.units
+        return (2, size) if self.kind == "gru" and self.reset_after else (size,)
+
+
+@dataclass
+class _Embedding:
+    layer: KerasLayer
+    input_dim: int
+    output_dim: int
 
 
 @dataclass
@@ -206,6 +234,7 @@ class _ActivationOnly:
 
 @dataclass
 class _Plan:
+    embedding: _Embedding | None
     recurrent: list[_Recurrent]
     head: list[_Dense | _ActivationOnly]
     mask_value: float | None
@@ -224,33 +253,45 @@ class _Planner:
     def plan(self) -> _Plan:
         recurrent: list[_Recurrent] = []
         head: list[_Dense | _ActivationOnly] = []
+        embedding: _Embedding | None = None
+        masking: KerasLayer | None = None
+        started: KerasLayer | None = None  # the first layer after the input (and the identities at inference)
         mask_value = None
-        input_features = None
-        saw_lstm = False  # even one this importer refuses: "no LSTM layer" would then be wrong
+        input_layer = None
+        saw_recurrent = False  # even one this importer refuses: "no recurrent layer" would then be wrong
         for layer in self.graph.layers:
             kind = layer.class_name
             where = layer.describe()
             if layer.custom:
                 self.problems.append(f"{where} is {layer.custom}")
-                saw_lstm = saw_lstm or kind in ("LSTM", "RNN", "Bidirectional")
+                saw_recurrent = saw_recurrent or _is_recurrent(kind)
                 continue
             if kind in NO_OPS_AT_INFERENCE:
                 continue
             if kind == "InputLayer":
-                input_features = self._input_features(layer)
+                input_layer = layer
             elif kind == "Masking":
-                if recurrent or head:
-                    self.problems.append(f"{where} comes after the first LSTM; fastlstm masks the model's input only")
-                elif mask_value is not None:
+                if masking is not None:
                     self.problems.append(f"{where} is a second Masking layer")
+                elif started is not None:
+                    self.problems.append(f"{where} comes after {started.describe()}; fastlstm masks the model's "
+                                         "input only")
                 else:
-                    mask_value = self._mask_value(layer)
-            elif kind in ("LSTM", "RNN", "Bidirectional"):
-                saw_lstm = True
+                    masking, mask_value = layer, self._mask_value(layer)
+            elif kind == "Embedding":
+                if started is not None:
+                    self.problems.append(f"{where} comes after {started.describe()}; fastlstm looks token ids up "
+                                         "in one embedding, the model's first layer")
+                else:
+                    embedding = self._embedding(layer)
+                    if embedding is not None and self._flag(layer.config, "mask_zero", False, where):
+                        mask_value = 0.0
+            elif _is_recurrent(kind):
+                saw_recurrent = True
                 steps = self._recurrent(layer)
                 if head:
-                    self.problems.append(f"{where} comes after {head[0].layer.describe()}; fastlstm runs the LSTM "
-                                         "layers first, then dense layers")
+                    self.problems.append(f"{where} comes after {head[0].layer.describe()}; fastlstm runs the "
+                                         "recurrent layers first, then dense layers")
                 elif recurrent and not recurrent[-1].return_sequences:
                     self.problems.append(f"{where} follows {recurrent[-1].layer.describe()}, which returns its final "
                                          "state only (return_sequences=False)")
@@ -260,37 +301,67 @@ class _Planner:
                 if step is None:
                     continue
                 if not recurrent:
-                    self.problems.append(f"{where} comes before the first LSTM; fastlstm models start with their "
-                                         "LSTM layers")
+                    self.problems.append(f"{where} comes before the first recurrent layer; fastlstm models start "
+                                         "with their recurrent layers")
                 elif head and head[-1].activation.name == "softmax":
                     self.problems.append(f"{where} follows the softmax of {head[-1].layer.describe()}; fastlstm "
                                          "applies softmax as the model's last operation only")
                 head.append(step)
             else:
                 self.problems.append(_not_supported(layer))
-        if not saw_lstm:
-            self.problems.append("the model has no LSTM layer")
+            if kind != "InputLayer":
+                started = started or layer
+        if not saw_recurrent:
+            self.problems.append("the model has no recurrent layer (LSTM, GRU, SimpleRNN or RNN)")
+        input_features = None if input_layer is None else self._input_features(input_layer, embedding is not None)
         if self.problems:
             raise UnsupportedModelError(self.problems, hint=f"({self.source})")
-        return _Plan(recurrent, head, mask_value, input_features)
+        return _Plan(embedding, recurrent, head, mask_value, input_features)
 
     # -------------------------------------------------------------------- layers
-    def _input_features(self, layer: KerasLayer) -> int | None:
+    def _input_features(self, layer: KerasLayer, token_ids: bool) -> int | None:
+        """The feature count the input layer declares (None: not declared, or token ids), after checking its
+        shape and dtype: ``(batch, time, features)`` floats, or ``(batch, time)`` ids for an ``Embedding``."""
         config = layer.config
-        self._unknown_options(layer, config, _INPUT_KEYS)
+        where = layer.describe()
+        self._unknown_options(layer, config, _INPUT_KEYS, policies=_FLOAT_POLICIES + _INTEGER_DTYPES)
+        expected = "(batch, time) token ids" if token_ids else "(batch, time, features)"
         for option in ("ragged", "sparse"):
-            if self._flag(config, option, False, layer.describe()):
-                self.problems.append(f"{layer.describe()}: {option}=True; fastlstm reads dense, padded "
-                                     "(batch, time, features) arrays")
+            if self._flag(config, option, False, where):
+                self.problems.append(f"{where}: {option}=True; fastlstm reads dense, padded {expected} arrays")
+        if not token_ids and config.get("dtype") in _INTEGER_DTYPES:
+            self.problems.append(f"{where}: dtype {config['dtype']!r} without an Embedding; fastlstm reads "
+                                 "floating-point features, or integer token ids through an Embedding")
         shape = config.get("batch_shape", config.get("batch_input_shape"))
         if shape is None:
             return None
-        if not isinstance(shape, (list, tuple)) or len(shape) != 3:
-            self.problems.append(f"{layer.describe()}: input shape {shape}; fastlstm reads (batch, time, features) "
-                                 "sequences")
+        if not isinstance(shape, (list, tuple)) or len(shape) != (2 if token_ids else 3):
+            self.problems.append(f"{where}: input shape {shape}; fastlstm reads {expected} sequences")
             return None
         features = shape[-1]
+        if token_ids:
+            return None
         return features if isinstance(features, int) and not isinstance(features, bool) else None
+
+    def _embedding(self, layer: KerasLayer) -> _Embedding | None:
+        """An ``Embedding``'s table size; options that change what it computes are refused."""
+        config = layer.config
+        where = layer.describe()
+        self._unknown_options(layer, config, _EMBEDDING_KEYS)
+        if config.get("lora_rank"):
+            self.problems.append(f"{where}: LoRA-adapted (lora_rank={config['lora_rank']!r}); merge the adapter "
+                                 "into the embeddings before exporting")
+        if config.get("quantization_config"):
+            self.problems.append(f"{where}: quantized (quantization_config set); fastlstm runs float weights")
+        if self._flag(config, "sparse", False, where):
+            self.problems.append(f"{where}: sparse=True returns sparse tensors; fastlstm's embedding is dense")
+        sizes = []
+        for key in ("input_dim", "output_dim"):
+            value = config.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ModelFormatError(f"{self.source}: {where}: {key}={value!r}, expected a positive integer")
+            sizes.append(value)
+        return _Embedding(layer, *sizes)
 
     def _mask_value(self, layer: KerasLayer) -> float | None:
         self._unknown_options(layer, layer.config, _COMMON_KEYS | {"mask_value"})
@@ -302,29 +373,29 @@ class _Planner:
         return float(value)
 
     def _recurrent(self, layer: KerasLayer) -> list[_Recurrent]:
-        """The fastlstm layer(s) of an LSTM, RNN(LSTMCell), RNN([LSTMCell, ...]) or Bidirectional layer."""
-        if layer.class_name in ("LSTM", "RNN"):
+        """The fastlstm layer(s) of an LSTM, GRU, SimpleRNN, RNN(cell), RNN([cell, ...]) or Bidirectional layer."""
+        if layer.class_name in RECURRENT_LAYERS or layer.class_name == "RNN":
             steps = self._recurrent_layer(layer, {"class_name": layer.class_name, "config": layer.config})
             if steps and steps[-1].direction == "reverse" and steps[-1].return_sequences:
                 self.problems.append(
                     f"{layer.describe()}: go_backwards=True with return_sequences=True returns the outputs in "
-                    "reversed time order, which fastlstm cannot express (wrap the LSTM in Bidirectional, or "
+                    "reversed time order, which fastlstm cannot express (wrap the layer in Bidirectional, or "
                     "return only the final state)")
             return steps
         # Bidirectional
         config = layer.config
         self._unknown_options(layer, config, _WRAPPER_KEYS)
         forward_config = self._wrapped(config, "layer", layer)
-        if forward_config is None or forward_config.get("class_name") not in ("LSTM", "RNN"):
+        if forward_config is None or not _is_recurrent(forward_config.get("class_name"), wrapped=True):
             self.problems.append(_not_supported(layer))
             return []
         forward = self._recurrent_layer(layer, forward_config, inner="forward layer")
         backward_config = self._wrapped(config, "backward_layer", layer)
         if backward_config is None:  # Keras 2 leaves it out when it is the forward layer run backwards
             backward = [replace(step, direction="reverse") for step in forward]
-        elif backward_config.get("class_name") not in ("LSTM", "RNN"):
+        elif not _is_recurrent(backward_config.get("class_name"), wrapped=True):
             self.problems.append(f"{layer.describe()}: backward layer {backward_config.get('class_name')!r} is not "
-                                 "an LSTM")
+                                 "a recurrent layer")
             backward = []
         else:
             backward = self._recurrent_layer(layer, backward_config, inner="backward layer")
@@ -338,7 +409,8 @@ class _Planner:
         if forward.direction != "forward" or backward.direction != "reverse":
             self.problems.append(f"{layer.describe()}: the forward layer has go_backwards=True; fastlstm's "
                                  "bidirectional layers read forward first, then backward")
-        for attribute in ("units", "use_bias", "return_sequences", "gate_activation", "activation"):
+        for attribute in ("kind", "units", "use_bias", "return_sequences", "gate_activation", "activation",
+                          "reset_after"):
             if getattr(forward, attribute) != getattr(backward, attribute):
                 self.problems.append(f"{layer.describe()}: the forward and backward layers differ in {attribute} "
                                      f"({getattr(forward, attribute)} vs {getattr(backward, attribute)})")
@@ -355,12 +427,14 @@ class _Planner:
         return [replace(forward, layer=layer, direction="bidirectional", merge_scale=merge_scale)]
 
     def _recurrent_layer(self, layer: KerasLayer, serialised: dict, inner: str = "") -> list[_Recurrent]:
-        """An ``LSTM`` or ``RNN`` config (``layer`` itself, or wrapped in it): one step per LSTM cell."""
+        """An ``LSTM``, ``GRU``, ``SimpleRNN`` or ``RNN`` config (``layer`` itself, or wrapped in it): one step per
+        cell."""
         where = layer.describe() + (f" ({inner})" if inner else "")
         config = serialised["config"]
-        if serialised["class_name"] == "LSTM":
-            self._unknown_options(layer, config, _LSTM_KEYS, where)
-            cells = [(config, where)]
+        kind = RECURRENT_LAYERS.get(serialised["class_name"])
+        if kind is not None:
+            self._unknown_options(layer, config, _CELL_KEYS[kind] | _LAYER_KEYS, where)
+            cells = [(kind, config, where)]
         else:  # RNN: the sequence options here, the maths in its cell (or each cell of a StackedRNNCells)
             self._unknown_options(layer, config, _RNN_KEYS, where)
             cells = self._rnn_cells(layer, config, where)
@@ -371,16 +445,16 @@ class _Planner:
                                  "fastlstm returns states with predict(..., return_state=True)")
         direction = "reverse" if self._flag(config, "go_backwards", False, where) else "forward"
         steps = []
-        for n, (cell_config, cell_where) in enumerate(cells):
+        for n, (kind, cell_config, cell_where) in enumerate(cells):
             # Inside a stack, each cell's output sequence feeds the next cell.
             return_sequences = self._flag(config, "return_sequences", False, where) if n == len(cells) - 1 else True
-            step = self._cell(layer, cell_config, cell_where, direction, return_sequences)
+            step = self._cell(layer, kind, cell_config, cell_where, direction, return_sequences)
             if step is not None:
                 steps.append(step)
         return steps if len(steps) == len(cells) else []
 
-    def _rnn_cells(self, layer: KerasLayer, config: dict, where: str) -> list[tuple[dict, str]]:
-        """The LSTMCell configs of an RNN layer, with where each is described in messages."""
+    def _rnn_cells(self, layer: KerasLayer, config: dict, where: str) -> list[tuple[str, dict, str]]:
+        """The kind and config of each cell of an RNN layer, with where each is described in messages."""
         cell = cell_of_rnn = self._wrapped(config, "cell", layer)
         if cell is None:
             raise ModelFormatError(f"{self.source}: {where}: an RNN layer without a cell")
@@ -401,29 +475,35 @@ class _Planner:
                 custom = custom_class(cell)
                 if custom:
                     self.problems.append(f"{cell_where} is {custom}")
-            if cell.get("class_name") != "LSTMCell":
-                self.problems.append(f"{cell_where}: fastlstm runs RNN layers of LSTMCell cells only")
+            kind = RECURRENT_CELLS.get(cell.get("class_name"))
+            if kind is None:
+                self.problems.append(f"{cell_where}: fastlstm runs RNN layers of {', '.join(RECURRENT_CELLS)} "
+                                     "cells only")
                 continue
-            self._unknown_options(layer, cell["config"], _LSTM_CELL_KEYS, cell_where)
-            found.append((cell["config"], cell_where))
+            self._unknown_options(layer, cell["config"], _CELL_KEYS[kind], cell_where)
+            found.append((kind, cell["config"], cell_where))
         return found if len(found) == len(cells) else []
 
-    def _cell(self, layer: KerasLayer, config: dict, where: str, direction: str,
+    def _cell(self, layer: KerasLayer, kind: str, config: dict, where: str, direction: str,
               return_sequences: bool) -> _Recurrent | None:
-        """What one LSTM (or LSTMCell) computes: its size, bias and activations."""
+        """What one recurrent layer or cell of ``kind`` computes: its size, bias, activations and GRU variant.
+        A simple RNN has no ``recurrent_activation`` (an unknown option there is refused)."""
         units = config.get("units")
         if not isinstance(units, int) or isinstance(units, bool) or units < 1:
             raise ModelFormatError(f"{self.source}: {where}: units={units!r}, expected a positive integer")
-        gate = self._activation(config.get("recurrent_activation", "sigmoid"), f"{where} recurrent_activation")
+        gate = SIGMOID if kind == "rnn" else self._activation(config.get("recurrent_activation", "sigmoid"),
+                                                              f"{where} recurrent_activation")
         cell = self._activation(config.get("activation", "tanh"), f"{where} activation")
         for name, act in (("recurrent_activation", gate), ("activation", cell)):
             if act is not None and act.name == "softmax":
-                self.problems.append(f"{where}: {name}='softmax' is not elementwise; fastlstm's LSTM cells take "
-                                     "elementwise activations")
+                self.problems.append(f"{where}: {name}='softmax' is not elementwise; fastlstm's recurrent cells "
+                                     "take elementwise activations")
         use_bias = self._flag(config, "use_bias", True, where)
+        # Absent only from files older than the option: the shape check then refuses their single bias row.
+        reset_after = self._flag(config, "reset_after", True, where) if kind == "gru" else True
         if gate is None or cell is None:
             return None
-        return _Recurrent(layer, units, direction, use_bias, return_sequences, gate, cell)
+        return _Recurrent(layer, kind, units, direction, use_bias, return_sequences, gate, cell, reset_after)
 
     def _dense(self, layer: KerasLayer) -> _Dense | None:
         config = layer.config
@@ -493,7 +573,8 @@ class _Planner:
         self.problems.append(f"{where}: activation {described} is not supported; supported: {_SUPPORTED_ACTIVATIONS}")
         return None
 
-    def _unknown_options(self, layer: KerasLayer, config: dict, known: set, where: str = "") -> None:
+    def _unknown_options(self, layer: KerasLayer, config: dict, known: set, where: str = "",
+                         policies: tuple = _FLOAT_POLICIES) -> None:
         """Refuse options this importer does not know unless they are unset (None): ignoring one could change
         the maths, and even ``False`` or ``0`` can be a setting. Also refuses a dtype policy that computes in
         anything but float32 or float64 (mixed precision, quantization), which fastlstm would not match."""
@@ -507,7 +588,7 @@ class _Planner:
             dtype.get("config"), dict) else dtype
         if isinstance(dtype, dict) and "Quantized" in str(dtype.get("class_name", "")):
             self.problems.append(f"{where}: quantized dtype policy; fastlstm runs float weights")
-        elif policy not in (None, "float32", "float64"):
+        elif policy not in policies:
             self.problems.append(f"{where}: dtype policy {policy!r} computes in another precision than float32 "
                                  "or float64; fastlstm would not reproduce its results")
 
@@ -519,6 +600,11 @@ class _Planner:
         if not isinstance(value, bool):
             raise ModelFormatError(f"{self.source}: {where}: {key}={value!r}, expected true or false")
         return value
+
+
+def _is_recurrent(class_name, wrapped: bool = False) -> bool:
+    """Whether a layer class is recurrent (``Bidirectional`` included unless it is the layer wrapped)."""
+    return class_name in RECURRENT_LAYERS or class_name == "RNN" or not wrapped and class_name == "Bidirectional"
 
 
 def _not_supported(layer: KerasLayer) -> str:
@@ -559,7 +645,7 @@ def _major_version(version, source: str) -> int | None:
 def _build(plan: _Plan, weights_of: WeightsOf, read: ReadWeights, source: str) -> ModelSpec:
     """Check every layer's declared weights against the shapes the plan implies, then read them (all at once,
     nothing else) and assemble the spec. Nothing is read or allocated before every shape has been checked."""
-    steps = [*plan.recurrent, *plan.head]
+    steps = [*([plan.embedding] if plan.embedding else []), *plan.recurrent, *plan.head]
     shapes = _expected_shapes(plan)
     reader = _WeightReader(weights_of, source)
     by_layer: dict[int, tuple[KerasLayer, list[tuple]]] = {}  # the fastlstm layers of a stack share one Keras layer
@@ -573,20 +659,19 @@ def _build(plan: _Plan, weights_of: WeightsOf, read: ReadWeights, source: str) -
     arrays = iter(reader.read(read, stored))
     budget = _SynthesisBudget(sum(int(np.prod(weight.shape)) for weight in stored), source)
 
-    layers: list[LSTMLayer] = []
+    embedding = next(arrays) if plan.embedding else None
+    layers: list[RecurrentLayer] = []
     merge_scale = None  # a pending Bidirectional sum/ave, folded into the next linear map
-    for step, step_shapes in zip(plan.recurrent, shapes):
-        H = step.units
+    for step in plan.recurrent:
         directions = 2 if step.direction == "bidirectional" else 1
         cells = []
         for _ in range(directions):
             kernel, recurrent = next(arrays), next(arrays)
-            bias = next(arrays) if step.use_bias else np.zeros(4 * H, kernel.dtype)
-            cells.append(LSTMCellWeights(w_ih=_fold_merge(np.ascontiguousarray(kernel.T), merge_scale),
-                                         w_hh=np.ascontiguousarray(recurrent.T), bias=bias))
-        layers.append(LSTMLayer(input_size=cells[0].w_ih.shape[1], hidden_size=H, cells=tuple(cells),
-                                direction=step.direction, gate_activation=step.gate_activation,
-                                cell_activation=step.activation, output_activation=step.activation))
+            cells.append(_cell_weights(step, kernel, recurrent, next(arrays) if step.use_bias else None, merge_scale))
+        layers.append(RecurrentLayer(
+            input_size=cells[0].w_ih.shape[1], hidden_size=step.units, cells=tuple(cells), direction=step.direction,
+            kind=step.kind, gate_activation=step.gate_activation, cell_activation=step.activation,
+            output_activation=step.activation if step.kind == "lstm" else TANH, linear_before_reset=step.reset_after))
         merge_scale = step.merge_scale
     width = plan.recurrent[-1].units * (1 if plan.recurrent[-1].direction != "bidirectional" or merge_scale is not None
                                         else 2)
@@ -608,16 +693,20 @@ def _build(plan: _Plan, weights_of: WeightsOf, read: ReadWeights, source: str) -
         head.append(DenseLayer(budget.merge_matrix(width, merge_scale), None, IDENTITY))
     output = "sequence" if plan.recurrent[-1].return_sequences else "final_state"
     return ModelSpec(layers=tuple(layers), head=tuple(head), output=output, mask_value=plan.mask_value,
-                     source=source)
+                     embedding=embedding, source=source)
 
 
 def _expected_shapes(plan: _Plan) -> list[list[tuple]]:
     """The weight shapes each step of the plan needs, in ``get_weights()`` order (``None``: any size)."""
     shapes = []
     width = plan.input_features  # Keras-side feature width entering the next layer (None: not declared)
+    if plan.embedding:
+        shapes.append([(plan.embedding.input_dim, plan.embedding.output_dim)])
+        width = plan.embedding.output_dim
     for step in plan.recurrent:
         H, directions = step.units, 2 if step.direction == "bidirectional" else 1
-        shapes.append(([(width, 4 * H), (H, 4 * H)] + ([(4 * H,)] if step.use_bias else [])) * directions)
+        G = GATE_COUNTS[step.kind]
+        shapes.append(([(width, G * H), (H, G * H)] + ([step.bias_shape] if step.use_bias else [])) * directions)
         width = H if directions == 1 or step.merge_scale is not None else 2 * H
     for step in plan.head:
         if isinstance(step, _Dense):
@@ -626,6 +715,28 @@ def _expected_shapes(plan: _Plan) -> list[list[tuple]]:
         else:
             shapes.append([])
     return shapes
+
+
+def _cell_weights(step: _Recurrent, kernel: np.ndarray, recurrent: np.ndarray, bias: np.ndarray | None,
+                  merge_scale: float | None) -> CellWeights:
+    """One direction's weights in fastlstm's layout (module docstring): kernels transposed, a pending
+    Bidirectional merge folded into the input weights; a GRU's gates z, r, h reordered to r, z, n, its
+    recurrent bias added to the input bias for r and z and kept apart as ``candidate_bias`` for n (zeros when
+    Keras has no recurrent bias: ``reset_after=False`` or ``use_bias=False``)."""
+    size = GATE_COUNTS[step.kind] * step.units
+    w_ih, w_hh = kernel.T, recurrent.T
+    if bias is None:
+        bias = np.zeros(step.bias_shape, kernel.dtype)
+    if step.kind != "gru":
+        return CellWeights(w_ih=_fold_merge(np.ascontiguousarray(w_ih), merge_scale),
+                           w_hh=np.ascontiguousarray(w_hh), bias=bias)
+    H = step.units
+    order = np.r_[H:2 * H, 0:H, 2 * H:3 * H]  # Keras' z, r, h rows as r, z, n
+    input_bias, recurrent_bias = (bias[0], bias[1]) if bias.ndim == 2 else (bias, np.zeros(size, bias.dtype))
+    folded = input_bias[order] + np.concatenate([recurrent_bias[order][:2 * H], np.zeros(H, bias.dtype)])
+    return CellWeights(w_ih=_fold_merge(np.ascontiguousarray(w_ih[order]), merge_scale),
+                       w_hh=np.ascontiguousarray(w_hh[order]), bias=folded,
+                       candidate_bias=np.ascontiguousarray(recurrent_bias[2 * H:]))
 
 
 def _fold_merge(weight: np.ndarray, scale: float | None) -> np.ndarray:
