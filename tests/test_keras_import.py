@@ -323,6 +323,23 @@ def test_stream_skips_masked_steps_in_the_middle_as_keras(zoo, name):
         model.predict(x)
 
 
+def test_a_gru_config_older_than_reset_after_resets_before_the_product(zoo):
+    built = zoo["bidirectional_gru_reset_before_ave"]
+
+    def without_reset_after(value):
+        if isinstance(value, dict):
+            return {key: without_reset_after(item) for key, item in value.items() if key != "reset_after"}
+        return [without_reset_after(item) for item in value] if isinstance(value, list) else value
+
+    config = {"class_name": "Sequential", "config": without_reset_after(json.loads(json.dumps(
+        built.model.get_config())))}
+    assert "reset_after" not in json.dumps(config)
+    spec = keras_importer.spec_from_keras_config(config, lambda layer: built.model.get_layer(layer.name).get_weights(),
+                                                 keras_version="2.0.8", source="old")
+    assert not any(layer.linear_before_reset for layer in spec.layers)
+    assert_close(fastlstm.Model(spec, backend="numpy").predict(built.x), built.expected)
+
+
 def test_stacks_of_different_sizes_keep_a_state_per_layer(zoo):
     built = zoo["different_units_final"]
     model = fastlstm.load(built.files["h5"], backend="numpy")
@@ -483,9 +500,9 @@ OTHER_CONFIG_EDITS = {
                        ModelFormatError, "output_dim=0, expected a positive integer"),
     "unknown embedding option": ("tokens_masked_gru", lambda c: layer_config(c, "Embedding").update(scale=2.0),
                                  UnsupportedModelError, "option scale=2.0 is not one fastlstm knows"),
-    # reset_after absent: Keras' default (True), whose two bias rows the file's one row does not match
-    "reset_after dropped": ("gru_reset_before", lambda c: layer_config(c, "GRU").pop("reset_after"),
-                            InvalidModelError, r"weight 2 has shape \(12,\), expected \(2, 12\)"),
+    # reset_after absent: a Keras older than the option, which reset before the product and had one bias row
+    "reset_after dropped": ("gru_sequence", lambda c: layer_config(c, "GRU").pop("reset_after"),
+                            InvalidModelError, r"weight 2 has shape \(2, 12\), expected \(12,\)"),
     "reset_after as text": ("gru_sequence", lambda c: layer_config(c, "GRU").update(reset_after="no"),
                             ModelFormatError, "reset_after='no', expected true or false"),
     "simple RNN with a recurrent_activation": (

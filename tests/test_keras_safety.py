@@ -269,6 +269,31 @@ def test_a_long_layer_chain_is_walked_in_linear_time():
     assert len(spec.layers) == 1 and spec.head == ()
 
 
+def test_mask_operations_are_matched_in_linear_time():
+    """Keras 3's mask operations (not_equal, any) are matched to the Masking layers they serve without
+    comparing every pair: a config of a thousand of each on one input is refused at once."""
+    def tensor(name):
+        return {"class_name": "__keras_tensor__", "config": {"keras_history": [name, 0, 0]}}
+    operation = {"module": "keras.src.ops.numpy", "registered_name": None}
+    count = (_keras_graph.MAX_LAYERS - 1) // 3
+    entries = [{"class_name": "InputLayer", "name": "input", "inbound_nodes": [], "config": {"name": "input"}}]
+    for n in range(count):
+        entries += [
+            {"class_name": "Masking", "name": f"m{n}", "config": {"name": f"m{n}", "mask_value": 0.0},
+             "inbound_nodes": [{"args": [tensor("input")], "kwargs": {}}]},
+            {**operation, "class_name": "NotEqual", "name": f"ne{n}", "config": {"name": f"ne{n}"},
+             "inbound_nodes": [{"args": [tensor("input"), 0.0], "kwargs": {}}]},
+            {**operation, "class_name": "Any", "name": f"any{n}", "config": {"name": f"any{n}", "axis": -1},
+             "inbound_nodes": [{"args": [tensor(f"ne{n}")], "kwargs": {}}]}]
+    config = {"class_name": "Functional", "config": {"name": "masks", "layers": entries,
+                                                     "input_layers": ["input", 0, 0], "output_layers": ["m0", 0, 0]}}
+    start = time.perf_counter()
+    with pytest.raises(UnsupportedModelError, match="do not form a single chain") as refused:
+        translate(config)
+    assert "NotEqual" not in str(refused.value) and "Any" not in str(refused.value)  # each matched to its layer
+    assert time.perf_counter() - start < 3.0
+
+
 def test_too_many_layers_are_refused_naming_the_limit():
     start = time.perf_counter()
     with pytest.raises(UnsupportedModelError, match=f"40002 layers; fastlstm reads models of at most "
@@ -397,14 +422,32 @@ def config_paths(value, path=()):
         yield from config_paths(item, path + (key,))
 
 
-@pytest.fixture(scope="module")
-def rich_model():
-    model = keras.Sequential([keras.Input((STEPS, FEATURES)), L.Masking(),
-                              L.Bidirectional(L.LSTM(UNITS, return_sequences=True), merge_mode="ave"),
-                              L.RNN([L.LSTMCell(UNITS), L.LSTMCell(UNITS)], return_sequences=True),
-                              L.TimeDistributed(L.Dense(3)), L.Activation("relu"), L.Softmax()])
-    config = {"class_name": "Sequential", "config": json.loads(json.dumps(model.get_config()))}
+def functional_with_masks():
+    """Token ids through an Embedding (mask_zero), then each recurrent kind: Keras 3 writes the mask as an
+    operation of the config."""
+    ids = keras.Input((STEPS,), dtype="int32")
+    sequence = L.Embedding(7, FEATURES, mask_zero=True)(ids)
+    sequence = L.Bidirectional(L.GRU(UNITS, return_sequences=True, reset_after=False), merge_mode="sum")(sequence)
+    sequence = L.RNN([L.SimpleRNNCell(UNITS), L.GRUCell(2)], return_sequences=True)(sequence)
+    return keras.Model(ids, L.Dense(3, activation="softmax")(L.SimpleRNN(3)(sequence)))
+
+
+RICH_MODELS = {
+    "sequential": lambda: keras.Sequential([
+        keras.Input((STEPS, FEATURES)), L.Masking(), L.Bidirectional(L.LSTM(UNITS, return_sequences=True),
+                                                                     merge_mode="ave"),
+        L.RNN([L.LSTMCell(UNITS), L.LSTMCell(UNITS)], return_sequences=True), L.TimeDistributed(L.Dense(3)),
+        L.Activation("relu"), L.Softmax()]),
+    "functional_with_masks": functional_with_masks,
+}
+
+
+@pytest.fixture(scope="module", params=list(RICH_MODELS))
+def rich_model(request):
+    model = RICH_MODELS[request.param]()
+    config = {"class_name": type(model).__name__, "config": json.loads(json.dumps(model.get_config()))}
     weights = {layer.name: layer.get_weights() for layer in model.layers}
+    translate(config, lambda layer: weights.get(layer.name, []))  # the undamaged config loads
     return config, weights
 
 

@@ -174,12 +174,13 @@ def _functional(config, name: str) -> KerasGraph:
         off_path = [layer_name for layer_name in layers if layer_name not in on_path | mask_operations]
         if off_path and not problems:
             problems.append(f"layers {off_path} are not on the chain from the input to the output")
-    return KerasGraph("Functional", order if not problems else list(layers.values()), problems)
+    listed = [layer for layer in layers.values() if layer.name not in mask_operations]
+    return KerasGraph("Functional", order if not problems else listed, problems)
 
 
 def _implicit_masks(layers: dict[str, KerasLayer], entries: list, name: str) -> tuple[set[str], set[str]]:
     """The operations that compute an ``Embedding``'s or a ``Masking`` layer's mask (module docstring), and the
-    names of the layers whose output is such a mask."""
+    names of the layers whose output is such a mask. Linear in the number of layers."""
     def call(layer: KerasLayer) -> tuple[list, dict] | None:
         """(positional arguments, keyword arguments) of a layer's only Keras 3 call, or None."""
         nodes = _inbound_nodes(entries[layer.position], name, layer.name)
@@ -188,40 +189,49 @@ def _implicit_masks(layers: dict[str, KerasLayer], entries: list, name: str) -> 
         kwargs = nodes[0].get("kwargs", {})
         return nodes[0].get("args", []), kwargs if isinstance(kwargs, dict) else {"": kwargs}
 
-    def reads(layer: KerasLayer) -> tuple[str, int, int] | None:
-        """The one tensor a layer is called on, when it is called once on one tensor."""
-        called = call(layer)
-        if called is None or len(called[0]) != 1:
-            return None
-        refs = _keras3_tensors(called[0], name, layer.name)
-        return refs[0] if len(refs) == 1 else None
-
-    def is_operation(layer: KerasLayer, class_name: str) -> bool:
+    def operation_call(layer: KerasLayer, class_name: str) -> tuple[list, dict] | None:
+        """The call of a built-in Keras operation of ``class_name`` without keyword arguments, or None."""
         module = entries[layer.position].get("module")  # legacy .h5 configs record no module
-        return layer.class_name == class_name and layer.custom is None and (
-            module is None or isinstance(module, str) and module.startswith("keras.src.ops."))
+        if layer.class_name != class_name or layer.custom is not None or not (
+                module is None or isinstance(module, str) and module.startswith("keras.src.ops.")):
+            return None
+        called = call(layer)
+        return called if called is not None and not called[1] else None
 
-    operations: set[str] = set()
-    masks: set[str] = set()
-    for not_equal in layers.values():
-        called = call(not_equal) if is_operation(not_equal, "NotEqual") else None
-        if called is None or called[1] or len(called[0]) != 2:
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    # What the Embedding (mask_zero) and Masking layers read: (tensor, the value their mask compares with).
+    masked_sources: dict[tuple, str] = {}
+    for layer in layers.values():
+        called = call(layer) if layer.custom is None else None
+        refs = _keras3_tensors(called[0], name, layer.name) if called is not None and len(called[0]) == 1 else []
+        if len(refs) != 1:
             continue
-        refs, value = _keras3_tensors(called[0][:1], name, not_equal.name), called[0][1]
-        if len(refs) != 1 or isinstance(value, bool) or not isinstance(value, (int, float)):
+        if layer.class_name == "Embedding" and layer.config.get("mask_zero") is True:
+            masked_sources[(refs[0], 0)] = "Embedding"
+        elif layer.class_name == "Masking" and number(layer.config.get("mask_value", 0.0)):
+            masked_sources[(refs[0], layer.config.get("mask_value", 0.0))] = "Masking"
+    # not_equal(tensor, value) operations comparing what such a layer reads with its value.
+    not_equal_of: dict[str, str] = {}  # operation name -> the kind of layer whose mask it computes
+    for layer in layers.values():
+        called = operation_call(layer, "NotEqual")
+        if called is None or len(called[0]) != 2 or not number(called[0][1]):
             continue
-        for layer in layers.values():
-            if layer.custom is not None or reads(layer) != refs[0]:
-                continue
-            if layer.class_name == "Embedding" and layer.config.get("mask_zero") is True and value == 0:
-                operations.add(not_equal.name)
-                masks.add(not_equal.name)
-            if layer.class_name == "Masking" and layer.config.get("mask_value", 0.0) == value:
-                for any_ in layers.values():
-                    if (is_operation(any_, "Any") and reads(any_) == (not_equal.name, 0, 0) and not call(any_)[1]
-                            and any_.config.get("axis") == -1 and not any_.config.get("keepdims")):
-                        operations |= {not_equal.name, any_.name}
-                        masks.add(any_.name)
+        refs = _keras3_tensors(called[0][:1], name, layer.name)
+        source = masked_sources.get((refs[0], called[0][1])) if len(refs) == 1 else None
+        if source is not None:
+            not_equal_of[layer.name] = source
+    operations = {n for n, source in not_equal_of.items() if source == "Embedding"}
+    masks = set(operations)
+    for layer in layers.values():  # any(not_equal(x, mask_value), axis=-1): a Masking layer's mask
+        called = operation_call(layer, "Any")
+        if called is None or len(called[0]) != 1 or layer.config.get("axis") != -1 or layer.config.get("keepdims"):
+            continue
+        refs = _keras3_tensors(called[0], name, layer.name)
+        if len(refs) == 1 and refs[0][1:] == (0, 0) and not_equal_of.get(refs[0][0]) == "Masking":
+            operations |= {refs[0][0], layer.name}
+            masks.add(layer.name)
     return operations, masks
 
 

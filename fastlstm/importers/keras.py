@@ -9,31 +9,48 @@ collects everything fastlstm cannot run, raised together as one ``UnsupportedMod
 declared weight's shape is checked against the one the config implies, all mismatches raised together, and
 only then are the weights read (the ones the model needs, nothing else) and the spec assembled.
 
-What the layers become (Keras' gate order i, f, c, o is fastlstm's i, f, g, o: no permutation):
+What the layers become:
 
-* ``LSTM``: ``w_ih = kernel.T``, ``w_hh = recurrent_kernel.T``, ``bias`` (zeros with ``use_bias=False``);
+* ``LSTM`` (kind ``"lstm"``; Keras' gate order i, f, c, o is fastlstm's i, f, g, o: no permutation):
+  ``w_ih = kernel.T``, ``w_hh = recurrent_kernel.T``, ``bias`` (zeros with ``use_bias=False``);
   ``recurrent_activation`` drives the gates, ``activation`` both the cell input and the cell output.
-  ``go_backwards=True`` is a ``"reverse"`` layer. ``return_sequences`` must be true on all but the last LSTM;
-  the last one's ``False`` is ``output="final_state"`` (each direction's final state, as Keras returns it).
-  ``stateful`` is accepted: ``predict`` starts from zero state like a freshly reset stateful Keras model, and
-  ``Model.stream()`` carries state across calls as ``stateful=True`` does. ``unroll``, ``use_cudnn``,
-  ``implementation``, ``dropout``, ``recurrent_dropout``, ``seed``, initializers, regularizers and
-  constraints do not change inference.
-* ``RNN(LSTMCell)`` is the same layer (the ``RNN`` holds the sequence options, the cell the maths).
-  ``RNN([LSTMCell, ...])`` (``StackedRNNCells``) feeds each cell's output to the next at every step: one
-  fastlstm layer per cell, all but the last returning sequences; with ``go_backwards=True`` every cell reads
-  the reversed sequence, which is a stack of ``"reverse"`` layers. Layers and cells may differ in ``units``:
-  the state then keeps one entry per layer (``ModelSpec.state_form`` ``"per_layer"``).
-* ``Bidirectional(LSTM)`` and ``Bidirectional(RNN(LSTMCell))``: a ``"bidirectional"`` layer.
-  ``merge_mode="concat"`` is native; ``"sum"`` and ``"ave"`` are linear, so they are folded into whatever
-  reads the merged output: the next LSTM's ``w_ih`` or the first dense layer's weight is duplicated (and
-  halved for ``"ave"``) across the two directions, or, when nothing linear follows, a dense layer ``[I I]``
-  (``[I/2 I/2]``) is added to the head.
-* ``Dense`` and ``TimeDistributed(Dense)`` after the last LSTM form the head (``weight = kernel.T``); Keras
-  applies a ``Dense`` to a sequence per time step, as ``TimeDistributed`` does. ``Activation`` and
-  ``Softmax`` (last axis) layers join the dense layer before them, or become an identity-weight dense layer
-  (all such added matrices together may hold no more values than the model's weights, plus 2^20).
-* ``Masking`` before the first LSTM sets ``mask_value``; ``Dropout``, ``SpatialDropout1D``,
+* ``GRU`` (kind ``"gru"``): Keras' gates z, r, h are permuted to fastlstm's r, z, n in the rows of both
+  kernels (transposed) and of the biases; ``recurrent_activation`` drives r and z, ``activation`` the
+  candidate. ``reset_after=True`` (the default) is ``linear_before_reset``: of its two bias rows (input,
+  recurrent) the recurrent r and z parts are added to the input ones and the recurrent n part is
+  ``candidate_bias``. ``reset_after=False`` applies the reset before the recurrent product and has one bias
+  row (the input bias): ``candidate_bias`` is zeros. A config without ``reset_after`` was written by a Keras
+  older than the option (2.1), whose GRU reset before the product: ``False`` (a file with two bias rows
+  then fails the shape check).
+* ``SimpleRNN`` (kind ``"rnn"``): ``h = activation(W x + R h' + b)``, kernels transposed.
+* All three: ``go_backwards=True`` is a ``"reverse"`` layer. ``return_sequences`` must be true on all but the
+  last recurrent layer; the last one's ``False`` is ``output="final_state"`` (each direction's final state,
+  as Keras returns it). ``stateful`` is accepted: ``predict`` starts from zero state like a freshly reset
+  stateful Keras model, and ``Model.stream()`` carries state across calls as ``stateful=True`` does.
+  ``unroll``, ``use_cudnn``, ``implementation``, ``dropout``, ``recurrent_dropout``, ``seed``,
+  initializers, regularizers and constraints do not change inference. Layers may differ in kind and
+  ``units``: the state then keeps one entry per layer (``ModelSpec.state_form`` ``"per_layer"``).
+* ``RNN(LSTMCell | GRUCell | SimpleRNNCell)`` is the same layer (the ``RNN`` holds the sequence options, the
+  cell the maths). ``RNN([cell, ...])`` (``StackedRNNCells``, cells of any of these kinds and sizes) feeds
+  each cell's output to the next at every step: one fastlstm layer per cell, all but the last returning
+  sequences; with ``go_backwards=True`` every cell reads the reversed sequence, a stack of ``"reverse"``
+  layers.
+* ``Bidirectional`` of any of these (not of stacked cells): a ``"bidirectional"`` layer, both directions of
+  one kind and options. ``merge_mode="concat"`` is native; ``"sum"`` and ``"ave"`` are linear, so they are
+  folded into whatever reads the merged output: the next recurrent layer's ``w_ih`` or the first dense
+  layer's weight is duplicated (and halved for ``"ave"``) across the two directions, or, when nothing
+  linear follows, a dense layer ``[I I]`` (``[I/2 I/2]``) is added to the head.
+* ``Dense`` and ``TimeDistributed(Dense)`` after the last recurrent layer form the head
+  (``weight = kernel.T``); Keras applies a ``Dense`` to a sequence per time step, as ``TimeDistributed``
+  does. ``Activation`` and ``Softmax`` (last axis) layers join the dense layer before them, or become an
+  identity-weight dense layer (all such added matrices together may hold no more values than the model's
+  weights, plus 2^20).
+* ``Embedding`` as the model's first layer is ``ModelSpec.embedding`` (``input_dim`` x ``output_dim``): the
+  model then takes integer token ids ``(batch, time)``; ``mask_zero=True`` makes id 0 padding
+  (``mask_value=0``). Its initializer, regularizers and constraint act in training only; ``sparse=True``,
+  LoRA (``lora_rank``) and quantization are refused. In a functional Keras 3 model the mask is written as
+  operations of its own (``_keras_graph`` recognises exactly those).
+* ``Masking`` as the model's first layer sets ``mask_value``; ``Dropout``, ``SpatialDropout1D``,
   ``GaussianDropout``, ``GaussianNoise`` and ``AlphaDropout`` are identities at inference (every option of
   theirs acts in training only).
 
@@ -41,21 +58,25 @@ Activations are those of the Keras version that wrote the model: ``hard_sigmoid`
 in Keras 2 / tf.keras and ``clip(x/6 + 0.5)`` in Keras 3. ``leaky_relu`` has Keras' slope 0.2.
 
 Refused, each named, all at once (``UnsupportedModelError``): any other layer; a layer outside the
-LSTM-then-head order; ``go_backwards=True`` with ``return_sequences=True`` outside ``Bidirectional`` (Keras
-returns that sequence in reversed time order, which the canonical model cannot express);
-``merge_mode="mul"`` or ``None``; a model whose outputs include the states of ``return_state=True``
+order (Masking or Embedding) -> recurrent layers -> head; ``go_backwards=True`` with
+``return_sequences=True`` outside ``Bidirectional`` (Keras returns that sequence in reversed time order,
+which the canonical model cannot express); ``merge_mode="mul"`` or ``None``; a ``Bidirectional`` whose
+directions differ in kind or options; a model whose outputs include the states of ``return_state=True``
 (``return_state`` is accepted when only the main output is used, in a functional model); activations
-outside fastlstm's catalogue; LoRA or quantized dense layers; functional models that are not a single
-chain; ``RNN`` of other cells, ``Bidirectional`` over stacked cells; a user's class registered under a
-Keras class name (at any depth: layer, wrapped layer, cell); ``time_major``; ragged or sparse inputs;
-dtype policies computing in another precision than float32/float64; options this importer does not know,
-unless ``None``. A boolean option that is not a boolean, or a ``keras_version`` that is not a version
-number, is a ``ModelFormatError``.
+outside fastlstm's catalogue (softmax inside a recurrent cell); LoRA or quantized dense layers and
+embeddings; a sparse embedding; integer inputs without an ``Embedding``; functional models that are not a
+single chain, or that pass a layer any tensor but its input and its Embedding's or Masking's own mask;
+``RNN`` of other cells, ``Bidirectional`` over stacked cells; a user's class registered under a Keras class
+name (at any depth: layer, wrapped layer, cell); ``time_major``; ragged or sparse inputs; dtype policies
+computing in another precision than float32/float64; options this importer does not know, unless ``None``
+(e.g. ``recurrent_activation`` on a ``SimpleRNN``). A boolean option that is not a boolean, or a
+``keras_version`` that is not a version number, is a ``ModelFormatError``.
 
-Masked time steps: fastlstm turns a mask into per-sequence lengths, so the mask must pad the end of each
-sequence. The outputs at the padded steps of a sequence output differ from Keras' (Keras repeats the last
-valid output there unless ``zero_output_for_mask=True``; fastlstm writes zeros before the head); every
-valid step, and every final-state output, matches.
+Masked time steps: ``predict`` turns a mask into per-sequence lengths, so the mask must pad the end of each
+sequence there; ``Model.stream()`` skips a masked step anywhere, as Keras does. The outputs at the padded
+steps of a sequence output of ``predict`` differ from Keras' (Keras repeats the last valid output there
+unless ``zero_output_for_mask=True``; fastlstm writes zeros before the head); every valid step, and every
+final-state output, matches.
 """
 
 from __future__ import annotations
@@ -475,7 +496,7 @@ class _Planner:
                 custom = custom_class(cell)
                 if custom:
                     self.problems.append(f"{cell_where} is {custom}")
-            kind = RECURRENT_CELLS.get(cell.get("class_name"))
+            kind = RECURRENT_CELLS.get(cell.get("class_name")) if isinstance(cell.get("class_name"), str) else None
             if kind is None:
                 self.problems.append(f"{cell_where}: fastlstm runs RNN layers of {', '.join(RECURRENT_CELLS)} "
                                      "cells only")
@@ -499,8 +520,8 @@ class _Planner:
                 self.problems.append(f"{where}: {name}='softmax' is not elementwise; fastlstm's recurrent cells "
                                      "take elementwise activations")
         use_bias = self._flag(config, "use_bias", True, where)
-        # Absent only from files older than the option: the shape check then refuses their single bias row.
-        reset_after = self._flag(config, "reset_after", True, where) if kind == "gru" else True
+        # Absent only from configs older than the option, whose GRU reset before the product (module docstring).
+        reset_after = self._flag(config, "reset_after", False, where) if kind == "gru" else True
         if gate is None or cell is None:
             return None
         return _Recurrent(layer, kind, units, direction, use_bias, return_sequences, gate, cell, reset_after)
@@ -604,7 +625,8 @@ class _Planner:
 
 def _is_recurrent(class_name, wrapped: bool = False) -> bool:
     """Whether a layer class is recurrent (``Bidirectional`` included unless it is the layer wrapped)."""
-    return class_name in RECURRENT_LAYERS or class_name == "RNN" or not wrapped and class_name == "Bidirectional"
+    return isinstance(class_name, str) and (class_name in RECURRENT_LAYERS or class_name == "RNN"
+                                            or not wrapped and class_name == "Bidirectional")
 
 
 def _not_supported(layer: KerasLayer) -> str:
