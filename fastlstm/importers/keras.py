@@ -350,9 +350,10 @@ class _Planner:
         for option in ("ragged", "sparse"):
             if self._flag(config, option, False, where):
                 self.problems.append(f"{where}: {option}=True; fastlstm reads dense, padded {expected} arrays")
-        if not token_ids and config.get("dtype") in _INTEGER_DTYPES:
-            self.problems.append(f"{where}: dtype {config['dtype']!r} without an Embedding; fastlstm reads "
-                                 "floating-point features, or integer token ids through an Embedding")
+        dtype = _policy_name(config.get("dtype"))
+        if not token_ids and dtype in _INTEGER_DTYPES:
+            self.problems.append(f"{where}: dtype {dtype!r} without an Embedding; fastlstm reads floating-point "
+                                 "features, or integer token ids through an Embedding")
         shape = config.get("batch_shape", config.get("batch_input_shape"))
         if shape is None:
             return None
@@ -597,16 +598,15 @@ class _Planner:
     def _unknown_options(self, layer: KerasLayer, config: dict, known: set, where: str = "",
                          policies: tuple = _FLOAT_POLICIES) -> None:
         """Refuse options this importer does not know unless they are unset (None): ignoring one could change
-        the maths, and even ``False`` or ``0`` can be a setting. Also refuses a dtype policy that computes in
-        anything but float32 or float64 (mixed precision, quantization), which fastlstm would not match."""
+        the maths, and even ``False`` or ``0`` can be a setting. Also refuses a dtype policy not in ``policies``
+        (float32 or float64 unless given; mixed precision, quantization), which fastlstm would not match."""
         where = where or layer.describe()
         for key, value in config.items():
             if key not in known and value is not None:
                 self.problems.append(f"{where}: option {key}={value!r} is not one fastlstm knows; refusing rather "
                                      "than ignoring it")
         dtype = config.get("dtype")
-        policy = dtype.get("config", {}).get("name") if isinstance(dtype, dict) and isinstance(
-            dtype.get("config"), dict) else dtype
+        policy = _policy_name(dtype)
         if isinstance(dtype, dict) and "Quantized" in str(dtype.get("class_name", "")):
             self.problems.append(f"{where}: quantized dtype policy; fastlstm runs float weights")
         elif policy not in policies:
@@ -621,6 +621,13 @@ class _Planner:
         if not isinstance(value, bool):
             raise ModelFormatError(f"{self.source}: {where}: {key}={value!r}, expected true or false")
         return value
+
+
+def _policy_name(dtype):
+    """The name of a layer's dtype policy: the ``dtype`` itself, or the ``name`` of Keras 3's serialised policy."""
+    if isinstance(dtype, dict) and isinstance(dtype.get("config"), dict):
+        return dtype["config"].get("name")
+    return dtype
 
 
 def _is_recurrent(class_name, wrapped: bool = False) -> bool:
