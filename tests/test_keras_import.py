@@ -457,6 +457,7 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
+@pytest.mark.filterwarnings("ignore:Layer .* was passed an input with a mask attached")  # Keras, on Masking first
 def test_refused_models_say_why(name):
     build, reason = REFUSED[name]
     with pytest.raises(UnsupportedModelError, match=reason):
