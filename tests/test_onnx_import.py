@@ -603,7 +603,7 @@ def test_transpose_permutation_is_checked():
     model.graph.initializer.append(const("w", np.ones((3, 2), np.float32)))
     model.graph.node.append(helper.make_node("MatMul", ["t", "w"], ["out"]))
     model.graph.output[0].name = "out"
-    with pytest.raises(UnsupportedModelError, match="not the LSTM's feature axis"):
+    with pytest.raises(UnsupportedModelError, match="not the recurrent layers' feature axis"):
         load(model)
 
 

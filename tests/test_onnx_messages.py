@@ -43,7 +43,7 @@ def test_an_unrolled_lstm_says_first_that_the_graph_has_no_lstm_node():
         warnings.simplefilter("ignore")
         torch.onnx.export(Unrolled().eval(), (torch.randn(6, 2, 4),), buffer, dynamo=False)
     unsupported = refusal(onnx.load_from_string(buffer.getvalue()))
-    assert unsupported[0].startswith("the graph has no LSTM node")
+    assert unsupported[0].startswith("the graph has no LSTM, GRU or RNN node")
     assert "Load the source model" in unsupported[0]
 
 
@@ -61,7 +61,7 @@ def test_a_loop_and_many_unsupported_nodes_are_summarised_by_operator():
                        [helper.make_tensor_value_info("e40", FLOAT, None)],
                        [const("steps", np.int64(6))])
     unsupported = refusal(model)
-    assert unsupported[0].startswith("the graph has no LSTM node")
+    assert unsupported[0].startswith("the graph has no LSTM, GRU or RNN node")
     assert "operator Loop is not supported (1 node: node 'recurrence')" in unsupported
     assert "operator Erf is not supported (40 nodes: node 'erf0', node 'erf1', node 'erf2', ...)" in unsupported
     assert len(unsupported) == 3

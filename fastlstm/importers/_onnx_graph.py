@@ -2,7 +2,8 @@
 
 Only the nodes the outputs depend on are looked at (dead branches are ignored), in the file's order (ONNX
 requires it to be topological). Each node's inputs are abstract values (see ``_onnx_values``) and so are
-its outputs: LSTM nodes become ``LSTMLayer``s, layout nodes rearrange Flows, ``Gemm``/``MatMul``/``Add`` and
+its outputs: LSTM, GRU and RNN nodes become ``RecurrentLayer``s, a ``Gather`` of a constant table by the
+integer model input is the embedding, layout nodes rearrange Flows, ``Gemm``/``MatMul``/``Add`` and
 activations build the dense head. A node fastlstm cannot follow is recorded and its outputs poisoned, so
 one pass lists every unsupported op and attribute, not only the first.
 """
@@ -19,16 +20,17 @@ from ..activations import IDENTITY, Activation
 from ..errors import InvalidModelError, ModelFormatError, UnsupportedModelError
 from ..spec import DIRECTIONS, DenseLayer
 from . import _onnx_values as v
-from ._onnx_proto import (FLOAT_TYPES, NUMPY_TYPES, ExternalData, attribute_array, attribute_value,
+from ._onnx_proto import (FLOAT_TYPES, INTEGER_TYPES, NUMPY_TYPES, ExternalData, attribute_array, attribute_value,
                           declared_dims, declared_element_type, tensor_to_array)
-from ._onnx_lstm import (LSTM_ATTRIBUTES, LayerRecord, StateSource, checked_activation, lstm_activations,
-                          lstm_layer, output_mode, state_input, state_rows)
+from ._onnx_gru import GRU_ATTRIBUTES, RNN_ATTRIBUTES, gru_layer, rnn_layer
+from ._onnx_lstm import (LSTM_ATTRIBUTES, LayerRecord, StateSource, checked_activation, lstm_layer,
+                          node_activations, output_mode, state_inputs, state_rows)
 from ._onnx_values import (BATCH, DIRS, FEATURES, HIDDEN, INPUT_AXIS, TIME, Axis, Const, Dims, Flow,
                            GraphInput, InputRows, Malformed, Part, Poison, Product, Refused, Zeros)
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _FLOATS, _INTS = 6, 7  # AttributeProto.AttributeType
-# A folded constant or an identity dense layer larger than this is not something an LSTM model needs.
+# A folded constant or an identity dense layer larger than this is not something a recurrent model needs.
 _MAX_FOLDED_ELEMENTS = 1 << 26
 _MAX_IDENTITY_FEATURES = 4096
 # Integer constant arithmetic (shape computations) is folded exactly, in Python integers, up to this size.
@@ -36,11 +38,19 @@ _MAX_EXACT_INTEGER_FOLD = 1 << 16
 # Axes, starts, indices, shapes: one entry per dimension of a tensor, and no tensor has more than this many.
 _MAX_RANK = 64
 
-_NO_LSTM = (
-    "the graph has no LSTM node: the recurrence was exported unrolled (MatMul, Sigmoid, Tanh, ... per time step) "
-    "or inside a Loop or Scan, which fastlstm does not turn back into an LSTM. Load the source model instead "
-    "(the PyTorch module, state_dict or TorchScript file, or the Keras .keras/.h5 file), or export it with the "
-    "LSTM kept as one ONNX LSTM node (torch.onnx.export does so for nn.LSTM; tf2onnx 1.9.3 or later for Keras)")
+# The recurrent operators: (attributes, default activations of one direction, outputs in order).
+_RECURRENT_OPERATORS = {
+    "LSTM": (LSTM_ATTRIBUTES, ("Sigmoid", "Tanh", "Tanh"), ("Y", "Y_h", "Y_c")),
+    "GRU": (GRU_ATTRIBUTES, ("Sigmoid", "Tanh"), ("Y", "Y_h")),
+    "RNN": (RNN_ATTRIBUTES, ("Tanh",), ("Y", "Y_h")),
+}
+
+_NO_RECURRENT_NODE = (
+    "the graph has no LSTM, GRU or RNN node: the recurrence was exported unrolled (MatMul, Sigmoid, Tanh, ... "
+    "per time step) or inside a Loop or Scan, which fastlstm does not turn back into a recurrent layer. Load the "
+    "source model instead (the PyTorch module, state_dict or TorchScript file, or the Keras .keras/.h5 file), or "
+    "export it with each layer kept as one ONNX LSTM, GRU or RNN node (torch.onnx.export does so for nn.LSTM and "
+    "nn.GRU, and for nn.RNN with dynamo=False; tf2onnx 1.9.3 or later for Keras)")
 
 # Elementwise activation operators -> (catalogue name, {attribute: default}).
 _ACTIVATION_OPS = {
@@ -64,6 +74,7 @@ class GraphResult:
     state_inputs: dict[str, str]
     state_outputs: list[str] = field(default_factory=list)
     main_output: str | None = None
+    embedding: np.ndarray | None = None
 
 
 class GraphReader:
@@ -88,7 +99,8 @@ class GraphReader:
         self.graph_inputs = {vi.name: vi for vi in graph.input if vi.name not in self.initializers}
         self.layers: dict[int, LayerRecord] = {}
         self.data_input: str | None = None
-        self.binding: dict[str, str] = {}  # input-axis role -> canonical role, once an LSTM reads the input
+        self.binding: dict[str, str] = {}  # input-axis role -> canonical role, once a layer reads the input
+        self.embedding: np.ndarray | None = None  # the (vocab, E) table a Gather by the token ids reads
         self.input_layout: tuple[str, ...] = ()
         self.time_size: int | None = None
         self.batch_size: int | None = None
@@ -101,8 +113,8 @@ class GraphReader:
         for index, node in enumerate(nodes):
             if index in needed:
                 self._evaluate(node, index)
-        if not any(node.op_type == "LSTM" and node.domain in _STANDARD_DOMAINS for node in nodes):
-            raise UnsupportedModelError([_NO_LSTM] + self._operators_by_type() + self.unsupported + self.invalid)
+        if not any(node.op_type in _RECURRENT_OPERATORS and node.domain in _STANDARD_DOMAINS for node in nodes):
+            raise UnsupportedModelError([_NO_RECURRENT_NODE] + self._operators_by_type() + self.unsupported + self.invalid)
         result = None
         if not self.invalid and not self.unsupported and not self.unknown_operators:
             # outputs are classified only after a clean walk
@@ -116,7 +128,7 @@ class GraphReader:
                                 for op, where, node in self.unknown_operators]
         if self.unsupported:
             raise UnsupportedModelError(self.unsupported, hint=(
-                "fastlstm runs ONNX graphs made of LSTM nodes, the layout operators exporters put around them "
+                "fastlstm runs ONNX graphs made of LSTM, GRU and RNN nodes, an embedding (Gather), the layout operators exporters put around them "
                 "(Transpose, Squeeze, Unsqueeze, Reshape, Slice, Gather, Concat, ...), and a dense head "
                 "(Gemm, or MatMul and Add, with elementwise activations or Softmax)."))
         return result
@@ -554,7 +566,7 @@ class GraphReader:
                           f"Reshape to [{', '.join(str(t) for t in target)}]")]
 
     def _bound(self, entry):
-        """A shape entry read from the model input before an LSTM named its axes, with the names they got."""
+        """A shape entry read from the model input before a layer named its axes, with the names they got."""
         if isinstance(entry, Axis):
             if entry.merged:
                 return replace(entry, merged=tuple(self._bound(a) for a in entry.merged))
@@ -593,6 +605,8 @@ class GraphReader:
     def _gather(self, node, inputs, where):
         axis = self._attributes(node, {"axis": ("int", 0)}, where)["axis"]
         data = inputs[0]
+        if isinstance(data, Const) and isinstance(inputs[1], GraphInput):
+            return [self._embedding(data.array, axis, inputs[1])]
         if not isinstance(inputs[1], Const) or inputs[1].array.dtype.kind not in "iu":
             raise Refused("gathers with indices that are not a constant")
         indices = inputs[1].array
@@ -617,6 +631,31 @@ class GraphReader:
         flow = self._as_flow(data, "Gather")
         axis = v.normalize_axis(axis, len(flow.axes), "Gather")
         return [v.gather(flow, axis, indices, f"Gather(axis={axis}, indices={indices.tolist()})")]
+
+    def _embedding(self, table: np.ndarray, axis: int, ids: GraphInput) -> Flow:
+        """``Gather(table, ids)``: the rows of a constant ``(vocab, E)`` table picked by the model's integer input,
+        an embedding. Its Flow is the ids' two axes, then the embedding's features."""
+        if axis not in (0, -2) or table.ndim != 2:
+            raise Refused(f"gathers along axis {axis} of a constant of shape {table.shape} by graph input "
+                          f"{ids.name!r}; fastlstm follows an embedding: rows (axis 0) of a 2-D table")
+        if table.dtype.kind != "f":
+            raise Refused(f"gathers from a table of {table.dtype} values; an embedding table holds floats")
+        if ids.element_type not in INTEGER_TYPES:
+            raise Refused(f"gathers by graph input {ids.name!r}, which is not declared an int64 or int32 tensor")
+        if ids.dims is None or len(ids.dims) != 2:
+            raise Refused(f"gathers by graph input {ids.name!r} of shape {ids.dims}; fastlstm takes token ids "
+                          "as (batch, time) or (time, batch)")
+        if self.data_input is not None and self.data_input != ids.name:
+            raise Refused(f"embeds graph input {ids.name!r}, but the model's input is {self.data_input!r}; "
+                          "fastlstm models have one input")
+        if self.embedding is not None:
+            raise Refused("a second embedding lookup; fastlstm runs one embedding in front of the first layer")
+        if 0 in table.shape:
+            raise Malformed(f"the embedding table has shape {table.shape}")
+        self.data_input = ids.name
+        self.embedding = table.astype(np.float32) if table.dtype == np.float16 else table
+        axes = tuple(Axis(f"{INPUT_AXIS}{n}", size) for n, size in enumerate(ids.dims))
+        return Flow(axes + (Axis(FEATURES, table.shape[1]),), (Part("x"),), part_size=None)
 
     def _slice_bounds(self, node, inputs, where) -> tuple[list[int], list[int], list[int] | None, list[int] | None]:
         if self.opset < 10:
@@ -655,7 +694,7 @@ class GraphReader:
                 raise Refused("slices a shape tensor in a way fastlstm does not follow")
             return [Dims(data.entries[starts[0]:ends[0]:steps[0]])]
         if isinstance(data, GraphInput) and len(starts) == 1 and steps[0] == 1 and data.dims is not None:
-            # Possibly the rows of an initial state for one layer; decided when (and if) an LSTM reads it.
+            # Possibly the rows of an initial state for one layer; decided when (and if) a layer reads it.
             axis = v.normalize_axis(axes[0], len(data.dims), "Slice")
             return [InputRows(data.name, axis, starts[0], ends[0], data.dims)]
         flow = self._as_flow(data, "Slice")
@@ -741,7 +780,7 @@ class GraphReader:
     def _identity_dense(self, flow: Flow, what: str) -> DenseLayer:
         size = flow.feature_size
         if size is None or size > _MAX_IDENTITY_FEATURES:
-            raise Refused(f"{what} applied straight to a wide LSTM output ({size} features)")
+            raise Refused(f"{what} applied straight to a wide recurrent output ({size} features)")
         return DenseLayer(weight=np.eye(size, dtype=np.float32))
 
     def _matmul(self, node, inputs, where):
@@ -800,7 +839,7 @@ class GraphReader:
         data_like = (Flow, GraphInput)
         if isinstance(first, data_like) and isinstance(second, data_like):
             raise Refused("adds two tensors computed from the input (a residual connection or a sum merge); "
-                          f"fastlstm runs LSTM layers in a chain{self._data_inputs(node)}")
+                          f"fastlstm runs recurrent layers in a chain{self._data_inputs(node)}")
         if isinstance(first, data_like):
             data, constant = first, second
         elif isinstance(second, data_like):
@@ -845,7 +884,7 @@ class GraphReader:
         if FEATURES not in flow.roles() or DIRS in flow.roles():
             raise Refused(f"{what} applied to {flow.describe()} before the directions are concatenated")
         if flow.parts[0].kind == "x":
-            raise Refused(f"{what} applied to the model input before any LSTM")
+            raise Refused(f"{what} applied to the model input before any recurrent layer")
         if flow.head and flow.head[-1].activation == IDENTITY:
             last = flow.head[-1]
             return replace(flow, head=flow.head[:-1] + (replace(last, activation=activation),))
@@ -854,40 +893,53 @@ class GraphReader:
         dense = replace(self._identity_dense(flow, what), activation=activation)
         return replace(flow, head=flow.head + (dense,))
 
-    # ------------------------------------------------------------------------------------ LSTM
-    def _lstm(self, node, inputs, where):
-        attributes = self._attributes(node, LSTM_ATTRIBUTES, where)
-        if len(node.output) > 3:
-            raise Malformed("an LSTM node has at most 3 outputs")
+    # ------------------------------------------------------------------------------------ recurrent layers
+    def _recurrent(self, node, inputs, where):
+        """An ``LSTM``, ``GRU`` or ``RNN`` node: its layer, its place in the stack and what its optional inputs
+        are bound to; its outputs become Flows of that layer's results."""
+        op = node.op_type
+        attribute_spec, default_activations, output_kinds = _RECURRENT_OPERATORS[op]
+        attributes = self._attributes(node, attribute_spec, where)
+        if len(node.output) > len(output_kinds):
+            raise Malformed(f"a{'n' if op in ('LSTM', 'RNN') else ''} {op} node has at most "
+                            f"{len(output_kinds)} outputs")
         x, w, r, b, lengths, h0, c0, p = (list(inputs) + [None] * 8)[:8]
         direction, layout = attributes["direction"], attributes["layout"]
         if direction not in DIRECTIONS:
             raise Malformed(f"direction {direction!r}, expected one of {DIRECTIONS}")
         if layout not in (0, 1):
             raise Malformed(f"layout {layout}, expected 0 or 1")
-        if attributes["input_forget"] not in (0, 1):
-            raise Malformed(f"input_forget={attributes['input_forget']}, expected 0 or 1")
+        for flag in ("input_forget", "linear_before_reset"):
+            if attributes.get(flag, 0) not in (0, 1):
+                raise Malformed(f"{flag}={attributes[flag]}, expected 0 or 1")
         directions = 2 if direction == "bidirectional" else 1
         optional = {name: None if value is None or isinstance(value, Zeros) else self._float_const(value, name)
                     for name, value in (("B", b), ("P", p))}
-        layer = lstm_layer(
-            self._float_const(w, "W"), self._float_const(r, "R"), optional["B"], optional["P"],
-            direction=direction, hidden_size=attributes["hidden_size"], clip=attributes["clip"],
-            input_forget=bool(attributes["input_forget"]),
-            activations=lstm_activations(attributes["activations"], attributes["activation_alpha"],
-                                         attributes["activation_beta"], directions, f"{self.source} {where}"))
-        index = self._layer_index(self._as_flow(x, "LSTM input X"), layout, layer.input_size)
+        weights = (self._float_const(w, "W"), self._float_const(r, "R"), optional["B"])
+        options = dict(direction=direction, hidden_size=attributes["hidden_size"], clip=attributes["clip"],
+                       activations=node_activations(attributes["activations"], attributes["activation_alpha"],
+                                                    attributes["activation_beta"], default_activations,
+                                                    directions, f"{self.source} {where}"))
+        if op == "LSTM":
+            layer = lstm_layer(*weights, optional["P"], input_forget=bool(attributes["input_forget"]), **options)
+        elif op == "GRU":
+            layer = gru_layer(*weights, linear_before_reset=bool(attributes["linear_before_reset"]), **options)
+        else:
+            layer = rnn_layer(*weights, **options)
+        index = self._layer_index(self._as_flow(x, f"{op} input X"), layout, layer.input_size)
         refused, bound = [], {}
-        for name, bind in (("sequence_lens", lambda: self._sequence_lens(lengths)),
-                           ("initial_h", lambda: self._initial_state(h0, "initial_h", layout)),
-                           ("initial_c", lambda: self._initial_state(c0, "initial_c", layout))):
+        bindings = [("sequence_lens", lambda: self._sequence_lens(lengths)),
+                    ("initial_h", lambda: self._initial_state(h0, "initial_h", layout))]
+        if op == "LSTM":
+            bindings.append(("initial_c", lambda: self._initial_state(c0, "initial_c", layout)))
+        for name, bind in bindings:
             try:
                 bound[name] = bind()
             except Refused as exc:
                 refused.extend(exc.args)
         if refused:
             raise Refused(*refused)
-        initial = {"h": bound["initial_h"], "c": bound["initial_c"]}
+        initial = {"h": bound["initial_h"], "c": bound.get("initial_c")}
         self.layers[index] = LayerRecord(layer, node.name or where, layout, bound["sequence_lens"], initial)
 
         time, batch = Axis(TIME, self.time_size), Axis(BATCH, self.batch_size)
@@ -895,43 +947,52 @@ class GraphReader:
         y_axes = (time, dirs, batch, units) if layout == 0 else (batch, time, dirs, units)
         state_axes = (dirs, batch, units) if layout == 0 else (batch, dirs, units)
         return [Flow(axes, tuple(Part(kind, index, d) for d in range(directions)), layer.hidden_size)
-                for kind, axes in (("Y", y_axes), ("Y_h", state_axes), ("Y_c", state_axes))]
+                for kind, axes in zip(output_kinds, (y_axes, state_axes, state_axes))]
 
     def _layer_index(self, flow: Flow, layout: int, input_size: int) -> int:
-        """Which layer of the stack this LSTM is, from what its input X holds (binding the model input)."""
+        """Which layer of the stack a recurrent node is, from what its input X holds (binding the model input)."""
         expected = (TIME, BATCH, FEATURES) if layout == 0 else (BATCH, TIME, FEATURES)
         if flow.head:
-            raise Refused("a dense layer or activation between LSTM layers")
+            raise Refused("a dense layer or activation between recurrent layers")
         if flow.parts == (Part("x"),):
             index = 0
             roles = flow.roles()
-            if len(roles) != 3 or len(set(roles)) != 3 or not all(r.startswith(INPUT_AXIS) for r in roles):
-                raise Refused(f"the LSTM reads the model input rearranged to {flow.describe()}; fastlstm "
-                              "follows transposes of a (batch, time, features) or (time, batch, features) input")
+            input_roles = [r for r in roles if r.startswith(INPUT_AXIS)]
+            if self.embedding is not None:  # the ids' two axes, then the embedding's features
+                follows = len(roles) == 3 and roles[2] == FEATURES and len(set(input_roles)) == 2
+            else:
+                follows = len(roles) == 3 and len(set(roles)) == 3 and len(input_roles) == 3
+            if not follows:
+                raise Refused(f"the layer reads the model input rearranged to {flow.describe()}; fastlstm "
+                              "follows transposes of a (batch, time, features) or (time, batch, features) input"
+                              + (" (of (batch, time) or (time, batch) token ids embedded last)"
+                                 if self.embedding is not None else ""))
             binding = dict(zip(roles, expected))
             size = flow.axes[2].size
             if size is not None and size != input_size:
                 raise Malformed(f"the input has {size} features but W expects {input_size}")
             if 0 in self.layers:
-                raise Refused("several LSTM nodes read the model input; fastlstm runs one stack of layers")
+                raise Refused("several recurrent nodes read the model input; fastlstm runs one stack of layers")
             self.binding = binding
             by_role = {binding[a.role]: a for a in flow.axes}
             self.time_size, self.batch_size = by_role[TIME].size, by_role[BATCH].size
-            order = sorted(flow.axes, key=lambda a: int(a.role[len(INPUT_AXIS):]))
+            order = sorted((a for a in flow.axes if a.role.startswith(INPUT_AXIS)),
+                           key=lambda a: int(a.role[len(INPUT_AXIS):]))
             self.input_layout = tuple(binding[a.role] for a in order)
             return index
         previous = flow.parts[0].layer
         record = self.layers.get(previous)
         wanted = tuple(Part("Y", previous, d) for d in range(record.layer.num_directions)) if record else None
         if flow.parts != wanted:
-            raise Refused(f"the LSTM reads {', '.join(str(p) for p in flow.parts)}; fastlstm stacks layers on "
+            raise Refused(f"the layer reads {', '.join(str(p) for p in flow.parts)}; fastlstm stacks layers on "
                           "the previous layer's full output sequence (all directions, forward first)")
         if flow.roles() != expected:
-            raise Refused(f"the LSTM (layout {layout}) reads the previous layer's output as {flow.describe()}")
+            raise Refused(f"the layer (layout {layout}) reads the previous layer's output as {flow.describe()}")
         if flow.feature_size != input_size:
             raise Malformed(f"W expects {input_size} input features, the previous layer gives {flow.feature_size}")
         if previous + 1 in self.layers:
-            raise Refused(f"several LSTM nodes read layer {previous}'s output; fastlstm runs one stack of layers")
+            raise Refused(f"several recurrent nodes read layer {previous}'s output; fastlstm runs one stack of "
+                          "layers")
         return previous + 1
 
     def _sequence_lens(self, value) -> str | None:
@@ -969,7 +1030,7 @@ class GraphReader:
     # ------------------------------------------------------------------------------------ outputs
     def _finish(self) -> GraphResult:
         if not self.layers:
-            raise Refused("the graph's outputs depend on no LSTM node")
+            raise Refused("the graph's outputs depend on no recurrent node")
         layers = [self.layers[k] for k in range(len(self.layers))]
         data_outputs, state_outputs = [], []
         for output in self.graph.output:
@@ -977,7 +1038,7 @@ class GraphReader:
             if isinstance(value, Poison):
                 continue
             if not isinstance(value, Flow) or value.parts[0].kind == "x":
-                raise Refused(f"graph output {output.name!r} is not computed by the LSTM stack")
+                raise Refused(f"graph output {output.name!r} is not computed by the recurrent layers")
             if value.head or any(p.kind == "Y" for p in value.parts):
                 data_outputs.append((output.name, value))
             else:
@@ -986,10 +1047,10 @@ class GraphReader:
                 state_outputs.append((output.name, value))
         if len(data_outputs) > 1:
             raise Refused(f"graph outputs {', '.join(repr(n) for n, _ in data_outputs)} are all computed from "
-                          "LSTM outputs; a fastlstm model has one output (states come with return_state=True)")
+                          "recurrent outputs; a fastlstm model has one output (states come with return_state=True)")
         lengths = {record.sequence_lens for record in layers}
         if len(lengths) > 1:
-            raise Refused("sequence_lens is given to some LSTM layers only, or differs between them")
+            raise Refused("sequence_lens is given to some recurrent layers only, or differs between them")
         sequence_lens = lengths.pop()
         if data_outputs:
             main_name, flow = data_outputs[0]
@@ -997,15 +1058,11 @@ class GraphReader:
             head = flow.head
         else:
             main_name, output, head = None, "final_state", ()
-        hidden_sizes = [record.layer.hidden_size for record in layers]
-        if len(set(hidden_sizes)) > 1:
-            raise Refused(f"the LSTM layers have hidden sizes {hidden_sizes}; fastlstm needs one size for all "
-                          "layers (its state is one (layers * directions, batch, hidden) array, as PyTorch's)")
-        state_inputs = {kind: state_input(kind, layers) for kind in ("h", "c")}
+        bound_states = state_inputs(layers)
         return GraphResult(
             layers=layers, head=head, output=output, input_name=self.data_input or "",
             input_layout=self.input_layout, sequence_lens=sequence_lens,
-            state_inputs={k: s for k, s in state_inputs.items() if s},
+            state_inputs=bound_states, embedding=self.embedding,
             state_outputs=[f"{name!r} = {state_rows(flow, layers)}" for name, flow in state_outputs],
             main_output=main_name)
 
@@ -1030,7 +1087,7 @@ _ATTRIBUTE_NAMES = {
     "Split": {"axis", "split", "num_outputs"}, "Concat": {"axis"}, "MatMul": set(),
     "Gemm": {"alpha", "beta", "transA", "transB", "broadcast"}, "Add": set(), "Softmax": {"axis"},
     "Mul": set(), "Div": set(), "Sub": set(), "Mod": {"fmod"},
-    "LSTM": set(LSTM_ATTRIBUTES),
+    **{op: set(attributes) for op, (attributes, _, _) in _RECURRENT_OPERATORS.items()},
     **{op: set(defaults) for op, (_, defaults) in _ACTIVATION_OPS.items()},
 }
 
@@ -1040,7 +1097,7 @@ _INPUT_COUNTS = {
     "Unsqueeze": (1, 2), "Reshape": (2, 2), "Gather": (2, 2), "Slice": (1, 5), "Split": (1, 2),
     "Concat": (1, None), "MatMul": (2, 2), "Gemm": (2, 3), "Add": (2, 2), "Mul": (2, 2), "Div": (2, 2), "Sub": (2, 2),
     "Mod": (2, 2),
-    "LSTM": (3, 8),
+    "LSTM": (3, 8), "GRU": (3, 6), "RNN": (3, 6),
 }
 
 _HANDLERS = {
@@ -1052,5 +1109,5 @@ _HANDLERS = {
     "Split": GraphReader._split, "Concat": GraphReader._concat, "MatMul": GraphReader._matmul,
     "Gemm": GraphReader._gemm, "Add": GraphReader._add, "Softmax": GraphReader._softmax,
     "Mul": GraphReader._arithmetic, "Div": GraphReader._arithmetic, "Sub": GraphReader._arithmetic,
-    "Mod": GraphReader._arithmetic, "LSTM": GraphReader._lstm,
+    "Mod": GraphReader._arithmetic, **{op: GraphReader._recurrent for op in _RECURRENT_OPERATORS},
 }

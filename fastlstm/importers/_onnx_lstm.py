@@ -1,5 +1,6 @@
-"""What an ONNX ``LSTM`` node means in fastlstm's terms: its weights, activations, and which outputs and
-initial states of a stack of such nodes the canonical model can reproduce.
+"""What an ONNX ``LSTM`` node means in fastlstm's terms: its weights and activations; and, for a stack of
+recurrent nodes of any kinds (``_onnx_gru`` translates GRU and RNN nodes), which outputs and initial states
+the canonical model can reproduce.
 
 ONNX stacks gates as (i, o, f, c) and peepholes as (i, o, f); fastlstm as (i, f, g, o) and (i, f, o), with
 the two bias halves ``Wb + Rb`` summed once. The graph walk (``_onnx_graph``) decides what each LSTM reads and
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..activations import Activation
-from ..spec import LSTMCellWeights, LSTMLayer
+from ..spec import LSTMCellWeights, LSTMLayer, ModelSpec, RecurrentLayer
 from ._onnx_values import BATCH, INPUT_AXIS, TIME, UNIT, Flow, Malformed, Part, Refused
 
 # ONNX stacks the gates (i, o, f, c); the canonical order is (i, f, g, o) with g = c.
@@ -45,7 +46,7 @@ LSTM_ATTRIBUTES = {
 
 @dataclass(frozen=True)
 class StateSource:
-    """An LSTM's initial_h or initial_c: rows ``[start:stop]`` along ``axis`` of graph input ``name``."""
+    """A layer's initial_h or initial_c: rows ``[start:stop]`` along ``axis`` of graph input ``name``."""
 
     name: str
     axis: int
@@ -56,9 +57,9 @@ class StateSource:
 
 @dataclass
 class LayerRecord:
-    """An LSTM node turned into a layer, with what its optional inputs were bound to (None: zeros/absent)."""
+    """A recurrent node turned into a layer, with what its optional inputs were bound to (None: zeros/absent)."""
 
-    layer: LSTMLayer
+    layer: RecurrentLayer
     node: str
     layout: int
     sequence_lens: str | None
@@ -78,22 +79,24 @@ def checked_activation(catalogue: str, alpha: float | None, beta: float | None, 
     return Activation.of(catalogue, alpha, beta)
 
 
-def lstm_activations(names: list[str] | None, alphas: list[float] | None, betas: list[float] | None,
-                     directions: int, where: str) -> tuple[Activation, Activation, Activation]:
-    """The (f, g, h) activations of an LSTM node, shared by its directions (refused when they differ).
+def node_activations(names: list[str] | None, alphas: list[float] | None, betas: list[float] | None,
+                     defaults: tuple[str, ...], directions: int, where: str) -> tuple[Activation, ...]:
+    """The activations of a recurrent node (LSTM: f, g, h; GRU: f, g; RNN: f), shared by its directions
+    (refused when they differ: a layer holds one set). ``defaults`` are the operator's, per direction.
 
     ``activation_alpha``/``beta`` values are consumed in order by the activations that take them, as ONNX
     Runtime reads them; missing ones take the ONNX operator's defaults.
     """
-    names = names or ["Sigmoid", "Tanh", "Tanh"] * directions
-    if len(names) != 3 * directions:
-        raise Malformed(f"activations lists {len(names)} functions, expected {3 * directions} "
-                        "(f, g, h per direction)")
+    per = len(defaults)
+    names = names or list(defaults) * directions
+    if len(names) != per * directions:
+        raise Malformed(f"activations lists {len(names)} functions, expected {per * directions} "
+                        f"({per} per direction)")
     alphas = list(alphas or [])
     betas = list(betas or [])
     unknown = [n for n in names if n.lower() not in _LSTM_ACTIVATIONS]
     if unknown:
-        raise Refused(f"activation(s) {', '.join(unknown)}; ONNX LSTM activations are "
+        raise Refused(f"activation(s) {', '.join(unknown)}; ONNX recurrent activations are "
                       "Affine, Relu, LeakyRelu, ThresholdedRelu, Tanh, ScaledTanh, Sigmoid, HardSigmoid, "
                       "Elu, Softsign, Softplus")
     activations = []
@@ -109,13 +112,12 @@ def lstm_activations(names: list[str] | None, alphas: list[float] | None, betas:
     if alphas or betas:
         warnings.warn(f"{where}: activation_alpha/activation_beta hold more values than the "
                       "activations use; the extra values are ignored", stacklevel=4)
-    per_direction = [tuple(activations[3 * d:3 * d + 3]) for d in range(directions)]
+    per_direction = [tuple(activations[per * d:per * d + per]) for d in range(directions)]
     if len(set(per_direction)) > 1:
         raise Refused("directions use different activations ("
                       + " vs ".join("/".join(str(a) for a in acts) for acts in per_direction)
-                      + "); fastlstm uses one set per layer")
+                      + "); fastlstm holds one set per layer, shared by its directions")
     return per_direction[0]
-
 
 
 def lstm_layer(W: np.ndarray, R: np.ndarray, B: np.ndarray | None, P: np.ndarray | None, *, direction: str,
@@ -197,6 +199,43 @@ def output_mode(name: str, flow: Flow, layers: list[LayerRecord], has_lengths: b
                   "neither every step, the last step nor the final state")
 
 
+def _state_form(layers: list[LayerRecord]) -> str:
+    """The state form (``ModelSpec.state_form``) of the model these layers make."""
+    return ModelSpec(layers=tuple(record.layer for record in layers)).state_form
+
+
+def state_inputs(layers: list[LayerRecord]) -> dict[str, str]:
+    """The graph inputs the layers' initial states read, by where they go in fastlstm's state: ``"h"`` and
+    ``"c"`` for a stack of one kind and size (its state is PyTorch's), ``"h[n]"``/``"c[n]"`` per layer
+    otherwise (each layer's initial state must then be a whole graph input of its own)."""
+    form = _state_form(layers)
+    if form != "per_layer":
+        bound = {kind: state_input(kind, layers) for kind in ("h", "c") if kind == "h" or form == "h_c"}
+        return {kind: name for kind, name in bound.items() if name}
+    bound = {}
+    for n, record in enumerate(layers):
+        for kind in ("h", "c") if record.layer.kind == "lstm" else ("h",):
+            source = record.initial[kind]
+            if source is None:
+                continue
+            count = record.layer.num_directions
+            rows = source.dims[source.axis] if source.dims is not None else None
+            if rows is not None:
+                whole = rows == count and range(rows)[source.start:source.stop] == range(count)
+            else:
+                whole = source.start == 0 and source.stop in (None, count)
+            if not whole:
+                raise Refused(f"initial_{kind}: {record.node!r} (layer {n}) reads part of graph input "
+                              f"{source.name!r}; the layers differ in kind or size, so fastlstm's state holds one "
+                              "entry per layer, and each layer's initial state must be a whole graph input")
+            bound[f"{kind}[{n}]"] = source.name
+    shared = {name for name in bound.values() if list(bound.values()).count(name) > 1}
+    if shared:
+        raise Refused(f"graph input(s) {', '.join(map(repr, sorted(shared)))} start several layers; the layers "
+                      "differ in kind or size, so fastlstm's state holds one entry per layer")
+    return bound
+
+
 def state_input(kind: str, layers: list[LayerRecord]) -> str | None:
     """The graph input every layer's initial state of ``kind`` ("h" or "c") reads, checked to hold the
     layers' rows in fastlstm's order (layer after layer, directions in order); None for zeros."""
@@ -222,7 +261,7 @@ def state_input(kind: str, layers: list[LayerRecord]) -> str | None:
         elif stop is None and start == 0 and len(layers) == 1:
             stop = count
         if (start, stop) != (offset, offset + count):
-            raise Refused(f"{label}: LSTM {record.node!r} reads rows [{start}:{stop}] of graph input "
+            raise Refused(f"{label}: {record.node!r} reads rows [{start}:{stop}] of graph input "
                           f"{first.name!r}; fastlstm's state holds layer after layer, directions in order, "
                           f"so it expects rows [{offset}:{offset + count}]")
         offset += count
@@ -239,6 +278,9 @@ def state_rows(flow: Flow, layers: list[LayerRecord]) -> str:
         offsets.append(offsets[-1] + record.layer.num_directions)
     rows = [offsets[part.layer] + part.direction for part in flow.parts]
     kind = "h" if flow.parts[0].kind == "Y_h" else "c"
+    if _state_form(layers) == "per_layer":
+        where = ", ".join(f"{kind}[{part.layer}][{part.direction}]" for part in flow.parts)
+        return f"{where} as {flow.describe()}"
     if rows == list(range(rows[0], rows[-1] + 1)):
         where = f"{kind}[{rows[0]}:{rows[-1] + 1}]"
     else:

@@ -30,6 +30,7 @@ from ..errors import InvalidModelError, ModelFormatError, UnsupportedModelError
 # TensorProto.DataType values (fixed by the ONNX standard, so no onnx import is needed for them).
 FLOAT, UINT8, INT8, UINT16, INT16, INT32, INT64, STRING, BOOL, FLOAT16, DOUBLE = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
 FLOAT_TYPES = {FLOAT: "float32", DOUBLE: "float64", FLOAT16: "float16"}
+INTEGER_TYPES = {INT64: "int64", INT32: "int32"}  # what token ids may be
 NUMPY_TYPES = {
     FLOAT: np.dtype("<f4"), DOUBLE: np.dtype("<f8"), FLOAT16: np.dtype("<f2"),
     INT64: np.dtype("<i8"), INT32: np.dtype("<i4"), INT16: np.dtype("<i2"), INT8: np.dtype("i1"),

@@ -3,14 +3,14 @@
 The importer never runs the graph. It follows the data flow and describes every tensor *structurally*:
 
 * ``Flow``: a tensor computed from the model's input. Its ``axes`` say what each dimension is (time,
-  batch, direction, hidden units, features, or a size-1 axis), its ``parts`` say which LSTM results it holds
+  batch, direction, hidden units, features, or a size-1 axis), its ``parts`` say which recurrent layer's results it holds
   along the direction or feature axis and at which time step, and ``head`` lists the dense layers already
   applied to it. A layout operator (Transpose, Squeeze, Reshape, Slice, Gather, Concat, ...) maps a Flow to
   a Flow when it only rearranges what the canonical model computes, and is refused otherwise. One merge
   is followed although it is not a canonical layout: time and batch merged into one axis of rows, which
   is how a dense head is applied to every step (PyTorch's ``fc(y.view(T * B, H)).view(T, B, -1)``). The
   rows are only ever fed to dense layers and activations (which act on each row alone) and must be split
-  back into time and batch before a graph output or an LSTM reads them.
+  back into time and batch before a graph output or a recurrent layer reads them.
 * ``Const``: a constant known in full (an initializer, a Constant node, or a fold of small layout ops on them).
 * ``Zeros``: an all-zero tensor of a shape computed at run time (PyTorch's zero initial state).
 * ``Dims``: a shape computed at run time (``Shape`` and the ops on it), for ``Reshape`` targets; an entry
@@ -31,7 +31,7 @@ import numpy as np
 from ..spec import DenseLayer
 
 TIME, BATCH, DIRS, HIDDEN, FEATURES, UNIT = "time", "batch", "directions", "hidden", "features", "size-1"
-INPUT_AXIS = "input axis "  # prefix of the axes of the model input before an LSTM says what they are
+INPUT_AXIS = "input axis "  # prefix of the axes of the model input before a layer says what they are
 # An end index at or beyond this reads "to the end" (exporters write INT32_MAX or INT64_MAX).
 _OPEN_END = 2**31 - 1
 
@@ -76,8 +76,8 @@ UNIT_AXIS = Axis(UNIT, 1)
 class Part:
     """One block along a Flow's direction or feature axis.
 
-    ``kind`` is "x" (the model input), "Y" (an LSTM's per-step output), "Y_h" or "Y_c" (its final states);
-    ``layer`` and ``direction`` say which LSTM cell; ``time`` says which steps of a "Y" it holds: "all",
+    ``kind`` is "x" (the model input, or its embedding), "Y" (a recurrent layer's per-step output), "Y_h" or
+    "Y_c" (its final states); ``layer`` and ``direction`` say which cell; ``time`` says which steps of a "Y" it holds: "all",
     "last" (the last time step) or "first".
     """
 
@@ -89,7 +89,7 @@ class Part:
     def __str__(self) -> str:
         if self.kind == "x":
             return "the input"
-        where = f"{self.kind} of LSTM layer {self.layer} direction {self.direction}"
+        where = f"{self.kind} of recurrent layer {self.layer} direction {self.direction}"
         return where if self.kind != "Y" or self.time == "all" else f"{where} at its {self.time} step"
 
 
@@ -235,8 +235,11 @@ def _time_window(start: int, end: int, step: int, steps: int | None, what: str) 
                 return "all"
         elif start == 0 and end == 1:
             return "first"
+    unrolled = ("; one step taken at a time is a recurrence unrolled over the steps, as torch.onnx.export's "
+                "dynamo exporter writes nn.RNN: export it with dynamo=False, which keeps one RNN node"
+                if step == 1 and end - start == 1 else "")
     raise Refused(f"{what} keeps time steps [{start}:{end}:{step}]; fastlstm outputs every step, the last "
-                  "step or the final state")
+                  f"step or the final state{unrolled}")
 
 
 def _kept(start: int, end: int, step: int, size: int) -> tuple[int, int]:
@@ -552,7 +555,7 @@ def concat(flows: list[Flow], i: int, what: str) -> Flow:
 def features_last(flow: Flow, what: str) -> None:
     """Refuse unless the flow's last axis is its (canonical) feature axis, as a dense layer needs."""
     if not flow.axes or flow.axes[-1].role != FEATURES or DIRS in flow.roles():
-        raise Refused(f"{what} acts on the last axis of {flow.describe()}, which is not the LSTM's "
-                      "feature axis with the directions concatenated")
+        raise Refused(f"{what} acts on the last axis of {flow.describe()}, which is not the recurrent "
+                      "layers' feature axis with the directions concatenated")
     if flow.parts[0].kind == "x":
-        raise Refused(f"{what} is applied to the model input before any LSTM")
+        raise Refused(f"{what} is applied to the model input before any recurrent layer")

@@ -137,7 +137,7 @@ def _spec_from_model(model, name: str, directory: str | None = None) -> ModelSpe
         result = GraphReader(model.graph, int(opsets[0]), source, ExternalData(directory, source)).read()
         spec = ModelSpec(
             layers=tuple(record.layer for record in result.layers), head=result.head, output=result.output,
-            source=source,
+            embedding=result.embedding, source=source,
         ).validate()
     except FastLSTMError:
         raise
@@ -145,13 +145,16 @@ def _spec_from_model(model, name: str, directory: str | None = None) -> ModelSpe
         # The reader checks what it reads and raises its own errors; anything else a malformed file could
         # still provoke is reported as what it is, a model that cannot be read, never as a Python error.
         raise ModelFormatError(f"{source}: unreadable model ({type(exc).__name__}: {str(exc)[:200]})") from None
-    _log_bindings(source, result)
+    _log_bindings(source, result, spec.state_form)
     return spec
 
 
-def _log_bindings(source: str, result: GraphResult) -> None:
+def _log_bindings(source: str, result: GraphResult, state_form: str) -> None:
     """Say at INFO level how the graph's inputs and outputs map to ``predict``'s arguments and results."""
-    if result.input_layout and result.input_layout != (BATCH, TIME, FEATURES):
+    if result.embedding is not None:
+        logger.info("%s: graph input %r holds token ids (%s); fastlstm takes them as (batch, time)", source,
+                    result.input_name, ", ".join(result.input_layout))
+    elif result.input_layout and result.input_layout != (BATCH, TIME, FEATURES):
         logger.info("%s: graph input %r is (%s); fastlstm takes x as (batch, time, features)", source,
                     result.input_name, ", ".join(result.input_layout))
     if result.sequence_lens:
@@ -160,8 +163,10 @@ def _log_bindings(source: str, result: GraphResult) -> None:
         layouts = {record.layout for record in result.layers}
         note = " (transpose the graph's (batch, directions, hidden) to (directions, batch, hidden))" \
             if 1 in layouts else ""
-        logger.info("%s: graph inputs %s are predict(x, state=(h0, c0))%s", source,
-                    ", ".join(f"{kind}={name!r}" for kind, name in result.state_inputs.items()), note)
+        call = {"h_c": "state=(h0, c0)", "h": "state=h0",
+                "per_layer": "state=(one entry per layer: h, or (h, c) for an LSTM layer)"}[state_form]
+        logger.info("%s: graph inputs %s are predict(x, %s)%s; pass zeros for any the graph leaves out", source,
+                    ", ".join(f"{kind}={name!r}" for kind, name in result.state_inputs.items()), call, note)
     logger.info("%s: output %s is the model's %r output%s", source,
                 repr(result.main_output) if result.main_output else "(none: only states)", result.output,
                 f"; state outputs come with return_state=True: {', '.join(result.state_outputs)}"
