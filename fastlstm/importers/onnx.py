@@ -4,7 +4,10 @@ The file is parsed with the ``onnx`` package's protobuf classes (imported lazily
 needed) and nothing in it is run. The graph is read structurally (see ``_onnx_graph``): starting from the
 graph outputs, every node they depend on must be
 
-* an ``LSTM`` node (every attribute and input of the operator; one node per layer, stacked in a chain),
+* an ``LSTM``, ``GRU`` or ``RNN`` node (every attribute and input of the operators; one node per layer, stacked
+  in a chain of any kinds and sizes),
+* a ``Gather`` (axis 0) of a constant ``(vocab, E)`` table by an integer graph input, feeding the first layer:
+  the embedding (the model then takes token ids),
 * a layout operator that only rearranges what the canonical model computes (``Transpose``, ``Squeeze``,
   ``Unsqueeze``, ``Reshape``, ``Flatten``, ``Slice``, ``Gather``, ``Split``, ``Concat``, ``Identity``,
   ``Dropout`` at inference, ``Cast`` to a float type, and the ``Shape``/``Constant``/``ConstantOfShape``/
@@ -22,8 +25,10 @@ found, not only the first.
 How an ONNX graph maps to a fastlstm model:
 
 * **Input.** fastlstm models take ``x`` batch first, ``(batch, time, features)``, whatever the graph's
-  layout: for a time-major graph input ``(time, batch, features)`` (PyTorch's default, or an LSTM with
-  ``layout=0`` and no Transpose), pass ``x.transpose(1, 0, 2)`` to ``predict``.
+  layout: for a time-major graph input ``(time, batch, features)`` (PyTorch's default, or a layer with
+  ``layout=0`` and no Transpose), pass ``x.transpose(1, 0, 2)`` to ``predict``. With an embedding the input
+  is int64 or int32 token ids, ``(batch, time)``; an id outside the table raises ``InvalidInputError`` where
+  ONNX's ``Gather`` would wrap a negative one around.
 * **Output.** The graph's output may be every step's output (``Y``, however transposed or squeezed), the
   last step (``Y[-1]``, PyTorch's ``out[:, -1]``) or the final state (``Y_h``; Keras' ``return_sequences=False``,
   also when built from ``Y[-1]`` forward and ``Y[0]`` backward), optionally followed by a dense head. fastlstm
@@ -37,13 +42,17 @@ How an ONNX graph maps to a fastlstm model:
   refused, as is a last-step output combined with ``sequence_lens`` (ONNX gives zeros there for short
   sequences).
 * **initial_h / initial_c** as graph inputs (whole, or sliced into layers as PyTorch does) become
-  ``predict(x, state=(h0, c0))`` in PyTorch's layout: for ``layout=1`` graphs transpose them to
-  ``(directions, batch, hidden)``; pass zeros for one the graph leaves out. Zero constants and
+  ``predict(x, state=(h0, c0))`` (``state=h0`` for a stack of GRU or of RNN layers) in PyTorch's layout:
+  for ``layout=1`` graphs transpose them to ``(directions, batch, hidden)``; pass zeros for one the graph
+  leaves out. A stack whose layers differ in kind or size has one state entry per layer
+  (``ModelSpec.state_form``); each layer's initial state must then be a whole graph input of its own. Zero constants and
   ``ConstantOfShape(0)`` states are zeros; a non-zero constant initial state is refused (the canonical
   model has no stored initial state).
-* **LSTM attributes.** ``layout=1`` (batch first, which ONNX Runtime refuses) runs like ``layout=0``. Gates are
-  permuted from ONNX's (i, o, f, c) to (i, f, g, o), peepholes from (i, o, f) to (i, f, o), ``B``'s two halves
-  summed. Activations must be the same for both directions of a bidirectional layer. For Affine,
+* **Recurrent attributes.** ``layout=1`` (batch first, which ONNX Runtime refuses) runs like ``layout=0``.
+  LSTM gates are permuted from ONNX's (i, o, f, c) to (i, f, g, o), peepholes from (i, o, f) to (i, f, o),
+  ``B``'s two halves summed; GRU gates from (z, r, h) to (r, z, n), the halves summed except the candidate's
+  recurrent bias, kept apart (``candidate_bias``) so both ``linear_before_reset`` variants run exactly.
+  Activations must be the same for both directions of a bidirectional layer (a layer holds one set). For Affine,
   ThresholdedRelu and ScaledTanh without ``activation_alpha``/``beta`` the ONNX operator defaults are used
   (ONNX Runtime uses 0; a warning says so).
 * Initializers are constants, also when an old exporter lists them among the graph inputs. Nodes whose
