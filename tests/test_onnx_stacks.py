@@ -248,3 +248,30 @@ def test_an_embedding_read_with_its_features_moved_is_refused():
     model.graph.node[2].input[0] = "x"
     with pytest.raises(UnsupportedModelError, match="reads the model input rearranged"):
         load(model)
+
+
+def test_time_major_token_ids_are_taken_batch_first_and_logged(caplog):
+    model = embedding_model(ids_dims=("T", "B"))
+    del model.graph.node[1]  # no Transpose: the LSTM reads Gather's (time, batch, E) directly
+    model.graph.node[1].input[0] = "embedded"
+    with caplog.at_level("INFO", logger="fastlstm.importers.onnx"):
+        imported = load(model)
+    assert "graph input 'ids' holds token ids (time, batch); fastlstm takes them as (batch, time)" in caplog.text
+    ids = np.random.default_rng(15).integers(0, 9, (3, 6))
+    assert_close(imported.predict(ids), canonical_y(run_ort(model, {"ids": ids.T.copy()})[0]))
+
+
+def test_a_second_embedding_is_refused():
+    model = embedding_model()
+    model.graph.node.insert(1, helper.make_node("Gather", ["table", "ids"], ["again"], axis=0))
+    model.graph.node.insert(2, helper.make_node("Concat", ["embedded", "again"], ["both"], axis=-1))
+    model.graph.node[3].input[0] = "both"
+    with pytest.raises(UnsupportedModelError, match="a second embedding lookup"):
+        load(model)
+
+
+def test_per_layer_state_inputs_are_logged(caplog):
+    with caplog.at_level("INFO", logger="fastlstm.importers.onnx"):
+        load(mixed_stack(states=True))
+    assert ("graph inputs h[0]='hl', c[0]='cl', h[1]='hg', h[2]='hr' are predict(x, state=(one entry per layer"
+            in caplog.text)
