@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastlstm.errors import InvalidModelError, UnsupportedModelError
 
@@ -244,3 +246,33 @@ def test_gru_weights_of_the_wrong_shape_are_invalid():
     model.graph.initializer[2].CopyFrom(const("B", np.zeros((1, 15), np.float32)))
     with pytest.raises(InvalidModelError, match=r"B has shape \(1, 15\), expected \(1, 30\)"):
         load(model)
+
+
+_ACTIVATION_CHOICES = ["Sigmoid", "Tanh", "Relu", "HardSigmoid", "Softsign", "LeakyRelu"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(op=st.sampled_from(["GRU", "RNN"]), direction=st.sampled_from(["forward", "reverse", "bidirectional"]),
+       linear_before_reset=st.integers(0, 1), hidden=st.integers(1, 6), input_size=st.integers(1, 5),
+       activations=st.lists(st.sampled_from(_ACTIVATION_CHOICES), min_size=2, max_size=2),
+       clip=st.one_of(st.none(), st.floats(0.3, 3.0)), bias=st.booleans(), lengths=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_random_gru_and_rnn_nodes_match_onnxruntime(op, direction, linear_before_reset, hidden, input_size,
+                                                    activations, clip, bias, lengths, seed):
+    directions = 2 if direction == "bidirectional" else 1
+    attributes = dict(activations=(activations if op == "GRU" else activations[:1]) * directions)
+    if op == "GRU":
+        attributes["linear_before_reset"] = linear_before_reset
+    if clip is not None:
+        attributes["clip"] = clip
+    model = recurrent_model(op, direction, hidden=hidden, input_size=input_size, attributes=attributes, bias=bias,
+                            lengths=lengths, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3, 5, input_size)).astype(np.float32)
+    feeds = {"X": x.transpose(1, 0, 2)}
+    if lengths:
+        feeds["lens"] = rng.integers(0, 6, 3).astype(np.int32)
+    y_ref, h_ref = run_ort(model, feeds)
+    y, h = load(model).predict(x, lengths=feeds.get("lens"), return_state=True)
+    assert_close(y, canonical_y(y_ref))
+    assert_close(h, h_ref)

@@ -275,3 +275,15 @@ def test_per_layer_state_inputs_are_logged(caplog):
         load(mixed_stack(states=True))
     assert ("graph inputs h[0]='hl', c[0]='cl', h[1]='hg', h[2]='hr' are predict(x, state=(one entry per layer"
             in caplog.text)
+
+
+def test_int32_ids_cast_to_int64_before_the_embedding_match_onnxruntime():
+    model = embedding_model(TensorProto.INT32)
+    model.graph.node.insert(0, helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64))
+    model.graph.node[1].input[1] = "ids64"
+    imported = load(model)
+    ids = np.random.default_rng(16).integers(0, 9, (2, 5)).astype(np.int32)
+    assert_close(imported.predict(ids), canonical_y(run_ort(model, {"ids": ids})[0]))
+    model.graph.node[0].attribute[0].i = TensorProto.FLOAT  # ids cast to floats are not data fastlstm reads
+    with pytest.raises(UnsupportedModelError, match="Cast: graph input .ids. is not a floating-point tensor"):
+        load(model)

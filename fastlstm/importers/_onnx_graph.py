@@ -485,6 +485,8 @@ class GraphReader:
             return [Const(data.array.astype(NUMPY_TYPES[to]))]
         if isinstance(data, (Zeros, Dims)):
             return [data]
+        if isinstance(data, GraphInput) and data.element_type in INTEGER_TYPES and to in INTEGER_TYPES:
+            return [data]  # token ids between int32 and int64 (an id outside the table is refused either way)
         flow = self._as_flow(data, "Cast")
         if to not in FLOAT_TYPES:
             raise Refused(f"casts data to element type {to}; fastlstm computes in floating point")
