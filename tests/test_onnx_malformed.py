@@ -22,6 +22,8 @@ from onnx import AttributeProto, helper  # noqa: E402
 
 from test_onnx_import import const, ints, keras_like_model, lstm_model, slice_time, time_step_model  # noqa: E402
 from test_onnx_heads import merged_rows_graph  # noqa: E402
+from test_onnx_gru_rnn import recurrent_model  # noqa: E402
+from test_onnx_stacks import embedding_model, mixed_stack  # noqa: E402
 
 
 def load(model):
@@ -159,6 +161,11 @@ SEEDS = {
         activation_beta=[0.4, 1.3] * 2, clip=2.0)),
     "tf2onnx": keras_like_model(True, False, 13),
     "merged-rows": merged_rows_graph(),
+    "gru": recurrent_model("GRU", "bidirectional", lengths=True, states=True, attributes=dict(
+        activations=["HardSigmoid", "LeakyRelu"] * 2, activation_alpha=[0.3, 0.05] * 2, activation_beta=[0.4] * 2,
+        clip=2.0, linear_before_reset=1)),
+    "mixed-stack": mixed_stack(states=True),
+    "embedding": embedding_model(),
 }
 EXTREMES = [0, -1, 1, 2, 7, 2**31, 2**40, 2**62, 2**63 - 1, -2**63]
 
@@ -192,7 +199,7 @@ def mutate(model, rng: random.Random):
     elif choice == 3 and len(node.input):
         node.input[rng.randrange(len(node.input))] = rng.choice(["", "undefined", *graph.node[-1].output])
     elif choice == 4:
-        node.op_type = rng.choice(["LSTM", "Reshape", "Gather", "Slice", "Concat", "Mul", "Div", "Squeeze",
+        node.op_type = rng.choice(["LSTM", "GRU", "RNN", "Reshape", "Gather", "Slice", "Concat", "Mul", "Div", "Squeeze",
                                    "Gemm", "Transpose", "Split", "Shape", "Flatten", "Softmax"])
     elif len(node.output):
         del node.output[rng.randrange(len(node.output)):]
