@@ -53,8 +53,16 @@ def mixed_stack(states: bool, streamable: bool = False):
     return make_model(nodes, inputs, outputs, initializers)
 
 
-def test_a_stack_of_three_kinds_and_sizes_matches_onnxruntime_with_every_state():
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "sequence_lens"])
+def test_a_stack_of_three_kinds_and_sizes_matches_onnxruntime_with_every_state(lengths):
     model = mixed_stack(states=True)
+    feeds = {}
+    if lengths:  # one sequence_lens graph input for every layer
+        for node in model.graph.node:
+            if node.op_type in ("LSTM", "GRU", "RNN"):
+                node.input[4] = "lens"
+        model.graph.input.append(helper.make_tensor_value_info("lens", TensorProto.INT32, ["B"]))
+        feeds["lens"] = np.array([6, 2, 4], np.int32)
     imported = load(model)
     spec = imported.spec
     assert [(layer.kind, layer.input_size, layer.hidden_size, layer.direction) for layer in spec.layers] == [
@@ -65,8 +73,8 @@ def test_a_stack_of_three_kinds_and_sizes_matches_onnxruntime_with_every_state()
     hl, cl, hg, hr = (rng.standard_normal(shape).astype(np.float32) for shape in ((2, 3, 5), (2, 3, 5), (1, 3, 6),
                                                                                   (1, 3, 3)))
     y_ref, hl_ref, cl_ref, hg_ref, hr_ref = run_ort(
-        model, {"x": x.transpose(1, 0, 2), "hl": hl, "cl": cl, "hg": hg, "hr": hr})
-    y, state = imported.predict(x, state=((hl, cl), hg, hr), return_state=True)
+        model, {"x": x.transpose(1, 0, 2), "hl": hl, "cl": cl, "hg": hg, "hr": hr, **feeds})
+    y, state = imported.predict(x, state=((hl, cl), hg, hr), lengths=feeds.get("lens"), return_state=True)
     assert_close(y, canonical_y(y_ref))
     (h_lstm, c_lstm), h_gru, h_rnn = state
     for actual, expected in ((h_lstm, hl_ref), (c_lstm, cl_ref), (h_gru, hg_ref), (h_rnn, hr_ref)):
