@@ -199,8 +199,8 @@ def mutate(model, rng: random.Random):
     elif choice == 3 and len(node.input):
         node.input[rng.randrange(len(node.input))] = rng.choice(["", "undefined", *graph.node[-1].output])
     elif choice == 4:
-        node.op_type = rng.choice(["LSTM", "GRU", "RNN", "Reshape", "Gather", "Slice", "Concat", "Mul", "Div", "Squeeze",
-                                   "Gemm", "Transpose", "Split", "Shape", "Flatten", "Softmax"])
+        node.op_type = rng.choice(["LSTM", "GRU", "RNN", "Reshape", "Gather", "Slice", "Concat", "Mul", "Div",
+                                   "Squeeze", "Gemm", "Transpose", "Split", "Shape", "Flatten", "Softmax"])
     elif len(node.output):
         del node.output[rng.randrange(len(node.output)):]
     return mutated

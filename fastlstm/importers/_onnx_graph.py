@@ -20,8 +20,8 @@ from ..activations import IDENTITY, Activation
 from ..errors import InvalidModelError, ModelFormatError, UnsupportedModelError
 from ..spec import DIRECTIONS, DenseLayer
 from . import _onnx_values as v
-from ._onnx_proto import (FLOAT_TYPES, INTEGER_TYPES, NUMPY_TYPES, ExternalData, attribute_array, attribute_value,
-                          declared_dims, declared_element_type, tensor_to_array)
+from ._onnx_proto import (FLOAT_TYPES, INTEGER_TYPES, NUMPY_TYPES, ExternalData, attribute_array,
+                          attribute_value, declared_dims, declared_element_type, tensor_to_array)
 from ._onnx_gru import GRU_ATTRIBUTES, RNN_ATTRIBUTES, gru_layer, rnn_layer
 from ._onnx_lstm import (LSTM_ATTRIBUTES, LayerRecord, StateSource, checked_activation, lstm_layer,
                           node_activations, output_mode, state_inputs, state_rows)
@@ -114,7 +114,8 @@ class GraphReader:
             if index in needed:
                 self._evaluate(node, index)
         if not any(node.op_type in _RECURRENT_OPERATORS and node.domain in _STANDARD_DOMAINS for node in nodes):
-            raise UnsupportedModelError([_NO_RECURRENT_NODE] + self._operators_by_type() + self.unsupported + self.invalid)
+            raise UnsupportedModelError([_NO_RECURRENT_NODE] + self._operators_by_type() + self.unsupported
+                                        + self.invalid)
         result = None
         if not self.invalid and not self.unsupported and not self.unknown_operators:
             # outputs are classified only after a clean walk
@@ -128,8 +129,9 @@ class GraphReader:
                                 for op, where, node in self.unknown_operators]
         if self.unsupported:
             raise UnsupportedModelError(self.unsupported, hint=(
-                "fastlstm runs ONNX graphs made of LSTM, GRU and RNN nodes, an embedding (Gather), the layout operators exporters put around them "
-                "(Transpose, Squeeze, Unsqueeze, Reshape, Slice, Gather, Concat, ...), and a dense head "
+                "fastlstm runs ONNX graphs made of LSTM, GRU and RNN nodes, an embedding (Gather), the layout "
+                "operators exporters put around them (Transpose, Squeeze, Unsqueeze, Reshape, Slice, Gather, "
+                "Concat, ...), and a dense head "
                 "(Gemm, or MatMul and Add, with elementwise activations or Softmax)."))
         return result
 

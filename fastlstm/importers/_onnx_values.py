@@ -3,10 +3,11 @@
 The importer never runs the graph. It follows the data flow and describes every tensor *structurally*:
 
 * ``Flow``: a tensor computed from the model's input. Its ``axes`` say what each dimension is (time,
-  batch, direction, hidden units, features, or a size-1 axis), its ``parts`` say which recurrent layer's results it holds
-  along the direction or feature axis and at which time step, and ``head`` lists the dense layers already
-  applied to it. A layout operator (Transpose, Squeeze, Reshape, Slice, Gather, Concat, ...) maps a Flow to
-  a Flow when it only rearranges what the canonical model computes, and is refused otherwise. One merge
+  batch, direction, hidden units, features, or a size-1 axis), its ``parts`` say which recurrent layer's
+  results it holds along the direction or feature axis and at which time step, and ``head`` lists the dense
+  layers already applied to it. A layout operator (Transpose, Squeeze, Reshape, Slice, Gather, Concat, ...)
+  maps a Flow to a Flow when it only rearranges what the canonical model computes, and is refused otherwise.
+  The embedding's Flow (a Gather by the token ids) is the ids' axes, then its features. One merge
   is followed although it is not a canonical layout: time and batch merged into one axis of rows, which
   is how a dense head is applied to every step (PyTorch's ``fc(y.view(T * B, H)).view(T, B, -1)``). The
   rows are only ever fed to dense layers and activations (which act on each row alone) and must be split
@@ -77,8 +78,8 @@ class Part:
     """One block along a Flow's direction or feature axis.
 
     ``kind`` is "x" (the model input, or its embedding), "Y" (a recurrent layer's per-step output), "Y_h" or
-    "Y_c" (its final states); ``layer`` and ``direction`` say which cell; ``time`` says which steps of a "Y" it holds: "all",
-    "last" (the last time step) or "first".
+    "Y_c" (its final states); ``layer`` and ``direction`` say which cell; ``time`` says which steps of a "Y" it
+    holds: "all", "last" (the last time step) or "first".
     """
 
     kind: str
