@@ -295,3 +295,13 @@ def test_int32_ids_cast_to_int64_before_the_embedding_match_onnxruntime():
     model.graph.node[0].attribute[0].i = TensorProto.FLOAT  # ids cast to floats are not data fastlstm reads
     with pytest.raises(UnsupportedModelError, match="Cast: graph input .ids. is not a floating-point tensor"):
         load(model)
+
+
+def test_a_sequence_length_the_dynamo_exporter_fixed_is_refused_saying_so():
+    """After a time-major one-direction nn.GRU the dynamo exporter reshapes Y to the example's length."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(17)
+    model = export(torch.nn.GRU(4, 5), torch.randn(7, 2, 4), dynamo=True, dynamic_axes=((0, "t"), (1, "b")))
+    with pytest.raises(UnsupportedModelError, match="fixes the time axis to 7.*export it batch first or with "
+                                                    "dynamo=False"):
+        load(model)

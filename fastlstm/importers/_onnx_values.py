@@ -441,7 +441,10 @@ def _match_dimension(entry: int | Axis | Product, available: list[Axis], from_le
     if mergeable and None not in (pair[0].size, pair[1].size) and pair[0].size * pair[1].size == entry:
         return _merge(pair, what), 2
     if nearest is not None and nearest.size is None:
-        raise Refused(f"{what} fixes the {nearest.role} axis to {entry}; export with that axis dynamic")
+        dynamo = ("; torch.onnx.export's dynamo exporter writes the example's sequence length there after a "
+                  "time-major one-direction nn.LSTM or nn.GRU even when that axis is dynamic: export it batch "
+                  "first or with dynamo=False" if nearest.role == TIME else "")
+        raise Refused(f"{what} fixes the {nearest.role} axis to {entry}; export with that axis dynamic{dynamo}")
     raise Refused(f"{what} to a dimension of {entry} splits or merges the axes of its input")
 
 
