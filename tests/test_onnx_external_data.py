@@ -12,7 +12,6 @@ import os
 import tracemalloc
 import warnings
 
-import numpy as np
 import pytest
 
 import fastlstm

@@ -22,7 +22,8 @@ onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 from onnx import helper  # noqa: E402
 
-from test_onnx_import import assert_close, const, ints, lstm_model, random_inputs, run_ort  # noqa: E402
+from test_onnx_import import (FLOAT, assert_close, const, ints, load, lstm_model, lstm_weights,  # noqa: E402
+                              make_model, random_inputs, run_ort)
 
 nn = torch.nn
 
@@ -208,3 +209,23 @@ def test_mul_on_data_is_refused_by_name():
     model.graph.output[0].name = "out"
     with pytest.raises(UnsupportedModelError, match="Mul on data computed from the input"):
         fastlstm.load(model, backend="numpy")
+
+
+@pytest.mark.parametrize("glue", ["squeeze", "transpose-reshape"])
+def test_a_one_wide_output_keeps_its_feature_axis_through_reshapes(glue):
+    """hidden_size=1: a reshape sees the feature axis as one more size-1 axis; the head still reads it."""
+    weights = lstm_weights(1, 1, 3)
+    if glue == "squeeze":
+        nodes = [helper.make_node("Squeeze", ["Y", "direction_axis"], ["y"])]
+    else:
+        nodes = [helper.make_node("Transpose", ["Y"], ["Y_t"], perm=[0, 2, 1, 3]),
+                 helper.make_node("Reshape", ["Y_t", "merge"], ["y"])]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y"], hidden_size=1), *nodes,
+             helper.make_node("Relu", ["y"], ["r"]), helper.make_node("MatMul", ["r", "kernel"], ["out"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", FLOAT, ["T", "B", 3])],
+                       [helper.make_tensor_value_info("out", FLOAT, None)],
+                       [const(name, weights[name]) for name in "WRB"]
+                       + [ints("direction_axis", [1]), ints("merge", [0, 0, -1]),
+                          const("kernel", np.array([[1.5, -2.0]], np.float32))])
+    x = random_inputs(batch=2, steps=4, features=3)
+    assert_close(load(model).predict(x), run_ort(model, {"x": x.transpose(1, 0, 2)})[0].transpose(1, 0, 2))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastlstm.errors import UnsupportedModelError
 
@@ -305,3 +307,41 @@ def test_a_sequence_length_the_dynamo_exporter_fixed_is_refused_saying_so():
     with pytest.raises(UnsupportedModelError, match="fixes the time axis to 7.*export it batch first or with "
                                                     "dynamo=False"):
         load(model)
+
+
+@settings(max_examples=25, deadline=None)
+@given(layers=st.lists(st.tuples(st.sampled_from(["LSTM", "GRU", "RNN"]), st.integers(1, 5),
+                                 st.sampled_from(["forward", "reverse", "bidirectional"]), st.integers(0, 1)),
+                       min_size=1, max_size=3),
+       lengths=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_chains_of_recurrent_nodes_match_onnxruntime(layers, lengths, seed):
+    """Any kinds, sizes and directions in a chain, each Y merged to (time, batch, directions * hidden) as
+    PyTorch's exporter does; the last one's merged Y is the output."""
+    initializers, nodes, source, features = [ints("merge", [0, 0, -1])], [], "x", 3
+    for n, (op, hidden, direction, linear_before_reset) in enumerate(layers):
+        directions = 2 if direction == "bidirectional" else 1
+        if op == "LSTM":
+            weights = lstm_weights(directions, hidden, features, seed=seed + n)
+            del weights["P"]
+        else:
+            weights = recurrent_weights(op, directions, hidden, features, seed=seed + n)
+        initializers += [const(f"{name}{n}", weights[name]) for name in "WRB"]
+        extra = dict(linear_before_reset=linear_before_reset) if op == "GRU" else {}
+        nodes += [helper.make_node(op, [source, f"W{n}", f"R{n}", f"B{n}", "lens" if lengths else ""], [f"Y{n}"],
+                                   hidden_size=hidden, direction=direction, **extra),
+                  helper.make_node("Transpose", [f"Y{n}"], [f"Yt{n}"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", [f"Yt{n}", "merge"], [f"X{n + 1}"])]
+        source, features = f"X{n + 1}", directions * hidden
+    inputs = [helper.make_tensor_value_info("x", FLOAT, ["T", "B", 3])]
+    if lengths:
+        inputs.append(helper.make_tensor_value_info("lens", TensorProto.INT32, ["B"]))
+    model = make_model(nodes, inputs, [helper.make_tensor_value_info(source, FLOAT, None)], initializers)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    feeds = {"x": x.transpose(1, 0, 2)}
+    if lengths:
+        feeds["lens"] = rng.integers(1, 6, 2).astype(np.int32)
+    imported = load(model)
+    assert [layer.kind for layer in imported.spec.layers] == [op.lower() for op, *_ in layers]
+    expected = run_ort(model, feeds)[0].transpose(1, 0, 2)
+    assert_close(imported.predict(x, lengths=feeds.get("lens")), expected)

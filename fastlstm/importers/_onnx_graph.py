@@ -885,7 +885,7 @@ class GraphReader:
 
     def _apply_activation(self, value, activation: Activation, what: str) -> Flow:
         flow = self._as_flow(value, what)
-        if FEATURES not in flow.roles() or DIRS in flow.roles():
+        if FEATURES not in v.canonical_roles(flow) or DIRS in flow.roles():
             raise Refused(f"{what} applied to {flow.describe()} before the directions are concatenated")
         if flow.parts[0].kind == "x":
             raise Refused(f"{what} applied to the model input before any recurrent layer")
@@ -990,7 +990,7 @@ class GraphReader:
         if flow.parts != wanted:
             raise Refused(f"the layer reads {', '.join(str(p) for p in flow.parts)}; fastlstm stacks layers on "
                           "the previous layer's full output sequence (all directions, forward first)")
-        if flow.roles() != expected:
+        if v.canonical_roles(flow) != expected:
             raise Refused(f"the layer (layout {layout}) reads the previous layer's output as {flow.describe()}")
         if flow.feature_size != input_size:
             raise Malformed(f"W expects {input_size} input features, the previous layer gives {flow.feature_size}")

@@ -556,9 +556,18 @@ def concat(flows: list[Flow], i: int, what: str) -> Flow:
     return replace(first, axes=axes, parts=parts)
 
 
+def canonical_roles(flow: Flow) -> tuple[str, ...]:
+    """The roles of the flow's axes, with a last size-1 axis named the features when the features are one wide
+    (a reshape cannot tell a one-wide feature axis from any other size-1 axis, so it may have lost the name)."""
+    roles = flow.roles()
+    if roles[-1:] == (UNIT,) and FEATURES not in roles and flow.feature_size == 1 and flow.parts[0].kind != "x":
+        return roles[:-1] + (FEATURES,)
+    return roles
+
+
 def features_last(flow: Flow, what: str) -> None:
     """Refuse unless the flow's last axis is its (canonical) feature axis, as a dense layer needs."""
-    if not flow.axes or flow.axes[-1].role != FEATURES or DIRS in flow.roles():
+    if not flow.axes or canonical_roles(flow)[-1] != FEATURES or DIRS in flow.roles():
         raise Refused(f"{what} acts on the last axis of {flow.describe()}, which is not the recurrent "
                       "layers' feature axis with the directions concatenated")
     if flow.parts[0].kind == "x":
