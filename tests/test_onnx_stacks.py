@@ -182,31 +182,42 @@ def test_streaming_an_exported_embedding_model_equals_torch():
         assert_close(steps, module(torch.from_numpy(ids)).numpy())
 
 
-def test_pytorch_gru_export_with_state_in_and_out():
-    """nn.GRU(h0) sliced per layer is ``predict(x, state=h0)``; h_n comes with ``return_state``."""
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_pytorch_gru_export_with_state_in_and_out(dynamo):
+    """nn.GRU(x, h0) with h0 sliced per layer is ``predict(x, state=h0)``; h_n comes with ``return_state``."""
     torch = pytest.importorskip("torch")
     nn = torch.nn
 
     class WithState(nn.Module):
         def __init__(self):
             super().__init__()
-            self.gru = nn.GRU(4, 5, num_layers=2, bidirectional=True)
+            self.gru = nn.GRU(4, 5, num_layers=2, bidirectional=True, batch_first=True)
 
         def forward(self, x, h):
             return self.gru(x, h)
 
     torch.manual_seed(10)
     module = WithState().eval()
-    model = export_torch(module, (torch.randn(7, 2, 4), torch.randn(4, 2, 5)), input_names=["x", "h0"],
-                         dynamic_axes={"x": {0: "t", 1: "b"}, "h0": {1: "b"}})
+    example = (torch.randn(2, 7, 4), torch.randn(4, 2, 5))
+    if dynamo:
+        pytest.importorskip("onnxscript")
+        buffer, batch = io.BytesIO(), torch.export.Dim("b")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, example, buffer, dynamo=True, input_names=["x", "h0"], verbose=False,
+                              dynamic_shapes=({0: batch, 1: torch.export.Dim("t")}, {1: batch}))
+        model = onnx.load_from_string(buffer.getvalue())
+    else:
+        model = export_torch(module, example, input_names=["x", "h0"],
+                             dynamic_axes={"x": {0: "b", 1: "t"}, "h0": {1: "b"}})
     imported = load(model)
     assert imported.state_form == "h"
     x = random_inputs()
     h0 = np.random.default_rng(11).standard_normal((4, 3, 5)).astype(np.float32)
     with torch.no_grad():
-        y_ref, h_ref = (t.numpy() for t in module(torch.from_numpy(x.transpose(1, 0, 2)), torch.from_numpy(h0)))
+        y_ref, h_ref = (t.numpy() for t in module(torch.from_numpy(x), torch.from_numpy(h0)))
     y, h = imported.predict(x, state=h0, return_state=True)
-    assert_close(y, y_ref.transpose(1, 0, 2))
+    assert_close(y, y_ref)
     assert_close(h, h_ref)
 
 
