@@ -276,3 +276,18 @@ def test_random_gru_and_rnn_nodes_match_onnxruntime(op, direction, linear_before
     y, h = load(model).predict(x, lengths=feeds.get("lens"), return_state=True)
     assert_close(y, canonical_y(y_ref))
     assert_close(h, h_ref)
+
+
+@pytest.mark.parametrize("op, attributes", [("GRU", dict(linear_before_reset=0)), ("GRU", dict(linear_before_reset=1)),
+                                            ("RNN", dict(activations=["Relu"], clip=1.5))],
+                         ids=["gru", "gru-linear-before-reset", "rnn-relu-clip"])
+def test_streaming_matches_onnxruntime_step_by_step(op, attributes):
+    model = recurrent_model(op, attributes=attributes, states=True)
+    imported = load(model)
+    x, h0, _ = with_state("forward", seed=6, lengths=[6, 6, 6])
+    y_ref, h_ref = run_ort(model, {"X": x.transpose(1, 0, 2), "h0": h0})
+    stream = imported.stream(batch_size=3)
+    stream.state = h0
+    steps = np.stack([stream.step(x[:, t]) for t in range(x.shape[1])], axis=1)
+    assert_close(steps, canonical_y(y_ref))
+    assert_close(stream.state, h_ref)
