@@ -277,7 +277,7 @@ def test_time_major_token_ids_are_taken_batch_first_and_logged(caplog):
     model.graph.node[1].input[0] = "embedded"
     with caplog.at_level("INFO", logger="fastlstm.importers.onnx"):
         imported = load(model)
-    assert "graph input 'ids' holds token ids (time, batch); fastlstm takes them as (batch, time)" in caplog.text
+    assert "graph input 'ids' is (time, batch); fastlstm takes token ids as (batch, time)" in caplog.text
     ids = np.random.default_rng(15).integers(0, 9, (3, 6))
     assert_close(imported.predict(ids), canonical_y(run_ort(model, {"ids": ids.T.copy()})[0]))
 

@@ -160,12 +160,11 @@ def _spec_from_model(model, name: str, directory: str | None = None) -> ModelSpe
 
 def _log_bindings(source: str, result: GraphResult, state_form: str) -> None:
     """Say at INFO level how the graph's inputs and outputs map to ``predict``'s arguments and results."""
-    if result.embedding is not None:
-        logger.info("%s: graph input %r holds token ids (%s); fastlstm takes them as (batch, time)", source,
-                    result.input_name, ", ".join(result.input_layout))
-    elif result.input_layout and result.input_layout != (BATCH, TIME, FEATURES):
-        logger.info("%s: graph input %r is (%s); fastlstm takes x as (batch, time, features)", source,
-                    result.input_name, ", ".join(result.input_layout))
+    expected = (BATCH, TIME) if result.embedding is not None else (BATCH, TIME, FEATURES)
+    if result.input_layout and result.input_layout != expected:
+        logger.info("%s: graph input %r is (%s); fastlstm takes %s as (%s)", source, result.input_name,
+                    ", ".join(result.input_layout), "token ids" if result.embedding is not None else "x",
+                    ", ".join(expected))
     if result.sequence_lens:
         logger.info("%s: graph input %r (sequence_lens) is predict(x, lengths=...)", source, result.sequence_lens)
     if result.state_inputs:
