@@ -260,6 +260,8 @@ class Stream:
             self._batched_shape = (batch, spec.input_size)
             self._unbatched_shape = (spec.input_size,) if batch == 1 else None
         self._batched_out_shape = (batch, spec.output_size)
+        self._unbatched_out_shape = (spec.output_size,)
+        self._dtype = model.dtype
         self._mask_value = spec.mask_value
 
     def step(self, x_t, out: np.ndarray | None = None) -> np.ndarray:
@@ -272,14 +274,14 @@ class Stream:
         # The hot path: an ndarray of a real dtype and the expected shape is copied (and cast) straight into
         # the stream's input buffer; everything else goes through the general conversion and its errors.
         # Every argument is checked before the state is touched: a refused call leaves the stream as it was.
-        if self._embedding is not None:
-            if type(x_t) is int and self._unbatched_shape is not None and 0 <= x_t < self._vocab_size:
-                x_t = np.intp(x_t)  # the hot path of a one-sequence text stream: one valid id
-            elif not (type(x_t) is np.ndarray and x_t.dtype in _INTEGER_DTYPES and x_t.shape == self._batched_shape
-                      and _ids_in_range(x_t, self._vocab_size)):
-                x_t = _as_token_ids(x_t, "x_t", self._vocab_size)
-        elif type(x_t) is not np.ndarray or x_t.dtype not in _REAL_DTYPES:
-            x_t = as_real_array(x_t, "x_t")
+        if self._embedding is None:
+            if type(x_t) is not np.ndarray or x_t.dtype not in _REAL_DTYPES:
+                x_t = as_real_array(x_t, "x_t")
+        elif type(x_t) is int and self._unbatched_shape is not None and 0 <= x_t < self._vocab_size:
+            x_t = np.intp(x_t)  # the hot path of a one-sequence text stream: one valid id
+        elif not (type(x_t) is np.ndarray and x_t.dtype in _INTEGER_DTYPES and x_t.shape == self._batched_shape
+                  and _ids_in_range(x_t, self._vocab_size)):
+            x_t = _as_token_ids(x_t, "x_t", self._vocab_size)
         shape = x_t.shape
         if shape == self._unbatched_shape:
             unbatched = True
@@ -292,7 +294,10 @@ class Stream:
                 + f", got {shape}"
             )
         if out is not None:
-            self._check_out(out, self._batched_out_shape[1:] if unbatched else self._batched_out_shape)
+            expected = self._unbatched_out_shape if unbatched else self._batched_out_shape
+            if (type(out) is not np.ndarray or out.shape != expected or out.dtype is not self._dtype
+                    or not out.flags.writeable):
+                self._check_out(out, expected)
         if self._embedding is not None:
             if unbatched:
                 self._x_row[...] = self._embedding[x_t]
@@ -331,9 +336,11 @@ class Stream:
         self._codec.put_rows(self._h, self._c, self.batch_size, masked, *carried)
 
     def _check_out(self, out, shape: tuple[int, ...]) -> None:
-        if type(out) is not np.ndarray or out.shape != shape or out.dtype != self.model.dtype:
+        """The full check of an ``out=`` the fast one in ``step`` did not pass (it compares dtypes by identity):
+        raise what is wrong with it, or return if it is fine after all."""
+        if type(out) is not np.ndarray or out.shape != shape or out.dtype != self._dtype:
             raise InvalidInputError(
-                f"out: expected a NumPy array of shape {shape} and dtype {self.model.dtype}, got "
+                f"out: expected a NumPy array of shape {shape} and dtype {self._dtype}, got "
                 + (f"{type(out).__name__} of shape {out.shape} dtype {out.dtype}" if isinstance(out, np.ndarray)
                    else type(out).__name__))
         if not out.flags.writeable:
