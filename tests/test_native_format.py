@@ -106,14 +106,20 @@ def test_pickled_array_is_refused(saved, tmp_path):
         fastlstm.load(bad)
 
 
+def as_version_1(manifest):
+    """A version 2 manifest of an LSTM stack rewritten as version 1 wrote it: without the fields 2 added."""
+    manifest["version"] = 1
+    for key in ("head_input_activation", "embedding"):
+        del manifest[key]
+    for layer in manifest["layers"]:
+        del layer["kind"], layer["linear_before_reset"]
+        for cell in layer["cells"]:
+            del cell["candidate_bias"]
+
+
 def test_version_1_file_still_loads(saved, tmp_path):
     model, path = saved
     old = tmp_path / "v1.fastlstm"
-
-    def as_version_1(manifest):
-        manifest["version"] = 1
-        del manifest["head_input_activation"]
-
     rewrite_manifest(path, old, as_version_1)
     x = np.random.default_rng(2).normal(size=(1, 4, 3))
     np.testing.assert_array_equal(fastlstm.load(old, backend="numpy", dtype="float64").predict(x), model.predict(x))
@@ -225,4 +231,39 @@ def test_json_values_no_python_type_can_hold_are_format_errors(saved, tmp_path, 
     bad = tmp_path / "values.fastlstm"
     rewrite_manifest(path, bad, change)
     with pytest.raises(ModelFormatError, match=message):
+        fastlstm.load(bad)
+
+
+@pytest.mark.parametrize("kinds, sizes, options", [
+    (["gru"], [5], {"linear_before_reset": False}),
+    (["gru", "rnn", "lstm"], [6, 4, 3], {"directions": ["bidirectional", "forward", "reverse"]}),
+    (["lstm", "gru"], [6, 4], {"vocab_size": 9, "mask_value": 0.0, "head": [(2, "softmax")]}),
+])
+def test_every_kind_size_and_embedding_round_trips(tmp_path, kinds, sizes, options):
+    """A GRU (both variants, with its candidate bias), a simple RNN, stacks of mixed sizes and an embedding
+    all survive save and load, computing exactly what they did."""
+    from random_models import random_stack
+
+    spec = random_stack(np.random.default_rng(5), kinds, sizes, input_size=3, **options)
+    model = fastlstm.Model(spec, backend="numpy", dtype="float64")
+    path = tmp_path / "kinds.fastlstm"
+    model.save(path)
+    loaded = fastlstm.load(path, backend="numpy", dtype="float64")
+    assert [l.kind for l in loaded.spec.layers] == kinds
+    x = (np.random.default_rng(6).integers(1, 9, (2, 5)) if spec.embedding is not None
+         else np.random.default_rng(6).normal(size=(2, 5, 3)))
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+    assert loaded.spec.mask_value == spec.mask_value
+
+
+def test_a_version_1_file_cannot_hold_the_fields_version_2_added(saved, tmp_path):
+    _, path = saved
+
+    def as_version_1_with_kind(manifest):
+        as_version_1(manifest)
+        manifest["layers"][0]["kind"] = "gru"
+
+    bad = tmp_path / "v1kind.fastlstm"
+    rewrite_manifest(path, bad, as_version_1_with_kind)
+    with pytest.raises(ModelFormatError, match=r"unknown field\(s\) \['kind'\]"):
         fastlstm.load(bad)

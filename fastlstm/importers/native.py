@@ -22,21 +22,25 @@ import numpy as np
 
 from ..activations import ACTIVATION_PARAMS, Activation
 from ..errors import ModelFormatError
-from ..spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
+from ..spec import GATE_COUNTS, CellWeights, DenseLayer, ModelSpec, RecurrentLayer
 
 MANIFEST = "fastlstm.json"
 FORMAT_NAME = "fastlstm"
-# Version 2 added ``head_input_activation``; version 1 files (which cannot hold it) still load.
+# Version 2 added ``head_input_activation``, each layer's ``kind`` and ``linear_before_reset``, each GRU cell's
+# ``candidate_bias`` and the ``embedding`` table; version 1 files (LSTM stacks, none of these) still load.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-_CELL_ARRAYS = ("w_ih", "w_hh", "bias", "w_hr", "peephole")
+_CELL_ARRAYS = ("w_ih", "w_hh", "bias", "w_hr", "peephole", "candidate_bias")
 _MAX_MANIFEST_BYTES = 1 << 20
 # How much larger than the whole file on disk its arrays may be once inflated. fastlstm writes arrays
 # stored (1x); weights deflate by less than 2x, so only a crafted file comes near this.
 MAX_INFLATION = 16
-_MODEL_KEYS = {"format", "version", "output", "mask_value", "source", "layers", "head", "head_input_activation"}
+# The fields version 2 added; a version 1 file has none of them.
+_VERSION_2_KEYS = {"head_input_activation", "embedding", "kind", "linear_before_reset", "candidate_bias"}
+_MODEL_KEYS = {"format", "version", "output", "mask_value", "source", "layers", "head", "head_input_activation",
+               "embedding"}
 _LAYER_KEYS = {"input_size", "hidden_size", "proj_size", "direction", "gate_activation", "cell_activation",
-               "output_activation", "clip", "input_forget", "cells"}
+               "output_activation", "clip", "input_forget", "cells", "kind", "linear_before_reset"}
 _DENSE_KEYS = {"weight", "bias", "activation"}
 
 
@@ -66,6 +70,8 @@ def save_native(spec: ModelSpec, path) -> None:
             "output_activation": _activation_to_json(layer.output_activation),
             "clip": layer.clip,
             "input_forget": layer.input_forget,
+            "kind": layer.kind,
+            "linear_before_reset": layer.linear_before_reset,
             "cells": [
                 {name: ref(f"layers/{n}/cells/{d}/{name}", getattr(cell, name)) for name in _CELL_ARRAYS}
                 for d, cell in enumerate(layer.cells)
@@ -81,7 +87,8 @@ def save_native(spec: ModelSpec, path) -> None:
     ]
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "output": spec.output, "mask_value": spec.mask_value,
                 "source": spec.source, "layers": layers, "head": head,
-                "head_input_activation": _activation_to_json(spec.head_input_activation)}
+                "head_input_activation": _activation_to_json(spec.head_input_activation),
+                "embedding": ref("embedding", spec.embedding)}
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr(MANIFEST, json.dumps(manifest, indent=1))
         for key, array in arrays.items():
@@ -212,27 +219,33 @@ class _ManifestReader:
         version = manifest.get("version")
         if version not in READABLE_VERSIONS:
             self.fail("version", f"this fastlstm reads versions {READABLE_VERSIONS}, the file is version {version!r}")
-        self.keys(manifest, _MODEL_KEYS if version >= 2 else _MODEL_KEYS - {"head_input_activation"}, "model")
+        known = (lambda keys: keys) if version >= 2 else (lambda keys: keys - _VERSION_2_KEYS)
+        self.keys(manifest, known(_MODEL_KEYS), "model")
         layers = []
         expected_input = None
         for n, layer in enumerate(self.field(manifest, "layers", list, "model")):
             where = f"layers[{n}]"
-            self.keys(layer, _LAYER_KEYS, where)
+            self.keys(layer, known(_LAYER_KEYS), where)
             input_size = self.size(layer, "input_size", where)
             hidden_size = self.size(layer, "hidden_size", where)
             proj_size = self.size(layer, "proj_size", where, minimum=0)
             direction = self.field(layer, "direction", str, where)
+            kind = self.field(layer, "kind", str, where) if "kind" in layer else "lstm"
+            if kind not in GATE_COUNTS:
+                self.fail(f"{where}.kind", f"expected one of {sorted(GATE_COUNTS)}, got {reprlib.repr(kind)}")
+            gates = GATE_COUNTS[kind]
             recurrent = proj_size or hidden_size
-            shapes = {"w_ih": (4 * hidden_size, input_size), "w_hh": (4 * hidden_size, recurrent),
-                      "bias": (4 * hidden_size,), "w_hr": (proj_size, hidden_size), "peephole": (3, hidden_size)}
+            shapes = {"w_ih": (gates * hidden_size, input_size), "w_hh": (gates * hidden_size, recurrent),
+                      "bias": (gates * hidden_size,), "w_hr": (proj_size, hidden_size), "peephole": (3, hidden_size),
+                      "candidate_bias": (hidden_size,)}
             cells = []
             for d, cell in enumerate(self.field(layer, "cells", list, where)[:2]):
                 cw = f"{where}.cells[{d}]"
-                self.keys(cell, set(_CELL_ARRAYS), cw)
-                cells.append(LSTMCellWeights(*(self.array(cell.get(k), f"{cw}.{k}", shapes[k]) for k in _CELL_ARRAYS)))
+                self.keys(cell, known(set(_CELL_ARRAYS)), cw)
+                cells.append(CellWeights(*(self.array(cell.get(k), f"{cw}.{k}", shapes[k]) for k in _CELL_ARRAYS)))
             if len(layer["cells"]) > 2:
                 self.fail(f"{where}.cells", f"expected one or two cells (directions), got {len(layer['cells'])}")
-            layers.append(LSTMLayer(
+            layers.append(RecurrentLayer(
                 input_size=input_size,
                 hidden_size=hidden_size,
                 proj_size=proj_size,
@@ -243,6 +256,9 @@ class _ManifestReader:
                 output_activation=self.activation(layer.get("output_activation"), f"{where}.output_activation"),
                 clip=self.number_or_none(layer, "clip", where),
                 input_forget=self.field(layer, "input_forget", bool, where),
+                kind=kind,
+                linear_before_reset=(self.field(layer, "linear_before_reset", bool, where)
+                                     if "linear_before_reset" in layer else True),
             ))
             expected_input = (2 if direction == "bidirectional" else 1) * recurrent
         head = []
@@ -255,7 +271,9 @@ class _ManifestReader:
                                    self.activation(dense.get("activation"), f"{where}.activation")))
         source = manifest.get("source", "")
         head_input = manifest.get("head_input_activation")
-        spec = ModelSpec(layers=tuple(layers), head=tuple(head),
+        first_input = layers[0].input_size if layers else None
+        embedding = self.array(manifest.get("embedding"), "embedding", (None, first_input))
+        spec = ModelSpec(layers=tuple(layers), head=tuple(head), embedding=embedding,
                          output=self.field(manifest, "output", str, "model"),
                          mask_value=self.number_or_none(manifest, "mask_value", "model"),
                          head_input_activation=(Activation.of("identity") if head_input is None
