@@ -31,15 +31,19 @@ class Format:
     name: str
     suffix: str  # fastlstm recognises ONNX by its suffix only; the others by their leading bytes
     write: Callable[["SeedNet", str], None]
+    # Whether the text network is a seed: a safetensors file does not record its embedding (a load option
+    # would have to name it), so that format's seeds are the feature networks only.
+    text_seed: bool = True
 
 
 class SeedNet:
     """One small network, built in torch and in Keras with the same layout, saved in whichever format asks."""
 
-    def __init__(self, torch_module, keras_model, example_input):
+    def __init__(self, torch_module, keras_model, example_input, is_text: bool = False):
         self.torch = torch_module
         self.keras = keras_model
         self.example_input = example_input
+        self.is_text = is_text  # takes token ids
 
 
 def _torch_save(net: SeedNet, path: str, zip_layout: bool) -> None:
@@ -90,7 +94,7 @@ FORMATS = (
     Format("keras", ".keras", lambda net, path: net.keras.save(path)),
     Format("keras-h5", ".h5", lambda net, path: net.keras.save(path)),
     Format("onnx", ".onnx", _onnx),
-    Format("safetensors", ".safetensors", _safetensors),
+    Format("safetensors", ".safetensors", _safetensors, text_seed=False),
 )
 FORMAT_NAMES = tuple(f.name for f in FORMATS)
 
@@ -103,8 +107,9 @@ def format_named(name: str) -> Format:
 
 
 def seed_nets() -> list[SeedNet]:
-    """A plain network (LSTM -> Linear) and a richer one (two bidirectional layers; a second LSTM and a
-    softmax head in Keras), with fixed weights. No projection (``proj_size``): ONNX cannot express it."""
+    """A plain network (LSTM -> Linear), a richer one (two bidirectional layers; a second LSTM and a softmax
+    head in Keras) and a text one (token ids -> embedding -> GRU -> a recurrent layer of another kind and size
+    -> Linear), with fixed weights. No projection (``proj_size``): ONNX cannot express it."""
     os.environ.setdefault("KERAS_BACKEND", "torch")  # read when keras is first imported, just below
     import keras
     import torch
@@ -129,7 +134,22 @@ def seed_nets() -> list[SeedNet]:
     rich_keras = keras.Sequential([keras.Input((None, 3)),
                                    keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True)),
                                    keras.layers.LSTM(4), keras.layers.Dense(2, activation="softmax")])
-    return [SeedNet(plain, plain_keras, example), SeedNet(rich, rich_keras, example)]
+    class TextNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(7, 3)
+            self.gru = nn.GRU(3, 4, batch_first=True)
+            self.rnn = nn.RNN(4, 5, batch_first=True)
+            self.fc = nn.Linear(5, 2)
+
+        def forward(self, ids):
+            return self.fc(self.rnn(self.gru(self.embed(ids))[0])[0])
+
+    text_keras = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(7, 3, mask_zero=True),
+                                   keras.layers.GRU(4, return_sequences=True),
+                                   keras.layers.SimpleRNN(5, return_sequences=True), keras.layers.Dense(2)])
+    text = SeedNet(TextNet().eval(), text_keras, torch.zeros(1, 5, dtype=torch.long), is_text=True)
+    return [SeedNet(plain, plain_keras, example), SeedNet(rich, rich_keras, example), text]
 
 
 def write_seeds(directory: str | os.PathLike, names=FORMAT_NAMES) -> dict[str, list[str]]:
@@ -143,6 +163,8 @@ def write_seeds(directory: str | os.PathLike, names=FORMAT_NAMES) -> dict[str, l
     for name in names:
         fmt = format_named(name)
         for n, net in enumerate(nets):
+            if net.is_text and not fmt.text_seed:
+                continue
             path = str(directory / f"{fmt.name}-{n}{fmt.suffix}")
             with warnings.catch_warnings():  # the frameworks' deprecation notes (legacy .h5, TorchScript, ...)
                 warnings.simplefilter("ignore")

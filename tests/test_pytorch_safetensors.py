@@ -185,3 +185,41 @@ def test_a_truncated_data_section_is_refused(tmp_path):
     cut.write_bytes(data[:-4])
     with pytest.raises(ModelFormatError, match=r"data_offsets.*<= 12"):
         read_safetensors(str(cut))
+
+
+class TokensGruRnn(nn.Module):
+    """Embedding -> GRU(4) -> RNN(5) -> Linear: a file that sorts its tensors loses this order."""
+
+    def __init__(self, gru_hidden=4):
+        super().__init__()
+        self.embed = nn.Embedding(7, 3)
+        self.b_gru = nn.GRU(3, gru_hidden, batch_first=True)
+        self.a_rnn = nn.RNN(gru_hidden, 5, batch_first=True)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, ids):
+        return self.fc(self.a_rnn(self.b_gru(self.embed(ids))[0])[0])
+
+
+def test_the_one_order_in_which_recurrent_modules_chain_is_found(tmp_path):
+    torch.manual_seed(8)
+    net = TokensGruRnn().eval()
+    path = write_safetensors(tmp_path / "tokens.safetensors", net.state_dict())
+    ids = np.random.default_rng(9).integers(0, 7, (2, 6))
+    with pytest.raises(fastlstm.UnsupportedModelError, match=r"embed.weight"):  # unordered: never guessed
+        fastlstm.load(path, backend="numpy", rnn_nonlinearity="tanh")
+    model = fastlstm.load(path, backend="numpy", rnn_nonlinearity="tanh", embedding="embed")
+    assert [layer.kind for layer in model.spec.layers] == ["gru", "rnn"] and model.takes_token_ids
+    with torch.no_grad():
+        expected = net(torch.from_numpy(ids)).numpy()
+    assert np.max(np.abs(model.predict(ids) - expected)) <= 1e-5
+
+
+def test_recurrent_modules_that_chain_in_several_orders_must_be_named(tmp_path):
+    net = nn.Module()
+    net.first = nn.LSTM(4, 4)
+    net.second = nn.GRU(4, 4)
+    path = write_safetensors(tmp_path / "two.safetensors", net.state_dict())
+    with pytest.raises(ModelFormatError, match=r"2 orders chain by shape; name them in the order they run with lstm="):
+        fastlstm.load(path, backend="numpy")
+    assert [l.kind for l in fastlstm.load(path, backend="numpy", lstm=["second", "first"]).spec.layers] == ["gru", "lstm"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 import reprlib
 import warnings
@@ -181,12 +182,34 @@ def choose_stack(groups: dict[str, Recurrent], opts: Options, state: dict, sourc
     order = {name: n for n, name in enumerate(state)}
     found = sorted(groups.values(), key=lambda g: min(order[name] for name in g.names.values()))
     if len(found) > 1 and not ordered:
-        raise ModelFormatError(
-            f"{source}: the file holds {len(found)} recurrent modules ({', '.join(g.display() for g in found)}) and "
-            "does not record the order they run in; name them in that order with lstm=[...] and skip any other "
-            "with ignore=[...]")
+        return _the_one_chaining_order(found, state, source)
     _check_chain(found, state, source, named=False)
     return found
+
+
+_MAX_MODULES_TO_ORDER = 6  # 720 orders at most
+
+
+def _the_one_chaining_order(groups: list[Recurrent], state: dict, source: str) -> list[Recurrent]:
+    """The order of recurrent modules a file does not record (safetensors sorts its tensors), when exactly one
+    order chains by shape; otherwise the ``lstm`` option must give it."""
+    listed = ", ".join(g.display() for g in groups)
+    advice = "name them in the order they run with lstm=[...] and skip any other with ignore=[...]"
+    if len(groups) > _MAX_MODULES_TO_ORDER:
+        raise ModelFormatError(f"{source}: the file holds {len(groups)} recurrent modules ({listed}) and does not "
+                               f"record the order they run in; {advice}")
+    chaining = []
+    for candidate in itertools.permutations(groups):
+        try:
+            _check_chain(list(candidate), state, source, named=False)
+        except ModelFormatError:
+            continue
+        chaining.append(list(candidate))
+    if len(chaining) != 1:
+        how = "no order of them chains by shape" if not chaining else f"{len(chaining)} orders chain by shape"
+        raise ModelFormatError(f"{source}: the file holds {len(groups)} recurrent modules ({listed}) and does not "
+                               f"record the order they run in, and {how}; {advice}")
+    return chaining[0]
 
 
 def _check_chain(groups: list[Recurrent], state: dict, source: str, named: bool) -> None:
@@ -343,15 +366,16 @@ def _embedding_name(state: dict, groups: list[Recurrent], input_size: int, opts:
     """The prefix of the ``nn.Embedding`` in front of the first recurrent module, or "" for none.
 
     Named by the ``embedding`` option (or a module's structure); else inferred from a state_dict: a prefix
-    holding only a 2-D ``weight`` of shape ``(vocab, input_size)`` registered before the recurrent modules. A
-    square table is refused as ambiguous: a bias-free ``nn.Linear`` in front would hold the same shape.
+    holding only a 2-D ``weight`` of shape ``(vocab, input_size)`` registered before the recurrent modules (a
+    file that does not record the order, safetensors, needs the option). A square table is refused as
+    ambiguous: a bias-free ``nn.Linear`` in front would hold the same shape.
     """
     if opts.embedding is not None:
         if opts.embedding and f"{opts.embedding}.weight" not in state:
             raise ModelFormatError(f"{source}: embedding={opts.embedding!r}: no tensor {opts.embedding + '.weight'!r}"
                                    + _did_you_mean(opts.embedding, _weight_only_prefixes(state)))
         return opts.embedding
-    if not ordered:
+    if not ordered:  # nothing says the table comes first: an unused tensor of that shape must not become one
         return ""
     order = {name: n for n, name in enumerate(state)}
     start = min(order[name] for group in groups for name in group.names.values())
