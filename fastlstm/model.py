@@ -20,6 +20,7 @@ from .backends.base import state_blocks
 from .errors import InvalidInputError
 from .head import PreparedHead
 from .limits import check_allocation
+from .native import save_native
 from .spec import ModelSpec
 from .state import StateCodec
 
@@ -215,8 +216,6 @@ class Model:
 
     def save(self, path) -> None:
         """Write the model to ``path`` in fastlstm's native format (read back by ``fastlstm.load``, NumPy only)."""
-        from .importers.native import save_native
-
         save_native(self.spec, path)
 
 

@@ -162,8 +162,9 @@ def _reset_peak_rss() -> bool:
 def _import_importers() -> None:
     """Import every importer, and the onnx package the ONNX importer imports on first use, now: a file's peak
     RSS must not be the cost of a first import."""
-    for module in ("native", "pytorch", "keras", "onnx"):
-        importlib.import_module(f"fastlstm.importers.{module}")
+    for module in ("fastlstm.native", "fastlstm.importers.pytorch", "fastlstm.importers.keras",
+                   "fastlstm.importers.onnx"):
+        importlib.import_module(module)
     try:
         importlib.import_module("onnx")
     except ImportError:

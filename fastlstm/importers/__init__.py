@@ -68,7 +68,7 @@ def _read_file(path: str, options: dict) -> ModelSpec:
             raise ModelFormatError(f"{path!r} looks like a zip archive but cannot be opened: {exc}") from None
         with archive:
             names = archive.namelist()
-            from . import native
+            from .. import native
 
             if native.is_native_zip(archive):
                 _no_options(options, "a fastlstm native file")

@@ -20,9 +20,9 @@ import zipfile
 
 import numpy as np
 
-from ..activations import ACTIVATION_PARAMS, Activation
-from ..errors import ModelFormatError
-from ..spec import GATE_COUNTS, CellWeights, DenseLayer, ModelSpec, RecurrentLayer
+from .activations import ACTIVATION_PARAMS, Activation
+from .errors import ModelFormatError
+from .spec import GATE_COUNTS, CellWeights, DenseLayer, ModelSpec, RecurrentLayer
 
 MANIFEST = "fastlstm.json"
 FORMAT_NAME = "fastlstm"
