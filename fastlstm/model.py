@@ -310,7 +310,7 @@ class Stream:
         if self._mask_value is None:
             self._step(self._x, self._h, self._c, self._workspace)
         else:
-            self._step_with_mask(x_t.reshape(self.batch_size, -1))
+            self._step_with_mask(x_t)
         if self._head is None:
             y = self._top_row if unbatched else self._top
         else:
@@ -325,8 +325,9 @@ class Stream:
     def _step_with_mask(self, x_t: np.ndarray) -> None:
         """A step of a model with a Keras ``Masking`` layer (or ``mask_zero`` embedding): a row whose features
         all equal the mask value (whose id equals it) is skipped, as Keras skips it: its state is carried
-        and its output is the previous step's."""
-        masked = np.flatnonzero(np.all(x_t == self._mask_value, axis=1))
+        and its output is the previous step's. ``x_t`` is the step's checked input, batched or not."""
+        rows = x_t.reshape(self.batch_size) if self._embedding is not None else x_t.reshape(self.batch_size, -1)
+        masked = np.flatnonzero(_masked_steps(rows, self._mask_value, self._embedding is not None))
         if masked.size == 0:
             self._step(self._x, self._h, self._c, self._workspace)
             return
@@ -396,7 +397,8 @@ def _stream_bytes(model: Model, batch_size: int) -> int:
 
 
 def _masked_steps(x: np.ndarray, mask_value: float, token_ids: bool) -> np.ndarray:
-    """``(B, T)``: which steps are padding (an id equal to the mask value, or every feature equal to it)."""
+    """Which steps are padding (an id equal to the mask value, or every feature equal to it): ``(B, T)`` for
+    a sequence batch, ``(B,)`` for one step of a stream."""
     return x == mask_value if token_ids else np.all(x == mask_value, axis=-1)
 
 
