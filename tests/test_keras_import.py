@@ -25,14 +25,9 @@ from fastlstm.errors import InvalidModelError, ModelFormatError, UnsupportedMode
 from fastlstm.importers import _keras_hdf5
 from fastlstm.importers import keras as keras_importer
 
-os.environ["KERAS_BACKEND"] = "torch"
-keras = pytest.importorskip("keras")
-h5py = pytest.importorskip("h5py")
-if keras.backend.backend() != "torch":
-    pytest.skip("these tests run Keras on the torch backend", allow_module_level=True)
+from keras_helpers import KERAS_WARNINGS, h5py, keras  # noqa: E402  (skips the module without them)
 
-# Keras' own arrays trip NumPy 2's __array__(copy=...) deprecation on every call; nothing of ours.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+pytestmark = KERAS_WARNINGS
 
 L = keras.layers
 TOLERANCE = 1e-5

@@ -25,13 +25,9 @@ from fastlstm.errors import FastLSTMError, InvalidModelError, ModelFormatError, 
 from fastlstm.importers import _keras_files, _keras_graph, _keras_hdf5, _keras_hdf5_child
 from fastlstm.importers import keras as keras_importer
 
-os.environ["KERAS_BACKEND"] = "torch"
-keras = pytest.importorskip("keras")
-h5py = pytest.importorskip("h5py")
-if keras.backend.backend() != "torch":
-    pytest.skip("these tests run Keras on the torch backend", allow_module_level=True)
+from keras_helpers import KERAS_WARNINGS, h5py, keras  # noqa: E402  (skips the module without them)
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+pytestmark = KERAS_WARNINGS
 
 L = keras.layers
 STEPS, FEATURES, UNITS = 5, 3, 4
