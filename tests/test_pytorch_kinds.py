@@ -126,3 +126,48 @@ def test_a_square_table_in_front_is_ambiguous_in_a_state_dict(tmp_path):
         fastlstm.load(path, backend="numpy")
     assert fastlstm.load(path, backend="numpy", embedding="embed").takes_token_ids
     assert fastlstm.load(net, backend="numpy").takes_token_ids  # a module says what it is
+
+
+def test_a_custom_module_with_recurrent_parameter_names_is_refused():
+    class MyCell(nn.Module):
+        """Parameters named as nn.LSTMCell's, but its own forward(): running it as an LSTM would be wrong."""
+
+        def __init__(self):
+            super().__init__()
+            self.weight_ih = nn.Parameter(torch.zeros(12, 4))
+            self.weight_hh = nn.Parameter(torch.zeros(12, 3))
+
+    class Subclass(nn.RNN):
+        pass
+
+    net = nn.Module()
+    net.cell = MyCell()
+    with pytest.raises(UnsupportedModelError, match=r"'cell' \(MyCell\).*named like a recurrent module's"):
+        fastlstm.load(net, backend="numpy")
+    with pytest.raises(UnsupportedModelError, match=r"named like a recurrent module's"):
+        fastlstm.load(Subclass(4, 5, nonlinearity="relu"), backend="numpy")
+
+
+def test_a_traced_embedding_whose_max_norm_is_not_recorded_must_be_named(tmp_path):
+    torch.manual_seed(3)
+    net = TextClassifier().eval()
+    path = str(tmp_path / "traced.ts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(net, torch.zeros(1, 4, dtype=torch.long)), path)
+    with pytest.raises(UnsupportedModelError, match=r"max_norm is not recorded.*embedding='embed'"):
+        fastlstm.load(path, backend="numpy")
+    ids = np.random.default_rng(4).integers(0, 30, (2, 9))
+    with torch.no_grad():
+        expected = net(torch.from_numpy(ids)).numpy()
+    assert_close(fastlstm.load(path, backend="numpy", embedding="embed").predict(ids), expected)
+
+
+def test_preparing_a_model_leaves_the_spec_arrays_writeable():
+    from random_models import random_spec
+
+    spec = random_spec(np.random.default_rng(0), peepholes=True)
+    for backend in ("numpy", "numba", "cython"):
+        fastlstm.Model(spec, backend=backend, dtype="float64")
+        assert all(a.flags.writeable for layer in spec.layers for cell in layer.cells
+                   for a in (cell.w_ih, cell.w_hh, cell.bias, cell.peephole))

@@ -49,8 +49,8 @@ def pack_for_extension(plan: CellPlan, dtype: np.dtype) -> dict:
         projection = aligned_zeros(P * Hp, dtype).reshape(P, Hp)
         projection[:, :H] = plan.w_hr
 
-    def contiguous(array):
-        return None if array is None else np.ascontiguousarray(array, dtype=dtype)
+    def contiguous(array):  # a copy: the extension marks what it holds read-only, the spec's arrays stay as given
+        return None if array is None else np.array(array, dtype=dtype, order="C", copy=True)
 
     return dict(
         layer=plan.layer, direction=plan.direction, num_directions=plan.num_directions, reverse=plan.reverse,

@@ -10,7 +10,7 @@ from ...activations import ELEMENTWISE, IDENTITY, Activation
 from ...errors import ModelFormatError, UnsupportedModelError
 from ...spec import ModelSpec
 from . import unpickler
-from .options import Options
+from .options import RNN_NONLINEARITIES, Options
 from .state_dict import (MAX_NESTING, Recurrent, apply_ignore, choose_stack, describe_linears, flatten_state,
                          ignore_hint, recurrent_groups, recurrent_output_size, translate, under)
 
@@ -366,6 +366,10 @@ class _StructureAnalysis:
     def _recurrent_module(self, node: _Node) -> None:
         self._recurrent_seen += 1
         self._after_lstm = self._recurrent_seen == len(self._recurrent_paths)
+        if node.type_name not in _RECURRENT:  # a user's cell, or a subclass overriding forward()
+            self._problem(node, "holds parameters named like a recurrent module's (weight_ih, weight_hh, ...) but is "
+                                "not nn.LSTM, nn.GRU, nn.RNN or their cells; fastlstm cannot see what its forward() does")
+            return
         if node.type_name in _RNN:
             nonlinearity = node.setting("nonlinearity")
             if nonlinearity is _NOT_RECORDED:  # a scripted archive records nn.RNN's mode instead
@@ -373,7 +377,7 @@ class _StructureAnalysis:
                 nonlinearity = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}.get(mode, _NOT_RECORDED) if isinstance(mode, str) else _NOT_RECORDED
             if nonlinearity is _NOT_RECORDED:
                 return  # not recorded (a traced archive): the translation warns, rnn_nonlinearity says it
-            if nonlinearity not in ("tanh", "relu"):
+            if nonlinearity not in RNN_NONLINEARITIES:
                 self._problem(node, f"nonlinearity={nonlinearity!r}; nn.RNN computes tanh or relu")
                 return
             self.rnn_nonlinearities.append((node.path, nonlinearity))
@@ -386,6 +390,15 @@ class _StructureAnalysis:
             self._problem(node, f"a second embedding (after {self.embedding!r}); fastlstm runs one")
             return
         max_norm = node.setting("max_norm")
+        # A scripted archive records the settings but leaves out a max_norm of None; a traced one records none.
+        settings_recorded = node.setting("num_embeddings") is not _NOT_RECORDED
+        if max_norm is _NOT_RECORDED and settings_recorded:
+            max_norm = None
+        if max_norm is _NOT_RECORDED and self.opts.embedding != node.path:
+            self._problem(node, "its max_norm is not recorded where fastlstm can read it (a traced TorchScript module "
+                                "inlines it into code), and max_norm renormalises the rows it looks up; if it has "
+                                f"none, say so with embedding={node.path!r}")
+            return
         if max_norm is not _NOT_RECORDED and max_norm is not None:
             self._problem(node, f"max_norm={max_norm!r} renormalises the rows it looks up; fastlstm looks rows up as "
                                 "they are stored")
