@@ -506,6 +506,10 @@ OTHER_CONFIG_EDITS = {
         UnsupportedModelError, "option recurrent_activation='sigmoid' is not one fastlstm knows"),
     "another cell": ("rnn_gru_cell", rename_cell, UnsupportedModelError,
                      "LSTMCell, GRUCell, SimpleRNNCell cells only"),
+    # Bidirectional's options mean nothing on a TimeDistributed: unknown there, not skipped
+    "merge_mode on TimeDistributed": ("stacked_time_distributed",
+                                      lambda c: layer_config(c, "TimeDistributed").update(merge_mode="mul"),
+                                      UnsupportedModelError, "option merge_mode='mul' is not one fastlstm knows"),
 }
 
 

@@ -142,7 +142,8 @@ _RNN_KEYS = _COMMON_KEYS | _SEQUENCE_KEYS | {"cell"}
 _EMBEDDING_KEYS = _COMMON_KEYS | {"input_dim", "output_dim", "embeddings_initializer", "embeddings_regularizer",
                                   "activity_regularizer", "embeddings_constraint", "mask_zero", "sparse", "lora_rank",
                                   "lora_alpha", "quantization_config"}
-_WRAPPER_KEYS = _COMMON_KEYS | {"layer", "backward_layer", "merge_mode"}
+_TIME_DISTRIBUTED_KEYS = _COMMON_KEYS | {"layer"}
+_BIDIRECTIONAL_KEYS = _TIME_DISTRIBUTED_KEYS | {"backward_layer", "merge_mode"}
 _INPUT_KEYS = _COMMON_KEYS | {"sparse", "ragged", "optional", "shape"}
 _FLOAT_POLICIES = (None, "float32", "float64")
 # An input of token ids (for an Embedding) is declared with an integer dtype.
@@ -406,7 +407,7 @@ class _Planner:
             return steps
         # Bidirectional
         config = layer.config
-        self._unknown_options(layer, config, _WRAPPER_KEYS)
+        self._unknown_options(layer, config, _BIDIRECTIONAL_KEYS)
         forward_config = self._wrapped(config, "layer", layer)
         if forward_config is None or not _is_recurrent(forward_config.get("class_name"), wrapped=True):
             self.problems.append(_not_supported(layer))
@@ -531,7 +532,7 @@ class _Planner:
         config = layer.config
         where = layer.describe()
         if layer.class_name == "TimeDistributed":
-            self._unknown_options(layer, config, _WRAPPER_KEYS)
+            self._unknown_options(layer, config, _TIME_DISTRIBUTED_KEYS)
             inner = self._wrapped(config, "layer", layer)
             if inner is None or inner.get("class_name") != "Dense":
                 self.problems.append(_not_supported(layer))
