@@ -243,9 +243,10 @@ def test_a_model_local_function_redefining_a_standard_operator_is_refused():
         load(model)
 
 
-def test_rounding_the_data_to_float16_is_not_ignored_silently():
+def test_rounding_the_data_to_float16_is_refused():
+    """fastlstm cannot round as the graph does, so the model is refused rather than computed differently."""
     model = lstm_model("forward", outputs=("Y",))
     model.graph.node.append(helper.make_node("Cast", ["Y"], ["out"], to=onnx.TensorProto.FLOAT16))
     model.graph.output[0].name = "out"
-    with pytest.warns(UserWarning, match="rounds its data to float16"):
+    with pytest.raises(UnsupportedModelError, match="rounds the data to float16"):
         load(model)

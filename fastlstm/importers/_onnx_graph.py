@@ -493,9 +493,8 @@ class GraphReader:
         if to not in FLOAT_TYPES:
             raise Refused(f"casts data to element type {to}; fastlstm computes in floating point")
         if FLOAT_TYPES[to] == "float16":
-            warnings.warn(f"{self.source} {where}: the graph rounds its data to float16 here; fastlstm computes "
-                          "in float32 (or float64) throughout, so results differ by float16 rounding",
-                          stacklevel=2)
+            raise Refused("rounds the data to float16; fastlstm computes in float32 (or float64) throughout and "
+                          "cannot reproduce that rounding")
         return [flow]
 
     def _transpose(self, node, inputs, where):

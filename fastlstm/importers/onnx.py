@@ -59,7 +59,7 @@ How an ONNX graph maps to a fastlstm model:
   results do not reach a graph output are ignored. Float types other than float16/32/64, sparse tensors
   and model-local functions in the standard domain are refused (nodes calling functions of other domains
   are refused as unknown operators). float16 weights are read exactly and computed in float32; a ``Cast``
-  of the data to float16 is followed with a warning (fastlstm does not round to float16). Sizes declared
+  of the data to float16 is refused (fastlstm does not round to float16). Sizes declared
   in the file are checked against the data present before anything is allocated.
 * **External data** (tensors in a file beside the model, ``torch.onnx.export``'s default ``m.onnx.data``)
   is read when the model is loaded from its path, only from regular files in the ``.onnx`` file's own
