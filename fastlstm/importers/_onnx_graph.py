@@ -11,7 +11,6 @@ one pass lists every unsupported op and attribute, not only the first.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
