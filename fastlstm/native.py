@@ -239,12 +239,13 @@ class _ManifestReader:
                       "bias": (gates * hidden_size,), "w_hr": (proj_size, hidden_size), "peephole": (3, hidden_size),
                       "candidate_bias": (hidden_size,)}
             cells = []
-            for d, cell in enumerate(self.field(layer, "cells", list, where)[:2]):
+            cell_entries = self.field(layer, "cells", list, where)
+            if len(cell_entries) > 2:
+                self.fail(f"{where}.cells", f"expected one or two cells (directions), got {len(cell_entries)}")
+            for d, cell in enumerate(cell_entries):
                 cw = f"{where}.cells[{d}]"
                 self.keys(cell, known(set(_CELL_ARRAYS)), cw)
                 cells.append(CellWeights(*(self.array(cell.get(k), f"{cw}.{k}", shapes[k]) for k in _CELL_ARRAYS)))
-            if len(layer["cells"]) > 2:
-                self.fail(f"{where}.cells", f"expected one or two cells (directions), got {len(layer['cells'])}")
             layers.append(RecurrentLayer(
                 input_size=input_size,
                 hidden_size=hidden_size,
@@ -269,7 +270,7 @@ class _ManifestReader:
             expected_input = int(weight.shape[0])
             head.append(DenseLayer(weight, self.array(dense.get("bias"), f"{where}.bias", (expected_input,)),
                                    self.activation(dense.get("activation"), f"{where}.activation")))
-        source = manifest.get("source", "")
+        source = self.field(manifest, "source", str, "model") if "source" in manifest else ""
         head_input = manifest.get("head_input_activation")
         first_input = layers[0].input_size if layers else None
         embedding = self.array(manifest.get("embedding"), "embedding", (None, first_input))
@@ -278,7 +279,7 @@ class _ManifestReader:
                          mask_value=self.number_or_none(manifest, "mask_value", "model"),
                          head_input_activation=(Activation.of("identity") if head_input is None
                                                 else self.activation(head_input, "head_input_activation")),
-                         source=source if isinstance(source, str) else "")
+                         source=source)
         return spec.validate()
 
 

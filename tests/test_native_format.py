@@ -78,6 +78,8 @@ def rewrite_manifest(src, dst, change):
         (lambda m: m["layers"][0].update(dropout=0.5), r"layers\[0\]: unknown field\(s\) \['dropout'\]"),
         (lambda m: m.update(head_input_activation=["relu", float("nan"), 0]), "parameters must be finite"),
         (lambda m: m["layers"][0].update(hidden_size=0), r"hidden_size: expected an integer >= 1"),
+        (lambda m: m.update(source=["not", "text"]), r"model.source: expected str"),
+        (lambda m: m["layers"][0]["cells"].extend(m["layers"][0]["cells"]), r"expected one or two cells"),
         (lambda m: m.pop("layers"), "missing field 'layers'"),
     ],
 )
