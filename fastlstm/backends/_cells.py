@@ -1,13 +1,15 @@
 """One walk of a ``ModelSpec`` into what compiled kernels need per cell, shared by both compiled backends.
 
-A *cell* is one direction of one layer (of any kind: LSTM, GRU, simple RNN). ``plan_cells`` turns each into a ``CellPlan``: its sizes, the
-integer codes and parameters of its activations, its clip bound, its flags and its weights in the spec's
-layout. Each compiled backend then packs the plans into its own memory layout (``_numba_kernels.pack_cells``,
-``cython_backend.pack_for_extension``) and its kernels read nothing of the spec: a new cell option is
+A *cell* is one direction of one layer (of any kind: LSTM, GRU, simple RNN). ``plan_cells`` turns each into
+a ``CellPlan``: its sizes, the integer codes and parameters of its activations, its clip bound, its flags and
+its weights in the spec's layout. Each compiled backend then packs the plans into its own memory layout
+(``numba_backend.pack_cells``, ``cython_backend.pack_for_extension``) and its kernels read nothing of the spec: a new cell option is
 decided here once, and the compiled extension receives arrays and numbers only.
 
-Thresholds both compiled backends apply, under one vocabulary (values measured per backend, kept beside
-their kernels):
+Thresholds both compiled backends apply, under one vocabulary. Their values were measured per backend and
+are defined beside the kernels that read them (``_numba_kernels.py``; ``csrc/blas.pxd`` and
+``_cykernels.pyx``): Numba freezes what its cached kernels read from the defining file only, and the
+extension's are compile-time constants.
 
 * ``RELEASE_GIL_MIN_WEIGHTS``: a stream step reading fewer weights (all layers, all batch rows) keeps the GIL;
   releasing and re-taking it costs about 40 ns, a few percent of a small step no other thread could use.
@@ -24,10 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..spec import ModelSpec
-
-RELEASE_GIL_MIN_WEIGHTS = 1 << 16
-HAND_MATMUL_MAX_ROWS = 8
-BLAS_GEMV_MIN_BYTES = 2 * 1024 * 1024
 
 # Every packed segment and scratch region starts on a 64-byte boundary (one AVX-512 vector, a cache line).
 ALIGN_BYTES = 64
