@@ -15,6 +15,7 @@ import numpy as np
 
 from ..activations import Activation
 from ..spec import CellWeights, RecurrentLayer
+from ._onnx_lstm import canonical_gates
 from ._onnx_values import Malformed
 
 # ONNX stacks the GRU gates (z, r, h); the canonical order is (r, z, n) with n = h.
@@ -85,6 +86,4 @@ def rnn_layer(W: np.ndarray, R: np.ndarray, B: np.ndarray | None, *, direction: 
 
 
 def _canonical_gru_gates(array: np.ndarray, hidden: int) -> np.ndarray:
-    """Reorder the three stacked gate blocks of ``array`` (first axis 3*hidden) from ONNX's to fastlstm's."""
-    blocks = array.reshape(3, hidden, *array.shape[1:])
-    return np.ascontiguousarray(blocks[_CANONICAL_FROM_ONNX_GRU_GATES].reshape(array.shape))
+    return canonical_gates(array, hidden, _CANONICAL_FROM_ONNX_GRU_GATES)

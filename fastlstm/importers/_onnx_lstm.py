@@ -288,7 +288,8 @@ def state_rows(flow: Flow, layers: list[LayerRecord]) -> str:
     return f"{where} as {flow.describe()}"
 
 
-def canonical_gates(array: np.ndarray, hidden: int) -> np.ndarray:
-    """Reorder the four stacked gate blocks of ``array`` (first axis 4*hidden) from ONNX's to fastlstm's."""
-    blocks = array.reshape(4, hidden, *array.shape[1:])
-    return np.ascontiguousarray(blocks[_CANONICAL_FROM_ONNX_GATES].reshape(array.shape))
+def canonical_gates(array: np.ndarray, hidden: int, order=_CANONICAL_FROM_ONNX_GATES) -> np.ndarray:
+    """Reorder the stacked gate blocks of ``array`` (first axis ``len(order) * hidden``) from ONNX's to
+    fastlstm's: block ``n`` of the result is ONNX's block ``order[n]`` (the LSTM's order by default)."""
+    blocks = array.reshape(len(order), hidden, *array.shape[1:])
+    return np.ascontiguousarray(blocks[order].reshape(array.shape))
