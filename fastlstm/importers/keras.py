@@ -371,20 +371,25 @@ class _Planner:
         config = layer.config
         where = layer.describe()
         self._unknown_options(layer, config, _EMBEDDING_KEYS)
-        if config.get("lora_rank"):
-            self.problems.append(f"{where}: LoRA-adapted (lora_rank={config['lora_rank']!r}); merge the adapter "
-                                 "into the embeddings before exporting")
-        if config.get("quantization_config"):
-            self.problems.append(f"{where}: quantized (quantization_config set); fastlstm runs float weights")
+        self._refuse_adapted(config, where, "the embeddings")
         if self._flag(config, "sparse", False, where):
             self.problems.append(f"{where}: sparse=True returns sparse tensors; fastlstm's embedding is dense")
-        sizes = []
-        for key in ("input_dim", "output_dim"):
-            value = config.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ModelFormatError(f"{self.source}: {where}: {key}={value!r}, expected a positive integer")
-            sizes.append(value)
-        return _Embedding(layer, *sizes)
+        return _Embedding(layer, self._positive_int(config, "input_dim", where),
+                          self._positive_int(config, "output_dim", where))
+
+    def _positive_int(self, config: dict, key: str, where: str) -> int:
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelFormatError(f"{self.source}: {where}: {key}={value!r}, expected a positive integer")
+        return value
+
+    def _refuse_adapted(self, config: dict, where: str, weights: str) -> None:
+        """LoRA adapters and quantization change what a layer computes from its stored weights: refused."""
+        if config.get("lora_rank"):
+            self.problems.append(f"{where}: LoRA-adapted (lora_rank={config['lora_rank']!r}); merge the adapter "
+                                 f"into {weights} before exporting")
+        if config.get("quantization_config"):
+            self.problems.append(f"{where}: quantized (quantization_config set); fastlstm runs float weights")
 
     def _mask_value(self, layer: KerasLayer) -> float | None:
         self._unknown_options(layer, layer.config, _COMMON_KEYS | {"mask_value"})
@@ -511,9 +516,7 @@ class _Planner:
               return_sequences: bool) -> _Recurrent | None:
         """What one recurrent layer or cell of ``kind`` computes: its size, bias, activations and GRU variant.
         A simple RNN has no ``recurrent_activation`` (an unknown option there is refused)."""
-        units = config.get("units")
-        if not isinstance(units, int) or isinstance(units, bool) or units < 1:
-            raise ModelFormatError(f"{self.source}: {where}: units={units!r}, expected a positive integer")
+        units = self._positive_int(config, "units", where)
         gate = SIGMOID if kind == "rnn" else self._activation(config.get("recurrent_activation", "sigmoid"),
                                                               f"{where} recurrent_activation")
         cell = self._activation(config.get("activation", "tanh"), f"{where} activation")
@@ -539,14 +542,8 @@ class _Planner:
                 return None
             config, where = inner["config"], f"{where} (inner Dense)"
         self._unknown_options(layer, config, _DENSE_KEYS, where)
-        if config.get("lora_rank"):
-            self.problems.append(f"{where}: LoRA-adapted (lora_rank={config['lora_rank']!r}); merge the adapter "
-                                 "into the kernel before exporting")
-        if config.get("quantization_config"):
-            self.problems.append(f"{where}: quantized (quantization_config set); fastlstm runs float weights")
-        units = config.get("units")
-        if not isinstance(units, int) or isinstance(units, bool) or units < 1:
-            raise ModelFormatError(f"{self.source}: {where}: units={units!r}, expected a positive integer")
+        self._refuse_adapted(config, where, "the kernel")
+        units = self._positive_int(config, "units", where)
         activation = self._activation(config.get("activation", "linear"), f"{where} activation")
         if activation is None:
             return None
