@@ -53,9 +53,12 @@ def _torch_save(net: SeedNet, path: str, zip_layout: bool) -> None:
 
 
 def _torchscript(net: SeedNet, path: str) -> None:
+    """Traced, except the text network: a traced embedding does not record its ``max_norm``, so fastlstm
+    refuses it unless told (a scripted archive records it)."""
     import torch
 
-    torch.jit.save(torch.jit.trace(net.torch, net.example_input), path)
+    module = torch.jit.script(net.torch) if net.is_text else torch.jit.trace(net.torch, net.example_input)
+    torch.jit.save(module, path)
 
 
 def _onnx(net: SeedNet, path: str) -> None:
