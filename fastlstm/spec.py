@@ -105,6 +105,12 @@ class CellWeights:
     w_hr: np.ndarray | None = None             # LSTM only
     peephole: np.ndarray | None = None         # LSTM only
     candidate_bias: np.ndarray | None = None   # GRU only (required there): b_hn
+    # Set only for weights imported from an already-quantized model (8-bit integers times one scale per gate
+    # row): ``w_ih == w_ih_scale[:, None] * q`` in float32 for integers ``q`` in -128..127 (``w_hh`` likewise).
+    # The float weights are those products, so every backend can run them as they are; ``weights="int8"``
+    # recovers ``q`` exactly from them instead of quantizing afresh.
+    w_ih_scale: np.ndarray | None = None       # (G*H,) float32, > 0
+    w_hh_scale: np.ndarray | None = None       # (G*H,) float32, > 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -369,7 +375,41 @@ def _layer_problems(where: str, layer: RecurrentLayer, expected_input: int | Non
                 problems += _array_problems(f"{cw}.candidate_bias", cell.candidate_bias, (H,))
         elif cell.candidate_bias is not None:
             problems.append(f"{cw}.candidate_bias: GRU only; a {layer.kind} layer has none")
+        for name in ("w_ih", "w_hh"):
+            scale = getattr(cell, f"{name}_scale")
+            if scale is not None:
+                problems += _int8_problems(f"{cw}.{name}", getattr(cell, name), scale)
     return problems
+
+
+# The integers an 8-bit weight may hold (PyTorch's symmetric qint8 uses -128 too).
+INT8_RANGE = (-128, 127)
+
+
+def int8_values(weights: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The integers ``q`` of weights stored as ``scale[:, None] * q`` (``CellWeights.w_ih_scale``), as int8."""
+    return np.rint(np.asarray(weights, np.float64) / np.asarray(scale, np.float64)[:, None]).astype(np.int8)
+
+
+def _int8_problems(where: str, weights, scale) -> list[str]:
+    """Per-row scales that are positive and finite, and weights that are exactly those scales times integers
+    in ``INT8_RANGE`` (in float32, the dtype a quantized model's products are formed in)."""
+    if not isinstance(weights, np.ndarray) or weights.ndim != 2:
+        return []  # the weights' own check has reported it
+    problems = _array_problems(f"{where}_scale", scale, (weights.shape[0],))
+    if problems:
+        return problems
+    if not np.all(scale > 0):
+        return [f"{where}_scale: expected positive scales"]
+    ratio = np.asarray(weights, np.float64) / np.asarray(scale, np.float64)[:, None]
+    q = np.rint(ratio)
+    low, high = INT8_RANGE
+    if np.any(q < low) or np.any(q > high):
+        return [f"{where}: weights divided by {where}_scale leave the 8-bit range {low}..{high}"]
+    products = (np.asarray(scale, np.float32)[:, None] * q.astype(np.float32))
+    if not np.array_equal(products, np.asarray(weights, np.float32)):
+        return [f"{where}: weights are not {where}_scale times whole numbers (not 8-bit values)"]
+    return []
 
 
 def _activation_problems(where: str, act, allow_softmax: bool = False) -> list[str]:
