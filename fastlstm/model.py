@@ -8,19 +8,28 @@ runs the kernel and copies the output out.
 The state reaches the backends as two flat arrays (``fastlstm.backends.base``); ``fastlstm.state`` turns the
 user's form into them and back. A model with an embedding takes integer token ids: the table lookup runs
 here, before the backend, so backends only ever see feature vectors.
+
+A model pickles as its native file's bytes and its load options, never code or compiled kernels, so it
+can be sent to worker processes (Dask, Ray, ``multiprocessing``); unpickling prepares it once per process
+(``restore_model``).
 """
 
 from __future__ import annotations
+
+import hashlib
+import inspect
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
 from ._arrays import as_real_array
 from .backends import prepare
 from .backends.base import state_blocks
-from .errors import InvalidInputError
+from .errors import InvalidInputError, ModelFormatError
 from .head import PreparedHead
 from .limits import check_allocation
-from .native import save_native
+from .native import native_bytes, save_native, spec_from_native_bytes
 from .spec import ModelSpec
 from .state import StateCodec
 
@@ -40,6 +49,11 @@ class Model:
         self._head = PreparedHead(spec, self.dtype)
         self._state = StateCodec(spec, self.dtype)
         self._embedding = None if spec.embedding is None else np.ascontiguousarray(spec.embedding, dtype=self.dtype)
+        # The keyword arguments that prepare this model again from its spec, sent with it when it is pickled:
+        # the backend as chosen (every process runs the same kernels), the threads as given (None: each
+        # process's own share of CPUs).
+        self._options = {"backend": self._lstm.backend, "dtype": self.dtype.name, "num_threads": num_threads}
+        self._native: bytes | None = None  # the native file's bytes, made on first pickling
 
     @property
     def backend(self) -> str:
@@ -217,6 +231,72 @@ class Model:
     def save(self, path) -> None:
         """Write the model to ``path`` in fastlstm's native format (read back by ``fastlstm.load``, NumPy only)."""
         save_native(self.spec, path)
+
+    def __reduce__(self):
+        """Pickle as the native file's bytes and the load options (never code, never compiled kernels)."""
+        if self._native is None:
+            self._native = native_bytes(self.spec)
+        return restore_model, (self._native, dict(self._options))
+
+    def warmup(self) -> "Model":
+        """Do the first call's work now rather than in the first real call: load or compile the backend's
+        kernels and run a tiny ``predict`` (with and without ``lengths``) and, for a forward model, one stream
+        step. Returns the model itself."""
+        spec = self.spec
+        if self._embedding is not None:
+            token = 0 if spec.mask_value != 0 else min(1, spec.vocab_size - 1)
+            x = np.full((2, 2), token, np.int64)
+        else:
+            x = np.full((2, 2, spec.input_size), 0.25 if spec.mask_value == 0.5 else 0.5, self.dtype)
+        self.predict(x)
+        self.predict(x, lengths=[2, 1])
+        if spec.is_unidirectional_forward:
+            self.stream(1).step(x[0, 0])
+        return self
+
+
+def restore_model(data: bytes, options: dict) -> Model:
+    """The model in ``data`` (a native file's bytes) prepared with ``options`` (``Model``'s keyword arguments):
+    what unpickling a ``Model`` calls.
+
+    Each process prepares a given model once: models are cached by a fingerprint of the bytes and options,
+    so the same model sent with many tasks is read, validated and prepared on the first only. The cache
+    holds the ``_PREPARED_CAPACITY`` most recently used models. Corrupt bytes raise ``ModelFormatError``.
+    """
+    name = "pickled fastlstm model"
+    if not isinstance(options, dict) or not set(options) <= _MODEL_OPTIONS:
+        raise ModelFormatError(f"{name}: load options {options!r} are not a dict of {sorted(_MODEL_OPTIONS)} "
+                               "(pickled by another version of fastlstm?)")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ModelFormatError(f"{name}: expected the bytes of a fastlstm native file, got {type(data).__name__}")
+    data = bytes(data)
+    key = hashlib.sha256(data).hexdigest() + repr(sorted(options.items()))
+    with _prepared_lock:
+        model = _prepared.get(key)
+        if model is None:
+            model = Model(spec_from_native_bytes(data, name), **options)
+            model._native = data
+            _prepared[key] = model
+            global _preparations
+            _preparations += 1
+            while len(_prepared) > _PREPARED_CAPACITY:
+                _prepared.popitem(last=False)
+        else:
+            _prepared.move_to_end(key)
+    return model
+
+
+def preparation_count() -> int:
+    """How many models ``restore_model`` has read and prepared in this process (each model once while cached):
+    the number to watch when checking that workers do not prepare a model per task."""
+    return _preparations
+
+
+_MODEL_OPTIONS = frozenset(p for p in inspect.signature(Model.__init__).parameters if p not in ("self", "spec"))
+_PREPARED_CAPACITY = 8
+_prepared: OrderedDict[str, Model] = OrderedDict()
+_prepared_lock = threading.Lock()  # held while preparing, so threads unpickling one model prepare it once
+_preparations = 0
 
 
 class Stream:

@@ -49,7 +49,8 @@ def is_native_zip(archive: zipfile.ZipFile) -> bool:
 
 
 def save_native(spec: ModelSpec, path) -> None:
-    """Write ``spec`` to ``path`` (the extension is the caller's choice; ``.fastlstm`` by convention)."""
+    """Write ``spec`` to ``path`` (the extension is the caller's choice; ``.fastlstm`` by convention), or to a
+    writable binary file object."""
     arrays: dict[str, np.ndarray] = {}
 
     def ref(key: str, array: np.ndarray | None) -> str | None:
@@ -97,8 +98,34 @@ def save_native(spec: ModelSpec, path) -> None:
             archive.writestr(key + ".npy", buffer.getvalue())
 
 
-def load_native(archive: zipfile.ZipFile, name: str) -> ModelSpec:
-    """Read the model in an open native ``archive`` (the file at path ``name``, also used in messages)."""
+def native_bytes(spec: ModelSpec) -> bytes:
+    """``spec`` as the bytes of a native file, written in memory."""
+    buffer = io.BytesIO()
+    save_native(spec, buffer)
+    return buffer.getvalue()
+
+
+def spec_from_native_bytes(data, name: str = "native model bytes") -> ModelSpec:
+    """Read the model in ``data``, the bytes of a native file (``name`` is used in messages).
+
+    The same checks as a file on disk, with the size of ``data`` bounding what its arrays may declare.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ModelFormatError(f"{name}: expected the bytes of a fastlstm native file, got {type(data).__name__}")
+    data = bytes(data)
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except Exception as exc:  # zipfile raises BadZipFile, ValueError, EOFError, NotImplementedError, ...
+        raise ModelFormatError(f"{name}: not a fastlstm native file ({len(data)} bytes): {exc}") from None
+    with archive:
+        if not is_native_zip(archive):
+            raise ModelFormatError(f"{name}: a zip archive without {MANIFEST}, not a fastlstm native file")
+        return load_native(archive, name, len(data))
+
+
+def load_native(archive: zipfile.ZipFile, name: str, file_bytes: int | None = None) -> ModelSpec:
+    """Read the model in an open native ``archive`` (the file at path ``name``, also used in messages), whose
+    size is ``file_bytes`` (default: the size of the file at ``name``)."""
     try:
         info = archive.getinfo(MANIFEST)
         if info.file_size > _MAX_MANIFEST_BYTES:
@@ -109,7 +136,7 @@ def load_native(archive: zipfile.ZipFile, name: str) -> ModelSpec:
         raise
     except Exception as exc:  # zlib, zipfile, UTF-8 and JSON errors, a RecursionError from deep nesting
         raise ModelFormatError(f"{name}: cannot read {MANIFEST}: {exc}") from None
-    reader = _ManifestReader(archive, name, os.path.getsize(name))
+    reader = _ManifestReader(archive, name, os.path.getsize(name) if file_bytes is None else file_bytes)
     return reader.model(manifest)
 
 
