@@ -234,9 +234,15 @@ class Model:
 
     def __reduce__(self):
         """Pickle as the native file's bytes and the load options (never code, never compiled kernels)."""
+        return restore_model, self.native_bytes_and_options()
+
+    def native_bytes_and_options(self) -> tuple[bytes, dict]:
+        """What a pickle of this model holds: its native file's bytes and the load options that prepare it
+        again, ``restore_model``'s arguments. For engines whose coordinator must not prepare models (Dask's
+        scheduler unpickles task graphs): they ship these as plain data and workers call ``restore_model``."""
         if self._native is None:
             self._native = native_bytes(self.spec)
-        return restore_model, (self._native, dict(self._options))
+        return self._native, dict(self._options)
 
     def warmup(self) -> "Model":
         """Do the first call's work now rather than in the first real call: load or compile the backend's

@@ -5,8 +5,9 @@ scores a Dask DataFrame of ragged sequences in long format (one row per time ste
 that orders the steps, the feature columns). Both return lazy Dask collections with the outputs in the
 input's order, and work the same on a ``LocalCluster`` or on a cluster of many machines.
 
-The model travels as one graph key: the workers that need it fetch it, unpickle it (its native bytes)
-and prepare it once per process, however many partitions they score (``fastlstm.model.restore_model``).
+The model travels as one graph key holding its native bytes and load options as plain data (Dask's
+scheduler unpickles task graphs and must not prepare models): the workers that need it fetch it and
+prepare the model once per process, however many partitions they score (``fastlstm.model.restore_model``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ except ImportError as exc:
                       "pip install 'fastlstm[dask]'") from exc
 
 from ..errors import InvalidInputError
-from ..model import Model
+from ..model import Model, restore_model
 from ._padding import padded_batch
 
 logger = logging.getLogger("fastlstm")
@@ -63,13 +64,13 @@ def predict_array(model: Model, x: "da.Array", *, lengths: "da.Array | None" = N
             raise InvalidInputError(f"lengths: expected a Dask array of shape ({x.shape[0]},), one length per "
                                     f"sequence, got shape {lengths.shape}")
         arguments += [lengths.rechunk((x.chunks[0],)), "n"]
-    return da.blockwise(_predict_block, out_index, dask.delayed(model, pure=True), None, *arguments,
+    return da.blockwise(_predict_block, out_index, _shipped(model), None, *arguments,
                         new_axes={"o": model.output_size}, concatenate=True, dtype=model.dtype,
                         meta=np.empty((0,) * len(out_index), model.dtype))
 
 
-def _predict_block(model: Model, x: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
-    return model.predict(x, lengths=lengths)
+def _predict_block(model: "_ShippedModel", x: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    return model.prepared().predict(x, lengths=lengths)
 
 
 # ------------------------------------------------------------------ dataframes
@@ -131,7 +132,7 @@ def predict_dataframe(model: Model, df: "dd.DataFrame", *, id_column: str, time_
         split_ids = dask.delayed(_ids_in_several_partitions, pure=True)(
             ids.map_partitions(lambda s: s.drop_duplicates(), meta=ids._meta))
     scored = df.map_partitions(
-        _predict_partition, dask.delayed(model, pure=True), split_ids, id_column=id_column,
+        _predict_partition, _shipped(model), split_ids, id_column=id_column,
         time_column=time_column, feature_columns=feature_columns, output_columns=output_columns,
         id_in_index=id_in_index, meta=meta, align_dataframes=False,
         # The outputs keep the input's index (per-step outputs, or per-sequence outputs of a frame indexed by
@@ -146,13 +147,14 @@ def _ids_in_several_partitions(unique_ids_per_partition: "pd.Series") -> list:
     return repeated.drop_duplicates().head(5).tolist()
 
 
-def _predict_partition(part: "pd.DataFrame", model: Model, split_ids, *, id_column: str, time_column: str,
+def _predict_partition(part: "pd.DataFrame", shipped: "_ShippedModel", split_ids, *, id_column: str, time_column: str,
                        feature_columns: list[str], output_columns: list[str], id_in_index: bool) -> "pd.DataFrame":
     """One partition's sequences padded into one batch and scored; the outputs in the partition's order."""
     if split_ids:
         raise InvalidInputError(
             f"df: sequence id(s) {split_ids} occur in more than one partition; every sequence must lie whole in "
             f"one partition: df.shuffle({id_column!r}) or df.set_index({id_column!r}) first")
+    model = shipped.prepared()
     ids = part.index.to_numpy() if id_in_index else part[id_column].to_numpy()
     codes, uniques = pd.factorize(ids, sort=False)  # sequence number by first appearance
     per_step = model.spec.output == "sequence"
@@ -167,8 +169,8 @@ def _predict_partition(part: "pd.DataFrame", model: Model, split_ids, *, id_colu
     repeated = (sorted_codes[1:] == sorted_codes[:-1]) & (sorted_times[1:] == sorted_times[:-1])
     if np.any(repeated):
         at = int(np.flatnonzero(repeated)[0]) + 1
-        raise InvalidInputError(f"df: sequence {uniques[sorted_codes[at]]!r} has two rows at {time_column} = "
-                                f"{sorted_times[at]!r}")
+        raise InvalidInputError(f"df: sequence {uniques[sorted_codes[at]]} has two rows at {time_column} = "
+                                f"{part[time_column].iloc[order[at]]}")
     lengths = np.bincount(codes, minlength=len(uniques)).astype(np.int64)
     starts = np.cumsum(lengths) - lengths
     position = np.arange(len(order)) - starts[sorted_codes]
@@ -197,6 +199,28 @@ def _partition_frame(part, ids, uniques, outputs, id_column, time_column, output
     else:
         frame.index = pd.Index(uniques, name=id_column)
     return frame
+
+
+class _ShippedModel:
+    """A model as it travels in a task graph: its native bytes and load options, prepared on first use in
+    each worker process (cached there by ``restore_model``)."""
+
+    __slots__ = ("data", "options")
+
+    def __init__(self, data: bytes, options: dict):
+        self.data = data
+        self.options = options
+
+    def prepared(self) -> Model:
+        return restore_model(self.data, self.options)
+
+    def __reduce__(self):
+        return _ShippedModel, (self.data, self.options)
+
+
+def _shipped(model: Model):
+    """One graph key holding ``model`` for every task that uses it."""
+    return dask.delayed(_ShippedModel(*model.native_bytes_and_options()), pure=True)
 
 
 def _check_model(model) -> None:
