@@ -7,7 +7,9 @@
 
 ``model`` is a ``fastlstm.Model`` (Ray pickles it as its native file's bytes and load options) or the bytes
 of a native file (``Model.save``), with ``backend``, ``dtype`` and ``num_threads`` given beside them. Each
-actor process prepares it once (``fastlstm.model.restore_model``). This module does not import Ray: the
+actor process prepares it once (``fastlstm.model.restore_model``) and warms it up in the constructor; a
+corrupt model fails the actor's constructor, before any data is read, which Ray reports as the actor's
+death (``RayActorError``) carrying fastlstm's ``ModelFormatError`` and its message. This module does not import Ray: the
 class is plain Python, so it is defined and tested without a cluster, and Ray is needed only to run it.
 """
 
@@ -46,6 +48,7 @@ class Predictor:
         else:
             raise InvalidInputError(f"model: expected a fastlstm.Model or the bytes of a native file, got "
                                     f"{type(model).__name__}")
+        self.model.warmup()  # kernels loaded in the actor's constructor, not in its first batch
         self.input_column = input_column
         self.output_column = output_column
 
