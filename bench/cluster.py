@@ -3,10 +3,10 @@
 Sequences per second with 1 and 2 workers on Dask (``LocalCluster``, one thread per worker process) and on
 Ray Data (one actor per worker, one CPU each), beside plain ``model.predict`` in one process over the same
 chunks; and the per-task overhead of each engine (what one more one-sequence, one-step task adds to a run,
-model already prepared, minus the time ``predict`` itself takes on it). The model is the bundled sensor forecaster (2-layer LSTM 64->128,
-linear head of 4). Outputs are checked equal to plain ``predict`` before anything is timed; each engine's
-first run (cluster start, model preparation, kernel loading) is reported apart from the timed runs (median
-of ``--repeats``). Writes ``cluster.json`` and ``cluster.md`` into ``--out`` and prints the table.
+model already prepared, minus the time ``predict`` itself takes on it). The model is the bundled sensor
+forecaster (2-layer LSTM 64->128, linear head of 4). Outputs are checked equal to plain ``predict`` before
+anything is timed; each engine's first run (cluster start, model preparation, kernel loading) is reported
+apart from the timed runs (median of ``--repeats``). Writes ``cluster.json`` and ``cluster.md`` into ``--out`` and prints the table.
 
 The machine is shared in development: run ``--quick`` there (a correctness-sized run, seconds per engine).
 """
@@ -134,9 +134,9 @@ def main(argv=None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         for workers in (1, 2):
-            results["engines"][f"Dask, {workers} worker(s)"] = _dask(model, x, want, chunk, workers, args.repeats, tasks)
-            results["engines"][f"Ray Data, {workers} actor(s)"] = _ray(model, x, want, chunk, workers, args.repeats,
-                                                                       tasks)
+            engines = results["engines"]
+            engines[f"Dask, {workers} worker(s)"] = _dask(model, x, want, chunk, workers, args.repeats, tasks)
+            engines[f"Ray Data, {workers} actor(s)"] = _ray(model, x, want, chunk, workers, args.repeats, tasks)
     finally:
         ray.shutdown()
     results["tiny_predict_s"] = tiny
@@ -149,14 +149,17 @@ def main(argv=None) -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"{results['sequences']} sequences of {results['steps']} steps (64 features; 2-layer LSTM 64->128, head 4),"
-             f" chunks of {results['chunk']}; {results['machine']}" + (" (--quick)" if results["quick"] else ""),
+    quick = " (--quick)" if results["quick"] else ""
+    lines = [f"{results['sequences']} sequences of {results['steps']} steps (64 features; 2-layer LSTM 64->128, "
+             f"head 4), chunks of {results['chunk']}; {results['machine']}{quick}",
              "",
              "| engine | sequences/s (median) | first run, s | per-task overhead, ms |",
              "|---|---|---|---|"]
     for name, r in results["engines"].items():
         overhead = f"{(r['per_task_s'] - results['tiny_predict_s']) * 1e3:.2f}" if "per_task_s" in r else ""
-        first = f"{r['first_s']:.2f}" + (f" (+{r['cluster_start_s']:.1f} cluster start)" if "cluster_start_s" in r else "")
+        first = f"{r['first_s']:.2f}"
+        if "cluster_start_s" in r:
+            first += f" (+{r['cluster_start_s']:.1f} cluster start)"
         lines.append(f"| {name} | {results['sequences'] / r['median_s']:,.0f} | {first} | {overhead} |")
     return "\n".join(lines)
 

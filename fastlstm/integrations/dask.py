@@ -92,9 +92,10 @@ def predict_dataframe(model: Model, df: "dd.DataFrame", *, id_column: str, time_
     value repeated within a sequence is refused.
 
     Returns a Dask DataFrame of the model's outputs in ``output_columns`` (default ``output_0``, ...):
-    for a model that outputs every step, one row per input row with the input's index and row order and
-    the id column (unless it is the index) and the time column; for a model that outputs its last step or final state, one row per
-    sequence, indexed by the sequence id, in the order of each sequence's first row.
+    for a model that outputs every step, one row per input row with the input's index and row order, the
+    id column (unless the id is the index) and the time column; for a model that outputs its last step or
+    final state, one row per sequence, indexed by the sequence id, in the order of each sequence's first
+    row.
     """
     _check_model(model)
     if not isinstance(df, dd.DataFrame):
