@@ -6,7 +6,8 @@ chunks; and the per-task overhead of each engine (what one more one-sequence, on
 model already prepared, minus the time ``predict`` itself takes on it). The model is the bundled sensor
 forecaster (2-layer LSTM 64->128, linear head of 4). Outputs are checked equal to plain ``predict`` before
 anything is timed; each engine's first run (cluster start, model preparation, kernel loading) is reported
-apart from the timed runs (median of ``--repeats``). Writes ``cluster.json`` and ``cluster.md`` into ``--out`` and prints the table.
+apart from the timed runs (median of ``--repeats``). Writes ``cluster.json`` and ``cluster.md`` into
+``--out`` and prints the table.
 
 The machine is shared in development: run ``--quick`` there (a correctness-sized run, seconds per engine).
 """
