@@ -269,6 +269,7 @@ def restore_model(data: bytes, options: dict) -> Model:
     so the same model sent with many tasks is read, validated and prepared on the first only. The cache
     holds the ``_PREPARED_CAPACITY`` most recently used models. Corrupt bytes raise ``ModelFormatError``.
     """
+    global _preparations
     name = "pickled fastlstm model"
     if not isinstance(options, dict) or not set(options) <= _MODEL_OPTIONS:
         raise ModelFormatError(f"{name}: load options {options!r} are not a dict of {sorted(_MODEL_OPTIONS)} "
@@ -280,10 +281,13 @@ def restore_model(data: bytes, options: dict) -> Model:
     with _prepared_lock:
         model = _prepared.get(key)
         if model is None:
-            model = Model(spec_from_native_bytes(data, name), **options)
+            spec = spec_from_native_bytes(data, name)
+            try:
+                model = Model(spec, **options)
+            except TypeError as exc:  # an option of the wrong type, e.g. a backend that is not a name
+                raise ModelFormatError(f"{name}: load options {options!r}: {exc}") from None
             model._native = data
             _prepared[key] = model
-            global _preparations
             _preparations += 1
             while len(_prepared) > _PREPARED_CAPACITY:
                 _prepared.popitem(last=False)

@@ -131,6 +131,16 @@ def test_malformed_pickle_arguments_raise_model_format_error(data, options, mess
         model_module.restore_model(data, options)
 
 
+@pytest.mark.parametrize("options,error,message", [
+    ({"backend": 3, "dtype": "float32", "num_threads": None}, ModelFormatError, "backend: expected a name"),
+    ({"backend": "numpy", "dtype": "int8", "num_threads": None}, fastlstm.InvalidInputError, "dtype: expected one of"),
+    ({"backend": "numpy", "dtype": "float32", "num_threads": 0}, fastlstm.InvalidInputError, "num_threads"),
+])
+def test_load_options_of_a_wrong_type_or_value_raise_fastlstm_errors(options, error, message):
+    with pytest.raises(error, match=message):
+        model_module.restore_model(native_bytes(SPECS["lstm stack, head"]), options)
+
+
 def test_native_bytes_equal_a_saved_file(tmp_path):
     spec = SPECS["token ids"]
     path = tmp_path / "model.fastlstm"
