@@ -133,12 +133,15 @@ def test_wrong_columns_are_refused_before_any_work(models):
 
 
 def test_the_model_is_prepared_once_per_worker_however_many_tasks_use_it(client):
+    """... and never by the scheduler, which unpickles task graphs (LocalCluster runs it in this process)."""
     model = fastlstm.Model(random_spec(np.random.default_rng(11), input_size=4, hidden_size=5))  # new to the workers
     before = client.run(preparation_count)
+    scheduler_before = client.run_on_scheduler(preparation_count)
     x = np.random.default_rng(4).normal(size=(40, 6, 4))
     y = predict_array(model, da.from_array(x, chunks=(2, 6, 4))).persist()  # 20 tasks
     distributed.wait(y)
     after = client.run(preparation_count)
+    assert client.run_on_scheduler(preparation_count) == scheduler_before
     workers_with_results = {worker for workers in client.who_has(y).values() for worker in workers}
     prepared = {worker: after[worker] - before[worker] for worker in after}
     assert workers_with_results and sum(prepared.values()) <= len(prepared) < 20
@@ -155,6 +158,3 @@ def test_a_corrupt_model_fails_the_job_with_a_format_error(client, models):
     with pytest.raises(ModelFormatError, match="pickled fastlstm model: .*Bad CRC-32"):
         scored.compute(timeout=60)
 
-
-def test_the_scheduler_never_prepares_a_model(client):
-    assert client.run_on_scheduler(preparation_count) == 0
