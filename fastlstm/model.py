@@ -50,8 +50,8 @@ class Model:
         self._state = StateCodec(spec, self.dtype)
         self._embedding = None if spec.embedding is None else np.ascontiguousarray(spec.embedding, dtype=self.dtype)
         # The keyword arguments that prepare this model again from its spec, sent with it when it is pickled:
-        # the backend as chosen (every process runs the same kernels), the threads as given (None: each
-        # process's own share of CPUs).
+        # the backend as chosen (every process runs the same kernels), the threads as given (None: the cores
+        # each receiving process may run on).
         self._options = {"backend": self._lstm.backend, "dtype": self.dtype.name, "num_threads": num_threads}
         self._native: bytes | None = None  # the native file's bytes, made on first pickling
 
