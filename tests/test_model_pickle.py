@@ -175,3 +175,18 @@ def test_warmup_runs_the_model_and_changes_nothing(name):
     before = model.predict(x)
     assert model.warmup() is model
     np.testing.assert_array_equal(model.predict(x), before)
+
+
+@pytest.mark.parametrize("share, expected", [("1", 1), (" 1 ", 1), ("", None), ("0", None), ("two", None),
+                                             ("100000", None)])
+def test_default_threads_are_the_process_share_given_in_omp_num_threads(monkeypatch, share, expected):
+    """A Dask or Ray worker is given its share in OMP_NUM_THREADS; a model loaded with the default uses it,
+    never more than the cores the process may run on, and ignores a value that is not a positive integer."""
+    from fastlstm.backends import default_num_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = default_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", share)
+    assert default_num_threads() == (cores if expected is None else min(expected, cores))
+    model = fastlstm.Model(random_spec(np.random.default_rng(0), 4, 8), backend="numpy")
+    assert model.num_threads == default_num_threads()

@@ -45,11 +45,20 @@ def available_backends() -> list[str]:
 
 
 def default_num_threads() -> int:
-    """The cores this process may run on (never more threads than that)."""
+    """The cores this process may run on, capped by ``OMP_NUM_THREADS`` when that is set.
+
+    Worker processes of Dask and Ray may run on every core but are given their share in ``OMP_NUM_THREADS``
+    (1 for a one-thread Dask worker, a Ray task's ``num_cpus``), which BLAS libraries honour; so does fastlstm,
+    so that workers sharing a machine do not compete for its cores.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    share = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if share.isdigit() and int(share) >= 1:
+        return min(cores, int(share))
+    return cores
 
 
 def prepare(spec: ModelSpec, backend: str, dtype: np.dtype, num_threads: int | None = None) -> PreparedLSTM:
