@@ -6,7 +6,7 @@ from cython cimport floating
 from libc.math cimport exp, expf
 from libc.string cimport memcpy
 
-from activations cimport ACT_IDENTITY, ACT_SOFTMAX, activation
+from activations cimport ACT_IDENTITY, ACT_RELU, ACT_SIGMOID, ACT_SOFTMAX, ACT_TANH, activation, sigmoid, tanh_
 from blas cimport matmul_nt
 
 cdef struct HeadStage:
@@ -39,6 +39,26 @@ cdef inline void softmax_rows(floating* y, Py_ssize_t rows, Py_ssize_t n) noexce
             row[j] = row[j] / total
 
 
+cdef inline void activate(floating* y, Py_ssize_t n, int code, floating alpha, floating beta) noexcept nogil:
+    """y[:n] = activation ``code`` of y, elementwise. The common head activations get loops of their own,
+    which gcc vectorises; the switch of ``activation`` inside one loop would keep it scalar."""
+    cdef Py_ssize_t j
+    if code == ACT_IDENTITY:
+        return
+    if code == ACT_RELU:
+        for j in range(n):
+            y[j] = 0 if y[j] < 0 else y[j]
+    elif code == ACT_TANH:
+        for j in range(n):
+            y[j] = tanh_(y[j])
+    elif code == ACT_SIGMOID:
+        for j in range(n):
+            y[j] = sigmoid(y[j])
+    else:
+        for j in range(n):
+            y[j] = activation(y[j], code, alpha, beta)
+
+
 cdef inline void run_head(const HeadStage* stages, Py_ssize_t num_stages, Py_ssize_t rows, const floating* x,
                           Py_ssize_t in_features, floating* y, floating* scratch,
                           Py_ssize_t scratch_items) noexcept nogil:
@@ -54,7 +74,6 @@ cdef inline void run_head(const HeadStage* stages, Py_ssize_t num_stages, Py_ssi
     cdef const floating* source = x
     cdef const floating* bias
     cdef floating* target
-    cdef floating alpha, beta
     if num_stages == 0:
         memcpy(y, x, rows * in_features * sizeof(floating))
         return
@@ -74,8 +93,6 @@ cdef inline void run_head(const HeadStage* stages, Py_ssize_t num_stages, Py_ssi
                         target[r * out + j] += bias[j]
         if stage.code == ACT_SOFTMAX:
             softmax_rows(target, rows, out)
-        elif stage.code != ACT_IDENTITY:
-            alpha, beta = <floating>stage.alpha, <floating>stage.beta
-            for j in range(rows * out):
-                target[j] = activation(target[j], stage.code, alpha, beta)
+        else:
+            activate(target, rows * out, stage.code, <floating>stage.alpha, <floating>stage.beta)
         source = target

@@ -977,6 +977,27 @@ def _softmax_rows(y):
 
 
 @njit(**_HELPER_OPTIONS)
+def _activate(y, code, alpha, beta):
+    """y = activation ``code`` of y (1-D), elementwise. The common head activations get loops of their own,
+    which LLVM vectorises; the switch of ``_activation`` inside one loop would keep it scalar."""
+    if code == _ACT_IDENTITY:
+        return
+    zero = y.dtype.type(0)
+    if code == _ACT_RELU:
+        for j in range(y.shape[0]):
+            y[j] = zero if y[j] < zero else y[j]
+    elif code == _ACT_TANH:
+        for j in range(y.shape[0]):
+            y[j] = _tanh(y[j])
+    elif code == _ACT_SIGMOID:
+        for j in range(y.shape[0]):
+            y[j] = _sigmoid(y[j])
+    else:
+        for j in range(y.shape[0]):
+            y[j] = _activation(y[j], code, alpha, beta)
+
+
+@njit(**_HELPER_OPTIONS)
 def _run_head(x, y, weights, head, scratch, half):
     """y (N, O) = the head's stages, in order, over x (N, F); without stages y = x.
 
@@ -1007,11 +1028,9 @@ def _run_head(x, y, weights, head, scratch, half):
         code = stage[HEAD_ACTIVATION]
         if code == _ACT_SOFTMAX:
             _softmax_rows(target)
-        elif code != _ACT_IDENTITY:
-            alpha, beta = weights[stage[HEAD_PARAMS]], weights[stage[HEAD_PARAMS] + 1]
-            flat = target.reshape(rows * size_out)
-            for j in range(flat.shape[0]):
-                flat[j] = _activation(flat[j], code, alpha, beta)
+        else:
+            _activate(target.reshape(rows * size_out), code, weights[stage[HEAD_PARAMS]],
+                      weights[stage[HEAD_PARAMS] + 1])
         source = target
 
 
