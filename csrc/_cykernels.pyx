@@ -681,6 +681,7 @@ cdef class LSTMKernels:
     cdef Py_ssize_t num_head_stages
     cdef readonly Py_ssize_t head_input_size, output_size   # features into and out of the head
     cdef Py_ssize_t head_width         # the widest intermediate stage's output (0 with fewer than 2 stages)
+    cdef Py_ssize_t head_weights       # weights the head reads per batch row
 
     def __cinit__(self):
         self.cells = NULL
@@ -746,7 +747,7 @@ cdef class LSTMKernels:
         cdef cnp.ndarray array
         self.num_head_stages = len(stages)
         self.head_input_size = self.output_size = input_size
-        self.head_width = 0
+        self.head_width = self.head_weights = 0
         if not stages:
             return
         self.head_stages = <HeadStage*>malloc(self.num_head_stages * sizeof(HeadStage))
@@ -771,6 +772,8 @@ cdef class LSTMKernels:
             if entry["weight"] is None and (entry["bias"] is not None or stage.out_features != stage.in_features):
                 raise ValueError(f"LSTMKernels: head stage {n} has no weight: it is an activation alone")
             stage.weight = NULL if entry["weight"] is None else cnp.PyArray_DATA(entry["weight"])
+            if stage.weight != NULL:
+                self.head_weights += stage.in_features * stage.out_features
             stage.bias = NULL if entry["bias"] is None else cnp.PyArray_DATA(entry["bias"])
             stage.code, stage.alpha, stage.beta = entry["activation_code"], entry["alpha"], entry["beta"]
             if n < self.num_head_stages - 1:
@@ -897,8 +900,9 @@ cdef class LSTMKernels:
         ``x`` is ``(B, I)`` (or ``(I,)`` at batch 1); ``h`` and ``c`` hold the flat state (layout in
         fastlstm.backends.base; any shape of that memory, 1-D as fastlstm.model passes it); all C-contiguous
         of this dtype; B is the workspace's batch size. The checks are C macros on the array headers, so a
-        call costs little beyond them. The GIL is released when a step reads 64K weights or more: releasing
-        and re-taking it costs about 45 ns, a few percent of a smaller step, which no other thread could use.
+        call costs little beyond them. The GIL is released when a step reads 64K weights or more (the cells'
+        and the head's, all batch rows): releasing and re-taking it costs about 45 ns, a few percent of a
+        smaller step, which no other thread could use.
         """
         cdef Py_ssize_t batch = workspace.batch_size
         if not self.streamable:
@@ -916,7 +920,7 @@ cdef class LSTMKernels:
         cdef void* xp = cnp.PyArray_DATA(x)
         cdef void* hp = cnp.PyArray_DATA(h)
         cdef void* cp = cnp.PyArray_DATA(c)
-        if self.weights_per_step * batch >= RELEASE_GIL_MIN_WEIGHTS:
+        if (self.weights_per_step + self.head_weights) * batch >= RELEASE_GIL_MIN_WEIGHTS:
             with nogil:
                 self._step(batch, xp, hp, cp, workspace)
         else:

@@ -232,3 +232,15 @@ def test_a_stream_step_allocates_nothing_in_the_head(backend, with_out):
     assert peak - before < 2048, f"a step allocated {peak - before} bytes at its peak"
     assert current - before < 1024
     assert y.shape == (4,)
+
+
+def test_a_large_head_counts_towards_releasing_the_gil():
+    """A small LSTM under a large head: the step reads mostly the head's weights, and releases the GIL for them."""
+    from fastlstm.backends.numba_backend import NumbaLSTM, step_releases_gil
+
+    rng = np.random.default_rng(11)
+    small = random_spec(rng, input_size=4, hidden_size=8)
+    prepared = NumbaLSTM(with_head(small, [(8192, HEAD_ACTIVATIONS["relu"]), (4, HEAD_ACTIVATIONS["identity"])]),
+                         np.float32)
+    assert step_releases_gil(prepared._plans, prepared._head_stages, 1)
+    assert not step_releases_gil(prepared._plans, (), 1)

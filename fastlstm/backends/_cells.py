@@ -123,6 +123,11 @@ class HeadStagePlan:
     alpha: float
     beta: float
 
+    @property
+    def weights(self) -> int:
+        """Weights the stage reads per batch row."""
+        return 0 if self.weight is None else self.in_features * self.out_features
+
 
 def plan_head(spec: ModelSpec) -> tuple[HeadStagePlan, ...]:
     """The head of ``spec`` as stages, in order: its input activation (only when it is not the identity), then

@@ -669,9 +669,8 @@ def _head_sizes(cells, head):
     last = cells[cells.shape[0] - 1]
     size = last[COL_DIRECTIONS] * _sizes(last)[3]
     widest = 0
-    for n in range(head.shape[0]):
-        if n < head.shape[0] - 1:
-            widest = max(widest, head[n, HEAD_OUT])
+    for n in range(head.shape[0] - 1):
+        widest = max(widest, head[n, HEAD_OUT])
     return size, head[head.shape[0] - 1, HEAD_OUT] if head.shape[0] else size, widest
 
 

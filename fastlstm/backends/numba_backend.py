@@ -88,9 +88,11 @@ def pack_cells(plans: tuple[CellPlan, ...], head_stages: tuple[HeadStagePlan, ..
     return weights, cells, head
 
 
-def step_releases_gil(plans: tuple[CellPlan, ...], batch: int) -> bool:
-    """Whether a stream step of this batch size reads enough weights to release the GIL while it runs."""
-    return sum(plan.weights_per_step for plan in plans) * batch >= kernels.RELEASE_GIL_MIN_WEIGHTS
+def step_releases_gil(plans: tuple[CellPlan, ...], head_stages: tuple[HeadStagePlan, ...], batch: int) -> bool:
+    """Whether a stream step of this batch size reads enough weights (the cells' and the head's) to release the
+    GIL while it runs."""
+    weights = sum(plan.weights_per_step for plan in plans) + sum(stage.weights for stage in head_stages)
+    return weights * batch >= kernels.RELEASE_GIL_MIN_WEIGHTS
 
 
 class StepWorkspace:
@@ -124,8 +126,8 @@ class NumbaLSTM(PreparedLSTM):
         super().__init__(spec, dtype, num_threads)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype: expected float32 or float64, got {self.dtype}")
-        self._plans = plan_cells(spec)
-        self._weights, self._cells, self._head = pack_cells(self._plans, plan_head(spec), self.dtype, num_threads)
+        self._plans, self._head_stages = plan_cells(spec), plan_head(spec)
+        self._weights, self._cells, self._head = pack_cells(self._plans, self._head_stages, self.dtype, num_threads)
         self._streamable = spec.is_unidirectional_forward
 
     def run_sequence(self, x, h, c, lengths=None):
@@ -144,7 +146,7 @@ class NumbaLSTM(PreparedLSTM):
         batch_size = int(batch_size)
         scratch = aligned_zeros(kernels.step_scratch_size(self._cells, self._head, batch_size), self.dtype)
         output = np.zeros((batch_size, self.spec.output_size), self.dtype)
-        releases_gil = step_releases_gil(self._plans, batch_size)
+        releases_gil = step_releases_gil(self._plans, self._head_stages, batch_size)
         kernel = kernels.step_stack if releases_gil else kernels.step_stack_holding_gil
         return StepWorkspace(batch_size, output, scratch, kernel)
 
