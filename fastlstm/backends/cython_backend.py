@@ -67,14 +67,16 @@ def pack_for_extension(plan: CellPlan, dtype: np.dtype) -> dict:
 def pack_head_for_extension(stages: tuple[HeadStagePlan, ...], dtype: np.dtype) -> list[dict]:
     """The head's stages in the extension's layout: per stage its sizes, activation code and parameters, and
     its weight ``(out, in)`` and bias as C-contiguous copies in ``dtype`` (None where the stage has none)."""
-
-    def contiguous(array):  # a copy: the extension marks what it holds read-only, the spec's arrays stay as given
-        return None if array is None else np.array(array, dtype=dtype, order="C", copy=True)
-
-    return [dict(in_features=stage.in_features, out_features=stage.out_features, weight=contiguous(stage.weight),
-                 bias=contiguous(stage.bias), activation_code=stage.activation_code, alpha=stage.alpha,
-                 beta=stage.beta)
+    return [dict(in_features=stage.in_features, out_features=stage.out_features,
+                 weight=_owned_copy(stage.weight, dtype), bias=_owned_copy(stage.bias, dtype),
+                 activation_code=stage.activation_code, alpha=stage.alpha, beta=stage.beta)
             for stage in stages]
+
+
+def _owned_copy(array, dtype: np.dtype) -> np.ndarray | None:
+    """A C-contiguous copy in ``dtype`` (None stays None): the extension marks what it holds read-only, and
+    the spec's arrays stay as given."""
+    return None if array is None else np.array(array, dtype=dtype, order="C", copy=True)
 
 
 def _panels(rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
