@@ -244,3 +244,19 @@ def test_a_large_head_counts_towards_releasing_the_gil():
                          np.float32)
     assert step_releases_gil(prepared._plans, prepared._head_stages, 1)
     assert not step_releases_gil(prepared._plans, (), 1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_threaded_cython_step_runs_the_head(batch):
+    """A stream step split over two threads (by hidden units at batch 1, by rows above) runs the head after
+    the threads have met, on the whole new h."""
+    rng = np.random.default_rng(12)
+    spec = with_head(random_spec(rng, input_size=128, hidden_size=256, scale=0.05),
+                     [(32, HEAD_ACTIVATIONS["tanh"]), (10, HEAD_ACTIVATIONS["softmax"])], "relu")
+    model = fastlstm.Model(spec, backend="cython", num_threads=2)
+    stream = model.stream(batch)
+    assert stream._workspace.threads == 2
+    oracle = fastlstm.Model(spec, backend="numpy").stream(batch)
+    x = rng.normal(size=(batch, 6, 128))
+    for t in range(6):
+        assert_close(stream.step(x[:, t]), oracle.step(x[:, t]), "float32")
