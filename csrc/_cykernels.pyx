@@ -23,6 +23,10 @@ from the planner's cells and handed over as arrays and numbers (this module read
   panels of their own too (``candidate_packed``): they multiply r * h', apart from the other rows.
 * ``projection`` (LSTMP) is ``w_hr`` ``(P, H_pad)`` with each row zero-padded the same way.
 * ``candidate_bias`` (GRU) is ``b_hn`` ``(H,)``.
+* the dense head (``cython_backend.pack_head_for_extension``) is one entry per stage: the head's input
+  activation (no weight), then each dense layer's ``weight`` ``(out, in)`` as the spec holds it, its ``bias``
+  and activation (head.pxd runs them). A stream step runs it on the top layer's new h into the workspace's
+  ``output``; ``run_head`` runs it over whole sequences' selected outputs.
 
 A pre-activation vector ``z`` is ``(G*H,)`` in gate order; the pointwise kernels add the bias or the
 precomputed input projection to it, apply the activations and update the state.
@@ -47,6 +51,7 @@ cimport numpy as cnp
 
 from activations cimport D0, D1, D2, D3, N0, N1, N2, N3, N4, N5, N6, TANH_CLAMP_C, activation, fast_tanh, sigmoid
 from blas cimport HAND_MATMUL_MAX_ROWS, dot_rows, gemm_nt, matmul_nt
+from head cimport HeadStage, run_head
 from cell cimport (CELL_GRU, CELL_GRU_RESET_FIRST, CELL_LSTM, CELL_RNN, CellDesc, gru_reset_gates, pointwise,
                    pointwise_gru_general, pointwise_gru_reset_first, pointwise_gru_standard, pointwise_lstm_general,
                    pointwise_lstm_standard, pointwise_rnn_general, pointwise_rnn_standard)
@@ -626,14 +631,20 @@ cdef enum:
 
 
 cdef class StepWorkspace:
-    """Scratch of one stream: padded [x | h] rows and hidden rows per layer, gate pre-activations.
+    """Scratch of one stream: padded [x | h] rows and hidden rows per layer, gate pre-activations, the
+    head's intermediate outputs, and ``output``, where each step leaves its output.
 
-    One aligned buffer holds all of it; ``step`` writes only here and into the caller's h and c.
+    One aligned buffer holds the scratch; ``step`` writes only there, into ``output`` and into the caller's
+    h and c.
     """
     cdef readonly Py_ssize_t batch_size
+    cdef readonly cnp.ndarray output  # (B, O): the step's output, the head's when the model has one
+    cdef void* output_data
     cdef cnp.ndarray buffer
     cdef void* scratch
     cdef Py_ssize_t* offsets          # region starts, indexed by the WS_* constants
+    cdef Py_ssize_t head_offset       # where the head's two halves of scratch start (head_items each)
+    cdef Py_ssize_t head_items
     cdef object owner                 # the LSTMKernels whose layout the offsets follow
     cdef readonly int threads         # threads per step (LSTMKernels._stream_threads)
 
@@ -666,16 +677,25 @@ cdef class LSTMKernels:
     cdef Py_ssize_t weights_per_step   # packed weights one batch row of a stream step reads
     cdef readonly int num_threads      # the most threads one call may use
     cdef bint steps_threadable         # no projection: stream steps may run threaded
+    cdef HeadStage* head_stages        # the dense head, stage by stage (none: the output is the recurrent one)
+    cdef Py_ssize_t num_head_stages
+    cdef readonly Py_ssize_t head_input_size, output_size   # features into and out of the head
+    cdef Py_ssize_t head_width         # the widest intermediate stage's output (0 with fewer than 2 stages)
+    cdef Py_ssize_t head_weights       # weights the head reads per batch row
 
     def __cinit__(self):
         self.cells = NULL
+        self.head_stages = NULL
 
     def __dealloc__(self):
         free(self.cells)
+        free(self.head_stages)
 
-    def __init__(self, dtype, int num_threads, list cells):
+    def __init__(self, dtype, int num_threads, list cells, list head=None):
         """``cells``: one dict per cell in state order, as ``cython_backend.pack_for_extension`` makes them
-        (sizes, strides, activation codes and parameters, flags, and the packed arrays of the layout above)."""
+        (sizes, strides, activation codes and parameters, flags, and the packed arrays of the layout above).
+        ``head``: one dict per stage of the dense head, as ``cython_backend.pack_head_for_extension`` makes
+        them; None or empty for a model without a head."""
         cdef CellDesc* d
         if num_threads < 1:
             raise ValueError(f"num_threads: expected a positive integer, got {num_threads}")
@@ -718,6 +738,47 @@ cdef class LSTMKernels:
         self.input_size = self.cells[0].input_size
         self.streamable = all(not cell["reverse"] for cell in cells)
         self.steps_threadable = all(cell["proj_size"] == 0 for cell in cells)
+        self._describe_head(head or [], self.directions[self.num_layers - 1] * self.cells[self.num_cells - 1].rec_size)
+
+    cdef _describe_head(self, list stages, Py_ssize_t input_size):
+        """Point ``self.head_stages`` at the head's arrays (kept alive in ``self.arrays``) and check that each
+        stage takes what the one before gives, the first what the recurrent stack outputs (``input_size``)."""
+        cdef HeadStage* stage
+        cdef cnp.ndarray array
+        self.num_head_stages = len(stages)
+        self.head_input_size = self.output_size = input_size
+        self.head_width = self.head_weights = 0
+        if not stages:
+            return
+        self.head_stages = <HeadStage*>malloc(self.num_head_stages * sizeof(HeadStage))
+        if self.head_stages == NULL:
+            raise MemoryError()
+        memset(self.head_stages, 0, self.num_head_stages * sizeof(HeadStage))
+        for n, entry in enumerate(stages):
+            stage = &self.head_stages[n]
+            stage.in_features, stage.out_features = entry["in_features"], entry["out_features"]
+            if stage.in_features != self.output_size or stage.out_features < 1:
+                raise ValueError(f"LSTMKernels: head stage {n} maps {stage.in_features} features to "
+                                 f"{stage.out_features}, after a stage of {self.output_size}")
+            for name, shape in (("weight", (stage.out_features, stage.in_features)), ("bias", (stage.out_features,))):
+                array = entry[name]
+                if array is None:
+                    continue
+                if array.dtype != self.dtype or not array.flags.c_contiguous or np.shape(array) != shape:
+                    raise ValueError(f"LSTMKernels: head stage {n}'s {name} must be a C-contiguous {self.dtype} "
+                                     f"array of shape {shape}")
+                array.flags.writeable = False
+                self.arrays.append(array)
+            if entry["weight"] is None and (entry["bias"] is not None or stage.out_features != stage.in_features):
+                raise ValueError(f"LSTMKernels: head stage {n} has no weight: it is an activation alone")
+            stage.weight = NULL if entry["weight"] is None else cnp.PyArray_DATA(entry["weight"])
+            if stage.weight != NULL:
+                self.head_weights += stage.in_features * stage.out_features
+            stage.bias = NULL if entry["bias"] is None else cnp.PyArray_DATA(entry["bias"])
+            stage.code, stage.alpha, stage.beta = entry["activation_code"], entry["alpha"], entry["beta"]
+            if n < self.num_head_stages - 1:
+                self.head_width = max(self.head_width, stage.out_features)
+            self.output_size = stage.out_features
 
     cdef _describe_cell(self, CellDesc* d, dict cell):
         """Point ``d`` at a packed cell's arrays (kept alive in ``self.arrays``) and copy its numbers."""
@@ -822,19 +883,26 @@ cdef class LSTMKernels:
             ws.offsets[layer * WS_PER_LAYER + WS_ZX] = offset
             if d.kind != CELL_LSTM and d.kind != CELL_RNN:
                 offset += padded(batch_size * d.gate_rows, self.itemsize)
+        ws.head_offset = offset
+        ws.head_items = padded(batch_size * self.head_width, self.itemsize)
+        offset += 2 * ws.head_items
         ws.buffer = aligned_zeros(offset + lanes, self.dtype)
         ws.scratch = cnp.PyArray_DATA(ws.buffer)
+        ws.output = np.zeros((batch_size, self.output_size), dtype=self.dtype)
+        ws.output_data = cnp.PyArray_DATA(ws.output)
         return ws
 
     def step(self, cnp.ndarray x not None, cnp.ndarray h not None, cnp.ndarray c not None,
              StepWorkspace workspace not None):
-        """Advance a forward stack one time step in place.
+        """Advance a forward stack one time step in place, then run the head on the top layer's new h into
+        ``workspace.output`` (B, O) (without a head, the top layer's h is copied there).
 
         ``x`` is ``(B, I)`` (or ``(I,)`` at batch 1); ``h`` and ``c`` hold the flat state (layout in
         fastlstm.backends.base; any shape of that memory, 1-D as fastlstm.model passes it); all C-contiguous
         of this dtype; B is the workspace's batch size. The checks are C macros on the array headers, so a
-        call costs little beyond them. The GIL is released when a step reads 64K weights or more: releasing
-        and re-taking it costs about 45 ns, a few percent of a smaller step, which no other thread could use.
+        call costs little beyond them. The GIL is released when a step reads 64K weights or more (the cells'
+        and the head's, all batch rows): releasing and re-taking it costs about 45 ns, a few percent of a
+        smaller step, which no other thread could use.
         """
         cdef Py_ssize_t batch = workspace.batch_size
         if not self.streamable:
@@ -852,7 +920,7 @@ cdef class LSTMKernels:
         cdef void* xp = cnp.PyArray_DATA(x)
         cdef void* hp = cnp.PyArray_DATA(h)
         cdef void* cp = cnp.PyArray_DATA(c)
-        if self.weights_per_step * batch >= RELEASE_GIL_MIN_WEIGHTS:
+        if (self.weights_per_step + self.head_weights) * batch >= RELEASE_GIL_MIN_WEIGHTS:
             with nogil:
                 self._step(batch, xp, hp, cp, workspace)
         else:
@@ -861,6 +929,7 @@ cdef class LSTMKernels:
     cdef void _step(self, Py_ssize_t batch, void* x, void* h, void* c, StepWorkspace ws) noexcept nogil:
         cdef unsigned int saved_mode = flush_denormals()
         cdef StepJob job
+        cdef const CellDesc* top = &self.cells[self.num_cells - 1]
         if ws.threads > 1:
             job.cells, job.num_layers, job.batch, job.offsets = self.cells, self.num_layers, batch, ws.offsets
             job.x, job.h, job.c, job.scratch = x, h, c, ws.scratch
@@ -872,6 +941,15 @@ cdef class LSTMKernels:
         else:
             step_stack[float](self.cells, self.num_layers, batch, 0, batch, <float*>x, <float*>h, <float*>c,
                               <float*>ws.scratch, ws.offsets)
+        # The head, on the calling thread (its products may go to BLAS), from the top layer's (B, R) block of h.
+        if self.is_double:
+            run_head[double](self.head_stages, self.num_head_stages, batch, <double*>h + batch * top.h_start,
+                             top.rec_size, <double*>ws.output_data,
+                             <double*>ws.scratch + ws.head_offset, ws.head_items)
+        else:
+            run_head[float](self.head_stages, self.num_head_stages, batch, <float*>h + batch * top.h_start,
+                            top.rec_size, <float*>ws.output_data,
+                            <float*>ws.scratch + ws.head_offset, ws.head_items)
         restore_fp_mode(saved_mode)
 
     cdef int _stream_threads(self, Py_ssize_t batch):
@@ -962,6 +1040,33 @@ cdef class LSTMKernels:
                 cell_index += 1
             layer_input = layer_output
         return layer_input
+
+    def run_head(self, cnp.ndarray x not None):
+        """The head over x (N, F): a new (N, O) array (a copy of x without a head). F is what the recurrent
+        stack outputs; x is C-contiguous of this dtype."""
+        if not (cnp.PyArray_TYPE(x) == self.type_num and cnp.PyArray_IS_C_CONTIGUOUS(x)):
+            raise ValueError(f"run_head(): x must be a C-contiguous {self.dtype} array")
+        if x.ndim != 2 or x.shape[1] != self.head_input_size:
+            raise ValueError(f"run_head(): expected x (N, {self.head_input_size}), got {np.shape(x)}")
+        cdef Py_ssize_t rows = x.shape[0]
+        cdef cnp.ndarray y = np.empty((rows, self.output_size), dtype=self.dtype)
+        cdef Py_ssize_t half = padded(rows * self.head_width, self.itemsize)
+        cdef cnp.ndarray scratch = aligned_zeros(2 * half + 1, self.dtype)
+        cdef unsigned int saved_mode
+        if rows == 0:
+            return y
+        with nogil:
+            saved_mode = flush_denormals()
+            if self.is_double:
+                run_head[double](self.head_stages, self.num_head_stages, rows, <const double*>cnp.PyArray_DATA(x),
+                                 self.head_input_size, <double*>cnp.PyArray_DATA(y),
+                                 <double*>cnp.PyArray_DATA(scratch), half)
+            else:
+                run_head[float](self.head_stages, self.num_head_stages, rows, <const float*>cnp.PyArray_DATA(x),
+                                self.head_input_size, <float*>cnp.PyArray_DATA(y),
+                                <float*>cnp.PyArray_DATA(scratch), half)
+            restore_fp_mode(saved_mode)
+        return y
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ cdef enum ActivationCode:
     ACT_ELU = 9
     ACT_SOFTSIGN = 10
     ACT_SOFTPLUS = 11
+    ACT_SOFTMAX = 12     # over a whole row, in a dense head only: head.pxd applies it, never ``activation``
 
 # ------------------------------------------------------------------------------------------------------
 # Scalar maths. Every clamp is written so that a NaN passes through unchanged.

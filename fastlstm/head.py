@@ -1,8 +1,9 @@
 """The dense head (an elementwise activation of the recurrent output, then a chain of ``Linear`` + activation
-layers), run the same way for every backend.
+layers) in NumPy: the readable reference the compiled kernels are tested against.
 
-``PreparedHead.apply`` serves whole-sequence predictions; ``apply_into`` runs the head of a stream into buffers
-allocated once, so a streaming step allocates nothing here.
+Every backend runs the head (``fastlstm.backends.base``): the NumPy backend with ``PreparedHead`` below, the
+compiled ones inside their kernels, in the same call as the recurrent step. ``PreparedHead.apply`` serves
+whole-sequence predictions; ``apply_into`` runs the head of a stream into buffers allocated once.
 """
 
 from __future__ import annotations
@@ -13,13 +14,27 @@ from .activations import apply_activation
 from .spec import ModelSpec
 
 
+def has_head(spec: ModelSpec) -> bool:
+    """Whether ``spec`` transforms its recurrent output at all (dense layers or an input activation)."""
+    return bool(spec.head) or spec.head_input_activation.name != "identity"
+
+
+def head_buffer_sizes(spec: ModelSpec) -> list[int]:
+    """Feature sizes per batch row of what a backend may allocate to run the head, for allocation estimates:
+    every stage's output (the activated input, each dense layer's), the widest once more (the compiled
+    kernels alternate between two buffers of it), and a scratch column."""
+    sizes = [spec.recurrent_output_size] if spec.head_input_activation.name != "identity" else []
+    sizes += [dense.out_features for dense in spec.head]
+    return sizes + [max(sizes, default=0), 1]
+
+
 class PreparedHead:
     """The head's weights cast once to the run dtype, transposed for ``x @ weight_t``."""
 
     def __init__(self, spec: ModelSpec, dtype: np.dtype):
         self.dtype = np.dtype(dtype)
         self.input_activation = spec.head_input_activation
-        self.input_size = spec.lstm_output_size
+        self.input_size = spec.recurrent_output_size
         self.layers = spec.head
         self.weights_t = [np.ascontiguousarray(d.weight.T, dtype=dtype) for d in self.layers]
         self.biases = [None if d.bias is None else np.asarray(d.bias, dtype=dtype) for d in self.layers]
@@ -39,31 +54,30 @@ class PreparedHead:
                 x = apply_activation(dense.activation, x)
         return x
 
-    def buffer_sizes(self) -> list[int]:
-        """Feature sizes of the buffers ``new_buffers`` makes per batch row (for allocation estimates)."""
-        activated = [self.input_size] if self.input_activation.name != "identity" else []
-        return activated + [w_t.shape[1] for w_t in self.weights_t] + [1]
-
     def new_buffers(self, batch_size: int) -> list[np.ndarray]:
-        """Buffers for ``apply_into``: the activated input (when there is an input activation), one output per
-        dense layer, then a ``(B, 1)`` scratch column."""
-        return [np.empty((batch_size, size), dtype=self.dtype) for size in self.buffer_sizes()]
+        """Buffers for ``apply_into``: the activated input (when dense layers follow an input activation), the
+        output of every dense layer but the last, then a ``(B, 1)`` scratch column."""
+        sizes = [self.input_size] if self.input_activation.name != "identity" and self.layers else []
+        sizes += [w_t.shape[1] for w_t in self.weights_t[:-1]]
+        return [np.empty((batch_size, size), dtype=self.dtype) for size in sizes + [1]]
 
-    def apply_into(self, x: np.ndarray, buffers: list[np.ndarray]) -> np.ndarray:
-        """Run the head on ``x`` ``(B, F)`` into preallocated ``buffers``; returns the last output buffer."""
-        scratch = buffers[-1]
+    def apply_into(self, x: np.ndarray, out: np.ndarray, buffers: list[np.ndarray]) -> None:
+        """Run the head on ``x`` ``(B, F)`` into ``out`` ``(B, O)`` through ``buffers`` (``new_buffers``); without
+        a head, ``out`` gets ``x``."""
+        scratch, targets = buffers[-1], buffers[:-1] + [out]
         if self.input_activation.name != "identity":
-            activated, buffers = buffers[0], buffers[1:]
+            activated = targets.pop(0)
             activated[...] = x
             _activate_in_place(self.input_activation, activated, scratch)
             x = activated
-        for dense, w_t, b, out in zip(self.layers, self.weights_t, self.biases, buffers):
-            np.matmul(x, w_t, out=out)
+        if not self.layers:
+            out[...] = x
+        for dense, w_t, b, target in zip(self.layers, self.weights_t, self.biases, targets):
+            np.matmul(x, w_t, out=target)
             if b is not None:
-                out += b
-            _activate_in_place(dense.activation, out, scratch)
-            x = out
-        return x
+                target += b
+            _activate_in_place(dense.activation, target, scratch)
+            x = target
 
 
 def _activate_in_place(activation, out: np.ndarray, scratch: np.ndarray) -> None:

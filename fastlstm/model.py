@@ -3,7 +3,7 @@
 ``Model`` pairs a validated ``ModelSpec`` with its backend-prepared recurrent stack and dense head. It holds
 no mutable state, so one model serves any number of threads. ``Stream`` owns the recurrent state and every
 buffer a step needs, allocated and validated once at creation, so ``step`` only copies the input in,
-runs the kernel and copies the output out.
+runs the kernel (the recurrent step and the head, one call) and copies the output out.
 
 The state reaches the backends as two flat arrays (``fastlstm.backends.base``); ``fastlstm.state`` turns the
 user's form into them and back. A model with an embedding takes integer token ids: the table lookup runs
@@ -27,7 +27,7 @@ from ._arrays import as_real_array
 from .backends import prepare
 from .backends.base import state_blocks
 from .errors import InvalidInputError, ModelFormatError
-from .head import PreparedHead
+from .head import has_head, head_buffer_sizes
 from .limits import check_allocation
 from .native import native_bytes, save_native, spec_from_native_bytes
 from .spec import ModelSpec
@@ -46,7 +46,7 @@ class Model:
         self.dtype = _run_dtype(dtype)
         self.spec = spec.validate()
         self._lstm = prepare(spec, backend, self.dtype, num_threads)
-        self._head = PreparedHead(spec, self.dtype)
+        self._has_head = has_head(spec)
         self._state = StateCodec(spec, self.dtype)
         self._embedding = None if spec.embedding is None else np.ascontiguousarray(spec.embedding, dtype=self.dtype)
         # The keyword arguments that prepare this model again from its spec, sent with it when it is pickled:
@@ -130,8 +130,10 @@ class Model:
             y = y[:, -1] if lengths is None else y[np.arange(batch), np.maximum(lengths - 1, 0)]
         elif self.spec.output == "final_state":
             y = self._final_hidden(h, batch)
-        if self._head:
-            y = self._head.apply(y)
+        if self._has_head:
+            rows = y.shape[:-1]  # (B, T) for every step, (B,) for the last step or the final state
+            y = self._lstm.run_head(np.ascontiguousarray(y.reshape(-1, y.shape[-1])))
+            y = y.reshape(*rows, y.shape[-1])
         if unbatched:
             y = y[0]
         return (y, self._state.from_flat(h, c, batch, unbatched)) if return_state else y
@@ -189,7 +191,7 @@ class Model:
         """An upper estimate of what ``predict`` allocates for ``(batch, steps)``: the input in the run dtype,
         every layer's output and gate pre-activations, and the head's outputs."""
         spec = self.spec
-        per_step = spec.input_size + sum(self._head.buffer_sizes()) + spec.output_size
+        per_step = spec.input_size + sum(head_buffer_sizes(spec)) + spec.output_size
         for layer in spec.layers:
             per_step += layer.num_directions * (layer.output_size + layer.num_gates * layer.hidden_size)
         return int(batch) * int(steps) * per_step * self.dtype.itemsize
@@ -335,11 +337,12 @@ class Stream:
         self._x_row = self._x[0]
         top_start, top_size, _, _ = state_blocks(spec, batch)[-1]
         self._top = self._h[top_start:top_start + batch * top_size].reshape(batch, top_size)
-        self._top_row = self._top[0]
         self._workspace = model._lstm.new_workspace(batch)
-        self._head_buffers = model._head.new_buffers(batch)
+        # The step leaves its output (the head's, or the top layer's h) in the workspace's buffer.
+        self._output = self._workspace.output
+        self._output_row = self._output[0]
         self._step = model._lstm.step
-        self._head = model._head if model._head else None
+        self._run_head = model._lstm.run_head
         self._embedding = model._embedding
         self._vocab_size = spec.vocab_size
         if self._embedding is not None:
@@ -396,17 +399,12 @@ class Stream:
             self._x_row[...] = x_t
         else:
             self._x[...] = x_t
-        # The backend updates h in place; its last layer (views made once, above) is the step's output.
+        # The backend updates h in place and runs the head into the output buffer (views made once, above).
         if self._mask_value is None:
             self._step(self._x, self._h, self._c, self._workspace)
         else:
             self._step_with_mask(x_t)
-        if self._head is None:
-            y = self._top_row if unbatched else self._top
-        else:
-            y = self._head.apply_into(self._top, self._head_buffers)
-            if unbatched:
-                y = y[0]
+        y = self._output_row if unbatched else self._output
         if out is None:
             return y.copy()
         out[...] = y
@@ -424,6 +422,8 @@ class Stream:
         carried = self._codec.take_rows(self._h, self._c, self.batch_size, masked)
         self._step(self._x, self._h, self._c, self._workspace)
         self._codec.put_rows(self._h, self._c, self.batch_size, masked, *carried)
+        # The step ran the head on every row; a skipped row's output is the head of its carried state.
+        self._output[masked] = self._run_head(np.ascontiguousarray(self._top[masked]))
 
     def _check_out(self, out, shape: tuple[int, ...]) -> None:
         """The full check of an ``out=`` the fast one in ``step`` did not pass (it compares dtypes by identity):
@@ -481,7 +481,7 @@ def _stream_bytes(model: Model, batch_size: int) -> int:
     scratch (at most the gate pre-activations and outputs of every layer) and the head's buffers."""
     spec = model.spec
     per_row = sum(row.h_size + row.c_size for row in spec.state_rows()) + spec.input_size
-    per_row += sum(model._head.buffer_sizes())
+    per_row += sum(head_buffer_sizes(spec))
     per_row += sum(layer.num_gates * layer.hidden_size + 2 * layer.output_size for layer in spec.layers)
     return batch_size * per_row * model.dtype.itemsize
 

@@ -192,7 +192,7 @@ def test_threaded_step_matches_reference(dtype, input_size, hidden, layers, batc
     assert CythonLSTM(spec, dtype, num_threads=1).new_workspace(batch).threads == 1
     for _ in range(4):
         x = rng.normal(0, 0.3, (batch, input_size)).astype(dtype)
-        reference.step(x, states[0], states[1], None)
+        reference.step(x, states[0], states[1], reference.new_workspace(len(x)))
         backend.step(x, states[2], states[3], workspace)
         np.testing.assert_allclose(states[2], states[0], rtol=0, atol=TOLERANCE[dtype])
     np.testing.assert_allclose(states[3], states[1], rtol=0, atol=TOLERANCE[dtype])
@@ -240,7 +240,7 @@ def test_blas_gemv_path_above_threshold(dtype):
     workspace = backend.new_workspace(1)
     for t in range(3):
         step_x = np.ascontiguousarray(x[:, t], dtype=dtype)
-        reference.step(step_x, states[0], states[1], None)
+        reference.step(step_x, states[0], states[1], reference.new_workspace(len(step_x)))
         backend.step(step_x, states[2], states[3], workspace)
         np.testing.assert_allclose(states[2], states[0], rtol=0, atol=TOLERANCE[dtype])
 
@@ -258,7 +258,7 @@ def test_step_matches_reference(dtype, batch, proj):
     workspace = backend.new_workspace(batch)
     for _ in range(5):
         x = rng.normal(0, 1, (batch, 7)).astype(dtype)
-        reference.step(x, h_ref, c_ref, None)
+        reference.step(x, h_ref, c_ref, reference.new_workspace(len(x)))
         backend.step(x, h, c, workspace)
         np.testing.assert_allclose(h, h_ref, rtol=0, atol=TOLERANCE[dtype])
     np.testing.assert_allclose(c, c_ref, rtol=0, atol=TOLERANCE[dtype])
@@ -454,7 +454,7 @@ def test_every_kind_step_matches_reference_on_the_flat_state(case, dtype):
     workspace = backend.new_workspace(batch)
     for _ in range(5):
         x = rng.normal(0, 1, (batch, 6)).astype(dtype)
-        reference.step(x, h_ref, c_ref, None)
+        reference.step(x, h_ref, c_ref, reference.new_workspace(len(x)))
         assert backend.step(x, h, c, workspace) is None
         np.testing.assert_allclose(h, h_ref, rtol=0, atol=TOLERANCE[dtype])
     np.testing.assert_allclose(c, c_ref, rtol=0, atol=TOLERANCE[dtype])
@@ -536,7 +536,7 @@ def test_threaded_kinds_step_matches_reference(dtype, layers, batch, threads):
     states = [np.zeros(h_items, dtype), np.zeros(c_items, dtype), np.zeros(h_items, dtype), np.zeros(c_items, dtype)]
     for _ in range(4):
         x = rng.normal(0, 0.3, (batch, 64)).astype(dtype)
-        reference.step(x, states[0], states[1], None)
+        reference.step(x, states[0], states[1], reference.new_workspace(len(x)))
         backend.step(x, states[2], states[3], workspace)
         np.testing.assert_allclose(states[2], states[0], rtol=0, atol=TOLERANCE[dtype])
     np.testing.assert_allclose(states[3], states[1], rtol=0, atol=TOLERANCE[dtype])

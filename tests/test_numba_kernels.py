@@ -151,7 +151,7 @@ def test_streams_of_one_model_on_concurrent_threads():
     rng = np.random.default_rng(8)
     spec = random_spec(rng, input_size=64, hidden_size=128, scale=0.1)
     prepared = NumbaLSTM(spec, np.float32)
-    assert step_releases_gil(prepared._plans, 1)
+    assert step_releases_gil(prepared._plans, prepared._head_stages, 1)
     inputs = [rng.normal(size=(1, 40, 64)).astype(np.float32) for _ in range(4)]
     zeros = np.zeros((1, 1, 128), np.float32)
     expected = [reference_run(spec, np.float32, x, zeros, zeros)[0] for x in inputs]

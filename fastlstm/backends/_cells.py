@@ -2,8 +2,10 @@
 
 A *cell* is one direction of one layer (of any kind: LSTM, GRU, simple RNN). ``plan_cells`` turns each into
 a ``CellPlan``: its sizes, the integer codes and parameters of its activations, its clip bound, its flags and
-its weights in the spec's layout. Each compiled backend then packs the plans into its own memory layout
-(``numba_backend.pack_cells``, ``cython_backend.pack_for_extension``) and its kernels read nothing of the spec: a new cell option is
+its weights in the spec's layout. ``plan_head`` does the same for the dense head: one ``HeadStagePlan`` per
+stage (the head's input activation, then each dense layer with its activation). Each compiled backend then
+packs the plans into its own memory layout (``numba_backend.pack_cells``, ``cython_backend.pack_for_extension``
+and ``pack_head_for_extension``) and its kernels read nothing of the spec: a new cell or head option is
 decided here once, and the compiled extension receives arrays and numbers only.
 
 Thresholds both compiled backends apply, under one vocabulary. Their values were measured per backend and
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..activations import ACTIVATION_CODES
 from ..spec import ModelSpec
 
 # Every packed segment and scratch region starts on a 64-byte boundary (one AVX-512 vector, a cache line).
@@ -101,6 +104,44 @@ def plan_cells(spec: ModelSpec) -> tuple[CellPlan, ...]:
                 candidate_bias=cell.candidate_bias,
             ))
     return tuple(plans)
+
+
+#: The activation code the head kernels apply to a whole row (softmax over the features) rather than elementwise.
+SOFTMAX_CODE = ACTIVATION_CODES["softmax"]
+
+
+@dataclass(frozen=True, eq=False)
+class HeadStagePlan:
+    """One stage of the dense head as the kernels see it: ``y = activation(x @ weight.T + bias)``, or, for the
+    head's input activation, ``y = activation(x)`` (no weight)."""
+
+    in_features: int
+    out_features: int
+    weight: np.ndarray | None  # (out, in) as in the spec; None for the input activation (then out == in)
+    bias: np.ndarray | None    # (out,), None when the layer has none (or for the input activation)
+    activation_code: int       # ``Activation.code``; SOFTMAX_CODE acts on each row as a whole
+    alpha: float
+    beta: float
+
+    @property
+    def weights(self) -> int:
+        """Weights the stage reads per batch row."""
+        return 0 if self.weight is None else self.in_features * self.out_features
+
+
+def plan_head(spec: ModelSpec) -> tuple[HeadStagePlan, ...]:
+    """The head of ``spec`` as stages, in order: its input activation (only when it is not the identity), then
+    every dense layer. No stages: the recurrent output is the model's output."""
+    stages = []
+    size = spec.recurrent_output_size
+    act = spec.head_input_activation
+    if act.name != "identity":
+        stages.append(HeadStagePlan(size, size, None, None, act.code, float(act.alpha), float(act.beta)))
+    for dense in spec.head:
+        act = dense.activation
+        stages.append(HeadStagePlan(dense.in_features, dense.out_features, dense.weight, dense.bias, act.code,
+                                    float(act.alpha), float(act.beta)))
+    return tuple(stages)
 
 
 def aligned_zeros(size: int, dtype) -> np.ndarray:

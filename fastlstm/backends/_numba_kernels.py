@@ -24,11 +24,18 @@ Packed layout, built once per model by ``numba_backend.pack_cells`` from the pla
   - ``params`` ``(7,)``: the clip bound (+inf without clip) and alpha, beta of the gate, cell and output
     activations, cast to the run dtype as the NumPy reference casts them.
 
+* the dense head, when the model has one, owns segments of ``weights`` too: per dense layer ``head_weight``
+  ``(in, out)`` (``weight.T``), ``head_bias`` ``(out,)`` (zeros for a layer without bias), and per stage
+  ``head_params`` ``(2,)``: alpha and beta of its activation.
+
 * ``cells`` is an int64 table with one row per cell, in state order (layer by layer, forward direction
   first); its columns are the ``COL_*`` constants below, among them where the cell's blocks of the flat
   state start (``COL_H_START``, ``COL_C_START``: the kernels take ``h`` and ``c`` in the flat layout of
   ``fastlstm.backends.base``, of any C-contiguous shape, and slice each cell's ``(B, R)`` and ``(B, H)``
   blocks from them).
+
+* ``head`` is an int64 table with one row per stage of the dense head (none without a head): the head's
+  input activation (no weight), then each dense layer; its columns are the ``HEAD_*`` constants below.
 
 Every cell step is one product of the input with ``input`` (hoisted over whole sequences, or one pass per
 stream step), one pass over ``recurrent`` (two for a GRU that resets first), then one fused pointwise loop
@@ -38,7 +45,8 @@ This file holds jitted code and the constants it reads only: Numba's on-disk cac
 defines a cached function, so everything compiled into the kernels must live here; the pure-Python packing
 lives in ``numba_backend``. The thresholds' names are shared with the Cython backend (see ``_cells``).
 
-The layering is: drivers that Python calls (``step_stack``, ``run_stack``, ``step_scratch_size``), then
+The layering is: drivers that Python calls (``step_stack``, ``run_stack``, ``run_head``,
+``step_scratch_size``), then
 one layer / one cell (``_layer_step``, ``_run_layer``, ``_run_cell``, and ``_cell_step``, the recurrent
 half of a step both share), then small helpers (products, pointwise updates, activations).
 
@@ -127,6 +135,16 @@ NUM_COLUMNS = 22
     COL_C_START,              # (B, R) block of the flat h starts at B * COL_H_START; likewise its c block
 ) = range(NUM_COLUMNS)
 
+HEAD_NUM_COLUMNS = 6
+(
+    HEAD_IN,                  # features into the stage
+    HEAD_OUT,                 # features out of it (HEAD_IN for the input activation)
+    HEAD_WEIGHT,              # offset of the (in, out) weight.T, -1 for the input activation
+    HEAD_BIAS,                # offset of the (out,) bias, -1 for the input activation
+    HEAD_ACTIVATION,          # ``Activation.code``; softmax acts on each row as a whole
+    HEAD_PARAMS,              # offset of (alpha, beta) of the activation
+) = range(HEAD_NUM_COLUMNS)
+
 KIND_CODES = {"lstm": 0, "gru": 1, "rnn": 2}
 _KIND_LSTM, _KIND_GRU, _KIND_RNN = KIND_CODES["lstm"], KIND_CODES["gru"], KIND_CODES["rnn"]
 
@@ -142,6 +160,7 @@ _ACT_HARD_SIGMOID = ACTIVATION_CODES["hard_sigmoid"]
 _ACT_ELU = ACTIVATION_CODES["elu"]
 _ACT_SOFTSIGN = ACTIVATION_CODES["softsign"]
 _ACT_SOFTPLUS = ACTIVATION_CODES["softplus"]
+_ACT_SOFTMAX = ACTIVATION_CODES["softmax"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -643,10 +662,22 @@ def _scratch_layout(cells, batch):
     return z_start, auxiliary_start, hidden_start, hidden_start + _aligned(batch * hidden)
 
 
+@njit(**_HELPER_OPTIONS)
+def _head_sizes(cells, head):
+    """(features into the head, features out of it, widest intermediate stage): the model's output size is
+    the second (the top cell's R, or all its layer's directions' for whole sequences, without a head)."""
+    last = cells[cells.shape[0] - 1]
+    size = last[COL_DIRECTIONS] * _sizes(last)[3]
+    widest = 0
+    for n in range(head.shape[0] - 1):
+        widest = max(widest, head[n, HEAD_OUT])
+    return size, head[head.shape[0] - 1, HEAD_OUT] if head.shape[0] else size, widest
+
+
 @njit(cache=True, **_HELPER_OPTIONS)
-def step_scratch_size(cells, batch):
-    """Items of scratch ``step_stack`` needs at this batch size."""
-    return _scratch_layout(cells, batch)[3]
+def step_scratch_size(cells, head, batch):
+    """Items of scratch ``step_stack`` needs at this batch size: the cells' regions, then the head's two."""
+    return _scratch_layout(cells, batch)[3] + 2 * _aligned(batch * _head_sizes(cells, head)[2])
 
 
 def _row_runs(lengths, b, s):
@@ -792,19 +823,22 @@ def _layer_step_one_row(inputs, h, c, weights, cell, scratch, layout):
 
 
 @njit(**_KERNEL_OPTIONS)
-def step_stack(x, h, c, scratch, weights, cells):
-    """One time step of a forward stack: x (B, I); h and c (flat state, any C-contiguous shape) in place.
+def step_stack(x, h, c, y, scratch, weights, cells, head):
+    """One time step of a forward stack: x (B, I); h and c (flat state, any C-contiguous shape) in place;
+    then the head on the top cell's new h into y (B, O) (the top cell's h itself without a head).
 
-    ``scratch`` holds at least ``step_scratch_size(cells, B)`` items. Raises ValueError (before touching
-    anything) when the shapes do not fit the model.
+    ``scratch`` holds at least ``step_scratch_size(cells, head, B)`` items. Raises ValueError (before
+    touching anything) when the shapes do not fit the model.
     """
     num_cells = cells.shape[0]
     batch = x.shape[0]
     h, c = h.reshape(h.size), c.reshape(c.size)
     h_items, c_items = _state_items(cells)
     layout = _scratch_layout(cells, batch)
+    _, output_size, head_width = _head_sizes(cells, head)
+    head_half = _aligned(batch * head_width)
     fits = (x.shape[1] == cells[0, COL_INPUT_SIZE] and h.size == batch * h_items and c.size == batch * c_items
-            and scratch.size >= layout[3])
+            and scratch.size >= layout[3] + 2 * head_half and y.size == batch * output_size)
     for n in range(num_cells):
         fits = fits and cells[n, COL_DIRECTIONS] == 1 and cells[n, COL_REVERSE] == 0
     if not fits:
@@ -826,13 +860,15 @@ def step_stack(x, h, c, scratch, weights, cells):
             inputs = cell_h
             cell_h, cell_c = _cell_state(h, c, cells[n], batch)
             _layer_step(inputs, cell_h, cell_c, weights, cells[n], scratch, layout)
+    top_h = _cell_state(h, c, cells[num_cells - 1], batch)[0]
+    _run_head(top_h, y.reshape(batch, output_size), weights, head, scratch[layout[3]:], head_half)
     _set_fp_mode(saved_mode)
 
 
 @njit(**dict(_KERNEL_OPTIONS, nogil=False))
-def step_stack_holding_gil(x, h, c, scratch, weights, cells):
+def step_stack_holding_gil(x, h, c, y, scratch, weights, cells, head):
     """``step_stack`` without releasing the GIL, for steps too short to be worth it."""
-    step_stack(x, h, c, scratch, weights, cells)
+    step_stack(x, h, c, y, scratch, weights, cells, head)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -915,4 +951,99 @@ def run_stack(x, h, c, lengths, weights, cells):
     while n < num_cells:
         y = _run_layer(y, h, c, lengths, weights, cells, n, x_proj, scratch, layout)
         n += cells[n, COL_DIRECTIONS]
+    return y
+
+
+# ------------------------------------------------------------------------------------------------------
+# The dense head.
+
+@njit(**_HELPER_OPTIONS)
+def _softmax_rows(y):
+    """Each row of y (N, O) replaced by its softmax: exp(y - max(y)) / sum, so exp never overflows."""
+    for r in range(y.shape[0]):
+        row = y[r]
+        top = row[0]
+        for j in range(1, row.shape[0]):
+            if row[j] > top:
+                top = row[j]
+        total = row.dtype.type(0)
+        for j in range(row.shape[0]):
+            e = np.exp(row[j] - top)
+            row[j] = e
+            total += e
+        for j in range(row.shape[0]):
+            row[j] = row[j] / total
+
+
+@njit(**_HELPER_OPTIONS)
+def _activate(y, code, alpha, beta):
+    """y = activation ``code`` of y (1-D), elementwise. The common head activations get loops of their own,
+    which LLVM vectorises; the switch of ``_activation`` inside one loop would keep it scalar."""
+    if code == _ACT_IDENTITY:
+        return
+    zero = y.dtype.type(0)
+    if code == _ACT_RELU:
+        for j in range(y.shape[0]):
+            y[j] = zero if y[j] < zero else y[j]
+    elif code == _ACT_TANH:
+        for j in range(y.shape[0]):
+            y[j] = _tanh(y[j])
+    elif code == _ACT_SIGMOID:
+        for j in range(y.shape[0]):
+            y[j] = _sigmoid(y[j])
+    else:
+        for j in range(y.shape[0]):
+            y[j] = _activation(y[j], code, alpha, beta)
+
+
+@njit(**_HELPER_OPTIONS)
+def _run_head(x, y, weights, head, scratch, half):
+    """y (N, O) = the head's stages, in order, over x (N, F); without stages y = x.
+
+    Intermediate stages alternate between scratch[:half] and scratch[half:2 * half] (each at least N times
+    the widest intermediate stage); the last stage writes y. Products of up to HAND_MATMUL_MAX_ROWS rows run
+    in the hand loop, larger ones in BLAS.
+    """
+    rows = x.shape[0]
+    num_stages = head.shape[0]
+    if num_stages == 0:
+        y[:] = x
+        return
+    by_hand = rows <= HAND_MATMUL_MAX_ROWS
+    source = x
+    for n in range(num_stages):
+        stage = head[n]
+        size_in, size_out = stage[HEAD_IN], stage[HEAD_OUT]
+        if n == num_stages - 1:
+            target = y
+        else:
+            start = (n % 2) * half
+            target = scratch[start:start + rows * size_out].reshape(rows, size_out)
+        if stage[HEAD_WEIGHT] < 0:
+            target[:] = source
+        else:
+            bias = weights[stage[HEAD_BIAS]:stage[HEAD_BIAS] + size_out]
+            _matmul_onto(source, _matrix(weights, stage[HEAD_WEIGHT], size_in, size_out), bias, target, by_hand)
+        code = stage[HEAD_ACTIVATION]
+        if code == _ACT_SOFTMAX:
+            _softmax_rows(target)
+        else:
+            _activate(target.reshape(rows * size_out), code, weights[stage[HEAD_PARAMS]],
+                      weights[stage[HEAD_PARAMS] + 1])
+        source = target
+
+
+@njit(**_KERNEL_OPTIONS)
+def run_head(x, weights, cells, head):
+    """The head over x (N, F), F what the recurrent stack outputs: a new (N, O) array."""
+    rows = x.shape[0]
+    size_in, size_out, widest = _head_sizes(cells, head)
+    if x.shape[1] != size_in:
+        raise ValueError("run_head(): x does not fit this model's head")
+    y = np.empty((rows, size_out), dtype=x.dtype)
+    half = _aligned(rows * widest)
+    scratch = np.empty(2 * half, dtype=x.dtype)
+    saved_mode = _flush_denormals()
+    _run_head(x, y, weights, head, scratch, half)
+    _set_fp_mode(saved_mode)
     return y

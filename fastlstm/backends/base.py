@@ -12,7 +12,11 @@ RNN row), each row-major. Their shape does not matter: ``fastlstm.model`` passes
 stack of equal-sized layers PyTorch's ``(rows, B, size)`` array is the same memory. ``fastlstm.state``
 turns the user's state form into this layout and back.
 
-The dense head is not a backend's business: ``fastlstm.head`` runs it the same way for all backends.
+**The dense head is the backend's**: the head's input activation and dense layers (``fastlstm.spec``) run in
+the same call as the recurrent step (``step`` leaves the model's output in the workspace's ``output``), so a
+stream step is one call into compiled code, and over whole sequences in ``run_head``. The NumPy backend runs
+it with ``fastlstm.head.PreparedHead``, the reference; the compiled ones in their kernels, from the stages of
+``fastlstm.backends._cells.plan_head`` packed once beside the cells.
 """
 
 from __future__ import annotations
@@ -80,13 +84,21 @@ class PreparedLSTM(ABC):
         """
 
     @abstractmethod
+    def run_head(self, x: np.ndarray) -> np.ndarray:
+        """The dense head over ``x`` ``(N, F)``, C-contiguous of ``self.dtype``, F the recurrent output size
+        (``spec.recurrent_output_size``): the model's output ``(N, O)``, a new array (a copy of ``x`` for a
+        model without a head)."""
+
+    @abstractmethod
     def new_workspace(self, batch_size: int) -> object:
-        """Scratch buffers for ``step`` at this batch size, allocated once per stream."""
+        """Scratch buffers for ``step`` at this batch size, allocated once per stream; the object's ``output``
+        attribute is the ``(B, O)`` array (``O = spec.output_size``) where each step leaves its output."""
 
     @abstractmethod
     def step(self, x: np.ndarray, h: np.ndarray, c: np.ndarray, workspace: object) -> None:
-        """Advance a forward-only stack by one time step, in place.
+        """Advance a forward-only stack by one time step, in place, and run the head on its new output.
 
         ``x`` is ``(B, I)`` C-contiguous of ``self.dtype``; ``h``/``c`` (flat, layout in the module docstring)
-        are updated in place. Allocates nothing.
+        are updated in place; ``workspace.output`` gets the head applied to the top layer's new h (that h
+        itself without a head). Allocates nothing.
         """

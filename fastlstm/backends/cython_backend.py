@@ -1,10 +1,11 @@
 """The Cython backend: the compiled kernels of ``fastlstm.backends._cykernels`` behind ``PreparedLSTM``.
 
 ``pack_for_extension`` turns the planner's cells (LSTM, GRU and simple RNN, of any sizes) into the
-extension's layout (described in its docstring) with NumPy; the extension's ``LSTMKernels`` receives those
-arrays and numbers and reads nothing of the spec. Its kernels take the flat state of ``fastlstm.backends.base``
-as it is. A stream's ``step`` is that object's compiled method itself, so a call goes from ``Stream.step``
-straight into C with no Python frame in between. ``num_threads`` caps the extension's threads; it decides
+extension's layout (described in its docstring) with NumPy, and ``pack_head_for_extension`` the planner's
+head stages; the extension's ``LSTMKernels`` receives those arrays and numbers and reads nothing of the spec.
+Its kernels take the flat state of ``fastlstm.backends.base`` as it is. A stream's ``step`` is that object's
+compiled method itself, so a call goes from ``Stream.step`` straight into C with no Python frame in between,
+and runs the recurrent step and the dense head there. ``num_threads`` caps the extension's threads; it decides
 per call shape how many pay (by hidden units at batch 1, by batch rows above).
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..spec import ModelSpec
-from ._cells import CellPlan, aligned_zeros, padded, plan_cells
+from ._cells import CellPlan, HeadStagePlan, aligned_zeros, padded, plan_cells, plan_head
 from .base import PreparedLSTM
 
 try:
@@ -63,6 +64,21 @@ def pack_for_extension(plan: CellPlan, dtype: np.dtype) -> dict:
     )
 
 
+def pack_head_for_extension(stages: tuple[HeadStagePlan, ...], dtype: np.dtype) -> list[dict]:
+    """The head's stages in the extension's layout: per stage its sizes, activation code and parameters, and
+    its weight ``(out, in)`` and bias as C-contiguous copies in ``dtype`` (None where the stage has none)."""
+    return [dict(in_features=stage.in_features, out_features=stage.out_features,
+                 weight=_owned_copy(stage.weight, dtype), bias=_owned_copy(stage.bias, dtype),
+                 activation_code=stage.activation_code, alpha=stage.alpha, beta=stage.beta)
+            for stage in stages]
+
+
+def _owned_copy(array, dtype: np.dtype) -> np.ndarray | None:
+    """A C-contiguous copy in ``dtype`` (None stays None): the extension marks what it holds read-only, and
+    the spec's arrays stay as given."""
+    return None if array is None else np.array(array, dtype=dtype, order="C", copy=True)
+
+
 def _panels(rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``rows`` (n, K) as panels of PANEL_ROWS rows, each stored k-major (the last one zero-padded):
     ``panels[p, k, j] = rows[p * PANEL_ROWS + j, k]``."""
@@ -81,12 +97,16 @@ class CythonLSTM(PreparedLSTM):
     def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
         super().__init__(spec, dtype, num_threads)
         cells = [pack_for_extension(plan, self.dtype) for plan in plan_cells(spec)]
-        self._kernels = _cykernels.LSTMKernels(self.dtype, num_threads, cells)
+        head = pack_head_for_extension(plan_head(spec), self.dtype)
+        self._kernels = _cykernels.LSTMKernels(self.dtype, num_threads, cells, head)
         # The bound compiled method shadows the class's `step` below: one call layer less per stream step.
         self.step = self._kernels.step
 
     def run_sequence(self, x, h, c, lengths=None):
         return self._kernels.run_sequence(x, h, c, lengths)
+
+    def run_head(self, x):
+        return self._kernels.run_head(x)
 
     def new_workspace(self, batch_size):
         return self._kernels.new_workspace(batch_size)

@@ -1,9 +1,11 @@
 """The Numba backend: the jitted kernels of ``_numba_kernels`` behind the ``PreparedLSTM`` interface.
 
-Preparation packs every cell's weights once into one flat buffer plus a small int64 table of sizes,
-offsets and options (layout in ``_numba_kernels``). The kernels take that buffer and table as arguments, so
-one compiled kernel per dtype serves every model, and a stream step passes six arrays: x, h, c, the
-stream's scratch, the weights and the table (Numba's dispatch costs about 0.05 us per array argument).
+Preparation packs every cell's weights and the dense head's once into one flat buffer plus two small int64
+tables of sizes, offsets and options, one for the cells and one for the head's stages (layout in
+``_numba_kernels``). The kernels take that buffer and the tables as arguments, so one compiled kernel per
+dtype serves every model, and a stream step passes eight arrays: x, h, c, the stream's output and scratch,
+the weights and the two tables (Numba's dispatch costs about 0.05 us per array argument). The step runs the
+recurrent stack and the head in that one call.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import numpy as np
 
 from ..spec import ModelSpec
 from . import _numba_kernels as kernels
-from ._cells import CellPlan, aligned_zeros, padded, plan_cells
+from ._cells import CellPlan, HeadStagePlan, aligned_zeros, padded, plan_cells, plan_head
 from .base import PreparedLSTM
 
 
-def pack_cells(plans: tuple[CellPlan, ...], dtype, num_threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(weights, cells)`` for the planner's cells, in the layout of ``_numba_kernels``' docstring."""
+def pack_cells(plans: tuple[CellPlan, ...], head_stages: tuple[HeadStagePlan, ...], dtype,
+               num_threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(weights, cells, head)`` for the planner's cells and head stages, in the layout of
+    ``_numba_kernels``' docstring."""
     dtype = np.dtype(dtype)
     segments: list[tuple[int, np.ndarray]] = []
     end = 0
@@ -64,26 +68,43 @@ def pack_cells(plans: tuple[CellPlan, ...], dtype, num_threads: int) -> tuple[np
         h_start += plan.recurrent_size
         c_start += plan.state_size
         rows.append(row)
+    head_rows = []
+    for stage in head_stages:
+        row = np.zeros(kernels.HEAD_NUM_COLUMNS, np.int64)
+        row[kernels.HEAD_IN] = stage.in_features
+        row[kernels.HEAD_OUT] = stage.out_features
+        dense = stage.weight is not None
+        row[kernels.HEAD_WEIGHT] = place(np.asarray(stage.weight).T) if dense else -1
+        bias = np.zeros(stage.out_features) if stage.bias is None else stage.bias
+        row[kernels.HEAD_BIAS] = place(bias) if dense else -1
+        row[kernels.HEAD_ACTIVATION] = stage.activation_code
+        row[kernels.HEAD_PARAMS] = place((stage.alpha, stage.beta))
+        head_rows.append(row)
     weights = aligned_zeros(end, dtype)
     for start, array in segments:
         weights[start:start + array.size] = array.ravel()
     cells = np.array(rows, dtype=np.int64).reshape(len(rows), kernels.NUM_COLUMNS)
-    return weights, cells
+    head = np.array(head_rows, dtype=np.int64).reshape(len(head_rows), kernels.HEAD_NUM_COLUMNS)
+    return weights, cells, head
 
 
-def step_releases_gil(plans: tuple[CellPlan, ...], batch: int) -> bool:
-    """Whether a stream step of this batch size reads enough weights to release the GIL while it runs."""
-    return sum(plan.weights_per_step for plan in plans) * batch >= kernels.RELEASE_GIL_MIN_WEIGHTS
+def step_releases_gil(plans: tuple[CellPlan, ...], head_stages: tuple[HeadStagePlan, ...], batch: int) -> bool:
+    """Whether a stream step of this batch size reads enough weights (the cells' and the head's) to release the
+    GIL while it runs."""
+    weights = sum(plan.weights_per_step for plan in plans) + sum(stage.weights for stage in head_stages)
+    return weights * batch >= kernels.RELEASE_GIL_MIN_WEIGHTS
 
 
 class StepWorkspace:
-    """One stream's scratch for ``NumbaLSTM.step``; nothing in it is shared: streams on different threads
-    each have their own."""
+    """One stream's scratch and output for ``NumbaLSTM.step``; nothing in it is shared: streams on different
+    threads each have their own."""
 
-    __slots__ = ("batch_size", "scratch", "kernel")
+    __slots__ = ("batch_size", "output", "scratch", "kernel")
 
-    def __init__(self, batch_size: int, scratch: np.ndarray, kernel):
+    def __init__(self, batch_size: int, output: np.ndarray, scratch: np.ndarray, kernel):
         self.batch_size = batch_size
+        #: (B, O): where each step leaves its output, the head's when the model has one
+        self.output = output
         self.scratch = scratch
         #: the jitted step: one that releases the GIL, or for small steps one that keeps it
         self.kernel = kernel
@@ -105,8 +126,8 @@ class NumbaLSTM(PreparedLSTM):
         super().__init__(spec, dtype, num_threads)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype: expected float32 or float64, got {self.dtype}")
-        self._plans = plan_cells(spec)
-        self._weights, self._cells = pack_cells(self._plans, self.dtype, num_threads)
+        self._plans, self._head_stages = plan_cells(spec), plan_head(spec)
+        self._weights, self._cells, self._head = pack_cells(self._plans, self._head_stages, self.dtype, num_threads)
         self._streamable = spec.is_unidirectional_forward
 
     def run_sequence(self, x, h, c, lengths=None):
@@ -114,17 +135,21 @@ class NumbaLSTM(PreparedLSTM):
             lengths = np.full(x.shape[0], x.shape[1], dtype=np.int64)
         return kernels.run_stack(x, h, c, np.ascontiguousarray(lengths, dtype=np.int64), self._weights, self._cells)
 
+    def run_head(self, x):
+        return kernels.run_head(x, self._weights, self._cells, self._head)
+
     def new_workspace(self, batch_size):
         if not self._streamable:
             raise ValueError("step(): only models whose layers are all forward can be stepped")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
         batch_size = int(batch_size)
-        scratch = aligned_zeros(kernels.step_scratch_size(self._cells, batch_size), self.dtype)
-        releases_gil = step_releases_gil(self._plans, batch_size)
+        scratch = aligned_zeros(kernels.step_scratch_size(self._cells, self._head, batch_size), self.dtype)
+        output = np.zeros((batch_size, self.spec.output_size), self.dtype)
+        releases_gil = step_releases_gil(self._plans, self._head_stages, batch_size)
         kernel = kernels.step_stack if releases_gil else kernels.step_stack_holding_gil
-        return StepWorkspace(batch_size, scratch, kernel)
+        return StepWorkspace(batch_size, output, scratch, kernel)
 
     def step(self, x, h, c, workspace):
-        # The kernel checks every shape (and the scratch size) before it writes anything.
-        workspace.kernel(x, h, c, workspace.scratch, self._weights, self._cells)
+        # The kernel checks every shape (and the scratch and output sizes) before it writes anything.
+        workspace.kernel(x, h, c, workspace.output, workspace.scratch, self._weights, self._cells, self._head)

@@ -3,7 +3,7 @@
 It follows the equations of ``fastlstm.spec`` line by line, for every kind and option (LSTM activations,
 clip, peepholes, coupled gates, projection; both GRU variants; the simple RNN; directions; stacks of any
 sizes), with no concern for speed beyond hoisting the input projection of all time steps into one matrix
-product.
+product. The dense head is ``fastlstm.head.PreparedHead``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,20 @@ from __future__ import annotations
 import numpy as np
 
 from ..activations import apply_activation
+from ..head import PreparedHead
 from ..spec import CellWeights, ModelSpec, RecurrentLayer
 from .base import PreparedLSTM, state_views
+
+
+class StepWorkspace:
+    """One stream's output and the head's buffers, allocated once."""
+
+    __slots__ = ("output", "head_buffers")
+
+    def __init__(self, output: np.ndarray, head_buffers: list[np.ndarray]):
+        #: (B, O): where each step leaves its output, the head's when the model has one
+        self.output = output
+        self.head_buffers = head_buffers
 
 
 class NumpyLSTM(PreparedLSTM):
@@ -31,6 +43,7 @@ class NumpyLSTM(PreparedLSTM):
             ]
             for layer in spec.layers
         ]
+        self._head = PreparedHead(spec, self.dtype)
 
     def run_sequence(self, x, h, c, lengths=None):
         states = state_views(self.spec, h, c, x.shape[0])
@@ -45,8 +58,12 @@ class NumpyLSTM(PreparedLSTM):
             layer_input = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=-1)
         return layer_input
 
+    def run_head(self, x):
+        return self._head.apply(x) if self._head else x.copy()
+
     def new_workspace(self, batch_size):
-        return None
+        output = np.zeros((batch_size, self.spec.output_size), self.dtype)
+        return StepWorkspace(output, self._head.new_buffers(batch_size))
 
     def step(self, x, h, c, workspace):
         states = state_views(self.spec, h, c, x.shape[0])
@@ -54,6 +71,7 @@ class NumpyLSTM(PreparedLSTM):
         for layer, cells, (h_row, c_row) in zip(self.spec.layers, self._cells, states):
             cell_step(layer, cells[0], layer_input @ cells[0].w_ih.T, h_row, c_row)
             layer_input = h_row
+        self._head.apply_into(layer_input, workspace.output, workspace.head_buffers)
 
 
 def run_cell_sequence(
