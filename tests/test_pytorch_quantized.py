@@ -171,6 +171,42 @@ def test_the_quantized_data_bound_catches_a_gate_swap(tmp_path):
         assert_near_quantized_run(wrong.predict(x), run(quantized, x))
 
 
+@pytest.mark.parametrize("source", ["in-memory", "scripted", "traced"])
+def test_quantized_modules_in_memory_and_in_torchscript_archives_match_torch(tmp_path, source):
+    # input size = hidden size: two cells are one bidirectional layer or two layers; the module says which
+    quantized = quantized_model(1, True, input_size=8, hidden=8)
+    x = inputs(features=8, seed=6)
+    if source == "in-memory":
+        model = fastlstm.load(quantized, backend="numpy")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            archive = (torch.jit.script(quantized) if source == "scripted"
+                       else torch.jit.trace(quantized, torch.from_numpy(x)))
+        torch.jit.save(archive, str(tmp_path / "q.pt"))
+        model = fastlstm.load(tmp_path / "q.pt", backend="numpy")
+    assert model.spec.layers[0].direction == "bidirectional" and model.spec.layers[0].cells[0].w_hh_scale is not None
+    assert_close(model.predict(x), run(float_twin(quantized), x))
+    assert_near_quantized_run(model.predict(x), run(quantized, x))
+
+
+def test_a_quantized_module_with_an_activation_module_in_its_head():
+    quantized = quantized_model(1, False)
+
+    class WithTanh(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.head = quantized.lstm, nn.Sequential(quantized.fc, nn.Tanh())
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0])
+
+    model = fastlstm.load(WithTanh().eval(), backend="numpy")
+    assert model.spec.head[0].activation.name == "tanh"
+    x = inputs(seed=7)
+    assert_close(model.predict(x), np.tanh(run(float_twin(quantized), x)))
+
+
 # ----------------------------------------------------------------------------------------- refusals
 def test_two_cells_of_one_size_are_ambiguous_without_the_module(tmp_path):
     quantized = quantized_model(2, False, input_size=8, hidden=8)  # or one bidirectional layer: same shapes

@@ -69,9 +69,15 @@ def dequantized_checkpoint(root, source: str, depth: int = 0):
     return rewritten
 
 
-def dequantized(state: dict, source: str) -> dict:
+def dequantized(state: dict, source: str, directions: dict[str, int] | None = None,
+                dynamic_linears: frozenset[str] = frozenset()) -> dict:
     """``state`` with every dynamically quantized LSTM and Linear replaced by float names, in place of their first
-    entry (the dict's order is its modules' order); other entries are kept as they are."""
+    entry (the dict's order is its modules' order); other entries are kept as they are.
+
+    A module tree supplies what a state_dict does not record: ``directions`` (1 or 2) of each quantized LSTM by
+    its prefix, and the prefixes of Linear modules known to be dynamically quantized (``dynamic_linears``: their
+    output scale and zero point play no part and need not be present).
+    """
     cells: dict[str, dict[int, object]] = {}
     linears: set[str] = set()
     for name, value in state.items():
@@ -79,7 +85,7 @@ def dequantized(state: dict, source: str) -> dict:
         if match and isinstance(value, TorchBindObject):
             cells.setdefault(match["prefix"] or "", {})[int(match["index"])] = value
         match = _LINEAR.match(name) if isinstance(name, str) else None
-        if match and isinstance(value, (tuple, list)):
+        if match and isinstance(value, (tuple, list, TorchBindObject)):
             linears.add(match["prefix"] or "")
     if not cells and not linears:
         return state
@@ -91,13 +97,14 @@ def dequantized(state: dict, source: str) -> dict:
         dotted = f"{prefix}." if prefix else ""
         first = f"{dotted}_all_weight_values.0.param"
         consumed.update(f"{dotted}_all_weight_values.{k}.param" for k in by_index)
-        replacements[first] = _lstm_names(prefix, by_index, source, problems, unsupported)
+        replacements[first] = _lstm_names(prefix, by_index, source, problems, unsupported,
+                                          (directions or {}).get(prefix))
     for prefix in linears:
         dotted = f"{prefix}." if prefix else ""
         names = [f"{dotted}_packed_params._packed_params", f"{dotted}_packed_params.dtype", f"{dotted}scale",
                  f"{dotted}zero_point"]
         consumed.update(n for n in names if n in state)
-        replacements[names[0]] = _linear_names(prefix, state, source, problems, unsupported)
+        replacements[names[0]] = _linear_names(prefix, state, problems, unsupported, prefix in dynamic_linears)
     if problems:
         raise InvalidModelError(problems, source)
     if unsupported:
@@ -113,7 +120,7 @@ def dequantized(state: dict, source: str) -> dict:
 
 # ----------------------------------------------------------------------------------------- LSTM
 def _lstm_names(prefix: str, by_index: dict[int, object], source: str, problems: list[str],
-                unsupported: list[str]) -> dict:
+                unsupported: list[str], directions: int | None) -> dict:
     """The ``weight_ih_l<k>[_reverse]`` ... names of one quantized LSTM's cells."""
     dotted = f"{prefix}." if prefix else ""
     count = len(by_index)
@@ -127,7 +134,11 @@ def _lstm_names(prefix: str, by_index: dict[int, object], source: str, problems:
         if cell is None:
             return {}
         cells.append(cell)
-    directions = _directions(cells, f"{dotted}_all_weight_values", source)
+    if directions is None:
+        directions = _directions(cells, f"{dotted}_all_weight_values", source)
+    elif count % directions:
+        problems.append(f"{dotted}_all_weight_values: {count} cells for {directions} directions per layer")
+        return {}
     names = {}
     for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(cells):
         layer, reverse = divmod(k, directions)
@@ -264,8 +275,9 @@ def _valid_scales(scale: np.ndarray, where: str, problems: list[str]) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- Linear
-def _linear_names(prefix: str, state: dict, source: str, problems: list[str], unsupported: list[str]) -> dict:
-    """``<prefix>.weight`` and ``<prefix>.bias`` of a dynamically quantized Linear, in float32."""
+def _linear_names(prefix: str, state: dict, problems: list[str], unsupported: list[str], dynamic: bool) -> dict:
+    """``<prefix>.weight`` and ``<prefix>.bias`` of a dynamically quantized Linear, in float32 (``dynamic``: the
+    module's class says it is, so its output scale and zero point need no check)."""
     dotted = f"{prefix}." if prefix else ""
     where = f"{dotted}_packed_params._packed_params"
     weight_bias = _packed_state(state[where], where, problems)
@@ -273,7 +285,7 @@ def _linear_names(prefix: str, state: dict, source: str, problems: list[str], un
         return {}
     weight, bias = weight_bias
     output_scale, output_zero = state.get(f"{dotted}scale"), state.get(f"{dotted}zero_point")
-    if not (_number(output_scale) == 1.0 and _number(output_zero) == 0):
+    if not dynamic and not (_number(output_scale) == 1.0 and _number(output_zero) == 0):
         unsupported.append(f"{dotted}scale / {dotted}zero_point = {_describe(output_scale)} / {_describe(output_zero)}: "
                            "a Linear whose output is re-quantized (static quantization); fastlstm reads dynamically "
                            "quantized Linear layers (output scale 1.0, zero point 0)")
@@ -362,3 +374,42 @@ def _describe(value) -> str:
     if isinstance(value, TorchName):
         return f"torch.{value.name}"
     return type(value).__name__ if not isinstance(value, (int, float, str, type(None))) else repr(value)
+
+
+# ----------------------------------------------------------------------------------------- in-memory objects
+def from_torch(value, torch):
+    """An in-memory state_dict value of a quantized module (a TorchBind ``torch.ScriptObject``, a quantized
+    tensor, a tuple of them, a dtype) as the unpickler would read it from a file; None if it is none of these.
+
+    The object's own ``__getstate__`` gives its state: the user's object in memory, which torch already runs.
+    """
+    if isinstance(value, torch.ScriptObject):
+        state, qualified_name = value.__getstate__()
+        if qualified_name not in (_CELL_CLASS, _LINEAR_CLASS):
+            return None
+        obj = TorchBindObject()
+        obj.qualified_name, obj.state = qualified_name, _converted(state, torch)
+        return obj
+    if isinstance(value, torch.dtype):
+        return TorchName("dtype", str(value).removeprefix("torch."))
+    if isinstance(value, (tuple, list)) or (isinstance(value, torch.Tensor) and value.is_quantized):
+        return _converted(value, torch)
+    return None
+
+
+def _converted(value, torch):
+    if isinstance(value, torch.ScriptObject):
+        return from_torch(value, torch)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_converted(v, torch) for v in value)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu")
+        if not value.is_quantized:
+            return value.numpy()
+        qscheme = str(value.qscheme()).removeprefix("torch.")
+        values = value.int_repr().numpy()
+        if qscheme in ("per_tensor_affine", "per_tensor_symmetric"):
+            return QuantizedTensor(values, qscheme, float(value.q_scale()), int(value.q_zero_point()))
+        return QuantizedTensor(values, qscheme, value.q_per_channel_scales().numpy(),
+                               value.q_per_channel_zero_points().numpy(), int(value.q_per_channel_axis()))
+    return value
