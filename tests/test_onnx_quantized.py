@@ -35,8 +35,12 @@ nn = torch.nn
 
 
 class LSTMWithHead(nn.Module):
-    def __init__(self, layers: int, bidirectional: bool):
+    """An LSTM and a Linear head on every step (exported as ``MatMul``), or on the last step with a softmax
+    (exported as ``Gemm``, which the quantizer rewrites into ``MatMul`` too)."""
+
+    def __init__(self, layers: int, bidirectional: bool, last_step: bool = False):
         super().__init__()
+        self.last_step = last_step
         self.lstm = nn.LSTM(4, 8, num_layers=layers, bidirectional=bidirectional, batch_first=True)
         self.fc = nn.Linear(16 if bidirectional else 8, 3)
         with torch.no_grad():  # larger than PyTorch's initialisation, so that a misplaced weight shows
@@ -45,7 +49,7 @@ class LSTMWithHead(nn.Module):
 
     def forward(self, x):
         y, _ = self.lstm(x)
-        return self.fc(y)
+        return torch.softmax(self.fc(y[:, -1]), dim=-1) if self.last_step else self.fc(y)
 
 
 def ort_session(path):
@@ -65,10 +69,10 @@ def assert_near_quantized_run(actual, expected):
     assert np.max(np.abs(actual - expected)) <= QUANTIZED_DATA_BOUND * np.max(np.abs(expected))
 
 
-def export_float(directory, layers: int, bidirectional: bool):
+def export_float(directory, layers: int, bidirectional: bool, last_step: bool):
     torch.manual_seed(layers * 10 + bidirectional)
-    module = LSTMWithHead(layers, bidirectional).eval()
-    path = directory / f"float-{layers}-{bidirectional}.onnx"
+    module = LSTMWithHead(layers, bidirectional, last_step).eval()
+    path = directory / f"float-{layers}-{bidirectional}-{last_step}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (torch.randn(2, 5, 4),), str(path), dynamo=False, input_names=["x"],
@@ -83,13 +87,15 @@ def quantize(float_path, path, **options):
     return path
 
 
-# name -> (layers, bidirectional, quantize_dynamic options, fused by ONNX Runtime's optimizer)
+INT8 = dict(weight_type=quantization.QuantType.QInt8)
+# name -> (layers, bidirectional, last step and softmax, quantize_dynamic options, fused by ONNX Runtime's optimizer)
 CASES = {
-    "one-layer": (1, False, dict(weight_type=quantization.QuantType.QInt8), False),
-    "two-layers-bidirectional": (2, True, dict(weight_type=quantization.QuantType.QInt8), False),
-    "per-channel": (2, True, dict(weight_type=quantization.QuantType.QInt8, per_channel=True), False),
-    "uint8-head": (1, True, dict(weight_type=quantization.QuantType.QUInt8), False),
-    "fused-matmul": (2, False, dict(weight_type=quantization.QuantType.QInt8), True),
+    "one-layer": (1, False, False, INT8, False),
+    "two-layers-bidirectional": (2, True, False, INT8, False),
+    "per-channel": (2, True, False, dict(INT8, per_channel=True), False),
+    "uint8-head": (1, True, False, dict(weight_type=quantization.QuantType.QUInt8), False),
+    "fused-matmul": (2, False, False, INT8, True),
+    "last-step-softmax": (1, True, True, INT8, False),
 }
 
 
@@ -98,8 +104,8 @@ def files(tmp_path_factory):
     """name -> (float model, quantized model), made once for the module."""
     directory = tmp_path_factory.mktemp("quantized")
     made = {}
-    for name, (layers, bidirectional, options, fused) in CASES.items():
-        float_path = export_float(directory, layers, bidirectional)
+    for name, (layers, bidirectional, last_step, options, fused) in CASES.items():
+        float_path = export_float(directory, layers, bidirectional, last_step)
         path = quantize(float_path, directory / f"{name}.onnx", **options)
         if fused:  # ONNX Runtime's optimizer turns the MatMulInteger chain into DynamicQuantizeMatMul
             options = ort.SessionOptions()
@@ -125,7 +131,7 @@ def dequantized_float_model(float_path, quantized_path, out_path):
     matmul_nodes = [n for n in quantized.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
     replacements = {}
     float_lstms = [n for n in model.graph.node if n.op_type == "LSTM"]
-    float_matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    float_matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
     assert len(float_lstms) == len(lstm_nodes) and len(float_matmuls) == len(matmul_nodes) == 1
     for float_node, node in zip(float_lstms, lstm_nodes):
         for position, (q, scale, zero) in ((1, node.input[1:2] + node.input[8:10]),
@@ -145,6 +151,9 @@ def dequantized_float_model(float_path, quantized_path, out_path):
     else:
         q, scale, zero = (values[name] for name in node.input[1:4])
     weight = scale.astype(np.float32) * (q.astype(np.float64) - zero.astype(np.float64)).astype(np.float32)
+    if float_matmuls[0].op_type == "Gemm":  # torch exports Linear as Gemm(x, W, b, transB=1): W is (out, in)
+        assert [a.i for a in float_matmuls[0].attribute if a.name == "transB"] == [1]
+        weight = np.ascontiguousarray(weight.T)
     replacements[float_matmuls[0].input[1]] = weight
     for tensor in model.graph.initializer:
         if tensor.name in replacements:

@@ -10,7 +10,6 @@ dynamic quantization keeps float16 weights and float data: fastlstm matches it w
 
 from __future__ import annotations
 
-import io
 import struct
 import warnings
 import zipfile
@@ -239,7 +238,8 @@ def test_a_nonzero_zero_point_is_refused_naming_it(tmp_path):
 def test_a_statically_quantized_linear_is_refused(tmp_path):
     quantized = quantized_model(1, False)
     quantized.fc.scale, quantized.fc.zero_point = 0.5, 2
-    with pytest.raises(UnsupportedModelError, match=r"fc.scale / fc.zero_point = 0.5 / 2: a Linear whose output is re-quantized"):
+    with pytest.raises(UnsupportedModelError, match=r"fc.scale / fc.zero_point = 0.5 / 2: a Linear whose output is "
+                                                    r"re-quantized"):
         fastlstm.load(save(quantized.state_dict(), tmp_path / "q.pt"), backend="numpy")
 
 

@@ -17,6 +17,10 @@ function, ``state_dict.translate``, translates it:
   LayerNorm, a GRU would otherwise be silently dropped. ``ignore=`` names what is genuinely not on the path
   from input to output (an unused branch).
 
+PyTorch's dynamically quantized modules (``torch.ao.quantization.quantize_dynamic``: packed LSTM cells and
+Linear weights instead of the names above) are first rewritten into those names by ``quantized``: the LSTM's
+8-bit weights keep their per-row scales, float16 weights and the Linear layers' weights become float32.
+
 A checkpoint (``{"epoch": 3, "model_state": state_dict, "optimizer_state": ...}``) is reduced to its one dict
 of tensors holding LSTM parameters; ``state_dict_key`` chooses when there are several. A safetensors file is a
 flat state_dict whose order is not the modules' order, so only a single Linear layer is taken as the head

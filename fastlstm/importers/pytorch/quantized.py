@@ -286,9 +286,9 @@ def _linear_names(prefix: str, state: dict, problems: list[str], unsupported: li
     weight, bias = weight_bias
     output_scale, output_zero = state.get(f"{dotted}scale"), state.get(f"{dotted}zero_point")
     if not dynamic and not (_number(output_scale) == 1.0 and _number(output_zero) == 0):
-        unsupported.append(f"{dotted}scale / {dotted}zero_point = {_describe(output_scale)} / {_describe(output_zero)}: "
-                           "a Linear whose output is re-quantized (static quantization); fastlstm reads dynamically "
-                           "quantized Linear layers (output scale 1.0, zero point 0)")
+        unsupported.append(f"{dotted}scale / {dotted}zero_point = {_describe(output_scale)} / "
+                           f"{_describe(output_zero)}: a Linear whose output is re-quantized (static quantization); "
+                           "fastlstm reads dynamically quantized Linear layers (output scale 1.0, zero point 0)")
         return {}
     dtype = state.get(f"{dotted}_packed_params.dtype")
     if dtype is not None and not (isinstance(dtype, TorchName) and dtype.name in ("qint8", "quint8", "float16")):
@@ -366,7 +366,9 @@ def _number(value):
 
 def _describe(value) -> str:
     if isinstance(value, np.ndarray):
-        return f"a {value.dtype} tensor of shape {value.shape}" if value.size != 1 else repr(value.reshape(-1)[0].item())
+        if value.size == 1:
+            return repr(value.reshape(-1)[0].item())
+        return f"a {value.dtype} tensor of shape {value.shape}"
     if isinstance(value, QuantizedTensor):
         return f"a quantized tensor of shape {value.values.shape}"
     if isinstance(value, TorchBindObject):
