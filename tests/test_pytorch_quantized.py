@@ -189,6 +189,40 @@ def test_quantized_modules_in_memory_and_in_torchscript_archives_match_torch(tmp
     assert_near_quantized_run(model.predict(x), run(quantized, x))
 
 
+class GRUWithHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(4, 8, num_layers=2, bidirectional=True, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.normal_(0, 0.5)
+
+    def forward(self, x):
+        return self.fc(self.gru(x)[0])
+
+
+@pytest.mark.parametrize("source", ["state_dict", "in-memory"])
+def test_a_quantized_gru_matches_torch(tmp_path, source):
+    torch.manual_seed(0)
+    module = GRUWithHead().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(module, {nn.GRU, nn.Linear}, dtype=torch.qint8)
+    loaded = quantized if source == "in-memory" else save(quantized.state_dict(), tmp_path / "gru.pt")
+    model = fastlstm.load(loaded, backend="numpy")
+    assert model.spec.layers[0].kind == "gru" and model.spec.layers[1].cells[1].w_ih_scale is not None
+    twin = GRUWithHead().eval()
+    with torch.no_grad():
+        for name, weight in {**quantized.gru.get_weight(), **quantized.gru.get_bias()}.items():
+            getattr(twin.gru, name).copy_(weight.dequantize() if weight.is_quantized else weight)
+        twin.fc.weight.copy_(quantized.fc.weight().dequantize())
+        twin.fc.bias.copy_(quantized.fc.bias())
+    x = inputs(seed=8)
+    assert_close(model.predict(x), run(twin, x))
+    assert_near_quantized_run(model.predict(x), run(quantized, x))
+
+
 def test_a_quantized_module_with_an_activation_module_in_its_head():
     quantized = quantized_model(1, False)
 

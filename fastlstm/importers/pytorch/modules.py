@@ -15,11 +15,11 @@ from .state_dict import (MAX_NESTING, Recurrent, apply_ignore, choose_stack, des
                          ignore_hint, recurrent_groups, recurrent_output_size, translate, under)
 
 # Module classes by their full name (TorchScript's ``__torch__.`` prefix and mangling removed).
-# torch.ao.quantization.quantize_dynamic's modules (see ``quantized``): an LSTM and a Linear layer.
-_QUANTIZED_LSTM = "torch.ao.nn.quantized.dynamic.modules.rnn.LSTM"
+# torch.ao.quantization.quantize_dynamic's modules (see ``quantized``): an LSTM or GRU, and a Linear layer.
+_QUANTIZED_RECURRENT = {f"torch.ao.nn.quantized.dynamic.modules.rnn.{n}" for n in ("LSTM", "GRU")}
 _QUANTIZED_LINEAR = "torch.ao.nn.quantized.dynamic.modules.linear.Linear"
 _RECURRENT = {f"torch.nn.modules.rnn.{n}" for n in ("LSTM", "LSTMCell", "GRU", "GRUCell", "RNN", "RNNCell")
-              } | {_QUANTIZED_LSTM}
+              } | _QUANTIZED_RECURRENT
 _RNN = {"torch.nn.modules.rnn.RNN", "torch.nn.modules.rnn.RNNCell"}
 _EMBEDDING = "torch.nn.modules.sparse.Embedding"
 _LINEAR = "torch.nn.modules.linear.Linear"
@@ -145,7 +145,7 @@ def tree_from_script_object(root, name: str) -> tuple[_Node, dict]:
             raise ModelFormatError(f"{name}: TorchScript modules nested too deeply")
         seen.add(id(obj))
         settings = obj.constants
-        if obj.type_name == _QUANTIZED_LSTM:  # its settings (bidirectional ...) are plain attributes
+        if obj.type_name in _QUANTIZED_RECURRENT:  # its settings (bidirectional ...) are plain attributes
             settings = {**{k: v for k, v in obj.attributes.items() if isinstance(v, (bool, int, float, str))},
                         **settings}
         node = _Node(path, obj.type_name, settings, own_tensors=False)
@@ -180,7 +180,7 @@ def spec_from_tree(tree: _Node | None, state: dict, source: str, opts: Options,
     problems = [(n, f"{n}: {why}") for n, why in unusable if not any(under(n, p) for p in opts.ignore)]
     if tree is not None:  # what the quantized modules' state_dict does not record, their tree does
         directions = {node.path: 2 if node.setting("bidirectional") else 1 for node in _nodes(tree)
-                      if node.type_name == _QUANTIZED_LSTM and isinstance(node.setting("bidirectional"), bool)}
+                      if node.type_name in _QUANTIZED_RECURRENT and isinstance(node.setting("bidirectional"), bool)}
         dynamic = frozenset(node.path for node in _nodes(tree) if node.type_name == _QUANTIZED_LINEAR)
         state = quantized.dequantized(state, source, directions, dynamic)
     else:

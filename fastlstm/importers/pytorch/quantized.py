@@ -1,7 +1,8 @@
 """PyTorch's dynamically quantized modules (``torch.ao.quantization.quantize_dynamic``) -> float state_dict names.
 
-A dynamically quantized ``nn.LSTM`` keeps no ``weight_ih_l0``: its state_dict holds one packed cell per layer
-and direction, ``<prefix>._all_weight_values.<k>.param``, a TorchBind ``CellParamsBase`` whose pickled state is
+A dynamically quantized ``nn.LSTM`` (or ``nn.GRU``: the same, with 3 gates) keeps no ``weight_ih_l0``: its
+state_dict holds one packed cell per layer and direction, ``<prefix>._all_weight_values.<k>.param``, a TorchBind
+``CellParamsBase`` whose pickled state is
 
 * ``("quantized_dynamic", [b_ih, b_hh], [], [reduce_range], [packed_ih, packed_hh])`` (``dtype=torch.qint8``):
   each packed Linear weight is ``(weight, bias)`` with ``weight`` a quantized tensor, 8-bit integers ``q``
@@ -14,7 +15,8 @@ A dynamically quantized ``nn.Linear`` holds ``<prefix>._packed_params._packed_pa
 ``<prefix>.zero_point``, which a dynamic Linear leaves at 1.0 and 0 (a statically quantized Linear would
 re-quantize its output with them: refused).
 
-``dequantized`` rewrites such a dict into the names ``state_dict.translate`` reads: the LSTM's weights become
+``dequantized`` rewrites such a dict into the names ``state_dict.translate`` reads (which tells an LSTM from a
+GRU by ``weight_hh``'s rows, as for float modules): the recurrent weights become
 ``QuantizedWeight`` (float32 ``scale * q`` and the per-row scales, so that ``weights="int8"`` runs the file's
 very integers), float16 weights become float32 (exactly), and Linear weights become float32 ``scale * (q -
 zero_point)`` (the head runs in float32). PyTorch quantizes the data at run time too (``reduce_range`` only
@@ -46,7 +48,7 @@ _MAX_NESTING = 64
 
 @dataclass(frozen=True, eq=False)
 class QuantizedWeight:
-    """An LSTM weight read from 8-bit integers: ``values`` float32 ``(rows, columns)`` equal to
+    """A recurrent weight read from 8-bit integers: ``values`` float32 ``(rows, columns)`` equal to
     ``scale[:, None] * q`` for integers ``q`` in -128..127 (``CellWeights.w_ih_scale``)."""
 
     values: np.ndarray
@@ -71,10 +73,10 @@ def dequantized_checkpoint(root, source: str, depth: int = 0):
 
 def dequantized(state: dict, source: str, directions: dict[str, int] | None = None,
                 dynamic_linears: frozenset[str] = frozenset()) -> dict:
-    """``state`` with every dynamically quantized LSTM and Linear replaced by float names, in place of their first
+    """``state`` with every dynamically quantized LSTM, GRU and Linear replaced by float names, in place of their first
     entry (the dict's order is its modules' order); other entries are kept as they are.
 
-    A module tree supplies what a state_dict does not record: ``directions`` (1 or 2) of each quantized LSTM by
+    A module tree supplies what a state_dict does not record: ``directions`` (1 or 2) of each quantized LSTM or GRU by
     its prefix, and the prefixes of Linear modules known to be dynamically quantized (``dynamic_linears``: their
     output scale and zero point play no part and need not be present).
     """
@@ -97,7 +99,7 @@ def dequantized(state: dict, source: str, directions: dict[str, int] | None = No
         dotted = f"{prefix}." if prefix else ""
         first = f"{dotted}_all_weight_values.0.param"
         consumed.update(f"{dotted}_all_weight_values.{k}.param" for k in by_index)
-        replacements[first] = _lstm_names(prefix, by_index, source, problems, unsupported,
+        replacements[first] = _recurrent_names(prefix, by_index, source, problems, unsupported,
                                           (directions or {}).get(prefix))
     for prefix in linears:
         dotted = f"{prefix}." if prefix else ""
@@ -118,10 +120,10 @@ def dequantized(state: dict, source: str, directions: dict[str, int] | None = No
     return result
 
 
-# ----------------------------------------------------------------------------------------- LSTM
-def _lstm_names(prefix: str, by_index: dict[int, object], source: str, problems: list[str],
+# ----------------------------------------------------------------------------------------- LSTM and GRU
+def _recurrent_names(prefix: str, by_index: dict[int, object], source: str, problems: list[str],
                 unsupported: list[str], directions: int | None) -> dict:
-    """The ``weight_ih_l<k>[_reverse]`` ... names of one quantized LSTM's cells."""
+    """The ``weight_ih_l<k>[_reverse]`` ... names of one quantized LSTM's (or GRU's) cells."""
     dotted = f"{prefix}." if prefix else ""
     count = len(by_index)
     if sorted(by_index) != list(range(count)):
@@ -154,7 +156,7 @@ def _lstm_names(prefix: str, by_index: dict[int, object], source: str, problems:
 def _cell(cell, where: str, problems: list[str], unsupported: list[str]):
     """``(w_ih, w_hh, b_ih, b_hh)`` of one packed cell (module docstring), or None with the problem noted."""
     if cell.qualified_name != _CELL_CLASS:
-        problems.append(f"{where}: a {cell.qualified_name}, expected an LSTM cell ({_CELL_CLASS})")
+        problems.append(f"{where}: a {cell.qualified_name}, expected a recurrent cell ({_CELL_CLASS})")
         return None
     state = cell.state
     if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[0], str)
@@ -163,7 +165,7 @@ def _cell(cell, where: str, problems: list[str], unsupported: list[str]):
         return None
     kind, tensors, doubles, longs, packed = state
     if kind not in ("quantized_dynamic", "quantized_fp16"):
-        unsupported.append(f"{where}: an LSTM cell of kind {kind!r}; fastlstm reads PyTorch's dynamically "
+        unsupported.append(f"{where}: a cell of kind {kind!r}; fastlstm reads PyTorch's dynamically "
                            "quantized cells ('quantized_dynamic', 'quantized_fp16')")
         return None
     expected_tensors = 2 if kind == "quantized_dynamic" else 0
@@ -219,15 +221,15 @@ def _directions(cells: list, where: str, source: str) -> int:
         raise InvalidModelError([f"{where}: the cells' shapes ({', '.join(str(c[0].shape) for c in cells)}) make "
                                  "neither a stack of layers nor of bidirectional layers"], source)
     raise ModelFormatError(
-        f"{source}: {where}: {len(cells)} quantized LSTM cells of input size {cells[0][0].shape[1]} and hidden size "
+        f"{source}: {where}: {len(cells)} quantized recurrent cells of input size {cells[0][0].shape[1]} and hidden size "
         f"{cells[0][1].shape[1]} are {len(cells)} layers or {len(cells) // 2} bidirectional layers, and a quantized "
-        "LSTM's state_dict does not say which; load the quantized module itself (in memory, or saved with "
+        "module's state_dict does not say which; load the quantized module itself (in memory, or saved with "
         "torch.jit.save(torch.jit.script(model))), which records it")
 
 
 def _int8_rows(tensor: QuantizedTensor, where: str, problems: list[str],
                unsupported: list[str]) -> QuantizedWeight | None:
-    """An LSTM weight as float32 ``scale * q`` with one scale per row, if it is qint8 with zero point 0."""
+    """A recurrent weight as float32 ``scale * q`` with one scale per row, if it is qint8 with zero point 0."""
     values = tensor.values
     if values.ndim != 2 or 0 in values.shape:
         problems.append(f"{where}: expected a 2-D weight, got shape {values.shape}")

@@ -147,6 +147,8 @@ def recurrent_groups(state: dict) -> dict[str, Recurrent]:
     for group in groups.values():
         # nn.GRU and nn.RNN name their parameters like nn.LSTM; weight_hh has 3H or H rows instead of 4H.
         w_hh = state.get(group.names.get(("weight_hh", 0, False), ""))
+        if isinstance(w_hh, QuantizedWeight):
+            w_hh = w_hh.values
         has_projection = any(kind == "weight_hr" for kind, _, _ in group.names)
         if not has_projection and isinstance(w_hh, np.ndarray) and w_hh.ndim == 2:
             rows, columns = w_hh.shape
