@@ -331,3 +331,53 @@ def test_malformed_quantized_head_weights_are_refused(files, tmp_path):
     scale.CopyFrom(numpy_helper.from_array(np.array(np.inf, np.float32), scale.name))
     with pytest.raises(InvalidModelError, match="weight scale holds inf"):
         fastlstm.load(model, backend="numpy")
+
+
+# ----------------------------------------------------------------------------------------- embeddings
+class EmbeddingLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(20, 4)
+        self.lstm = nn.LSTM(4, 8, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.normal_(0, 0.5)
+
+    def forward(self, ids):
+        y, _ = self.lstm(self.embedding(ids))
+        return self.fc(y[:, -1])
+
+
+def test_an_embedding_quantized_to_8_bits_is_dequantized(tmp_path):
+    """quantize_dynamic stores the table as uint8 (Gather, then DequantizeLinear, one of them after a Transpose)."""
+    torch.manual_seed(5)
+    float_path = tmp_path / "embedding.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(EmbeddingLSTM().eval(), (torch.zeros(2, 5, dtype=torch.long),), str(float_path),
+                          dynamo=False, input_names=["ids"], dynamic_axes={"ids": {0: "batch", 1: "time"}})
+    path = quantize(float_path, tmp_path / "embedding-q.onnx", **INT8)
+    quantized = onnx.load(str(path))
+    assert {"DequantizeLinear", "DynamicQuantizeLSTM"} <= {n.op_type for n in quantized.graph.node}
+    model = fastlstm.load(path, backend="numpy")
+    assert model.takes_token_ids
+    # the float model with every weight dequantized here: the table as DequantizeLinear computes it
+    values = initializers(quantized)
+    gather = next(n for n in quantized.graph.node if n.op_type == "Gather" and n.input[1] == "ids")
+    dequantize = next(n for n in quantized.graph.node if n.op_type == "DequantizeLinear")
+    table = ((values[gather.input[0]].astype(np.int32) - values[dequantize.input[2]].astype(np.int32))
+             .astype(np.float32) * values[dequantize.input[1]])
+    twin = onnx.load(str(float_path))
+    float_gather = next(n for n in twin.graph.node if n.op_type == "Gather")
+    for tensor in twin.graph.initializer:
+        if tensor.name == float_gather.input[0]:
+            tensor.CopyFrom(numpy_helper.from_array(table, tensor.name))
+    onnx.save(twin, str(tmp_path / "embedding-twin.onnx"))
+    # the LSTM and the head of the twin: as in the other tests
+    reference_path = dequantized_float_model(tmp_path / "embedding-twin.onnx", path, tmp_path / "reference.onnx")
+    ids = np.random.default_rng(9).integers(0, 20, (3, 6))
+    np.testing.assert_array_equal(model.spec.embedding, table)
+    session = ort_session(reference_path)
+    assert_close(model.predict(ids), session.run(None, {"ids": ids})[0])
+    assert_near_quantized_run(model.predict(ids), ort_session(path).run(None, {"ids": ids})[0])

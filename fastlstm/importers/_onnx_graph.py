@@ -106,6 +106,7 @@ class GraphReader:
         self.data_input: str | None = None
         self.binding: dict[str, str] = {}  # input-axis role -> canonical role, once a layer reads the input
         self.embedding: np.ndarray | None = None  # the (vocab, E) table a Gather by the token ids reads
+        self.quantized_table: np.ndarray | None = None  # the same, stored as 8-bit integers (_dequantize_linear)
         self.input_layout: tuple[str, ...] = ()
         self.time_size: int | None = None
         self.batch_size: int | None = None
@@ -322,6 +323,8 @@ class GraphReader:
             return Flow(axes, (Part("x"),), part_size=None)
         if isinstance(value, InputRows):
             raise Refused(f"{what} slices graph input {value.name!r} and uses it as data")
+        if isinstance(value, quantized.QuantizedEmbedding):
+            raise Refused(f"{what} reads the 8-bit rows of the embedding table before DequantizeLinear")
         if value is None:
             raise Malformed(f"{what}: a required input is missing")
         raise Refused(f"{what} applies to a constant where fastlstm expects data computed from the input")
@@ -519,6 +522,8 @@ class GraphReader:
     def _transpose(self, node, inputs, where):
         perm = self._attributes(node, {"perm": ("ints", None)}, where)["perm"]
         data = inputs[0]
+        if isinstance(data, quantized.QuantizedEmbedding):  # the quantizer moves 8-bit rows before dequantizing
+            return [quantized.QuantizedEmbedding(v.transpose(data.flow, perm, "Transpose"), data.table)]
         if isinstance(data, Const):
             return [_fold(lambda: np.transpose(data.array, perm), "Transpose")]
         if isinstance(data, Zeros):
@@ -660,8 +665,9 @@ class GraphReader:
         if axis not in (0, -2) or table.ndim != 2:
             raise Refused(f"gathers along axis {axis} of a constant of shape {table.shape} by graph input "
                           f"{ids.name!r}; fastlstm follows an embedding: rows (axis 0) of a 2-D table")
-        if table.dtype.kind != "f":
-            raise Refused(f"gathers from a table of {table.dtype} values; an embedding table holds floats")
+        if table.dtype.kind != "f" and table.dtype not in (np.int8, np.uint8):
+            raise Refused(f"gathers from a table of {table.dtype} values; an embedding table holds floats (or "
+                          "8-bit integers dequantized after the lookup)")
         if ids.element_type not in INTEGER_TYPES:
             raise Refused(f"gathers by graph input {ids.name!r}, which is not declared an int64 or int32 tensor")
         if ids.dims is None or len(ids.dims) != 2:
@@ -675,9 +681,29 @@ class GraphReader:
         if 0 in table.shape:
             raise Malformed(f"the embedding table has shape {table.shape}")
         self.data_input = ids.name
-        self.embedding = table.astype(np.float32) if table.dtype == np.float16 else table
         axes = tuple(Axis(f"{INPUT_AXIS}{n}", size) for n, size in enumerate(ids.dims))
-        return Flow(axes + (Axis(FEATURES, table.shape[1]),), (Part("x"),), part_size=None)
+        flow = Flow(axes + (Axis(FEATURES, table.shape[1]),), (Part("x"),), part_size=None)
+        if table.dtype.kind != "f":  # 8-bit rows: the embedding is their DequantizeLinear (_dequantize_linear)
+            if self.quantized_table is not None:
+                raise Refused("a second embedding lookup; fastlstm runs one embedding in front of the first layer")
+            self.quantized_table = table
+            return quantized.QuantizedEmbedding(flow, table)
+        self.embedding = table.astype(np.float32) if table.dtype == np.float16 else table
+        return flow
+
+    def _dequantize_linear(self, node, inputs, where):
+        """``DequantizeLinear`` of embedding rows looked up in an 8-bit table: the float table is the embedding."""
+        attributes = self._attributes(node, {"axis": ("int", 1), "block_size": ("int", 0)}, where)
+        data, scale, zero = (list(inputs) + [None] * 3)[:3]
+        if not isinstance(data, quantized.QuantizedEmbedding):
+            raise Refused("dequantizes something other than the rows of an embedding table stored as 8-bit integers")
+        if attributes["block_size"]:
+            raise Refused(f"block_size={attributes['block_size']} (blocked quantization)")
+        table = quantized.dequantized_table(data, scale, zero, "DequantizeLinear")
+        if self.embedding is not None and not np.array_equal(self.embedding, table):
+            raise Refused("dequantizes the embedding table in two different ways")
+        self.embedding = table
+        return [data.flow]
 
     def _slice_bounds(self, node, inputs, where) -> tuple[list[int], list[int], list[int] | None, list[int] | None]:
         if self.opset < 10:
@@ -1150,6 +1176,7 @@ _ATTRIBUTE_NAMES = {
     "Gemm": {"alpha", "beta", "transA", "transB", "broadcast"}, "Add": set(), "Softmax": {"axis"},
     "Mul": set(), "Div": set(), "Sub": set(), "Mod": {"fmod"},
     "DynamicQuantizeLinear": set(), "MatMulInteger": set(), "DynamicQuantizeMatMul": set(),
+    "DequantizeLinear": {"axis", "block_size"},
     _QUANTIZED_LSTM: set(_QUANTIZED_LSTM_ATTRIBUTES),
     **{op: set(attributes) for op, (attributes, _, _) in _RECURRENT_OPERATORS.items()},
     **{op: set(defaults) for op, (_, defaults) in _ACTIVATION_OPS.items()},
@@ -1163,6 +1190,7 @@ _INPUT_COUNTS = {
     "Mod": (2, 2),
     "LSTM": (3, 8), "GRU": (3, 6), "RNN": (3, 6),
     "DynamicQuantizeLinear": (1, 1), "MatMulInteger": (2, 4), "DynamicQuantizeMatMul": (3, 5),
+    "DequantizeLinear": (2, 3),
     _QUANTIZED_LSTM: (3, 12),  # W_scale .. R_zero_point (inputs 8 to 11) are required too: checked when read
 }
 
@@ -1177,6 +1205,7 @@ _HANDLERS = {
     "Mul": GraphReader._arithmetic, "Div": GraphReader._arithmetic, "Sub": GraphReader._arithmetic,
     "Mod": GraphReader._arithmetic, **{op: GraphReader._recurrent for op in _RECURRENT_OPERATORS},
     "DynamicQuantizeLinear": GraphReader._dynamic_quantize_linear, "MatMulInteger": GraphReader._matmul_integer,
+    "DequantizeLinear": GraphReader._dequantize_linear,
 }
 
 # The contrib operators (domain com.microsoft) ONNX Runtime's dynamic quantization writes.

@@ -18,6 +18,9 @@ data to 8 bits).
   still lies in -128..127. Otherwise the layer is refused, naming the zero point.
 * A dense head's weights become float32 ``scale * (q - zero_point)`` whatever the zero point (the head runs in
   float32), with a scale per tensor or per output column.
+* An embedding table the quantizer stored as 8-bit integers (``Gather`` of the integer table by the token ids,
+  then ``DequantizeLinear``, possibly after a ``Transpose`` of the gathered integers) becomes the float32
+  table ``(q - zero_point) * scale``: what ``DequantizeLinear`` computes for every row looked up.
 
 Nothing here is run: the values of the chain around ``MatMulInteger`` are abstract (``QuantizedData``,
 ``DataScale``, ``DataZeroPoint``, ``IntegerProduct``), each tied to the ``Flow`` that was quantized, and the
@@ -73,7 +76,31 @@ class IntegerProduct:
     as_float: bool = False
 
 
+@dataclass(frozen=True, eq=False)
+class QuantizedEmbedding:
+    """The rows of an 8-bit ``table`` gathered by the token ids, not yet dequantized: ``flow`` is the embedding's
+    Flow (the ids' axes, then the features), rearranged as the graph rearranges the integers."""
+
+    flow: Flow
+    table: np.ndarray
+
+
 QUANTIZED_VALUES = (QuantizedData, DataZeroPoint, DataScale, IntegerProduct)
+
+
+def dequantized_table(embedding: QuantizedEmbedding, scale_value, zero_value, what: str) -> np.ndarray:
+    """``DequantizeLinear`` of gathered embedding rows: the float32 table ``(q - zero_point) * scale``, with one
+    scale and zero point for the whole table (the quantizer's)."""
+    table = embedding.table
+    scale = scale_array(scale_value, f"{what} scale")
+    zero = np.zeros((), table.dtype) if zero_value is None else integer_array(zero_value, f"{what} zero point")
+    if scale.size != 1 or zero.size != 1:
+        raise Refused(f"{what} dequantizes an embedding with {scale.size} scales and {zero.size} zero points; "
+                      "fastlstm follows one of each for the whole table")
+    if zero.dtype != table.dtype:
+        raise Malformed(f"{what}: the zero point is {zero.dtype} but the table is {table.dtype}")
+    integers = (table.astype(np.int32) - zero.astype(np.int32).reshape(())).astype(np.float32)
+    return integers * scale.reshape(())
 
 
 # ----------------------------------------------------------------------------------------- weights
