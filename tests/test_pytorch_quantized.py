@@ -247,12 +247,16 @@ def test_two_cells_of_one_size_are_ambiguous_without_the_module(tmp_path):
         fastlstm.load(save(quantized.state_dict(), tmp_path / "q.pt"), backend="numpy")
 
 
-def with_cell(quantized, weight_ih: "torch.Tensor"):
-    """The quantized module with its first cell rebuilt around ``weight_ih`` (a quantized tensor)."""
+def with_first_cell(quantized, weight_ih=None, weight_hh=None, packed_bias_hh=None):
+    """The quantized module with its first cell rebuilt from its own parts, some replaced: the weights (quantized
+    tensors) and the recurrent bias packed with ``weight_hh`` (the cell keeps its own copy of the biases)."""
     lstm = quantized.lstm
     weights, biases = lstm.get_weight(), lstm.get_bias()
+    weight_ih = weights["weight_ih_l0"] if weight_ih is None else weight_ih
+    weight_hh = weights["weight_hh_l0"] if weight_hh is None else weight_hh
+    packed_bias_hh = biases["bias_hh_l0"] if packed_bias_hh is None else packed_bias_hh
     packed_ih = torch.ops.quantized.linear_prepack(weight_ih, biases["bias_ih_l0"])
-    packed_hh = torch.ops.quantized.linear_prepack(weights["weight_hh_l0"], biases["bias_hh_l0"])
+    packed_hh = torch.ops.quantized.linear_prepack(weight_hh, packed_bias_hh)
     lstm._all_weight_values[0].param = torch.ops.quantized.make_quantized_cell_params_dynamic(
         packed_ih, packed_hh, biases["bias_ih_l0"], biases["bias_hh_l0"], True)
     return quantized
@@ -264,7 +268,7 @@ def test_a_nonzero_zero_point_is_refused_naming_it(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         shifted = torch.quantize_per_tensor(float_weight, 0.01, 3, torch.qint8)
-    path = save(with_cell(quantized, shifted).state_dict(), tmp_path / "q.pt")
+    path = save(with_first_cell(quantized, weight_ih=shifted).state_dict(), tmp_path / "q.pt")
     with pytest.raises(UnsupportedModelError, match=r"(?s)weight_ih: qint8 weights with zero point\(s\) 3.*qconfig"):
         fastlstm.load(path, backend="numpy")
 
@@ -310,17 +314,19 @@ def test_unknown_torchbind_classes_are_refused_before_anything_is_called(tmp_pat
         fastlstm.load(bad, backend="numpy")
 
 
-def test_a_cell_missing_its_recurrent_weight_is_invalid(tmp_path):
+def test_a_cell_whose_recurrent_weight_has_the_wrong_shape_is_invalid(tmp_path):
     quantized = quantized_model(1, False)
-    lstm = quantized.lstm
-    weights, biases = lstm.get_weight(), lstm.get_bias()
-    packed_ih = torch.ops.quantized.linear_prepack(weights["weight_ih_l0"], biases["bias_ih_l0"])
-    # the input weight where the recurrent one belongs: (32, 4) instead of (32, 8)
-    lstm._all_weight_values[0].param = torch.ops.quantized.make_quantized_cell_params_dynamic(
-        packed_ih, packed_ih, biases["bias_ih_l0"], biases["bias_hh_l0"], True)
-    with pytest.raises(InvalidModelError) as caught:
-        fastlstm.load(save(quantized.state_dict(), tmp_path / "q.pt"), backend="numpy")
-    assert "weight_hh" in str(caught.value) or "make neither" in str(caught.value)
+    # the input weight (32, 4) where the recurrent one (32, 8) belongs
+    wrong = with_first_cell(quantized, weight_hh=quantized.lstm.get_weight()["weight_ih_l0"])
+    with pytest.raises(InvalidModelError, match=r"lstm.weight_hh_l0: expected shape \(32, 8\), got \(32, 4\)"):
+        fastlstm.load(save(wrong.state_dict(), tmp_path / "q.pt"), backend="numpy")
+
+
+def test_a_cell_whose_packed_bias_differs_from_its_own_is_invalid(tmp_path):
+    quantized = quantized_model(1, False)
+    wrong = with_first_cell(quantized, packed_bias_hh=quantized.lstm.get_bias()["bias_hh_l0"] + 1)
+    with pytest.raises(InvalidModelError, match="its biases differ from those packed with its weights"):
+        fastlstm.load(save(wrong.state_dict(), tmp_path / "q.pt"), backend="numpy")
 
 
 def test_whole_quantized_modules_pickled_with_torch_save_are_refused_as_every_pickled_module(tmp_path):

@@ -325,6 +325,9 @@ class GraphReader:
             raise Refused(f"{what} slices graph input {value.name!r} and uses it as data")
         if isinstance(value, quantized.QuantizedEmbedding):
             raise Refused(f"{what} reads the 8-bit rows of the embedding table before DequantizeLinear")
+        if isinstance(value, quantized.QUANTIZED_VALUES):
+            raise Refused(f"{what} reads a part of a dynamically quantized MatMul ({type(value).__name__}) outside "
+                          "the chain fastlstm follows (DynamicQuantizeLinear, MatMulInteger, Cast, Mul)")
         if value is None:
             raise Malformed(f"{what}: a required input is missing")
         raise Refused(f"{what} applies to a constant where fastlstm expects data computed from the input")

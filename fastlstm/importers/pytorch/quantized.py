@@ -188,9 +188,14 @@ def _cell(cell, where: str, problems: list[str], unsupported: list[str]):
             weight = None
         weights.append(weight)
         biases.append(bias)
-    if kind == "quantized_dynamic":
-        biases = list(tensors)
     if any(w is None for w in weights):
+        return None
+    # torch adds the biases packed with the weights; the cell's own copies (its tensors) must be the same
+    if kind == "quantized_dynamic" and not all(
+            (own is None and packed_bias is None) or (isinstance(own, np.ndarray) and _is_float(packed_bias)
+                                                      and np.array_equal(own, packed_bias))
+            for own, packed_bias in zip(tensors, biases)):
+        problems.append(f"{where}: its biases differ from those packed with its weights")
         return None
     if any(b is not None and not _is_float(b) for b in biases) or (biases[0] is None) != (biases[1] is None):
         problems.append(f"{where}: biases {_describe(biases[0])}, {_describe(biases[1])}; expected two "
