@@ -333,3 +333,13 @@ def test_whole_quantized_modules_pickled_with_torch_save_are_refused_as_every_pi
     path = save(quantized_model(1, False), tmp_path / "whole.pt")
     with pytest.raises(ModelFormatError, match="torch.save\\(model.state_dict\\(\\), path\\)"):
         fastlstm.load(path, backend="numpy")
+
+
+def test_a_checkpoint_of_shared_nested_dicts_is_walked_once_per_dict(tmp_path):
+    """80 levels of two references to the same dict: 2**80 paths, 80 dicts (a small file)."""
+    shared = quantized_model(1, False).state_dict()
+    for _ in range(80):
+        shared = {"a": shared, "b": shared}
+    path = save(shared, tmp_path / "nested.pt")
+    with pytest.raises(FastLSTMError):
+        fastlstm.load(path, backend="numpy")

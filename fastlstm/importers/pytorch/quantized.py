@@ -59,16 +59,24 @@ class QuantizedWeight:
         return self.values.shape
 
 
-def dequantized_checkpoint(root, source: str, depth: int = 0):
+def dequantized_checkpoint(root, source: str):
     """``root`` (a file's object) with ``dequantized`` applied to every dict in it (a checkpoint nests the
-    state_dict)."""
-    if depth > _MAX_NESTING or not isinstance(root, dict):
-        return root
-    rewritten = dequantized(root, source)
-    for key, value in rewritten.items():
-        if isinstance(value, dict):
-            rewritten[key] = dequantized_checkpoint(value, source, depth + 1)
-    return rewritten
+    state_dict), each dict once however often it is referenced, down to ``_MAX_NESTING`` levels."""
+    done: dict[int, dict] = {}
+
+    def rewrite(obj: dict, depth: int) -> dict:
+        if id(obj) in done:
+            return done[id(obj)]
+        done[id(obj)] = obj  # a dict holding itself is left as it is there
+        rewritten = dequantized(obj, source)
+        done[id(obj)] = rewritten
+        if depth < _MAX_NESTING:
+            for key, value in rewritten.items():
+                if isinstance(value, dict):
+                    rewritten[key] = rewrite(value, depth + 1)
+        return rewritten
+
+    return rewrite(root, 0) if isinstance(root, dict) else root
 
 
 def dequantized(state: dict, source: str, directions: dict[str, int] | None = None,
@@ -182,8 +190,8 @@ def _cell(cell, where: str, problems: list[str], unsupported: list[str]):
         weight, bias = weight_bias
         if isinstance(weight, QuantizedTensor):
             weight = _int8_rows(weight, f"{where} {label}", problems, unsupported)
-        elif not _is_float(weight):
-            problems.append(f"{where} {label}: expected a quantized or floating-point tensor, got "
+        elif not (_is_float(weight) and weight.ndim == 2):
+            problems.append(f"{where} {label}: expected a quantized or floating-point 2-D tensor, got "
                             f"{_describe(weight)}")
             weight = None
         weights.append(weight)
