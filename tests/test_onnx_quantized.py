@@ -12,12 +12,14 @@ also rounds the data to 8 bits at every step: with weights of standard deviation
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 import fastlstm
 from fastlstm.errors import FastLSTMError, InvalidModelError, UnsupportedModelError
+from fastlstm.model import Model
 from fastlstm.spec import int8_values
 
 onnx = pytest.importorskip("onnx")
@@ -197,6 +199,23 @@ def test_the_spec_holds_the_files_integers_and_per_row_scales(name, files):
                     theirs = slice(onnx_rows_of_gate[gate] * hidden, (onnx_rows_of_gate[gate] + 1) * hidden)
                     np.testing.assert_array_equal(int8_values(weights, scale)[ours], q[theirs])
                     np.testing.assert_array_equal(scale[ours], file_scale[theirs])
+
+
+def test_the_quantized_data_bound_catches_a_gate_swap(files):
+    """The bound against ONNX Runtime's quantized run is tight enough to see two gates of R swapped."""
+    _, path = files["two-layers-bidirectional"]
+    model = fastlstm.load(path, backend="numpy")
+    hidden = model.spec.layers[0].hidden_size
+
+    def swapped(array):  # f and o
+        return np.ascontiguousarray(array.reshape(4, hidden, *array.shape[1:])[[0, 3, 2, 1]].reshape(array.shape))
+
+    layers = tuple(replace(layer, cells=tuple(replace(c, w_hh=swapped(c.w_hh), w_hh_scale=swapped(c.w_hh_scale))
+                                              for c in layer.cells)) for layer in model.spec.layers)
+    x = random_inputs(batch=3, steps=7, seed=1)
+    with pytest.raises(AssertionError):
+        assert_near_quantized_run(Model(replace(model.spec, layers=layers), backend="numpy").predict(x),
+                                  run_ort(path, x))
 
 
 def test_per_tensor_scales_repeat_on_every_row_and_per_channel_ones_differ(files):
