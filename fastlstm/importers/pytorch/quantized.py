@@ -36,7 +36,7 @@ import numpy as np
 from ...errors import InvalidModelError, ModelFormatError, UnsupportedModelError
 from .unpickler import QuantizedTensor, TorchBindObject, TorchName
 
-_CELL = re.compile(r"^(?:(?P<prefix>.+)\.)?_all_weight_values\.(?P<index>\d+)\.param$")
+_CELL = re.compile(r"^(?:(?P<prefix>.+)\.)?_all_weight_values\.(?P<index>\d{1,9})\.param$")
 _LINEAR = re.compile(r"^(?:(?P<prefix>.+)\.)?_packed_params\._packed_params$")
 _CELL_CLASS = "__torch__.torch.classes.rnn.CellParamsBase"
 _LINEAR_CLASS = "__torch__.torch.classes.quantized.LinearPackedParamsBase"
@@ -81,12 +81,12 @@ def dequantized_checkpoint(root, source: str):
 
 def dequantized(state: dict, source: str, directions: dict[str, int] | None = None,
                 dynamic_linears: frozenset[str] = frozenset()) -> dict:
-    """``state`` with every dynamically quantized LSTM, GRU and Linear replaced by float names, in place of their first
-    entry (the dict's order is its modules' order); other entries are kept as they are.
+    """``state`` with every dynamically quantized LSTM, GRU and Linear replaced by float names, in place of their
+    first entry (the dict's order is its modules' order); other entries are kept as they are.
 
-    A module tree supplies what a state_dict does not record: ``directions`` (1 or 2) of each quantized LSTM or GRU by
-    its prefix, and the prefixes of Linear modules known to be dynamically quantized (``dynamic_linears``: their
-    output scale and zero point play no part and need not be present).
+    A module tree supplies what a state_dict does not record: ``directions`` (1 or 2) of each quantized LSTM or
+    GRU by its prefix, and the prefixes of Linear modules known to be dynamically quantized (``dynamic_linears``:
+    their output scale and zero point play no part and need not be present).
     """
     cells: dict[str, dict[int, object]] = {}
     linears: set[str] = set()
@@ -108,7 +108,7 @@ def dequantized(state: dict, source: str, directions: dict[str, int] | None = No
         first = f"{dotted}_all_weight_values.0.param"
         consumed.update(f"{dotted}_all_weight_values.{k}.param" for k in by_index)
         replacements[first] = _recurrent_names(prefix, by_index, source, problems, unsupported,
-                                          (directions or {}).get(prefix))
+                                               (directions or {}).get(prefix))
     for prefix in linears:
         dotted = f"{prefix}." if prefix else ""
         names = [f"{dotted}_packed_params._packed_params", f"{dotted}_packed_params.dtype", f"{dotted}scale",
@@ -234,8 +234,8 @@ def _directions(cells: list, where: str, source: str) -> int:
         raise InvalidModelError([f"{where}: the cells' shapes ({', '.join(str(c[0].shape) for c in cells)}) make "
                                  "neither a stack of layers nor of bidirectional layers"], source)
     raise ModelFormatError(
-        f"{source}: {where}: {len(cells)} quantized recurrent cells of input size {cells[0][0].shape[1]} and hidden size "
-        f"{cells[0][1].shape[1]} are {len(cells)} layers or {len(cells) // 2} bidirectional layers, and a quantized "
+        f"{source}: {where}: {len(cells)} quantized recurrent cells of input size {cells[0][0].shape[1]} and hidden "
+        f"size {cells[0][1].shape[1]} are {len(cells)} layers or {len(cells) // 2} bidirectional layers, and a quantized "
         "module's state_dict does not say which; load the quantized module itself (in memory, or saved with "
         "torch.jit.save(torch.jit.script(model))), which records it")
 
