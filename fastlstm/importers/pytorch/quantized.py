@@ -263,7 +263,8 @@ def _int8_rows(tensor: QuantizedTensor, where: str, problems: list[str],
         return None
     if values.dtype != np.int8 or np.any(zero != 0):
         points = sorted({int(z) for z in zero})
-        unsupported.append(f"{where}: {'qint8' if values.dtype == np.int8 else 'quint8'} weights with zero point(s) "
+        kind = {"int8": "qint8", "uint8": "quint8", "int32": "qint32"}.get(values.dtype.name, values.dtype.name)
+        unsupported.append(f"{where}: {kind} weights with zero point(s) "
                            f"{', '.join(map(str, points[:5]))}; fastlstm holds 8-bit weights as int8 values times a "
                            "scale, without zero points (qint8, zero point 0)")
         return None
