@@ -508,14 +508,6 @@ def test_activation_settings_fastlstm_cannot_match_are_refused():
             fastlstm.load(net, backend="numpy")
 
 
-def test_quantized_lstm_is_unsupported():
-    net = nn.Module()
-    net.lstm = nn.LSTM(4, 5)
-    quantized = torch.ao.quantization.quantize_dynamic(net, {nn.LSTM}, dtype=torch.qint8)
-    with pytest.raises(UnsupportedModelError):
-        fastlstm.load(quantized, backend="numpy")
-
-
 def test_not_a_state_dict(tmp_path):
     path = tmp_path / "t.pt"
     torch.save([torch.zeros(3)], str(path))

@@ -18,6 +18,7 @@ import numpy as np
 from ..activations import IDENTITY, Activation
 from ..errors import InvalidModelError, ModelFormatError, UnsupportedModelError
 from ..spec import DIRECTIONS, DenseLayer
+from . import _onnx_quantized as quantized
 from . import _onnx_values as v
 from ._onnx_proto import (FLOAT_TYPES, INTEGER_TYPES, NUMPY_TYPES, ExternalData, attribute_array,
                           attribute_value, declared_dims, declared_element_type, tensor_to_array)
@@ -28,6 +29,8 @@ from ._onnx_values import (BATCH, DIRS, FEATURES, HIDDEN, INPUT_AXIS, TIME, Axis
                            GraphInput, InputRows, Malformed, Part, Poison, Product, Refused, Zeros)
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
+# ONNX Runtime's contrib operators; fastlstm reads the ones its dynamic quantization writes.
+_MICROSOFT_DOMAIN = "com.microsoft"
 _FLOATS, _INTS = 6, 7  # AttributeProto.AttributeType
 # A folded constant or an identity dense layer larger than this is not something a recurrent model needs.
 _MAX_FOLDED_ELEMENTS = 1 << 26
@@ -43,6 +46,9 @@ _RECURRENT_OPERATORS = {
     "GRU": (GRU_ATTRIBUTES, ("Sigmoid", "Tanh"), ("Y", "Y_h")),
     "RNN": (RNN_ATTRIBUTES, ("Tanh",), ("Y", "Y_h")),
 }
+# com.microsoft::DynamicQuantizeLSTM: the LSTM operator with 8-bit weights (it has no layout attribute).
+_QUANTIZED_LSTM = "DynamicQuantizeLSTM"
+_QUANTIZED_LSTM_ATTRIBUTES = {name: spec for name, spec in LSTM_ATTRIBUTES.items() if name != "layout"}
 
 _NO_RECURRENT_NODE = (
     "the graph has no LSTM, GRU or RNN node: the recurrence was exported unrolled (MatMul, Sigmoid, Tanh, ... "
@@ -100,6 +106,7 @@ class GraphReader:
         self.data_input: str | None = None
         self.binding: dict[str, str] = {}  # input-axis role -> canonical role, once a layer reads the input
         self.embedding: np.ndarray | None = None  # the (vocab, E) table a Gather by the token ids reads
+        self.quantized_table: np.ndarray | None = None  # the same, stored as 8-bit integers (_dequantize_linear)
         self.input_layout: tuple[str, ...] = ()
         self.time_size: int | None = None
         self.batch_size: int | None = None
@@ -112,7 +119,8 @@ class GraphReader:
         for index, node in enumerate(nodes):
             if index in needed:
                 self._evaluate(node, index)
-        if not any(node.op_type in _RECURRENT_OPERATORS and node.domain in _STANDARD_DOMAINS for node in nodes):
+        if not any((node.op_type in _RECURRENT_OPERATORS and node.domain in _STANDARD_DOMAINS)
+                   or (node.op_type == _QUANTIZED_LSTM and node.domain == _MICROSOFT_DOMAIN) for node in nodes):
             raise UnsupportedModelError([_NO_RECURRENT_NODE] + self._operators_by_type() + self.unsupported
                                         + self.invalid)
         result = None
@@ -128,10 +136,11 @@ class GraphReader:
                                 for op, where, node in self.unknown_operators]
         if self.unsupported:
             raise UnsupportedModelError(self.unsupported, hint=(
-                "fastlstm runs ONNX graphs made of LSTM, GRU and RNN nodes, an embedding (Gather), the layout "
+                "fastlstm runs ONNX graphs made of LSTM, GRU and RNN nodes (and ONNX Runtime's dynamically quantized "
+                "DynamicQuantizeLSTM), an embedding (Gather), the layout "
                 "operators exporters put around them (Transpose, Squeeze, Unsqueeze, Reshape, Slice, Gather, "
                 "Concat, ...), and a dense head "
-                "(Gemm, or MatMul and Add, with elementwise activations or Softmax)."))
+                "(Gemm, or MatMul and Add, also dynamically quantized, with elementwise activations or Softmax)."))
         return result
 
     def _needed_nodes(self, nodes) -> set[int]:
@@ -178,6 +187,8 @@ class GraphReader:
             handler = _HANDLERS.get(node.op_type)
             if handler is None and node.op_type in _ACTIVATION_OPS:
                 handler = GraphReader._activation
+        elif node.domain == _MICROSOFT_DOMAIN:
+            handler = _MICROSOFT_HANDLERS.get(node.op_type)
         if handler is None:
             op = node.op_type if node.domain in _STANDARD_DOMAINS else f"{node.domain}::{node.op_type}"
             self.unknown_operators.append((op, where, node))
@@ -312,6 +323,11 @@ class GraphReader:
             return Flow(axes, (Part("x"),), part_size=None)
         if isinstance(value, InputRows):
             raise Refused(f"{what} slices graph input {value.name!r} and uses it as data")
+        if isinstance(value, quantized.QuantizedEmbedding):
+            raise Refused(f"{what} reads the 8-bit rows of the embedding table before DequantizeLinear")
+        if isinstance(value, quantized.QUANTIZED_VALUES):
+            raise Refused(f"{what} reads a part of a dynamically quantized MatMul ({type(value).__name__}) outside "
+                          "the chain fastlstm follows (DynamicQuantizeLinear, MatMulInteger, Cast, Mul)")
         if value is None:
             raise Malformed(f"{what}: a required input is missing")
         raise Refused(f"{what} applies to a constant where fastlstm expects data computed from the input")
@@ -396,6 +412,14 @@ class GraphReader:
         name = node.op_type
         fmod = self._attributes(node, {"fmod": ("int", 0)} if name == "Mod" else {}, where).get("fmod", 0)
         first, second = inputs
+        if name == "Mul" and (isinstance(first, quantized.QUANTIZED_VALUES)
+                              or isinstance(second, quantized.QUANTIZED_VALUES)):
+            product = quantized.multiply(first, second, name)
+            if isinstance(product, tuple):  # the chain is complete: a dense layer on the data
+                flow, dense = product
+                v.features_last(flow, "MatMulInteger")
+                return [self._with_dense(flow, dense)]
+            return [product]
         if isinstance(first, Const) and isinstance(second, Const):
             return [self._fold_arithmetic(name, first.array, second.array, fmod)]
         if (isinstance(first, Dims) or isinstance(second, Dims)) and name in ("Mul", "Div"):
@@ -480,6 +504,8 @@ class GraphReader:
                                              "round_mode": ("string", None)}, where)
         to = attributes["to"]
         data = inputs[0]
+        if isinstance(data, quantized.IntegerProduct):
+            return [quantized.cast(data, to, "Cast")]
         if isinstance(data, Const):
             if to not in NUMPY_TYPES:
                 raise Refused(f"casts a constant to element type {to}")
@@ -499,6 +525,8 @@ class GraphReader:
     def _transpose(self, node, inputs, where):
         perm = self._attributes(node, {"perm": ("ints", None)}, where)["perm"]
         data = inputs[0]
+        if isinstance(data, quantized.QuantizedEmbedding):  # the quantizer moves 8-bit rows before dequantizing
+            return [quantized.QuantizedEmbedding(v.transpose(data.flow, perm, "Transpose"), data.table)]
         if isinstance(data, Const):
             return [_fold(lambda: np.transpose(data.array, perm), "Transpose")]
         if isinstance(data, Zeros):
@@ -640,8 +668,9 @@ class GraphReader:
         if axis not in (0, -2) or table.ndim != 2:
             raise Refused(f"gathers along axis {axis} of a constant of shape {table.shape} by graph input "
                           f"{ids.name!r}; fastlstm follows an embedding: rows (axis 0) of a 2-D table")
-        if table.dtype.kind != "f":
-            raise Refused(f"gathers from a table of {table.dtype} values; an embedding table holds floats")
+        if table.dtype.kind != "f" and table.dtype not in (np.int8, np.uint8):
+            raise Refused(f"gathers from a table of {table.dtype} values; an embedding table holds floats (or "
+                          "8-bit integers dequantized after the lookup)")
         if ids.element_type not in INTEGER_TYPES:
             raise Refused(f"gathers by graph input {ids.name!r}, which is not declared an int64 or int32 tensor")
         if ids.dims is None or len(ids.dims) != 2:
@@ -655,9 +684,29 @@ class GraphReader:
         if 0 in table.shape:
             raise Malformed(f"the embedding table has shape {table.shape}")
         self.data_input = ids.name
-        self.embedding = table.astype(np.float32) if table.dtype == np.float16 else table
         axes = tuple(Axis(f"{INPUT_AXIS}{n}", size) for n, size in enumerate(ids.dims))
-        return Flow(axes + (Axis(FEATURES, table.shape[1]),), (Part("x"),), part_size=None)
+        flow = Flow(axes + (Axis(FEATURES, table.shape[1]),), (Part("x"),), part_size=None)
+        if table.dtype.kind != "f":  # 8-bit rows: the embedding is their DequantizeLinear (_dequantize_linear)
+            if self.quantized_table is not None:
+                raise Refused("a second embedding lookup; fastlstm runs one embedding in front of the first layer")
+            self.quantized_table = table
+            return quantized.QuantizedEmbedding(flow, table)
+        self.embedding = table.astype(np.float32) if table.dtype == np.float16 else table
+        return flow
+
+    def _dequantize_linear(self, node, inputs, where):
+        """``DequantizeLinear`` of embedding rows looked up in an 8-bit table: the float table is the embedding."""
+        attributes = self._attributes(node, {"axis": ("int", 1), "block_size": ("int", 0)}, where)
+        data, scale, zero = (list(inputs) + [None] * 3)[:3]
+        if not isinstance(data, quantized.QuantizedEmbedding):
+            raise Refused("dequantizes something other than the rows of an embedding table stored as 8-bit integers")
+        if attributes["block_size"]:
+            raise Refused(f"block_size={attributes['block_size']} (blocked quantization)")
+        table = quantized.dequantized_table(data, scale, zero, "DequantizeLinear")
+        if self.embedding is not None and not np.array_equal(self.embedding, table):
+            raise Refused("dequantizes the embedding table in two different ways")
+        self.embedding = table
+        return [data.flow]
 
     def _slice_bounds(self, node, inputs, where) -> tuple[list[int], list[int], list[int] | None, list[int] | None]:
         if self.opset < 10:
@@ -797,6 +846,30 @@ class GraphReader:
             raise Refused(f"MatMul with a {matrix.ndim}-D weight; fastlstm runs 2-D dense weights")
         return [self._with_dense(flow, DenseLayer(weight=np.ascontiguousarray(matrix.T)))]
 
+    def _dynamic_quantize_linear(self, node, inputs, where):
+        """The data rounded to 8 bits at run time, its scale and zero point (``_onnx_quantized``)."""
+        self._attributes(node, {}, where)
+        flow = self._as_flow(inputs[0], "DynamicQuantizeLinear")
+        return quantized.dynamic_quantize_linear(flow)
+
+    def _matmul_integer(self, node, inputs, where):
+        self._attributes(node, {}, where)
+        return [quantized.matmul_integer(inputs, "MatMulInteger")]
+
+    def _dynamic_quantize_matmul(self, node, inputs, where):
+        """``com.microsoft::DynamicQuantizeMatMul(A, B, b_scale, b_zero_point, bias)``: ``A @ dequantized B + bias``
+        with the data quantized at run time; fastlstm runs it as a float32 dense layer."""
+        self._attributes(node, {}, where)
+        data, weight, scale, zero, bias = (list(inputs) + [None] * 5)[:5]
+        flow = self._as_flow(data, "DynamicQuantizeMatMul")
+        v.features_last(flow, "DynamicQuantizeMatMul")
+        matrix = quantized.dense_weight(weight, quantized.scale_array(scale, "DynamicQuantizeMatMul b_scale"),
+                                        zero, "DynamicQuantizeMatMul B")
+        dense = DenseLayer(weight=matrix)
+        if bias is not None:
+            dense = replace(dense, bias=self._bias_vector(bias, matrix.shape[0], 1, "DynamicQuantizeMatMul bias"))
+        return [self._with_dense(flow, dense)]
+
     def _gemm(self, node, inputs, where):
         attributes = self._attributes(node, {"alpha": ("float", 1.0), "beta": ("float", 1.0),
                                              "transA": ("int", 0), "transB": ("int", 0),
@@ -897,16 +970,18 @@ class GraphReader:
 
     # ------------------------------------------------------------------------------------ recurrent layers
     def _recurrent(self, node, inputs, where):
-        """An ``LSTM``, ``GRU`` or ``RNN`` node: its layer, its place in the stack and what its optional inputs
-        are bound to; its outputs become Flows of that layer's results."""
+        """An ``LSTM``, ``GRU`` or ``RNN`` node (or ``DynamicQuantizeLSTM``, an LSTM with 8-bit weights): its
+        layer, its place in the stack and what its optional inputs are bound to; its outputs become Flows of that
+        layer's results."""
         op = node.op_type
-        attribute_spec, default_activations, output_kinds = _RECURRENT_OPERATORS[op]
-        attributes = self._attributes(node, attribute_spec, where)
+        is_quantized = op == _QUANTIZED_LSTM
+        attribute_spec, default_activations, output_kinds = _RECURRENT_OPERATORS["LSTM" if is_quantized else op]
+        attributes = self._attributes(node, _QUANTIZED_LSTM_ATTRIBUTES if is_quantized else attribute_spec, where)
         if len(node.output) > len(output_kinds):
             raise Malformed(f"a{'n' if op in ('LSTM', 'RNN') else ''} {op} node has at most "
                             f"{len(output_kinds)} outputs")
         x, w, r, b, lengths, h0, c0, p = (list(inputs) + [None] * 8)[:8]
-        direction, layout = attributes["direction"], attributes["layout"]
+        direction, layout = attributes["direction"], attributes.get("layout", 0)
         if direction not in DIRECTIONS:
             raise Malformed(f"direction {direction!r}, expected one of {DIRECTIONS}")
         if layout not in (0, 1):
@@ -917,13 +992,27 @@ class GraphReader:
         directions = 2 if direction == "bidirectional" else 1
         optional = {name: None if value is None or isinstance(value, Zeros) else self._float_const(value, name)
                     for name, value in (("B", b), ("P", p))}
-        weights = (self._float_const(w, "W"), self._float_const(r, "R"), optional["B"])
+        scales = {}
+        if is_quantized:  # W, R and their scales and zero points: float32 weights and per-row scales
+            w_scale, w_zero, r_scale, r_zero = (list(inputs[8:]) + [None] * 4)[:4]
+            dequantized, refused = {}, []
+            for name, parts in (("W", (w, w_scale, w_zero)), ("R", (r, r_scale, r_zero))):
+                try:
+                    dequantized[name], scales[f"{name}_scale"] = quantized.lstm_weight(*parts, name, op, directions)
+                except Refused as exc:  # both weights' refusals at once
+                    refused.extend(exc.args)
+            if refused:
+                raise Refused(*refused)
+            weights = (dequantized["W"], dequantized["R"], optional["B"])
+        else:
+            weights = (self._float_const(w, "W"), self._float_const(r, "R"), optional["B"])
         options = dict(direction=direction, hidden_size=attributes["hidden_size"], clip=attributes["clip"],
                        activations=node_activations(attributes["activations"], attributes["activation_alpha"],
                                                     attributes["activation_beta"], default_activations,
                                                     directions, f"{self.source} {where}"))
-        if op == "LSTM":
-            layer = lstm_layer(*weights, optional["P"], input_forget=bool(attributes["input_forget"]), **options)
+        if op in ("LSTM", _QUANTIZED_LSTM):
+            layer = lstm_layer(*weights, optional["P"], input_forget=bool(attributes["input_forget"]), **scales,
+                               **options)
         elif op == "GRU":
             layer = gru_layer(*weights, linear_before_reset=bool(attributes["linear_before_reset"]), **options)
         else:
@@ -932,7 +1021,7 @@ class GraphReader:
         refused, bound = [], {}
         bindings = [("sequence_lens", lambda: self._sequence_lens(lengths)),
                     ("initial_h", lambda: self._initial_state(h0, "initial_h", layout))]
-        if op == "LSTM":
+        if op in ("LSTM", _QUANTIZED_LSTM):
             bindings.append(("initial_c", lambda: self._initial_state(c0, "initial_c", layout)))
         for name, bind in bindings:
             try:
@@ -1089,6 +1178,9 @@ _ATTRIBUTE_NAMES = {
     "Split": {"axis", "split", "num_outputs"}, "Concat": {"axis"}, "MatMul": set(),
     "Gemm": {"alpha", "beta", "transA", "transB", "broadcast"}, "Add": set(), "Softmax": {"axis"},
     "Mul": set(), "Div": set(), "Sub": set(), "Mod": {"fmod"},
+    "DynamicQuantizeLinear": set(), "MatMulInteger": set(), "DynamicQuantizeMatMul": set(),
+    "DequantizeLinear": {"axis", "block_size"},
+    _QUANTIZED_LSTM: set(_QUANTIZED_LSTM_ATTRIBUTES),
     **{op: set(attributes) for op, (attributes, _, _) in _RECURRENT_OPERATORS.items()},
     **{op: set(defaults) for op, (_, defaults) in _ACTIVATION_OPS.items()},
 }
@@ -1100,6 +1192,9 @@ _INPUT_COUNTS = {
     "Concat": (1, None), "MatMul": (2, 2), "Gemm": (2, 3), "Add": (2, 2), "Mul": (2, 2), "Div": (2, 2), "Sub": (2, 2),
     "Mod": (2, 2),
     "LSTM": (3, 8), "GRU": (3, 6), "RNN": (3, 6),
+    "DynamicQuantizeLinear": (1, 1), "MatMulInteger": (2, 4), "DynamicQuantizeMatMul": (3, 5),
+    "DequantizeLinear": (2, 3),
+    _QUANTIZED_LSTM: (3, 12),  # W_scale .. R_zero_point (inputs 8 to 11) are required too: checked when read
 }
 
 _HANDLERS = {
@@ -1112,4 +1207,11 @@ _HANDLERS = {
     "Gemm": GraphReader._gemm, "Add": GraphReader._add, "Softmax": GraphReader._softmax,
     "Mul": GraphReader._arithmetic, "Div": GraphReader._arithmetic, "Sub": GraphReader._arithmetic,
     "Mod": GraphReader._arithmetic, **{op: GraphReader._recurrent for op in _RECURRENT_OPERATORS},
+    "DynamicQuantizeLinear": GraphReader._dynamic_quantize_linear, "MatMulInteger": GraphReader._matmul_integer,
+    "DequantizeLinear": GraphReader._dequantize_linear,
+}
+
+# The contrib operators (domain com.microsoft) ONNX Runtime's dynamic quantization writes.
+_MICROSOFT_HANDLERS = {
+    _QUANTIZED_LSTM: GraphReader._recurrent, "DynamicQuantizeMatMul": GraphReader._dynamic_quantize_matmul,
 }

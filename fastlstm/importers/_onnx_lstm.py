@@ -122,8 +122,13 @@ def node_activations(names: list[str] | None, alphas: list[float] | None, betas:
 
 def lstm_layer(W: np.ndarray, R: np.ndarray, B: np.ndarray | None, P: np.ndarray | None, *, direction: str,
                hidden_size: int | None, activations: tuple[Activation, ...], clip: float | None,
-               input_forget: bool) -> LSTMLayer:
-    """The canonical layer of an LSTM node's constant inputs (shapes checked first, all problems at once)."""
+               input_forget: bool, W_scale: np.ndarray | None = None,
+               R_scale: np.ndarray | None = None) -> LSTMLayer:
+    """The canonical layer of an LSTM node's constant inputs (shapes checked first, all problems at once).
+
+    ``W_scale``/``R_scale`` ``(directions, 4*hidden)``, in ONNX's gate order, are the per-row scales of weights
+    dequantized from 8-bit integers (``DynamicQuantizeLSTM``); they are reordered with the rows.
+    """
     directions = 2 if direction == "bidirectional" else 1
     if W.ndim != 3 or W.shape[0] != directions or W.shape[1] % 4 or W.shape[1] == 0 or W.shape[2] == 0:
         raise Malformed(f"W has shape {W.shape}, expected ({directions}, 4*hidden_size, input_size)")
@@ -148,8 +153,11 @@ def lstm_layer(W: np.ndarray, R: np.ndarray, B: np.ndarray | None, P: np.ndarray
         peephole = None
         if P is not None and np.any(P):  # all-zero peepholes change nothing: keep the plain cell
             peephole = np.ascontiguousarray(P[d].reshape(3, hidden)[_CANONICAL_FROM_ONNX_PEEPHOLES])
-        cells.append(LSTMCellWeights(w_ih=canonical_gates(W[d], hidden), w_hh=canonical_gates(R[d], hidden),
-                                     bias=canonical_gates(bias, hidden), peephole=peephole))
+        cells.append(LSTMCellWeights(
+            w_ih=canonical_gates(W[d], hidden), w_hh=canonical_gates(R[d], hidden),
+            bias=canonical_gates(bias, hidden), peephole=peephole,
+            w_ih_scale=None if W_scale is None else canonical_gates(W_scale[d], hidden),
+            w_hh_scale=None if R_scale is None else canonical_gates(R_scale[d], hidden)))
     return LSTMLayer(
         input_size=input_size, hidden_size=hidden, cells=tuple(cells), direction=direction,
         gate_activation=activations[0], cell_activation=activations[1], output_activation=activations[2],

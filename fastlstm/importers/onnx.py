@@ -17,7 +17,11 @@ graph outputs, every node they depend on must be
 * or a dense head: ``Gemm``, or ``MatMul`` then ``Add``, and the activations ``Relu``, ``Tanh``, ``Sigmoid``,
   ``LeakyRelu``, ``Elu``, ``HardSigmoid``, ``Softsign``, ``Softplus``, ``ThresholdedRelu`` and ``Softmax``
   (last, over the features), also applied to every step through a reshape that merges time and batch
-  into rows and one that splits them back (``fc(y.view(T * B, H)).view(T, B, -1)``).
+  into rows and one that splits them back (``fc(y.view(T * B, H)).view(T, B, -1)``),
+* or what ONNX Runtime's dynamic quantization writes (``_onnx_quantized``): ``com.microsoft::
+  DynamicQuantizeLSTM`` (an LSTM with 8-bit weights, kept as 8-bit values times per-row scales) and, for a
+  dense layer, ``DynamicQuantizeLinear``/``MatMulInteger``/``Cast``/``Mul`` or ``com.microsoft::
+  DynamicQuantizeMatMul`` (dequantized: the head runs in float32).
 
 Everything else is refused with ``UnsupportedModelError``, listing every unsupported operator and attribute
 found, not only the first.

@@ -17,6 +17,10 @@ function, ``state_dict.translate``, translates it:
   LayerNorm, a GRU would otherwise be silently dropped. ``ignore=`` names what is genuinely not on the path
   from input to output (an unused branch).
 
+PyTorch's dynamically quantized modules (``torch.ao.quantization.quantize_dynamic``: packed LSTM cells and
+Linear weights instead of the names above) are first rewritten into those names by ``quantized``: the LSTM's
+8-bit weights keep their per-row scales, float16 weights and the Linear layers' weights become float32.
+
 A checkpoint (``{"epoch": 3, "model_state": state_dict, "optimizer_state": ...}``) is reduced to its one dict
 of tensors holding LSTM parameters; ``state_dict_key`` chooses when there are several. A safetensors file is a
 flat state_dict whose order is not the modules' order, so only a single Linear layer is taken as the head
@@ -57,7 +61,7 @@ import numpy as np
 
 from ...errors import ModelFormatError
 from ...spec import ModelSpec
-from . import safetensors, unpickler
+from . import quantized, safetensors, unpickler
 from .modules import numpy_state, spec_from_tree, tree_from_script_object, tree_from_torch_module
 from .options import OPTION_NAMES, Options
 from .state_dict import checkpoint_state_dict, flatten_state, is_entry, translate, under
@@ -88,10 +92,11 @@ def _spec_from_contents(contents: unpickler.TorchFile, opts: Options, name: str)
     if not isinstance(contents.root, dict):
         raise ModelFormatError(f"{name}: expected a state_dict (a dict of tensors), found a "
                                f"{type(contents.root).__name__}")
-    state_dict, entry = checkpoint_state_dict(contents.root, opts.state_dict_key, opts.ignore, name)
+    root = quantized.dequantized_checkpoint(contents.root, f"PyTorch state_dict {name}")
+    state_dict, entry = checkpoint_state_dict(root, opts.state_dict_key, opts.ignore, name)
     state = flatten_state(state_dict, name)
     if entry:  # ignore= may name the checkpoint's other entries ("optimizer"): they are left out already
-        kept = tuple(p for p in opts.ignore if not is_entry(contents.root, p) or under(p, entry))
+        kept = tuple(p for p in opts.ignore if not is_entry(root, p) or under(p, entry))
         opts = replace(opts, ignore=kept)
     return translate(state, opts, f"PyTorch state_dict {name}" + (f" (checkpoint entry {entry!r})" if entry else ""))
 

@@ -9,16 +9,21 @@ import numpy as np
 from ...activations import ELEMENTWISE, IDENTITY, Activation
 from ...errors import ModelFormatError, UnsupportedModelError
 from ...spec import ModelSpec
-from . import unpickler
+from . import quantized, unpickler
 from .options import RNN_NONLINEARITIES, Options
 from .state_dict import (MAX_NESTING, Recurrent, apply_ignore, choose_stack, describe_linears, flatten_state,
                          ignore_hint, recurrent_groups, recurrent_output_size, translate, under)
 
 # Module classes by their full name (TorchScript's ``__torch__.`` prefix and mangling removed).
-_RECURRENT = {f"torch.nn.modules.rnn.{n}" for n in ("LSTM", "LSTMCell", "GRU", "GRUCell", "RNN", "RNNCell")}
+# torch.ao.quantization.quantize_dynamic's modules (see ``quantized``): an LSTM or GRU, and a Linear layer.
+_QUANTIZED_RECURRENT = {f"torch.ao.nn.quantized.dynamic.modules.rnn.{n}" for n in ("LSTM", "GRU")}
+_QUANTIZED_LINEAR = "torch.ao.nn.quantized.dynamic.modules.linear.Linear"
+_RECURRENT = {f"torch.nn.modules.rnn.{n}" for n in ("LSTM", "LSTMCell", "GRU", "GRUCell", "RNN", "RNNCell")
+              } | _QUANTIZED_RECURRENT
 _RNN = {"torch.nn.modules.rnn.RNN", "torch.nn.modules.rnn.RNNCell"}
 _EMBEDDING = "torch.nn.modules.sparse.Embedding"
 _LINEAR = "torch.nn.modules.linear.Linear"
+_LINEARS = {_LINEAR, _QUANTIZED_LINEAR}
 _PASSTHROUGH = {f"torch.nn.modules.{n}" for n in (
     "linear.Identity", "dropout.Dropout", "dropout.Dropout1d", "dropout.Dropout2d", "dropout.Dropout3d",
     "dropout.AlphaDropout", "dropout.FeatureAlphaDropout")}
@@ -105,6 +110,10 @@ def numpy_state(items, torch) -> tuple[dict, list[tuple[str, str]]]:
         if isinstance(value, np.ndarray):
             state[name] = value
             continue
+        read = quantized.from_torch(value, torch)  # a dynamically quantized module's packed weights
+        if read is not None:
+            state[name] = read
+            continue
         if not isinstance(value, torch.Tensor):
             unusable.append((name, f"a {type(value).__name__}, not a tensor (a quantized or packed parameter?)"))
             continue
@@ -135,10 +144,14 @@ def tree_from_script_object(root, name: str) -> tuple[_Node, dict]:
         if depth > MAX_NESTING:
             raise ModelFormatError(f"{name}: TorchScript modules nested too deeply")
         seen.add(id(obj))
-        node = _Node(path, obj.type_name, obj.constants, own_tensors=False)
+        settings = obj.constants
+        if obj.type_name in _QUANTIZED_RECURRENT:  # its settings (bidirectional ...) are plain attributes
+            settings = {**{k: v for k, v in obj.attributes.items() if isinstance(v, (bool, int, float, str))},
+                        **settings}
+        node = _Node(path, obj.type_name, settings, own_tensors=False)
         for attr, value in obj.attributes.items():
             full = f"{path}.{attr}" if path else attr
-            if isinstance(value, np.ndarray):
+            if isinstance(value, (np.ndarray, unpickler.TorchBindObject)):
                 state[full] = value
                 node.own_tensors = True
             elif isinstance(value, unpickler.ScriptObject) and id(value) not in seen:
@@ -165,6 +178,13 @@ def spec_from_tree(tree: _Node | None, state: dict, source: str, opts: Options,
     or stated with options: a module nobody accounts for would be silently dropped.
     """
     problems = [(n, f"{n}: {why}") for n, why in unusable if not any(under(n, p) for p in opts.ignore)]
+    if tree is not None:  # what the quantized modules' state_dict does not record, their tree does
+        directions = {node.path: 2 if node.setting("bidirectional") else 1 for node in _nodes(tree)
+                      if node.type_name in _QUANTIZED_RECURRENT and isinstance(node.setting("bidirectional"), bool)}
+        dynamic = frozenset(node.path for node in _nodes(tree) if node.type_name == _QUANTIZED_LINEAR)
+        state = quantized.dequantized(state, source, directions, dynamic)
+    else:
+        state = quantized.dequantized(state, source)
     module_paths = frozenset(_module_paths(tree)) if tree is not None else frozenset()
     kept = apply_ignore(state, opts.ignore, source, module_paths)
     try:
@@ -221,6 +241,12 @@ def spec_from_tree(tree: _Node | None, state: dict, source: str, opts: Options,
     inferred = opts.with_inferred(head, activations, head_input, embedding=analysis.embedding,
                                   rnn_nonlinearities=analysis.rnn_nonlinearities)
     return translate(state, inferred, source, module_paths)
+
+
+def _nodes(tree: _Node):
+    yield tree
+    for child in tree.children:
+        yield from _nodes(child)
 
 
 def _module_paths(tree: _Node):
@@ -322,7 +348,7 @@ class _StructureAnalysis:
             if not self._ignored(path):
                 self.problems.append((path, f"{path!r}: a tensor attribute of {node.short_type}, neither a parameter "
                                             "nor a buffer; fastlstm cannot see what forward() does with it"))
-        if node.children:
+        if node.children and node.type_name != _QUANTIZED_LINEAR:  # its packed weights are a child module
             if node.own_tensors and node.type_name not in _CONTAINERS:
                 self._problem(node, "a custom module with its own parameters; fastlstm cannot see what its "
                                     "forward() does with them")
@@ -339,14 +365,14 @@ class _StructureAnalysis:
         if kind in _RECURRENT:
             return  # a recurrent module not chosen: its parameters are reported by the state_dict translation
         if self._between_recurrent_modules():
-            if kind in _ACTIVATIONS or kind == _LINEAR or kind == _EMBEDDING or kind.startswith("torch."):
+            if kind in _ACTIVATIONS or kind in _LINEARS or kind == _EMBEDDING or kind.startswith("torch."):
                 self._problem(node, "registered between two recurrent modules; fastlstm runs recurrent modules "
                                     "back to back, with nothing between them")
                 return
         if kind == _EMBEDDING:
             self._embedding_module(node)
             return
-        if kind == _LINEAR:
+        if kind in _LINEARS:
             if self._after_lstm:
                 self.head.append(node.path)
                 self.activations_list.append(None)

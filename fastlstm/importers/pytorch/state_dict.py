@@ -15,6 +15,7 @@ from ...activations import IDENTITY, TANH, Activation
 from ...errors import InvalidInputError, InvalidModelError, ModelFormatError, UnsupportedModelError
 from ...spec import GATE_COUNTS, CellWeights, DenseLayer, ModelSpec, RecurrentLayer
 from .options import Options
+from .quantized import QuantizedWeight
 
 _RECURRENT_NAME = re.compile(
     r"^(?:(?P<prefix>.+)\.)?"
@@ -146,6 +147,8 @@ def recurrent_groups(state: dict) -> dict[str, Recurrent]:
     for group in groups.values():
         # nn.GRU and nn.RNN name their parameters like nn.LSTM; weight_hh has 3H or H rows instead of 4H.
         w_hh = state.get(group.names.get(("weight_hh", 0, False), ""))
+        if isinstance(w_hh, QuantizedWeight):
+            w_hh = w_hh.values
         has_projection = any(kind == "weight_hr" for kind, _, _ in group.names)
         if not has_projection and isinstance(w_hh, np.ndarray) and w_hh.ndim == 2:
             rows, columns = w_hh.shape
@@ -276,6 +279,7 @@ def _recurrent_layers(group: Recurrent, state: dict, source: str,
     full_name = group.full_name
 
     arrays: dict[tuple[str, int, bool], np.ndarray] = {}
+    row_scales: dict[tuple[str, int, bool], np.ndarray] = {}
     for layer in range(num_layers):
         for reverse in directions:
             for kind in kinds:
@@ -286,6 +290,8 @@ def _recurrent_layers(group: Recurrent, state: dict, source: str,
                 array = _float_array(state[names[key]], names[key], problems)
                 if array is not None:
                     arrays[key] = array
+                if isinstance(state[names[key]], QuantizedWeight):  # read from 8-bit integers: keep the scales
+                    row_scales[key] = state[names[key]].scale
     if problems:
         raise InvalidModelError(problems, source)
 
@@ -339,7 +345,9 @@ def _recurrent_layers(group: Recurrent, state: dict, source: str,
                 b_hh = np.concatenate([b_hh[:2 * hidden], np.zeros_like(candidate_bias)])
             bias = (b_ih.astype(np.float64) + b_hh.astype(np.float64)).astype(np.result_type(b_ih, b_hh))
             cells.append(CellWeights(w_ih=w_ih, w_hh=arrays[("weight_hh", layer, reverse)], bias=bias,
-                                     w_hr=arrays.get(("weight_hr", layer, reverse)), candidate_bias=candidate_bias))
+                                     w_hr=arrays.get(("weight_hr", layer, reverse)), candidate_bias=candidate_bias,
+                                     w_ih_scale=row_scales.get(("weight_ih", layer, reverse)),
+                                     w_hh_scale=row_scales.get(("weight_hh", layer, reverse))))
         layers.append(RecurrentLayer(
             input_size=int(input_size), hidden_size=int(hidden), proj_size=int(proj), kind=cell_kind,
             direction="bidirectional" if bidirectional else "forward", cells=tuple(cells),
@@ -414,6 +422,8 @@ def _embedding(state: dict, prefix: str, input_size: int, source: str) -> np.nda
 
 def _float_array(value, name: str, problems: list[str]) -> np.ndarray | None:
     """A fresh C-contiguous float32 copy of ``value`` (float64 stays float64), or None with a problem noted."""
+    if isinstance(value, QuantizedWeight):
+        value = value.values
     if not isinstance(value, np.ndarray):
         problems.append(f"{name}: expected a tensor, got a {type(value).__name__}")
         return None
@@ -644,7 +654,7 @@ def _state_dicts_in(root, name: str) -> dict[str, dict]:
 
 def _is_tensor_dict(obj) -> bool:
     return (isinstance(obj, dict) and bool(obj)
-            and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()))
+            and all(isinstance(k, str) and isinstance(v, (np.ndarray, QuantizedWeight)) for k, v in obj.items()))
 
 
 def _parameters_outside(root: dict, entries: set[str], name: str) -> dict[str, np.ndarray]:

@@ -13,8 +13,10 @@ Two layouts exist:
 In both, a tensor is pickled as a call to ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
 ...)`` whose storage is a *persistent id* ``('storage', <storage type>, key, location, numel[, view])``.
 
-The unpickler here is an allow-list: it rebuilds tensors (as NumPy arrays), plain containers, and, in zip
-archives only, the ``__torch__.*`` module objects of TorchScript as inert attribute holders
+The unpickler here is an allow-list: it rebuilds tensors (as NumPy arrays), quantized tensors (as
+``QuantizedTensor``: their integers and quantization parameters), plain containers, the packed weights of
+PyTorch's dynamically quantized LSTM and Linear modules (``TorchBindObject``: their pickled state, inert), and,
+in zip archives only, the ``__torch__.*`` module objects of TorchScript as inert attribute holders
 (``ScriptObject``). Any other global (``os.system``, ``builtins.eval``, a model's own classes, a whole
 pickled ``nn.Module``) is refused with ``ModelFormatError`` naming it, before anything is called. It is
 Python's pure-Python unpickler, not the C one: the C one sizes its memo from indices read from the file, so
@@ -80,7 +82,20 @@ STORAGE_DTYPES: dict[str, str] = {
     "ByteStorage": "uint8",
     "BoolStorage": "bool",
     "UntypedStorage": "uint8",
+    # The integers of quantized tensors (``_rebuild_qtensor``).
+    "QInt8Storage": "int8",
+    "QUInt8Storage": "uint8",
+    "QInt32Storage": "int32",
 }
+# The quantization schemes a quantized tensor may name (``torch.per_tensor_affine`` ...), read as their names.
+QSCHEMES = ("per_tensor_affine", "per_channel_affine", "per_channel_affine_float_qparams", "per_tensor_symmetric",
+            "per_channel_symmetric")
+# The dtypes a quantized Linear records (``<prefix>._packed_params.dtype``), read as their names.
+DTYPES = ("qint8", "quint8", "float16", "float32")
+# The TorchBind classes (C++ objects with a pickled state) of PyTorch's dynamic quantization: an LSTM's cells
+# and a Linear layer's packed weights. Their state is kept as pickled; ``quantized`` reads it.
+TORCHBIND_CLASSES = ("__torch__.torch.classes.rnn.CellParamsBase",
+                     "__torch__.torch.classes.quantized.LinearPackedParamsBase")
 
 _WHOLE_MODEL_HINT = (
     "fastlstm rebuilds tensors and plain containers only and never runs code from a file. If this file is a "
@@ -136,6 +151,45 @@ class ScriptObject:
 
     def __repr__(self) -> str:
         return f"<ScriptObject {self.qualified_name}>"
+
+
+class TorchBindObject:
+    """An inert stand-in for a TorchBind object of a ``TORCHBIND_CLASSES`` class: its ``qualified_name`` and the
+    ``state`` its ``__getstate__`` returned (tuples, lists, arrays, ``QuantizedTensor``s and further
+    ``TorchBindObject``s), never given to any code of that class."""
+
+    qualified_name = ""
+
+    def __new__(cls, *args, **kwargs):
+        if args or kwargs:
+            raise _PickleRefused("a TorchBind object was constructed with arguments; they take none")
+        obj = super().__new__(cls)
+        obj.state = None
+        return obj
+
+    def __repr__(self) -> str:
+        return f"<TorchBindObject {self.qualified_name or '(no class yet)'}>"
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A quantized tensor (``torch.quantize_per_tensor`` ...): its integers ``values`` (int8, uint8 or int32),
+    its ``qscheme`` (one of ``QSCHEMES``), and its ``scale``/``zero_point`` (numbers for a per-tensor scheme,
+    arrays along ``axis`` for a per-channel one)."""
+
+    values: np.ndarray
+    qscheme: str
+    scale: object
+    zero_point: object
+    axis: int | None = None
+
+
+@dataclass(frozen=True)
+class TorchName:
+    """A torch constant named in a pickle that is a plain name here: a qscheme or a dtype (``kind``)."""
+
+    kind: str
+    name: str
 
 
 def script_type_name(qualified_name: str) -> str:
@@ -235,6 +289,41 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused) -> _PendingT
     return _PendingTensor(storage, _check_int(storage_offset, "tensor storage offset"), size_, stride_)
 
 
+@dataclass(eq=False)
+class _PendingQuantizedTensor:
+    """A quantized tensor whose integers have not been read yet: their view, and the quantizer's parameters."""
+
+    tensor: _PendingTensor
+    qscheme: str
+    scale: object
+    zero_point: object
+    axis: int | None
+
+
+def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, *unused) -> _PendingQuantizedTensor:
+    """``torch._utils._rebuild_qtensor``: the integers' view and ``(qscheme, scale, zero_point[, axis])``, a
+    per-tensor scheme with numbers, a per-channel one with tensors of scales and zero points and an axis."""
+    tensor = _rebuild_tensor(storage, storage_offset, size, stride)
+    if tensor.storage.dtype not in ("int8", "uint8", "int32"):
+        raise _PickleRefused(f"a quantized tensor stored as {tensor.storage.dtype}; expected 8- or 32-bit integers")
+    if not isinstance(quantizer_params, tuple) or not quantizer_params or not (
+            isinstance(quantizer_params[0], TorchName) and quantizer_params[0].kind == "qscheme"):
+        raise _PickleRefused(f"a quantized tensor's parameters must start with its qscheme, got "
+                             f"{_describe(quantizer_params)}")
+    qscheme = quantizer_params[0].name
+    if qscheme in ("per_tensor_affine", "per_tensor_symmetric"):
+        if len(quantizer_params) != 3 or not isinstance(quantizer_params[1], float) \
+                or type(quantizer_params[2]) is not int:
+            raise _PickleRefused(f"{qscheme} parameters must be (qscheme, scale, zero_point), got "
+                                 f"{_describe(quantizer_params)}")
+        return _PendingQuantizedTensor(tensor, qscheme, quantizer_params[1], quantizer_params[2], None)
+    if len(quantizer_params) != 4 or not all(isinstance(p, _PendingTensor) for p in quantizer_params[1:3]):
+        raise _PickleRefused(f"{qscheme} parameters must be (qscheme, scales, zero_points, axis), got "
+                             f"{_describe(quantizer_params)}")
+    axis = _check_int(quantizer_params[3], "quantized tensor axis")
+    return _PendingQuantizedTensor(tensor, qscheme, quantizer_params[1], quantizer_params[2], axis)
+
+
 def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *unused):
     """``torch._utils._rebuild_parameter(_with_state)``: a Parameter is its data here."""
     if not isinstance(data, _PendingTensor):
@@ -286,6 +375,10 @@ _ALLOWED_GLOBALS = {
     ("torch.nn.parameter", "Parameter"): _TensorTypeMarker("torch.nn.Parameter"),
     ("torch", "Size"): _torch_size,
     ("_codecs", "encode"): _latin1_encode,
+    ("torch._utils", "_rebuild_qtensor"): _rebuild_qtensor,
+    ("torch", "ScriptObject"): TorchBindObject,  # its class name comes with its state (BUILD)
+    **{("torch", name): TorchName("qscheme", name) for name in QSCHEMES},
+    **{("torch", name): TorchName("dtype", name) for name in DTYPES},
 }
 _TORCHSCRIPT_GLOBALS = {
     ("torch.jit._pickle", "restore_type_tag"): _restore_type_tag,
@@ -309,12 +402,32 @@ def _load_build_restricted(unpickler: "_RestrictedUnpickler") -> None:
         if state is not None and not isinstance(state, dict):
             raise _PickleRefused("an OrderedDict's pickled state must be a dict")
         return
+    if isinstance(target, TorchBindObject):
+        _build_torchbind(target, state)
+        return
     if isinstance(target, ScriptObject):
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
             raise _PickleRefused(f"{target.qualified_name}: expected a dict of attributes as its state")
         target.attributes.update(state)
         return
     raise _PickleRefused(f"refusing to set the state of a {type(target).__name__} (pickle BUILD)")
+
+
+def _build_torchbind(target: TorchBindObject, state) -> None:
+    """A TorchBind object's state: in a ``torch.save`` pickle ``(state, qualified class name)`` on a
+    ``torch.ScriptObject``; in a TorchScript pickle the state alone, on an object of the named class."""
+    if target.state is not None:
+        raise _PickleRefused(f"{target.qualified_name or 'a TorchBind object'} is given its state twice")
+    if not target.qualified_name:
+        if not (isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], str)):
+            raise _PickleRefused(f"a torch.ScriptObject's state must be (state, class name), got {_describe(state)}")
+        state, target.qualified_name = state
+    if target.qualified_name not in TORCHBIND_CLASSES:
+        raise _PickleRefused(f"the TorchBind class {target.qualified_name} is not one fastlstm reads (it reads "
+                             f"{', '.join(TORCHBIND_CLASSES)}: PyTorch's dynamically quantized LSTM and Linear)")
+    if not isinstance(state, tuple):
+        raise _PickleRefused(f"{target.qualified_name}: expected a tuple as its state, got {_describe(state)}")
+    target.state = state
 
 
 _OPCODE_NAMES = {op.code.encode("latin1")[0]: op.name for op in pickletools.opcodes}
@@ -425,6 +538,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self.legacy = legacy
         self.storages: dict[str, StorageReference] = {}
         self.script_classes: dict[str, type] = {}
+        self.torchbind_classes: dict[str, type] = {}
 
     def remaining(self) -> int:
         """The pickle's bytes not read yet: the rest of the current frame and of the file."""
@@ -449,6 +563,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 found = _TORCHSCRIPT_GLOBALS.get((module, name))
                 if found is not None:
                     return found
+                if f"{module}.{name}" in TORCHBIND_CLASSES:
+                    return self._torchbind_class(f"{module}.{name}")
                 if module == "__torch__" or module.startswith("__torch__."):
                     return self._script_class(f"{module}.{name}")
         raise _PickleRefused(f"the pickle refers to the global {module}.{name}, which is not allowed. "
@@ -461,6 +577,13 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 raise _PickleRefused(f"more than {_MAX_SCRIPT_CLASSES} TorchScript classes")
             cls = type("ScriptObject", (ScriptObject,), {"qualified_name": qualified_name, "declared_constants": {}})
             self.script_classes[qualified_name] = cls
+        return cls
+
+    def _torchbind_class(self, qualified_name: str) -> type:
+        cls = self.torchbind_classes.get(qualified_name)
+        if cls is None:
+            cls = type("TorchBindObject", (TorchBindObject,), {"qualified_name": qualified_name})
+            self.torchbind_classes[qualified_name] = cls
         return cls
 
     def persistent_load(self, pid):
@@ -717,6 +840,16 @@ def _materialize(root, storages: dict[str, bytes], byteorder: str, name: str):
     def visit(obj):
         if isinstance(obj, _PendingTensor):
             return tensor(obj)
+        if isinstance(obj, _PendingQuantizedTensor):
+            if id(obj) not in done:
+                done[id(obj)] = QuantizedTensor(tensor(obj.tensor), obj.qscheme, visit(obj.scale),
+                                                visit(obj.zero_point), obj.axis)
+            return done[id(obj)]
+        if isinstance(obj, TorchBindObject):
+            if id(obj) not in done:
+                done[id(obj)] = obj
+                obj.state = visit(obj.state)
+            return obj
         if not isinstance(obj, (dict, list, tuple, ScriptObject)):
             return obj
         if id(obj) in done:
