@@ -33,8 +33,11 @@ FLOAT = TensorProto.FLOAT
 
 # ----------------------------------------------------------------------------------------- helpers
 def assert_close(actual, expected, tolerance=TOLERANCE):
+    """Within ``tolerance`` of the reference, scaled by its magnitude above 1: float32 holds about 7 digits, so
+    an output of 390 (unbounded gate activations such as LeakyRelu grow the state) differs by its rounding."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert np.max(np.abs(actual - expected)) <= tolerance
+    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
+    assert np.max(np.abs(actual - expected)) <= tolerance * scale
 
 
 def random_inputs(batch=3, steps=6, features=4, seed=0) -> np.ndarray:
