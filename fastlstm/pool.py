@@ -234,10 +234,14 @@ class StreamPool:
     def _check_room(self, count: int, new_keys: list) -> None:
         live = len(self._slot_of)
         if live + count > self.capacity:
-            raise InvalidInputError(
-                f"the pool holds {live} streams of its capacity {self.capacity}; {count} new key(s) "
-                f"({new_keys[:3]!r}{' ...' if count > 3 else ''}) do not fit. Close streams (pool.close(key)) or "
-                "build the pool with a larger capacity; no existing stream is dropped to make room")
+            raise self._no_room(live, new_keys)
+
+    def _no_room(self, live: int, new_keys: list) -> InvalidInputError:
+        count = len(new_keys)
+        return InvalidInputError(
+            f"the pool holds {live} streams of its capacity {self.capacity}; {count} new key(s) "
+            f"({new_keys[:3]!r}{' ...' if count > 3 else ''}) do not fit. Close streams (pool.close(key)) or "
+            "build the pool with a larger capacity; no existing stream is dropped to make room")
 
     def _take_slot(self) -> int:
         """A free slot with zero state, growing the slot arrays (geometrically, up to ``capacity``) if none is free."""
@@ -462,10 +466,7 @@ class StreamPool:
                         free -= 1
                         runnable.append(item)
                     else:
-                        try:
-                            self._check_room(1, [item[0]])
-                        except InvalidInputError as exc:
-                            item[2].set_exception(exc)
+                        item[2].set_exception(self._no_room(self.capacity, [item[0]]))
                 if not runnable:
                     return
                 keys = [item[0] for item in runnable]
