@@ -30,9 +30,6 @@ from .limits import check_allocation
 from .model import _REAL_DTYPES, Model, Stream, _as_token_ids, _stream_bytes
 
 _FIRST_SLOTS = 16
-# Bookkeeping per live stream beyond its state, measured with tracemalloc (CPython 3.11, 64-bit): its
-# entries in the key -> slot dict and (with max_idle_seconds) the idle-order dict, and its last-step time.
-BOOKKEEPING_BYTES_PER_STREAM = 200
 
 _now = time.monotonic
 _log = logging.getLogger(__name__)
