@@ -305,7 +305,8 @@ def markdown(report: dict) -> str:
         for name in ENGINES:
             m = row["engines"][name]
             cells.append(f"{m['steps_per_second']:,.0f} ({m['p50_us']:,.0f} / {m['p99_us']:,.0f})")
-        ratio = row["engines"]["pool.step"]["steps_per_second"] / row["engines"]["ORT IO binding per stream"]["steps_per_second"]
+        rates = {name: m["steps_per_second"] for name, m in row["engines"].items()}
+        ratio = rates["pool.step"] / rates["ORT IO binding per stream"]
         lines.append(f"| {row['streams']:,} | " + " | ".join(cells) + f" | {ratio:.1f}× |")
     share = report["gather_scatter"]
     memory = report["memory"]

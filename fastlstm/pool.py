@@ -79,7 +79,8 @@ class StreamPool:
         self.max_idle_seconds = _non_negative_number(max_idle_seconds, "max_idle_seconds", optional=True)
         self.max_delay_us = _non_negative_number(max_delay_us, "max_delay_us")
         if on_evict is not None and not callable(on_evict):
-            raise InvalidInputError(f"on_evict: expected a callable on_evict(key, snapshot), got {type(on_evict).__name__}")
+            raise InvalidInputError(
+                f"on_evict: expected a callable on_evict(key, snapshot), got {type(on_evict).__name__}")
         self.on_evict = on_evict
         self.model = model
         spec = model.spec

@@ -182,7 +182,8 @@ class StateCodec:
         """A snapshot of the flat state of ``batch`` sequences (layout in the module docstring)."""
         header = _SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, self.dtype.itemsize, batch, self.fingerprint)
         little_endian = self.dtype.newbyteorder("<")
-        body = header + np.ascontiguousarray(h, little_endian).tobytes() + np.ascontiguousarray(c, little_endian).tobytes()
+        body = (header + np.ascontiguousarray(h, little_endian).tobytes()
+                + np.ascontiguousarray(c, little_endian).tobytes())
         return body + hashlib.sha256(body).digest()
 
     def from_blob(self, blob, batch: int, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -296,8 +296,10 @@ def test_a_bad_snapshot_is_refused_and_changes_nothing(filled_pool, case):
     assert stream.snapshot() == state
 
 
-def test_the_fingerprint_is_the_models_not_the_loads():
+def test_the_fingerprint_is_the_models_not_the_loads(tmp_path):
     spec = MODELS["mixed"]
+    fastlstm.Model(spec).save(tmp_path / "mixed.fastlstm")
+    assert fastlstm.load(tmp_path / "mixed.fastlstm").fingerprint == fastlstm.Model(spec).fingerprint
     assert fastlstm.Model(spec, backend="numpy").fingerprint == fastlstm.Model(spec, backend="cython",
                                                                                   dtype="float64").fingerprint
     changed = random_stack(np.random.default_rng(7), ["lstm", "gru", "rnn"], [5, 4, 3], input_size=4)
@@ -416,3 +418,35 @@ def test_an_error_reaches_only_its_callers_future_and_close_finishes_the_queue()
     with pytest.raises(InvalidInputError, match="closed"):
         pool.step([0], x[:1, 0])
     assert len(pool) == 0
+
+
+def test_a_batch_runs_when_max_batch_steps_wait_or_the_oldest_waited_max_delay():
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    with model.stream_pool(capacity=8, max_batch=3, max_delay_us=30_000_000) as pool:
+        first = [pool.submit(key, np.ones(4)) for key in ("a", "b")]
+        with pytest.raises(TimeoutError):
+            first[0].result(timeout=0.3)  # two of three wait, and the delay is 30 s
+        third = pool.submit("c", np.ones(4))
+        assert [f.result(timeout=20).shape for f in first + [third]] == [(2,)] * 3
+    with model.stream_pool(capacity=8, max_batch=64, max_delay_us=1000) as pool:
+        assert pool.submit("a", np.ones(4)).result(timeout=20).shape == (2,)  # alone, after 1 ms
+
+
+def test_the_pool_runs_a_keras_model_with_masking_as_keras_does():
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    L = keras.layers
+    source = keras.Sequential([keras.Input((None, 3)), L.Masking(0.0), L.LSTM(4, return_sequences=True),
+                               L.Dense(2, activation="tanh")])
+    rng = np.random.default_rng(12)
+    source.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in source.get_weights()])
+    x = rng.normal(size=(3, 7, 3)).astype(np.float32)
+    x[0, [0, 3, 4]] = 0.0  # masked steps at the start and in the middle
+    x[2, [5, 6]] = 0.0
+    expected = keras.ops.convert_to_numpy(source(x, training=False))
+    for backend in BACKENDS:
+        pool = fastlstm.load(source, backend=backend).stream_pool(capacity=3)
+        got = np.stack([pool.step(["x", "y", "z"], x[:, t]) for t in range(7)], axis=1)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
