@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,12 +73,15 @@ class PoolStep:
 
 
 class PoolSubmit:
-    """``callers`` threads each submit an equal share of a tick's steps, then wait for their futures."""
+    """``callers`` threads (the ticking one and ``callers - 1`` started once) each submit an equal share of a
+    tick's steps, then wait for their futures."""
 
     def __init__(self, module, streams: int, threads: int, callers: int, **_):
         self.pool = fastlstm.load(module, num_threads=threads).stream_pool(capacity=streams, max_batch=64,
                                                                            max_delay_us=200)
         self.callers = callers
+        # The callers besides the ticking thread, started once: a tick hands each its share.
+        self.threads = ThreadPoolExecutor(callers - 1) if callers > 1 else None
 
     def tick(self, keys, x, done_at):
         y = np.empty((len(keys), HEAD_OUTPUTS), np.float32)
@@ -90,15 +93,15 @@ class PoolSubmit:
                 done_at[i] = time.perf_counter()
 
         parts = [range(n, len(keys), self.callers) for n in range(self.callers)]
-        workers = [threading.Thread(target=call, args=(part,)) for part in parts[1:]]
-        for worker in workers:
-            worker.start()
+        others = [self.threads.submit(call, part) for part in parts[1:]]
         call(parts[0])
-        for worker in workers:
-            worker.join()
+        for other in others:
+            other.result()
         return y
 
     def close(self):
+        if self.threads is not None:
+            self.threads.shutdown()
         self.pool.close()
 
 
@@ -254,11 +257,14 @@ def gather_scatter_share(threads: int, repeats: int = 2000) -> dict:
     x = rng.normal(size=(64, CONFIG.input_size)).astype(np.float32)
 
     def timed(action) -> float:
+        """The median of ``repeats`` single calls in µs (a median: a shared machine preempts some calls)."""
         action()
-        start = time.perf_counter()
+        samples = []
         for _ in range(repeats):
+            start = time.perf_counter()
             action()
-        return (time.perf_counter() - start) / repeats * 1e6
+            samples.append(time.perf_counter() - start)
+        return float(np.median(samples)) * 1e6
 
     def gather():
         for array, view in zip(pool._slot_arrays, runner.state_views):

@@ -222,12 +222,15 @@ class StreamPool:
         """The slot of each key, taking zeroed free slots for new keys; refused (nothing changed) if the new
         keys do not fit in ``capacity``."""
         slot_of = self._slot_of
-        new_keys = [key for key in keys if key not in slot_of]
-        if new_keys:
+        get = slot_of.get
+        slots = [get(key) for key in keys]
+        if None in slots:
+            new_keys = [key for key, slot in zip(keys, slots) if slot is None]
             self._check_room(len(new_keys), new_keys)
             for key in new_keys:
                 slot_of[key] = self._take_slot()
-        return np.fromiter((slot_of[key] for key in keys), np.intp, len(keys))
+            slots = [slot_of[key] for key in keys]
+        return np.array(slots, np.intp)
 
     def _check_room(self, count: int, new_keys: list) -> None:
         live = len(self._slot_of)
