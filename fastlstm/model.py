@@ -378,7 +378,8 @@ class Stream:
         return self._codec.to_blob(self._h, self._c, self.batch_size)
 
     def restore(self, blob) -> None:
-        """Set the state from a ``snapshot`` of this model (a ``StreamPool`` snapshot for batch size 1).
+        """Set the state from a ``snapshot`` of this model (a ``StreamPool`` snapshot for batch size 1); one made
+        in the other dtype is cast, as a ``state=`` would be.
         A blob of another model or batch size, a corrupt, truncated or other-version one raises
         ``InvalidInputError`` and leaves the stream as it was."""
         h, c = self._codec.from_blob(blob, self.batch_size, "restore()")

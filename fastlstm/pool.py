@@ -290,7 +290,8 @@ class StreamPool:
 
     def restore(self, key, blob) -> None:
         """Set ``key``'s stream (a new one if the key is not in the pool) to the state of a snapshot of this
-        model: ``snapshot``, ``on_evict``'s, or ``Stream.snapshot`` of batch size 1. A blob of another model,
+        model: ``snapshot``, ``on_evict``'s, or ``Stream.snapshot`` of batch size 1 (one made in float64 is
+        rounded to float32 in a float32 model, as a ``state=`` would be). A blob of another model,
         a corrupt, truncated or other-version one, or no room for a new key raises ``InvalidInputError`` and
         leaves the pool as it was."""
         with self._lock:
@@ -314,11 +315,15 @@ class StreamPool:
                 self._slot_of.move_to_end(key)
 
     def close(self, *key) -> None:
-        """``close(key)``: end that stream and free its slot (a key not in the pool: nothing to do).
+        """``close(key)``: end that stream and free its slot (a key not in the pool: nothing to do; a step of
+        that key submitted and not yet run starts a new stream from zero state).
         ``close()``: stop the batcher after it has run every submitted step, then drop every stream; the pool
         refuses further calls. ``with model.stream_pool(...) as pool:`` calls it on leaving."""
         if len(key) > 1:
             raise TypeError(f"close() takes at most one key, got {len(key)}")
+        with self._lock:
+            if self._in_on_evict:
+                self._check_usable()  # raises: on_evict may not call the pool
         if key:
             with self._lock:
                 self._check_usable()

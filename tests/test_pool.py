@@ -450,3 +450,23 @@ def test_the_pool_runs_a_keras_model_with_masking_as_keras_does():
         pool = fastlstm.load(source, backend=backend).stream_pool(capacity=3)
         got = np.stack([pool.step(["x", "y", "z"], x[:, t]) for t in range(7)], axis=1)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_on_evict_may_not_call_the_pool(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(fastlstm.pool, "_now", clock)
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    seen = []
+
+    def reenter(key, blob):
+        for call in (lambda: pool.step(["x"], np.ones((1, 4))), lambda: pool.close(), lambda: pool.close("a")):
+            with pytest.raises(InvalidInputError, match="on_evict may not call the pool"):
+                call()
+        seen.append(key)
+
+    pool = model.stream_pool(capacity=2, max_idle_seconds=1, on_evict=reenter)
+    pool.step(["a"], np.ones((1, 4)))
+    clock.now += 5
+    pool.step(["b"], np.ones((1, 4)))
+    assert seen == ["a"] and pool.keys() == ["b"]
+    pool.close()
