@@ -470,3 +470,21 @@ def test_on_evict_may_not_call_the_pool(monkeypatch):
     pool.step(["b"], np.ones((1, 4)))
     assert seen == ["a"] and pool.keys() == ["b"]
     pool.close()
+
+
+def test_a_step_allocates_nothing_proportional_to_the_live_streams():
+    import tracemalloc
+
+    model = fastlstm.Model(MODELS["mixed"], backend="cython")
+    pool = model.stream_pool(capacity=20_000, max_idle_seconds=3600)
+    x = np.ones((1000, model.input_size), model.dtype)
+    for first in range(0, 20_000, 1000):
+        pool.step(range(first, first + 1000), x)
+    assert pool._slot_arrays[0].nbytes >= 20_000 * 5 * 4  # the live state: hundreds of KiB
+    keys, rows = [3, 17_000, 9_999, 42], x[:4]
+    pool.step(keys, rows)
+    tracemalloc.start()
+    pool.step(keys, rows)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8_000  # the output, the slot indices and small temporaries
