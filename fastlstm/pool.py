@@ -53,13 +53,14 @@ class _BatchRunner:
     def run(self, slot_arrays: list[np.ndarray], slots: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         """Step the streams in ``slots`` (at most ``size``) on inputs ``x`` (checked), outputs into ``y``."""
         n = len(slots)
-        for slot_array, view in zip(slot_arrays, self.state_views):
-            np.take(slot_array, slots, axis=0, out=view[:n], mode="clip")  # indices are valid: clip skips a check
+        views = self.state_views if n == self.size else [view[:n] for view in self.state_views]
+        for slot_array, view in zip(slot_arrays, views):
+            slot_array.take(slots, axis=0, out=view, mode="clip")  # the indices are valid: clip skips a check
         self.x[:n] = x
         self.stream.step(self.x, out=self.out)
         y[...] = self.out[:n]
-        for slot_array, view in zip(slot_arrays, self.state_views):
-            slot_array[slots] = view[:n]
+        for slot_array, view in zip(slot_arrays, views):
+            slot_array[slots] = view
 
 
 class StreamPool:
@@ -92,13 +93,14 @@ class StreamPool:
         self._token_ids = model.takes_token_ids
         self._vocab_size = spec.vocab_size
         self._row_shape = () if self._token_ids else (spec.input_size,)
+        self._output_size = spec.output_size
         check_allocation(self.capacity * self.bytes_per_stream + self._runner_bytes(),
                          f"stream_pool(capacity={self.capacity}, max_batch={self.max_batch})")
         self._slot_arrays = [np.zeros((0, width), self._dtype) for width in self._widths]
         self._slot_of: OrderedDict = OrderedDict()  # key -> slot; with max_idle_seconds, least recently stepped first
         self._free: list[int] = []
         self._last_step = np.zeros(0)                # per slot: when it last stepped (monotonic seconds)
-        self._runners: dict[int, _BatchRunner] = {}
+        self._runners: dict[int, _BatchRunner] = {}  # rows -> the runner of their power-of-two size
         self._lock = threading.RLock()
         self._in_on_evict = False
         self._closed = False
@@ -167,10 +169,13 @@ class StreamPool:
     def _run(self, keys: list, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Step the (existing) ``slots`` on checked ``x``, in batches of at most ``max_batch`` rows."""
         count = len(slots)
-        y = np.empty((count, self.model.output_size), self._dtype)
-        for start in range(0, count, self.max_batch):
-            stop = min(start + self.max_batch, count)
-            self._runner(stop - start).run(self._slot_arrays, slots[start:stop], x[start:stop], y[start:stop])
+        y = np.empty((count, self._output_size), self._dtype)
+        if count <= self.max_batch:
+            self._runner(count).run(self._slot_arrays, slots, x, y)
+        else:
+            for start in range(0, count, self.max_batch):
+                stop = min(start + self.max_batch, count)
+                self._runner(stop - start).run(self._slot_arrays, slots[start:stop], x[start:stop], y[start:stop])
         if self.max_idle_seconds is not None:
             self._last_step[slots] = _now()
             move = self._slot_of.move_to_end
@@ -179,10 +184,14 @@ class StreamPool:
         return y
 
     def _runner(self, rows: int) -> _BatchRunner:
-        size = min(1 << (rows - 1).bit_length(), self.max_batch)
-        runner = self._runners.get(size)
+        """The internal stream for ``rows`` (at most ``max_batch``): the next power of two, or ``max_batch``."""
+        runner = self._runners.get(rows)
         if runner is None:
-            runner = self._runners[size] = _BatchRunner(self.model, size, self._token_ids)
+            size = min(1 << (rows - 1).bit_length(), self.max_batch)
+            runner = self._runners.get(size)
+            if runner is None:
+                runner = self._runners[size] = _BatchRunner(self.model, size, self._token_ids)
+            self._runners[rows] = runner
         return runner
 
     def _checked_keys(self, keys) -> list:

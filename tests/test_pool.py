@@ -227,7 +227,10 @@ def test_more_keys_than_max_batch_run_as_several_batches():
     expected = model.predict(x)
     for t in range(2):
         np.testing.assert_allclose(pool.step(list(range(37)), x[:, t]), expected[:, t], atol=1e-5)
-    assert len(pool._runners) <= 4  # 1, 2, 4, 8 rows at most (here 8 and the 8 that covers the last 5)
+    sizes = {runner.size for runner in pool._runners.values()}
+    assert sizes == {8}  # 37 rows: four batches of 8, and 5 rows padded to 8
+    pool.step([0, 1, 2], x[:3, 0])
+    assert {runner.size for runner in pool._runners.values()} == {4, 8}
 
 
 # ---------------------------------------------------------------------------- snapshots
