@@ -104,7 +104,7 @@ class StreamPool:
         self._lock = threading.RLock()
         self._in_on_evict = False
         self._closed = False
-        # The batcher: pending (key, x_t, future) in submission order, guarded by _pending_ready's lock.
+        # The batcher: pending (key, x_t, future, submitted at) in submission order, guarded by _pending_ready.
         self._pending: deque = deque()
         self._pending_ready = threading.Condition(threading.Lock())
         self._batcher: threading.Thread | None = None
