@@ -4,6 +4,8 @@
     y = model.predict(x)                          # whole sequences, batch first
     stream = model.stream()                       # one time step per call, state kept
     y_t = stream.step(x_t)
+    pool = model.stream_pool(capacity=10_000)     # many live sequences, the ready ones stepped as one batch
+    y = pool.step(keys, x)
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import logging
 from .errors import FastLSTMError, InvalidInputError, InvalidModelError, ModelFormatError, UnsupportedModelError
 from .limits import allocation_limit, set_allocation_limit
 from .model import Model, Stream
+from .pool import StreamPool
 from .spec import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
 
 __version__ = "0.1.0"
 __all__ = [
-    "load", "Model", "Stream", "ModelSpec", "LSTMLayer", "LSTMCellWeights", "DenseLayer",
+    "load", "Model", "Stream", "StreamPool", "ModelSpec", "LSTMLayer", "LSTMCellWeights", "DenseLayer",
     "FastLSTMError", "ModelFormatError", "InvalidModelError", "UnsupportedModelError", "InvalidInputError",
     "allocation_limit", "set_allocation_limit",
 ]

@@ -12,6 +12,8 @@ here, before the backend, so backends only ever see feature vectors.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
 from ._arrays import as_real_array
@@ -214,6 +216,24 @@ class Model:
         """A ``Stream`` that steps ``batch_size`` sequences together, one time step per call, from zero state."""
         return Stream(self, batch_size)
 
+    def stream_pool(self, capacity: int = 10_000, max_idle_seconds: float | None = None, on_evict=None, *,
+                    max_batch: int = 64, max_delay_us: float = 200.0) -> "StreamPool":
+        """A ``StreamPool``: up to ``capacity`` live sequences, each under a key, stepped together as one batch.
+
+        ``max_idle_seconds`` evicts a stream that has not stepped for that long, first handing
+        ``on_evict(key, snapshot)`` its state; ``max_batch`` is the most rows one kernel call runs, and
+        ``submit`` runs a batch once ``max_batch`` steps wait or the oldest has waited ``max_delay_us``.
+        """
+        from .pool import StreamPool
+
+        return StreamPool(self, capacity, max_idle_seconds, on_evict, max_batch=max_batch, max_delay_us=max_delay_us)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hex digest of this model's weights and structure: equal for every load of the same model, on any
+        backend and dtype (a state snapshot carries it and restores only into a model with the same one)."""
+        return self._state.fingerprint.hex()
+
     def save(self, path) -> None:
         """Write the model to ``path`` in fastlstm's native format (read back by ``fastlstm.load``, NumPy only)."""
         save_native(self.spec, path)
@@ -350,6 +370,19 @@ class Stream:
         """Zero the state, as at creation."""
         self._h[...] = 0
         self._c[...] = 0
+
+    def snapshot(self) -> bytes:
+        """The state of every row as bytes: versioned, tied to this model's weights and structure, checksummed.
+        ``restore`` reads it back, here or in another process that loaded the same model (any backend or dtype),
+        and so does ``StreamPool.restore`` for a stream of batch size 1."""
+        return self._codec.to_blob(self._h, self._c, self.batch_size)
+
+    def restore(self, blob) -> None:
+        """Set the state from a ``snapshot`` of this model (a ``StreamPool`` snapshot for batch size 1).
+        A blob of another model or batch size, a corrupt, truncated or other-version one raises
+        ``InvalidInputError`` and leaves the stream as it was."""
+        h, c = self._codec.from_blob(blob, self.batch_size, "restore()")
+        self._h[...], self._c[...] = h, c
 
     @property
     def state(self):

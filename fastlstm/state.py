@@ -10,11 +10,18 @@ Users see the state in the form of ``ModelSpec.state_form`` (the rule is in ``fa
 (``rows = layers * directions``; without the batch axis for one unbatched sequence.) Backends hold it as two
 flat arrays (layout in ``fastlstm.backends.base``); ``StateCodec`` converts between the two, checking every
 part before anything is written.
+
+A snapshot (``to_blob``/``from_blob``, behind ``Stream.snapshot`` and ``StreamPool.snapshot``) is the flat
+state as bytes: versioned, tied to the model by a fingerprint of its weights and structure, checksummed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -22,6 +29,14 @@ from ._arrays import as_real_array
 from .backends.base import flat_state_sizes, state_views
 from .errors import InvalidInputError
 from .spec import ModelSpec
+
+# A state snapshot (``StateCodec.to_blob``): this header, then the flat h and c of its sequences as
+# little-endian floats, then the SHA-256 of everything before it.
+SNAPSHOT_MAGIC = b"FLSTMST\n"
+SNAPSHOT_VERSION = 1
+# magic, version, bytes per item (4 or 8), sequences, the model's fingerprint
+_SNAPSHOT_HEADER = struct.Struct("<8sHBI32s")
+_CHECKSUM_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -152,3 +167,79 @@ class StateCodec:
         for whole, part in zip(state_views(self.spec, h, c, batch), state_views(self.spec, h_sub, c_sub, len(rows))):
             for target, source in zip(whole, part):
                 target[rows] = source
+
+    # ------------------------------------------------------------------ snapshots
+    @cached_property
+    def fingerprint(self) -> bytes:
+        """The model's identity in a snapshot: computed once, from every weight and structural field of the spec."""
+        return spec_fingerprint(self.spec)
+
+    def row_items(self) -> tuple[int, int]:
+        """Items of ``h`` and ``c`` one sequence holds."""
+        return flat_state_sizes(self.spec, 1)
+
+    def to_blob(self, h: np.ndarray, c: np.ndarray, batch: int) -> bytes:
+        """A snapshot of the flat state of ``batch`` sequences (layout in the module docstring)."""
+        header = _SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, self.dtype.itemsize, batch, self.fingerprint)
+        little_endian = self.dtype.newbyteorder("<")
+        body = header + np.ascontiguousarray(h, little_endian).tobytes() + np.ascontiguousarray(c, little_endian).tobytes()
+        return body + hashlib.sha256(body).digest()
+
+    def from_blob(self, blob, batch: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """Checked flat ``(h, c)`` copies of ``batch`` sequences, in this model's dtype, from a ``to_blob``
+        snapshot made by a model with the same weights and structure (on any backend, in either dtype).
+        Anything else raises ``InvalidInputError`` naming ``what`` and the problem; nothing is written."""
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise InvalidInputError(f"{what}: expected the bytes of a state snapshot, got {type(blob).__name__}")
+        data = memoryview(blob).cast("B")
+        minimum = _SNAPSHOT_HEADER.size + _CHECKSUM_BYTES
+        if len(data) < minimum or bytes(data[:len(SNAPSHOT_MAGIC)]) != SNAPSHOT_MAGIC:
+            raise InvalidInputError(f"{what}: not a fastlstm state snapshot ({len(data)} bytes, expected at least "
+                                    f"{minimum} starting with {SNAPSHOT_MAGIC!r})")
+        _, version, itemsize, rows, fingerprint = _SNAPSHOT_HEADER.unpack_from(data)
+        if version != SNAPSHOT_VERSION:
+            raise InvalidInputError(f"{what}: a state snapshot of version {version}; this fastlstm reads version "
+                                    f"{SNAPSHOT_VERSION} only")
+        if hashlib.sha256(data[:-_CHECKSUM_BYTES]).digest() != bytes(data[-_CHECKSUM_BYTES:]):
+            raise InvalidInputError(f"{what}: the state snapshot is corrupt or truncated (its checksum does not match "
+                                    f"its {len(data)} bytes)")
+        if fingerprint != self.fingerprint:
+            raise InvalidInputError(f"{what}: the state snapshot was made by another model (its weights or structure "
+                                    "differ from this model's)")
+        if rows != batch:
+            raise InvalidInputError(f"{what}: the state snapshot holds {rows} sequence(s); expected {batch}")
+        h_items, c_items = flat_state_sizes(self.spec, batch)
+        if itemsize not in (4, 8) or len(data) != minimum + (h_items + c_items) * itemsize:
+            raise InvalidInputError(f"{what}: the state snapshot's size ({len(data)} bytes) does not match its header "
+                                    f"({rows} sequence(s) of {h_items + c_items} items of {itemsize} bytes)")
+        state = np.frombuffer(data, f"<f{itemsize}", h_items + c_items, _SNAPSHOT_HEADER.size)
+        return state[:h_items].astype(self.dtype), state[h_items:].astype(self.dtype)
+
+
+def spec_fingerprint(spec: ModelSpec) -> bytes:
+    """A SHA-256 of every compared field of ``spec``, arrays by dtype, shape and bytes (the ``source`` note,
+    which does not take part in comparisons, is left out): equal for two loads of the same model."""
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, np.ndarray):
+            array = np.ascontiguousarray(value)
+            digest.update(f"array {array.dtype.str} {array.shape}:".encode())
+            digest.update(array.data.cast("B") if array.size else b"")
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            digest.update(f"{type(value).__name__}(".encode())
+            for item in dataclasses.fields(value):
+                if item.compare:
+                    digest.update(f"{item.name}=".encode())
+                    feed(getattr(value, item.name))
+            digest.update(b")")
+        elif isinstance(value, (tuple, list)):
+            digest.update(f"[{len(value)}:".encode())
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    feed(spec)
+    return digest.digest()
