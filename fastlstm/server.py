@@ -258,6 +258,7 @@ class StreamServer:
         if refusal is not None:
             code, reason, message = refusal
             self.metrics.refusals.labels(reason).inc()
+            await websocket.accept()  # then close with a code and reason a client can read (a refused handshake has none)
             await websocket.close(code, message)
             return
         self.connected.add(stream_id)
