@@ -40,6 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from .cli.npy import load_npy
 from .errors import FastLSTMError, InvalidInputError
 from .pool import StreamPool
 
@@ -190,10 +191,7 @@ class StreamServer:
         as_npy = request.headers.get("content-type", "").split(";")[0].strip() == NPY
         try:
             if as_npy:
-                try:
-                    x = np.load(io.BytesIO(body), allow_pickle=False)
-                except Exception as exc:  # NumPy's reader raises ValueError, EOFError, ...
-                    raise InvalidInputError(f"body: not a readable .npy array ({type(exc).__name__}: {exc})") from None
+                x = load_npy(io.BytesIO(body), len(body), "body")
                 lengths = request.query_params.get("lengths")
                 if lengths is not None:
                     try:

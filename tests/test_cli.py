@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -168,14 +170,36 @@ def test_predict_errors(tmp_path, spotter_x):
                           "--lengths: expected whole numbers")
     assert_one_line_error(run_cli("predict", SPOTTER, tmp_path / "ok.npy", "-o", tmp_path / "y.txt", check=False),
                           "expected a file ending in .npy, .npz, .csv")
-    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
-    assert_one_line_error(run_cli("predict", SPOTTER, tmp_path / "bad.npy", check=False), "cannot be read as .npy")
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+    assert_one_line_error(run_cli("predict", SPOTTER, tmp_path / "bad.npy", check=False), "not a readable .npy array")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
-    assert_one_line_error(run_cli("predict", SPOTTER, tmp_path / "objects.npy", check=False), "cannot be read as .npy")
+    assert_one_line_error(run_cli("predict", SPOTTER, tmp_path / "objects.npy", check=False), "holds Python objects")
     (tmp_path / "x.csv").write_text("1,2,oops\n")
     assert_one_line_error(run_cli("predict", SPOTTER, tmp_path / "x.csv", check=False), "cannot be read as .csv")
     np.save(tmp_path / "ids.npy", np.array([[1, 500]]))
     assert_one_line_error(run_cli("predict", TAGGER, tmp_path / "ids.npy", check=False), "token ids must lie in 0..199")
+
+
+def test_an_array_header_is_checked_before_anything_is_allocated(tmp_path):
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (10**6, 10**6, 32)})
+    (tmp_path / "huge.npy").write_bytes(header.getvalue() + bytes(16))
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(16))
+    for name in ("huge.npy", "huge.npz"):
+        assert_one_line_error(run_cli("predict", SPOTTER, tmp_path / name, check=False),
+                              "declares 128000000000000 bytes of data", "but 16 follow")
+    # honest about its size, but more than the allocation limit allows
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False,
+                                                          "shape": (2**20,)})
+            member.write(bytes(4 * 2**20))
+    result = subprocess.run([sys.executable, "-m", "fastlstm", "predict", str(SPOTTER), str(tmp_path / "bomb.npz")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "FASTLSTM_MAX_ALLOCATION_BYTES": str(2**20)})
+    assert_one_line_error(result, "bomb.npz", "would allocate about 4.0 MiB")
 
 
 def test_keras_and_onnx_refuse_pytorch_options(tmp_path):

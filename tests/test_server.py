@@ -140,6 +140,10 @@ def test_predict_json_and_npy_equal_model_predict(servers, spotter, x):
     status, reply = server.request("POST", "/v1/predict?lengths=4", body.getvalue(), "application/x-npy")
     assert status == 200
     np.testing.assert_array_equal(np.load(io.BytesIO(reply)), spotter.predict(x[:1], lengths=[4]))
+    header = io.BytesIO()  # a header declaring far more data than the body holds: refused before allocating
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**9, 10**9)})
+    status, reply = server.request("POST", "/v1/predict", header.getvalue() + bytes(8), "application/x-npy")
+    assert status == 400 and "declares 4000000000000000000 bytes" in json.loads(reply)["error"]
 
 
 @pytest.mark.parametrize("body, fragment", [

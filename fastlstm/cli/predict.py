@@ -13,10 +13,13 @@ from __future__ import annotations
 import io
 import os
 import sys
+import zipfile
 
 import numpy as np
 
+from ..errors import FastLSTMError
 from . import CommandError
+from .npy import load_npy
 
 NAME = "predict"
 HELP = "run a model on sequences from a .npy, .npz or .csv file"
@@ -65,27 +68,36 @@ def read_input(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     extension = _format(path, "input")
     try:
         if extension == ".npy":
-            return np.load(path, allow_pickle=False), None
+            with open(path, "rb") as f:
+                return load_npy(f, os.fstat(f.fileno()).st_size, f"input {path!r}"), None
         if extension == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                names = list(archive.files)
-                if "x" in names:
-                    x = archive["x"]
-                elif len([n for n in names if n != "lengths"]) == 1:
-                    x = archive[next(n for n in names if n != "lengths")]
-                else:
-                    raise CommandError(f"input {path!r}: expected an array named 'x' (or a single array), "
-                                       f"found {names}")
-                lengths = archive["lengths"] if "lengths" in names else None
-                return x, lengths
+            return _read_npz(path)
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        x = np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, dtype=np.float64)
-        return x, None
-    except (OSError, CommandError):
+        return np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, dtype=np.float64), None
+    except (OSError, CommandError, FastLSTMError):
         raise
     except Exception as exc:  # NumPy's readers raise ValueError, EOFError, zipfile.BadZipFile, ...
         raise CommandError(f"input {path!r}: cannot be read as {extension} ({type(exc).__name__}: {exc})") from None
+
+
+def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """``x`` (the member named so, or the only one besides ``lengths``) and ``lengths`` of an ``.npz``."""
+    with zipfile.ZipFile(path) as archive:
+        names = [name.removesuffix(".npy") for name in archive.namelist()]
+        if "x" in names:
+            x_name = "x"
+        elif len([n for n in names if n != "lengths"]) == 1:
+            x_name = next(n for n in names if n != "lengths")
+        else:
+            raise CommandError(f"input {path!r}: expected an array named 'x' (or a single array), found {names}")
+
+        def member(name: str) -> np.ndarray:
+            info = archive.getinfo(name + ".npy")
+            with archive.open(info) as f:
+                return load_npy(f, info.file_size, f"input {path!r} array {name!r}")
+
+        return member(x_name), (member("lengths") if "lengths" in names else None)
 
 
 def _lengths(text: str) -> np.ndarray:
