@@ -77,6 +77,19 @@ def test_info_shows_warnings_of_the_load(tmp_path):
     assert "warning:" in out and "no activations are known for the head" in out
 
 
+def test_info_of_an_onnx_file_shows_what_the_importer_bound(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from test_onnx_import import lstm_model
+
+    onnx.save(lstm_model("bidirectional", hidden=5, input_size=4, lengths=True, states=True), tmp_path / "m.onnx")
+    out = run_cli("info", tmp_path / "m.onnx").stdout
+    assert "read as: ONNX file m.onnx" in out
+    assert "0: LSTM bidirectional, input 4, hidden 5" in out
+    assert "streams one step at a time: no" in out
+    assert "not recorded in the file" not in out  # an ONNX graph says it all
+    assert "info: ONNX file m.onnx: graph input 'lens' (sequence_lens) is predict(x, lengths=...)" in out
+
+
 def test_convert_writes_a_native_file_that_predicts_the_same(tmp_path, spotter_x):
     out = tmp_path / "spotter.fastlstm"
     run_cli("convert", SPOTTER, out, "--head-activations", "softmax")
