@@ -86,13 +86,25 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def servers():
+def bidirectional(tmp_path_factory):
+    """An ONNX file of a bidirectional LSTM: a model that predicts but does not stream."""
+    onnx = pytest.importorskip("onnx")
+    from test_onnx_import import lstm_model
+
+    path = tmp_path_factory.mktemp("models") / "bidirectional.onnx"
+    onnx.save(lstm_model("bidirectional", hidden=5, input_size=4), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def servers(bidirectional):
     """Every server process the tests use, started together (each loads its model once)."""
     started = {
         "main": Server(SPOTTER, "--max-message-bytes", "4096"),
         "replica": Server(SPOTTER),
         "small": Server(SPOTTER, "--capacity", "2", "--idle-timeout", "1"),
         "tokens": Server(TAGGER, "--head-activations", "softmax"),
+        "bidirectional": Server(bidirectional),
     }
     try:
         yield {name: server.wait_ready() for name, server in started.items()}
@@ -242,6 +254,21 @@ def test_token_ids_binary_and_json(servers):
         ws.send(json.dumps({"x": ids[5:].tolist()}))
         got.append(np.array(json.loads(ws.recv(timeout=30))["y"], np.float32))
     np.testing.assert_allclose(np.concatenate(got), expected, atol=STREAM_TOLERANCE, rtol=0)
+
+
+def test_a_model_that_does_not_stream_predicts_and_refuses_streams(servers, bidirectional):
+    server = servers["bidirectional"]
+    assert json.loads(server.get("/v1/model")[1])["streams"] is False
+    x = np.random.default_rng(5).standard_normal((2, 6, 4)).astype(np.float32)
+    status, reply = server.post_json("/v1/predict", {"x": x.tolist()})
+    assert status == 200
+    np.testing.assert_array_equal(np.array(reply["y"], np.float32),
+                                  fastlstm.load(bidirectional, backend="cython").predict(x))
+    with server.connect("s") as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd.code == 4400 and "does not stream" in closed.value.rcvd.reason
+    assert server.request("PUT", "/v1/streams/s/state", b"x", "application/octet-stream")[0] == 400
 
 
 def test_a_snapshot_moves_between_server_processes(servers, spotter, x):

@@ -26,7 +26,7 @@ AGREEMENT = {"float32": 1e-4, "float64": 1e-8}
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="the model file")
     parser.add_argument("--thread-counts", metavar="N[,N...]",
-                        help="thread counts to measure (default: 1 and the cores available)")
+                        help="thread counts to measure (default: --threads if given, else 1 and the cores available)")
     parser.add_argument("--batch", type=int, default=8, metavar="B", help="sequences per predict call (default 8)")
     parser.add_argument("--time-steps", type=int, default=100, metavar="T", help="steps per sequence (default 100)")
     parser.add_argument("--steps", type=int, default=2000, metavar="N", help="timed stream steps (default 2000)")
@@ -43,7 +43,7 @@ def run(args) -> None:
         raise CommandError("--batch, --time-steps, --steps and --seconds must be positive")
     first = load_model(args)
     spec = first.spec
-    threads = _thread_counts(args.thread_counts)
+    threads = [args.threads] if args.thread_counts is None and args.threads else _thread_counts(args.thread_counts)
     backends = BACKENDS if args.backend == "auto" else (args.backend,)
     rng = np.random.default_rng(0)
     x_steps = _inputs(spec, rng, (args.steps + 50,))
