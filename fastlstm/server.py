@@ -51,6 +51,8 @@ CLOSE_TOO_BIG, CLOSE_TRY_LATER = 1009, 1013
 CLOSE_NOT_STREAMING, CLOSE_IN_USE, CLOSE_NO_ROOM = 4400, 4409, 4429
 # Batch sizes a histogram can tell apart (the pool's internal batches are at most max_batch rows).
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# A step takes microseconds to run and waits up to max_delay_us for its batch: buckets from 50 µs to 1 s.
+_LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
 
 
 class _Metrics:
@@ -62,7 +64,7 @@ class _Metrics:
         self.batch_size = Histogram("fastlstm_batch_size", "Stream steps run per batch", registry=self.registry,
                                     buckets=_BATCH_BUCKETS)
         self.step_latency = Histogram("fastlstm_step_latency_seconds", "From a step's submission to its output",
-                                      registry=self.registry)
+                                      registry=self.registry, buckets=_LATENCY_BUCKETS)
         self.predictions = Counter("fastlstm_predict_requests", "POST /v1/predict requests answered",
                                    registry=self.registry)
         self.live = Gauge("fastlstm_live_streams", "Streams holding state", registry=self.registry)

@@ -325,8 +325,8 @@ def test_metrics_count_steps_and_batches(servers, x):
 
 
 def test_sigterm_finishes_queued_steps_then_exits(spotter, x):
-    # Steps wait up to 0.5 s for a batch to fill: the signal arrives while this one is queued.
-    server = Server(SPOTTER, "--max-delay-us", "500000").wait_ready()
+    # Steps wait up to 1 s for a batch to fill: the signal arrives while this one is queued.
+    server = Server(SPOTTER, "--max-delay-us", "1000000").wait_ready()
     try:
         with server.connect("p") as p, server.connect("q") as q:  # two clients' steps wait for one batch
             p.send(np.ascontiguousarray(x[0, :1], "<f4").tobytes())
@@ -336,7 +336,7 @@ def test_sigterm_finishes_queued_steps_then_exits(spotter, x):
         assert (server.metric("fastlstm_batch_size_count"), server.metric("fastlstm_batch_size_sum")) == (1, 2)
         with server.connect("last") as ws:
             ws.send(np.ascontiguousarray(x[0, :1], "<f4").tobytes())
-            time.sleep(0.2)
+            time.sleep(0.4)
             server.process.send_signal(signal.SIGTERM)
             reply = np.frombuffer(ws.recv(timeout=30), "<f4")
             np.testing.assert_allclose(reply, spotter.predict(x[0, :1])[0], atol=STREAM_TOLERANCE, rtol=0)
