@@ -1,0 +1,198 @@
+"""The streaming server under load: ``python -m bench.serve [--clients 10,100,1000] [--rate 20] [--seconds 10]``.
+
+For each client count K and each ``--max-batch`` (batching on, and off with 1), a ``fastlstm serve`` process
+is started on loopback with a model of ``--input-size``/``--hidden-size`` (one LSTM layer and a Linear head,
+fixed random weights). K WebSocket clients in this process each send one frame at ``--rate`` Hz for
+``--seconds`` (paced: a client whose reply comes late sends its next frame at once) and time every round
+trip. Reported: achieved steps/s, round-trip p50/p99, the mean batch the server ran (from its /metrics), and
+CPU use of the server and of the clients (percent of one core). The clients share one event loop, so at
+large K they may be what limits the rate: their CPU column says so. Prints a Markdown table; ``--out``
+also writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def make_model(path: Path, input_size: int, hidden_size: int, outputs: int) -> None:
+    """A one-layer LSTM with a Linear head, fixed random weights, written as a native fastlstm file."""
+    from fastlstm import DenseLayer, LSTMCellWeights, LSTMLayer, ModelSpec
+    from fastlstm.native import save_native
+
+    rng = np.random.default_rng(0)
+    scale = 1 / np.sqrt(hidden_size)
+    cell = LSTMCellWeights(w_ih=rng.uniform(-scale, scale, (4 * hidden_size, input_size)).astype(np.float32),
+                           w_hh=rng.uniform(-scale, scale, (4 * hidden_size, hidden_size)).astype(np.float32),
+                           bias=rng.uniform(-scale, scale, 4 * hidden_size).astype(np.float32))
+    head = DenseLayer(weight=rng.uniform(-scale, scale, (outputs, hidden_size)).astype(np.float32),
+                      bias=np.zeros(outputs, np.float32))
+    save_native(ModelSpec(layers=(LSTMLayer(input_size, hidden_size, (cell,)),), head=(head,)).validate(), path)
+
+
+class ServerProcess:
+    def __init__(self, model: Path, max_batch: int, capacity: int, threads: int):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fastlstm", "serve", str(model), "--port", str(self.port), "--max-batch",
+             str(max_batch), "--capacity", str(capacity), "--threads", str(threads)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self.get("/healthz")
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("the server did not start")
+                time.sleep(0.2)
+
+    def get(self, path: str) -> bytes:
+        with _NO_PROXY.open(f"http://127.0.0.1:{self.port}{path}", timeout=30) as response:
+            return response.read()
+
+    def batches(self) -> tuple[float, float]:
+        """(batches run, steps in them) so far, from the server's metrics."""
+        values = {}
+        for line in self.get("/metrics").decode().splitlines():
+            name, _, value = line.partition(" ")
+            values[name] = value
+        return float(values["fastlstm_batch_size_count"]), float(values["fastlstm_batch_size_sum"])
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+async def client(port: int, stream_id: str, frame: bytes, rate: float, until: float, round_trips: list) -> None:
+    from websockets.asyncio.client import connect
+
+    period = 1 / rate
+    async with connect(f"ws://127.0.0.1:{port}/v1/streams/{stream_id}", proxy=None, compression=None,
+                       open_timeout=60, ping_interval=None) as ws:
+        next_send = time.perf_counter() + np.random.default_rng(hash(stream_id) % 2**32).uniform(0, period)
+        while True:
+            delay = next_send - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            start = time.perf_counter()
+            if start >= until:
+                return
+            await ws.send(frame)
+            await ws.recv()
+            round_trips.append(time.perf_counter() - start)
+            next_send += period
+
+
+async def load(port: int, clients: int, frame: bytes, rate: float, seconds: float) -> tuple[list, float]:
+    """Run ``clients`` clients for ``seconds`` after 2 s in which they connect; returns the round trips of
+    the measured time and its length."""
+    round_trips: list[float] = []
+    until = time.perf_counter() + 2 + seconds
+    tasks = [asyncio.create_task(client(port, f"c{n}", frame, rate, until, round_trips)) for n in range(clients)]
+    await asyncio.sleep(2)
+    round_trips.clear()
+    measured_from = time.perf_counter()
+    await asyncio.gather(*tasks)
+    return round_trips, time.perf_counter() - measured_from
+
+
+def measure(model: Path, clients: int, max_batch: int, rate: float, seconds: float, input_size: int,
+            threads: int) -> dict:
+    server = ServerProcess(model, max_batch, capacity=clients + 10, threads=threads)
+    try:
+        frame = np.random.default_rng(1).standard_normal(input_size).astype("<f4").tobytes()
+        batches_before, steps_before = server.batches()
+        cpu_server, cpu_clients, wall = server.cpu_seconds(), time.process_time(), time.perf_counter()
+        round_trips, measured = asyncio.run(load(server.port, clients, frame, rate, seconds))
+        wall = time.perf_counter() - wall
+        cpu_server, cpu_clients = server.cpu_seconds() - cpu_server, time.process_time() - cpu_clients
+        batches, steps = (a - b for a, b in zip(server.batches(), (batches_before, steps_before)))
+    finally:
+        server.stop()
+    trips = np.array(round_trips) * 1e3
+    return {
+        "clients": clients, "rate_hz": rate, "max_batch": max_batch, "seconds": seconds,
+        "offered_steps_per_s": clients * rate,
+        "steps_per_s": len(trips) / measured,
+        "round_trip_p50_ms": float(np.percentile(trips, 50)) if len(trips) else None,
+        "round_trip_p99_ms": float(np.percentile(trips, 99)) if len(trips) else None,
+        "mean_batch": steps / batches if batches else None,
+        "server_cpu_percent": 100 * cpu_server / wall,
+        "client_cpu_percent": 100 * cpu_clients / wall,
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| clients | rate (Hz) | batching | offered steps/s | achieved steps/s | round trip p50 (ms) | "
+             "p99 (ms) | mean batch | server CPU % | clients CPU % |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        batching = "off (max batch 1)" if r["max_batch"] == 1 else f"on (max batch {r['max_batch']})"
+        lines.append(f"| {r['clients']} | {r['rate_hz']:g} | {batching} | {r['offered_steps_per_s']:.0f} | "
+                     f"{r['steps_per_s']:.0f} | {r['round_trip_p50_ms']:.2f} | {r['round_trip_p99_ms']:.2f} | "
+                     f"{r['mean_batch']:.2f} | {r['server_cpu_percent']:.0f} | {r['client_cpu_percent']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", default="10,100,1000", help="client counts, comma-separated")
+    parser.add_argument("--rate", type=float, default=20.0, help="frames per second per client")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per run (after 2 s to connect)")
+    parser.add_argument("--max-batch", default="64,1", help="server --max-batch values, comma-separated (1: off)")
+    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--outputs", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="the server's --threads")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 sockets on each side of loopback
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        model = Path(folder) / "bench.fastlstm"
+        make_model(model, args.input_size, args.hidden_size, args.outputs)
+        for clients in (int(n) for n in args.clients.split(",")):
+            for max_batch in (int(n) for n in args.max_batch.split(",")):
+                results.append(measure(model, clients, max_batch, args.rate, args.seconds, args.input_size,
+                                       args.threads))
+                print(table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    print(f"model: LSTM I={args.input_size}, H={args.hidden_size}, 1 layer, Linear head ({args.outputs} outputs); "
+          f"server --threads {args.threads}")
+    print(table(results))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
