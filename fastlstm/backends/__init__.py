@@ -62,9 +62,11 @@ def kernel_info() -> dict:
         import llvmlite.binding
         import numba
 
+        # As numba.core.codegen decides: NUMBA_CPU_NAME=generic alone means no optional features ("").
+        features = numba.config.CPU_FEATURES
         numba_target = {
             "cpu_name": numba.config.CPU_NAME or llvmlite.binding.get_host_cpu_name(),
-            "cpu_features": numba.config.CPU_FEATURES or llvmlite.binding.get_host_cpu_features().flatten(),
+            "cpu_features": llvmlite.binding.get_host_cpu_features().flatten() if features is None else features,
         }
     return {
         "level": cpu.KERNEL_LEVEL,
