@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
-SOURCES := pyproject.toml setup.py constraints.txt $(wildcard csrc/*.pyx csrc/*.pxd)
+SOURCES := pyproject.toml setup.py constraints.txt $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.h)
 
 .PHONY: run test bench fuzz install clean
 
@@ -31,7 +31,8 @@ $(PY):
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
 
 # Build requirements are installed into the venv and the extension is built against them (no isolated
-# build environment to download again); the editable install puts the compiled kernels beside the sources.
+# build environment to download again); the editable install puts the compiled kernels beside the sources:
+# one module per instruction-set level (setup.py), compiled in parallel.
 $(VENV)/.installed-base: $(PY) $(SOURCES)
 	$(PIP) setuptools wheel Cython numpy scipy numba
 	$(PIP) --no-build-isolation -e .
@@ -46,4 +47,4 @@ $(VENV)/.installed-bench: $(VENV)/.installed-base
 	touch $@
 
 clean:
-	rm -rf build *.egg-info csrc/*.c fastlstm/*.so fastlstm/backends/*.so
+	rm -rf build *.egg-info csrc/*.c fastlstm/*.so fastlstm/backends/*.so fastlstm/backends/_cykernels/*.so

@@ -4,8 +4,11 @@ A ``Stepper`` advances ``batch`` sequences by one time step per ``step(x_t)`` ca
 user of that engine would (PyTorch modules get the previous ``(h, c)``; ONNX Runtime gets them as inputs).
 A ``SequenceRunner`` runs a whole ``(B, T, I)`` batch per call from zero state.
 
-Every engine is built from the same PyTorch ``nn.LSTM`` or ``nn.GRU`` (weights from a fixed seed), so outputs
-can be checked equal before anything is timed. A GRU carries ``h`` alone where an LSTM carries ``(h, c)``.
+Every engine is built from the same PyTorch network (weights from a fixed seed): an ``nn.LSTM`` or ``nn.GRU``
+and its head (``Config.head``: a Linear layer of 8 outputs by default, or 12 classes with softmax, or
+none), so outputs can be checked equal before anything is timed. A GRU carries ``h`` alone where an LSTM
+carries ``(h, c)``. ``Config.weights`` is the weight format fastlstm is asked for (``fastlstm.load(...,
+weights=...)``); the peers always run float32.
 """
 
 from __future__ import annotations
@@ -24,18 +27,35 @@ STREAM_ENGINES = ("fastlstm-cython", "fastlstm-numba", "fastlstm-numpy", "torch-
 SEQUENCE_ENGINES = ("fastlstm-cython", "fastlstm-numba", "torch-lstm", "ort-run")
 
 
+# head name -> (output features, activation after the Linear layer); "none" is the recurrent layers alone.
+HEADS = {"linear": (8, None), "softmax": (12, "softmax"), "none": (0, None)}
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+
+
 @dataclass(frozen=True)
 class Config:
-    """One network size: input I, hidden H, L layers, of an LSTM or a GRU."""
+    """One network: input I, hidden H, L layers of an LSTM or a GRU, its head (``HEADS``), and the weight
+    format fastlstm runs it in (``WEIGHT_FORMATS``)."""
 
     input_size: int
     hidden_size: int
     num_layers: int = 1
     cell: str = "lstm"
+    head: str = "linear"
+    weights: str = "float32"
+
+    def __post_init__(self):
+        if self.head not in HEADS or self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown head {self.head!r} or weights {self.weights!r}")
 
     @property
     def label(self) -> str:
-        return f"{self.cell.upper()} I={self.input_size} H={self.hidden_size} L={self.num_layers}"
+        return (f"{self.cell.upper()} I={self.input_size} H={self.hidden_size} L={self.num_layers} "
+                f"head={self.head} weights={self.weights}")
+
+    @property
+    def output_size(self) -> int:
+        return HEADS[self.head][0] or self.hidden_size
 
     @property
     def gates(self) -> int:
@@ -46,11 +66,12 @@ class Config:
         return self.cell == "lstm"
 
     def flops_per_step(self, batch: int = 1) -> int:
-        """Multiply-adds x2 of the gate products of one time step, all layers (the dominant work)."""
+        """Multiply-adds x2 of the gate products and the head of one time step, all layers."""
         total, layer_input = 0, self.input_size
         for _ in range(self.num_layers):
             total += 2 * self.gates * self.hidden_size * (layer_input + self.hidden_size)
             layer_input = self.hidden_size
+        total += 2 * HEADS[self.head][0] * self.hidden_size
         return total * batch
 
 
@@ -70,20 +91,42 @@ def set_threads(threads: int) -> None:
     threadpool_limits(threads)
 
 
-def torch_recurrent(config: Config):
-    """The ``nn.LSTM`` or ``nn.GRU`` every engine of a measurement is built from."""
+def torch_network(config: Config):
+    """The PyTorch network every engine of a measurement is built from: ``forward(x, state) -> (y, state)``
+    with ``rnn`` (the ``nn.LSTM`` or ``nn.GRU``) and ``head`` (modules only, ``nn.Identity`` for "none", so that
+    every importer sees the whole head in the module's structure)."""
     import torch
 
+    class Network(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            kind = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[config.cell]
+            self.rnn = kind(config.input_size, config.hidden_size, num_layers=config.num_layers, batch_first=True)
+            outputs, activation = HEADS[config.head]
+            layers = [torch.nn.Linear(config.hidden_size, outputs)] if outputs else [torch.nn.Identity()]
+            if activation == "softmax":
+                layers.append(torch.nn.Softmax(dim=-1))
+            self.head = torch.nn.Sequential(*layers)
+
+        def forward(self, x, state=None):
+            y, state = self.rnn(x, state)
+            return self.head(y), state
+
     torch.manual_seed(1234)
-    kind = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[config.cell]
-    module = kind(config.input_size, config.hidden_size, num_layers=config.num_layers, batch_first=True)
-    return module.eval()
+    return Network().eval()
 
 
 # ----------------------------------------------------------------------------------------------- streaming
+def load_fastlstm(network, backend: str, config: Config, threads: int) -> fastlstm.Model:
+    """``network`` in fastlstm; ``weights=`` is passed only for a format other than float32, so that the
+    float32 rows run with any fastlstm (the option is newer than the harness)."""
+    options = {} if config.weights == "float32" else {"weights": config.weights}
+    return fastlstm.load(network, backend=backend, num_threads=threads, **options)
+
+
 class FastlstmStepper:
-    def __init__(self, module, backend: str, batch: int, threads: int):
-        self.model = fastlstm.load(module, backend=backend, num_threads=threads)
+    def __init__(self, module, backend: str, config: Config, batch: int, threads: int):
+        self.model = load_fastlstm(module, backend, config, threads)
         self.stream = self.model.stream(batch_size=batch)
         self.out = np.empty((batch, self.model.output_size), np.float32)
 
@@ -106,12 +149,15 @@ class TorchLSTMStepper:
 
 
 class TorchLSTMCellStepper:
-    """The cheapest PyTorch streaming path: one ``nn.LSTMCell`` (``nn.GRUCell``) per layer, same weights."""
+    """The cheapest PyTorch streaming path: one ``nn.LSTMCell`` (``nn.GRUCell``) per layer, same weights, then
+    the network's head."""
 
-    def __init__(self, module, batch: int, threads: int):
+    def __init__(self, network, batch: int, threads: int):
         import torch
 
         self.torch = torch
+        self.head = network.head
+        module = network.rnn
         self.cells = []
         cell_class = torch.nn.LSTMCell if isinstance(module, torch.nn.LSTM) else torch.nn.GRUCell
         self.carries_c = cell_class is torch.nn.LSTMCell
@@ -128,7 +174,7 @@ class TorchLSTMCellStepper:
             for n, cell in enumerate(self.cells):
                 self.state[n] = cell(layer_input, self.state[n])
                 layer_input = self.state[n][0] if self.carries_c else self.state[n]
-        return layer_input.numpy()
+            return self.head(layer_input).numpy()
 
 
 def state_names(config: Config) -> tuple[list[str], list[str]]:
@@ -137,19 +183,20 @@ def state_names(config: Config) -> tuple[list[str], list[str]]:
 
 
 def onnx_bytes(module, config: Config, batch: int, steps: int | None) -> bytes:
-    """``torch.onnx.export`` of ``forward(x, *state) -> (y, *state_n)``; ``steps=None`` makes B and T dynamic."""
+    """``torch.onnx.export`` of ``forward(x, *state) -> (y, *state_n)`` (``y`` after the head); ``steps=None``
+    makes B and T dynamic."""
     import torch
 
     class WithState(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.rnn = module
+            self.network = module
 
         def forward(self, x, h0, c0=None):
             if c0 is None:
-                y, h = self.rnn(x, h0)
+                y, h = self.network(x, h0)
                 return y, h
-            y, (h, c) = self.rnn(x, (h0, c0))
+            y, (h, c) = self.network(x, (h0, c0))
             return y, h, c
 
     inputs, outputs = state_names(config)
@@ -197,7 +244,7 @@ class OrtIOBindingStepper:
 
         self.session = ort_session(onnx_bytes(module, config, batch, steps=1), threads)
         self.x = np.zeros((batch, 1, config.input_size), np.float32)
-        self.y = np.zeros((batch, 1, config.hidden_size), np.float32)
+        self.y = np.zeros((batch, 1, config.output_size), np.float32)
         inputs, outputs = state_names(config)
         shape = (config.num_layers, batch, config.hidden_size)
         ping, pong = ([np.zeros(shape, np.float32) for _ in inputs] for _ in range(2))
@@ -220,7 +267,7 @@ class OrtIOBindingStepper:
 
 def make_stepper(engine: str, module, config: Config, batch: int, threads: int):
     if engine.startswith("fastlstm-"):
-        return FastlstmStepper(module, engine.split("-", 1)[1], batch, threads)
+        return FastlstmStepper(module, engine.split("-", 1)[1], config, batch, threads)
     if engine == "torch-lstm":
         return TorchLSTMStepper(module, batch, threads)
     if engine == "torch-lstmcell":
@@ -235,7 +282,7 @@ def make_stepper(engine: str, module, config: Config, batch: int, threads: int):
 # ----------------------------------------------------------------------------------------------- sequences
 class FastlstmSequence:
     def __init__(self, module, backend: str, config: Config, threads: int):
-        self.model = fastlstm.load(module, backend=backend, num_threads=threads)
+        self.model = load_fastlstm(module, backend, config, threads)
 
     def run(self, x):
         return self.model.predict(x)

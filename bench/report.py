@@ -22,13 +22,16 @@ def _gemm_peaks(results) -> dict[int, float]:
 
 
 def streaming_summary(results) -> list[dict]:
-    """Per (config, batch): each engine's best p50 over thread counts, and the ratios the targets name."""
+    """Per (config, batch): each engine's best p50 over thread counts, and the ratios the targets name. A row
+    whose fastlstm engines were all unavailable (a weight format this fastlstm lacks) keeps their reasons."""
     peaks = _gemm_peaks(results)
     cases = defaultdict(dict)
+    unavailable = defaultdict(dict)
     for r in results:
         if r["mode"] != "streaming":
             continue
         key = (tuple(r["config"]), r["batch"])
+        unavailable[key].update(r.get("unavailable", {}))
         for engine, m in r["engines"].items():
             best = cases[key].get(engine)
             if best is None or m["p50_us"] < best["p50_us"]:
@@ -37,6 +40,8 @@ def streaming_summary(results) -> list[dict]:
     for (config, batch), engines in cases.items():
         ours = {e: m for e, m in engines.items() if e.startswith("fastlstm-") and e != "fastlstm-numpy"}
         if not ours:
+            rows.append({"config": config, "batch": batch, "fastlstm": None, "engines": engines,
+                         "unavailable": unavailable[(config, batch)]})
             continue
         best_ours = min(ours, key=lambda e: ours[e]["p50_us"])
         peers = {e: engines[e] for e in PEERS if e in engines}
@@ -44,6 +49,7 @@ def streaming_summary(results) -> list[dict]:
         m = ours[best_ours]
         floor_us = Config(*config).flops_per_step(batch) / (peaks.get(m["threads"], peaks.get(1, 1)) * 1e3)
         rows.append({
+            "unavailable": unavailable[(config, batch)],
             "config": config, "batch": batch, "fastlstm": best_ours, "fastlstm_p50_us": m["p50_us"],
             "fastlstm_p99_us": m["p99_us"], "fastlstm_threads": m["threads"], "engines": engines,
             "best_peer": best_peer,
@@ -53,6 +59,21 @@ def streaming_summary(results) -> list[dict]:
             "floor_us": floor_us, "floor_fraction": floor_us / m["p50_us"],
         })
     return rows
+
+
+def narrow_weight_ratios(rows: list[dict]) -> list[tuple[tuple, int, float]]:
+    """(config, batch, speed-up) of each bfloat16 / int8 row over fastlstm's float32 row of the same network."""
+    float32 = {(tuple(Config(*row["config"]).__dict__.items()), row["batch"]): row for row in rows if row["fastlstm"]}
+    ratios = []
+    for row in rows:
+        config = Config(*row["config"])
+        if config.weights == "float32" or not row["fastlstm"]:
+            continue
+        same = dict(config.__dict__, weights="float32")
+        base = float32.get((tuple(same.items()), row["batch"]))
+        if base:
+            ratios.append((row["config"], row["batch"], base["fastlstm_p50_us"] / row["fastlstm_p50_us"]))
+    return ratios
 
 
 def sequence_summary(results) -> list[dict]:
@@ -93,23 +114,44 @@ def markdown(report) -> str:
         f"onnxruntime {machine.get('onnxruntime')}. Run {report['date']}, {report['seconds']:.0f} s"
         + (" (--quick)" if report["quick"] else "") + ".",
         f"Measured SGEMM peak: " + ", ".join(f"{t} thread(s) {g:.0f} GFLOP/s" for t, g in sorted(peaks.items())) + ".",
+        f"fastlstm's Cython kernels: the {machine.get('kernel_level', '?')} build; Numba compiles for "
+        f"{machine.get('numba_cpu', '?')}.",
+    ]
+    if report.get("contention"):
+        lines.append("**Under contention**: a busy process (`while True: pass`) pinned to one core during every "
+                     "streaming run.")
+    lines += [
         "",
-        "### Streaming: one time step per Python call, median (p50) latency in µs, each engine at its best "
+        "### Streaming: one time step per Python call, latency in µs (p50 / p99), each engine at its best "
         "thread count (1 or 2)",
         "",
-        "| I, H, layers[, cell] | batch | fastlstm (backend) p50 / p99 | " + " | ".join(PEER_NAMES[p] for p in PEERS)
-        + " | × vs ORT IO binding | × vs nn.LSTM (nn.GRU) | floor fraction |",
+        "A Linear head of 8 outputs on every network unless the row names another (softmax: 12 classes); a row "
+        "naming bfloat16 or int8 runs fastlstm with those weights and the peers in float32.",
+        "",
+        "| I, H, layers[, cell, head, weights] | batch | fastlstm (backend) p50 / p99 | "
+        + " | ".join(PEER_NAMES[p] for p in PEERS) + " | × vs ORT IO binding | × vs nn.LSTM (nn.GRU) | floor fraction |",
         "|---|---|---|" + "---|" * len(PEERS) + "---|---|---|",
     ]
-    for row in streaming_summary(results):
+    summary = streaming_summary(results)
+    for row in summary:
         engines = row["engines"]
-        peer_cells = " | ".join(_fmt(engines[p]["p50_us"]) if p in engines else "n/a" for p in PEERS)
+        peer_cells = " | ".join(f"{_fmt(engines[p]['p50_us'])} / {_fmt(engines[p]['p99_us'])}" if p in engines
+                                else "n/a" for p in PEERS)
+        if row["fastlstm"] is None:
+            reasons = "; ".join(f"{e}: {reason}" for e, reason in row["unavailable"].items())
+            lines.append(f"| {', '.join(map(str, row['config']))} | {row['batch']} | not available "
+                         f"({_cell_text(reasons)}) | {peer_cells} | n/a | n/a | n/a |")
+            continue
         lines.append(
             f"| {', '.join(map(str, row['config']))} | {row['batch']} | **{_fmt(row['fastlstm_p50_us'])}** / "
             f"{_fmt(row['fastlstm_p99_us'])} ({row['fastlstm'].split('-')[1]}, {row['fastlstm_threads']}t) | "
             f"{peer_cells} | {_ratio(row['speedup_vs_ort_iobinding'])} | {_ratio(row['speedup_vs_torch_lstm'])} | "
             f"{row['floor_fraction']:.0%} |"
         )
+    ratios = narrow_weight_ratios(summary)
+    if ratios:
+        lines += ["", "Narrow weights, fastlstm's p50 speed-up over its own float32 row: " + ", ".join(
+            f"({', '.join(map(str, config))}) b{batch} {_ratio(ratio)}" for config, batch, ratio in ratios) + "."]
     lines += [
         "",
         "### Whole sequences: median ms per call (B, T, I, H; one layer), same thread count for every engine",
@@ -127,7 +169,8 @@ def markdown(report) -> str:
         lines += ["", f"Cold start (`import fastlstm` + `load` + first `predict`, fresh process, backend "
                       f"{cold[-1]['backend']}): {cold[-1]['seconds']:.2f} s (first ever run: {cold[0]['seconds']:.2f} s)."]
     failed = _failed_checks(results)
-    lines += ["", "Outputs checked against PyTorch before timing (max abs diff ≤ 1e-4): "
+    lines += ["", "Outputs checked against PyTorch before timing (max abs diff ≤ 1e-4 in float32; 2e-2 with "
+              "bfloat16 and 5e-2 with int8 weights): "
               + ("all engines agree." if not failed else "MISMATCH: " + ", ".join(failed))]
     lines += ["", "Floor fraction: the compute floor (gate FLOPs at the measured SGEMM peak for the thread count "
               "used) divided by fastlstm's time; 100% would be the machine's arithmetic limit."]
@@ -139,6 +182,9 @@ def markdown(report) -> str:
             for engine, m in r["engines"].items():
                 lines.append(f"| {r['config']} b{r['batch']} | {r['threads']} | {engine} | {_fmt(m['p50_us'])} | "
                              f"{_fmt(m['p99_us'])} | {m['setup_s']:.2f} | {m['max_abs_diff_vs_torch']:.1e} |")
+            for engine, reason in r.get("unavailable", {}).items():
+                lines.append(f"| {r['config']} b{r['batch']} | {r['threads']} | {engine} | not available: "
+                             f"{_cell_text(reason)} | | | |")
     lines += ["", "</details>"]
     return "\n".join(lines)
 
@@ -161,6 +207,12 @@ def _failed_checks(results) -> list[str]:
     return failed
 
 
+def _cell_text(text: str, limit: int = 160) -> str:
+    """``text`` fit for one Markdown table cell: one line, no column bars, at most ``limit`` characters."""
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _ratio(value) -> str:
     return "n/a" if value is None else f"{value:.1f}×"
 
@@ -171,7 +223,8 @@ def plots(report, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in streaming_summary(report["results"]) if r["batch"] == 1]
+    rows = [r for r in streaming_summary(report["results"]) if r["batch"] == 1 and r["fastlstm"]
+            and Config(*r["config"]).weights == "float32" and Config(*r["config"]).head == "linear"]
     rows.sort(key=lambda r: r["config"][1])
     if rows:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -193,8 +246,8 @@ def plots(report, out: Path) -> None:
 
     labels, speedups = [], []
     for r in streaming_summary(report["results"]):
-        if r["speedup_vs_best_peer"]:
-            labels.append(f"stream {r['config'][1]}/{r['config'][2]}L b{r['batch']}")
+        if r["fastlstm"] and r["speedup_vs_best_peer"]:
+            labels.append(f"stream {', '.join(map(str, r['config'][1:]))} b{r['batch']}")
             speedups.append(r["speedup_vs_best_peer"])
     for r in sequence_summary(report["results"]):
         if r["speedup_vs_best_peer"]:

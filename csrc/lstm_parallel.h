@@ -53,14 +53,19 @@ static inline void fastlstm_wait_round(unsigned* rounds) {
     }
 }
 
-/* Contention. The parts of a job are even, so a thread that has waited at the meetings of a job well past
+/* Contention. The parts of a job are even, so a thread that has waited for the others of a job well past
    its pause phase, over FASTLSTM_CONTENTION_WAIT_NS and a quarter of the job's time so far, shows that
    some other process takes their cores: they may then lose them for a time slice at every meeting (a
    200-step sequence took 5-10x longer on two threads than on one while other processes ran, e.g. the
-   OpenMP threads of another library spinning after their own work). From then on jobs run on their
-   caller's thread alone for a while, then try threads again: 5 ms at first, twice as long after each
-   contended try, up to a second; back to 5 ms after a try that ran clean. The first meeting of a job is
-   not counted: it may wait for a worker to wake up, which can take milliseconds on a virtual machine. */
+   OpenMP threads of another library spinning after their own work; with one busy process on the other
+   core, a stream's step waited a whole time slice, milliseconds, for its descheduled partner about every
+   time slice). From then on jobs run on their caller's thread alone for a while, then try threads again:
+   5 ms at first; twice as long (up to a second) when contention comes back sooner after the last pause
+   than that pause lasted, so that a neighbour that stays busy costs one contended try a second, not one
+   every few milliseconds; 5 ms again after threads ran longer than the pause without it. Every wait of a
+   job counts, its meetings and the caller's wait for the job's end, except those that may wait for a
+   worker to wake up (which can take milliseconds on a virtual machine): the caller's first meeting, and
+   its wait at the end of a job without meetings, when a worker was asleep as the job was posted. */
 #define FASTLSTM_CONTENTION_WAIT_NS 200000L
 #define FASTLSTM_CONTENTION_MIN_PAUSE_NS 5000000L
 #define FASTLSTM_CONTENTION_MAX_PAUSE_NS 1000000000L
@@ -70,12 +75,26 @@ static _Thread_local long fastlstm_job_start_ns;    /* when this thread started 
 static _Thread_local long fastlstm_job_yielded_ns;  /* its yielding waits in that job */
 static _Thread_local int fastlstm_job_meetings;     /* the meetings it has passed in that job */
 static _Thread_local int fastlstm_job_reported;     /* whether it has reported contention in that job */
+static _Thread_local int fastlstm_job_wakes_worker;  /* its first wait may be for a sleeping worker to wake */
 
-static inline void fastlstm_job_started(void) {
+/* Reports contention seen at time `now`: jobs run on their caller's thread alone for the next pause. */
+static inline void fastlstm_report_contention(long now) {
+    /* Racing reports of two threads may both set a pause: either value is a fair one. */
+    long last_pause = atomic_load_explicit(&fastlstm_contention_pause_ns, memory_order_relaxed);
+    long last_end = atomic_load_explicit(&fastlstm_single_thread_until_ns, memory_order_relaxed);
+    long pause = FASTLSTM_CONTENTION_MIN_PAUSE_NS;
+    if (last_end != 0 && now - last_end < last_pause)
+        pause = last_pause < FASTLSTM_CONTENTION_MAX_PAUSE_NS / 2 ? 2 * last_pause : FASTLSTM_CONTENTION_MAX_PAUSE_NS;
+    atomic_store_explicit(&fastlstm_contention_pause_ns, pause, memory_order_relaxed);
+    atomic_store_explicit(&fastlstm_single_thread_until_ns, now + pause, memory_order_relaxed);
+}
+
+static inline void fastlstm_job_started(int wakes_worker) {
     fastlstm_job_start_ns = fastlstm_now_ns();
     fastlstm_job_yielded_ns = 0;
     fastlstm_job_meetings = 0;
     fastlstm_job_reported = 0;
+    fastlstm_job_wakes_worker = wakes_worker;
 }
 
 typedef struct {
@@ -87,18 +106,14 @@ typedef struct {
 static inline void fastlstm_job_wait_account(fastlstm_job_wait* wait) {
     if (wait->rounds == FASTLSTM_PAUSES_BEFORE_YIELD) {
         long now = fastlstm_now_ns();
-        if (wait->yielding_since_ns != 0)
+        int counts = fastlstm_job_meetings > 0 || !fastlstm_job_wakes_worker;
+        if (counts && wait->yielding_since_ns != 0)
             fastlstm_job_yielded_ns += now - wait->yielding_since_ns;
         wait->yielding_since_ns = now;
-        if (fastlstm_job_meetings > 0 && !fastlstm_job_reported
+        if (counts && !fastlstm_job_reported
                 && fastlstm_job_yielded_ns > FASTLSTM_CONTENTION_WAIT_NS
                 && 4 * fastlstm_job_yielded_ns > now - fastlstm_job_start_ns) {
-            long pause = atomic_load_explicit(&fastlstm_contention_pause_ns, memory_order_relaxed);
-            atomic_store_explicit(&fastlstm_single_thread_until_ns, now + pause, memory_order_relaxed);
-            atomic_store_explicit(&fastlstm_contention_pause_ns,
-                                  pause < FASTLSTM_CONTENTION_MAX_PAUSE_NS / 2 ? 2 * pause
-                                                                              : FASTLSTM_CONTENTION_MAX_PAUSE_NS,
-                                  memory_order_relaxed);
+            fastlstm_report_contention(now);
             fastlstm_job_reported = 1;
         }
     }
@@ -107,6 +122,32 @@ static inline void fastlstm_job_wait_account(fastlstm_job_wait* wait) {
 static inline void fastlstm_job_wait_round(fastlstm_job_wait* wait) {
     fastlstm_job_wait_account(wait);
     fastlstm_wait_round(&wait->rounds);
+}
+
+/* Short jobs (a stream's step) each wait less than FASTLSTM_CONTENTION_WAIT_NS for a partner that a busy
+   neighbour delays, yet may lose as much as they gain at every step: the caller also sums its waits over
+   its recent jobs, and reports contention when they pass the same bounds there. The sums are halved
+   whenever the jobs' time passes FASTLSTM_RECENT_JOBS_NS, so that they weigh the last few milliseconds. */
+#define FASTLSTM_RECENT_JOBS_NS 4000000L
+static _Thread_local long fastlstm_recent_jobs_ns;
+static _Thread_local long fastlstm_recent_yielded_ns;
+
+static inline void fastlstm_recent_jobs_account(void) {
+    long now = fastlstm_now_ns();
+    if (fastlstm_job_reported) {
+        fastlstm_recent_jobs_ns = fastlstm_recent_yielded_ns = 0;
+        return;
+    }
+    fastlstm_recent_jobs_ns += now - fastlstm_job_start_ns;
+    fastlstm_recent_yielded_ns += fastlstm_job_yielded_ns;
+    if (fastlstm_recent_yielded_ns > FASTLSTM_CONTENTION_WAIT_NS
+            && 4 * fastlstm_recent_yielded_ns > fastlstm_recent_jobs_ns) {
+        fastlstm_report_contention(now);
+        fastlstm_recent_jobs_ns = fastlstm_recent_yielded_ns = 0;
+    } else if (fastlstm_recent_jobs_ns > FASTLSTM_RECENT_JOBS_NS) {
+        fastlstm_recent_jobs_ns /= 2;
+        fastlstm_recent_yielded_ns /= 2;
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------- pool */
@@ -123,6 +164,7 @@ typedef struct {
     fastlstm_job job;
     void* arg;
     int parts;
+    int wakes_worker;                     /* a worker was asleep when the job was posted */
     int workers;                          /* started so far */
     unsigned spawn_generation;            /* the generation a worker started now waits to pass */
     pthread_mutex_t lock;
@@ -161,7 +203,7 @@ static void* fastlstm_worker(void* index_ptr) {
             }
         }
         seen++;
-        fastlstm_job_started();
+        fastlstm_job_started(pool->wakes_worker);
         if (index < pool->parts)
             pool->job(pool->arg, index, pool->parts);
         atomic_fetch_sub_explicit(&pool->unfinished, 1, memory_order_release);
@@ -205,28 +247,32 @@ static void fastlstm_run_parallel(fastlstm_job job, void* arg, int parts) {
     }
     if (parts > pool->workers + 1)
         parts = pool->workers + 1;
+    int wakes_worker = 0;
     if (parts > 1) {
         pool->job = job;
         pool->arg = arg;
         pool->parts = parts;
+        /* Read before the job is posted, for the workers; a worker that falls asleep just then is seen by
+           the caller below, and at worst the others count its waking as contention once (a 5 ms pause). */
+        wakes_worker = atomic_load(&pool->sleepers) > 0;
+        pool->wakes_worker = wakes_worker;
         atomic_store_explicit(&pool->unfinished, pool->workers, memory_order_relaxed);
         atomic_fetch_add(&pool->generation, 1);  /* seq_cst: publishes the job, ordered before the next load */
         if (atomic_load(&pool->sleepers) > 0) {
+            wakes_worker = 1;
             pthread_mutex_lock(&pool->lock);
             pthread_cond_broadcast(&pool->wake);
             pthread_mutex_unlock(&pool->lock);
         }
     }
-    fastlstm_job_started();
+    fastlstm_job_started(wakes_worker);
     job(arg, 0, parts);
-    unsigned rounds = 0;
+    fastlstm_job_wait wait = {0, 0};
     while (atomic_load_explicit(&pool->unfinished, memory_order_acquire) > 0)
-        fastlstm_wait_round(&rounds);
-    if (fastlstm_job_meetings > 1 && fastlstm_now_ns() >= atomic_load_explicit(&fastlstm_single_thread_until_ns,
-                                                                              memory_order_relaxed))
-        atomic_store_explicit(&fastlstm_contention_pause_ns, FASTLSTM_CONTENTION_MIN_PAUSE_NS,
-                              memory_order_relaxed);  /* a clean try: no thread of the job reported */
+        fastlstm_job_wait_round(&wait);
+    fastlstm_job_wait_account(&wait);
     atomic_store_explicit(&pool->busy, 0, memory_order_release);
+    fastlstm_recent_jobs_account();
 }
 
 /* ---------------------------------------------------------------------------------------------- barrier */

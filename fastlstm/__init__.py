@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from .backends import kernel_info
 from .errors import FastLSTMError, InvalidInputError, InvalidModelError, ModelFormatError, UnsupportedModelError
 from .limits import allocation_limit, set_allocation_limit
 from .model import Model, Stream
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "Model", "Stream", "StreamPool", "ModelSpec", "LSTMLayer", "LSTMCellWeights", "DenseLayer",
     "FastLSTMError", "ModelFormatError", "InvalidModelError", "UnsupportedModelError", "InvalidInputError",
-    "allocation_limit", "set_allocation_limit",
+    "allocation_limit", "set_allocation_limit", "kernel_info",
 ]
 
 logging.getLogger("fastlstm").addHandler(logging.NullHandler())

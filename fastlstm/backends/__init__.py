@@ -1,7 +1,9 @@
 """Backend registry: name -> factory, and the ``"auto"`` choice.
 
 Compiled backends are imported lazily, so a missing or unbuilt one costs nothing until asked for, and an
-explicit request for it fails with the reason (e.g. how to build the Cython extension).
+explicit request for it fails with the reason (e.g. how to build the Cython extension). The instruction-set
+level of the Cython kernels is chosen when this package is imported (``cpu``; a forced level the CPU cannot
+run is refused then); ``kernel_info`` reports it.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import platform
 
 import numpy as np
 
 from ..errors import InvalidInputError, UnsupportedModelError
 from ..spec import ModelSpec
+from . import cpu
 from .base import PreparedLSTM
 
 logger = logging.getLogger("fastlstm")
@@ -42,6 +46,38 @@ def available_backends() -> list[str]:
             continue
         names.append(name)
     return names
+
+
+def kernel_info() -> dict:
+    """What runs on this machine: the Cython kernels' instruction-set level (``level``; ``forced`` when
+    FASTLSTM_KERNELS chose it), the levels this CPU can run and those this build holds, the CPU features
+    that decided, the target Numba compiles for, and the backends that import (fastest first)."""
+    import importlib.util
+
+    built = [level for level in (*cpu.X86_64_LEVELS, cpu.GENERIC_LEVEL)
+             if importlib.util.find_spec(f"{__name__}._cykernels.{level}") is not None]
+    backends = available_backends()
+    numba_target = None
+    if "numba" in backends:
+        import llvmlite.binding
+        import numba
+
+        # As numba.core.codegen decides: NUMBA_CPU_NAME=generic alone means no optional features ("").
+        features = numba.config.CPU_FEATURES
+        numba_target = {
+            "cpu_name": numba.config.CPU_NAME or llvmlite.binding.get_host_cpu_name(),
+            "cpu_features": llvmlite.binding.get_host_cpu_features().flatten() if features is None else features,
+        }
+    return {
+        "level": cpu.KERNEL_LEVEL,
+        "forced": bool(os.environ.get(cpu.FORCE_VARIABLE, "").strip()),
+        "supported_levels": cpu.supported_levels(cpu.FEATURES, cpu.X86_64),
+        "built_levels": built,
+        "machine": platform.machine(),
+        "cpu_features": cpu.deciding_features(),
+        "numba_target": numba_target,
+        "backends": backends,
+    }
 
 
 def default_num_threads() -> int:

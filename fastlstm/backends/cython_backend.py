@@ -14,15 +14,16 @@ from __future__ import annotations
 import numpy as np
 
 from ..spec import ModelSpec
+from . import cpu
 from ._cells import CellPlan, HeadStagePlan, aligned_zeros, padded, plan_cells, plan_head
 from .base import PreparedLSTM
 
 try:
-    from . import _cykernels
+    from . import _cykernels  # the instruction-set level chosen for this CPU (fastlstm.backends.cpu)
 except ImportError as exc:  # not compiled in this checkout
     raise ImportError(
-        "the Cython backend's extension fastlstm.backends._cykernels is not built; build it with "
-        "`pip install -e .` (or `make install`) from the fastlstm source tree"
+        f"the Cython backend's extension fastlstm.backends._cykernels.{cpu.KERNEL_LEVEL} is not built; build it "
+        "with `pip install -e .` (or `make install`) from the fastlstm source tree"
     ) from exc
 
 
