@@ -78,9 +78,9 @@ def _panels(rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
 class CythonLSTM(PreparedLSTM):
     backend = "cython"
 
-    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
-        super().__init__(spec, dtype, num_threads)
-        cells = [pack_for_extension(plan, self.dtype) for plan in plan_cells(spec)]
+    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1, weights: str = "float32"):
+        super().__init__(spec, dtype, num_threads, weights)
+        cells = [pack_for_extension(plan, self.dtype) for plan in plan_cells(spec, weights)]
         self._kernels = _cykernels.LSTMKernels(self.dtype, num_threads, cells)
         # The bound compiled method shadows the class's `step` below: one call layer less per stream step.
         self.step = self._kernels.step

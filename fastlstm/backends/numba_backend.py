@@ -101,11 +101,11 @@ class NumbaLSTM(PreparedLSTM):
 
     backend = "numba"
 
-    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
-        super().__init__(spec, dtype, num_threads)
+    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1, weights: str = "float32"):
+        super().__init__(spec, dtype, num_threads, weights)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype: expected float32 or float64, got {self.dtype}")
-        self._plans = plan_cells(spec)
+        self._plans = plan_cells(spec, weights)
         self._weights, self._cells = pack_cells(self._plans, self.dtype, num_threads)
         self._streamable = spec.is_unidirectional_forward
 
