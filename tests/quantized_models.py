@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from fastlstm.spec import ModelSpec
+from fastlstm.spec import GATE_COUNTS, CellWeights, ModelSpec, RecurrentLayer
 
 
 def as_imported_int8(spec: ModelSpec, rng) -> ModelSpec:
@@ -30,3 +30,19 @@ def as_imported_int8(spec: ModelSpec, rng) -> ModelSpec:
             cells.append(dataclasses.replace(cell, **fields))
         layers.append(dataclasses.replace(layer, cells=tuple(cells)))
     return dataclasses.replace(spec, layers=tuple(layers)).validate()
+
+
+def torch_init_stack(rng, kinds, input_size, hidden_size) -> ModelSpec:
+    """A forward stack of ``kinds`` layers of one hidden size with PyTorch's default initialisation
+    (every weight and both biases uniform in +-1/sqrt(H)): the weight scale of a freshly built or lightly
+    trained ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, whose recurrence neither explodes nor dies out."""
+    bound = 1 / np.sqrt(hidden_size)
+    uniform = lambda *shape: rng.uniform(-bound, bound, shape)  # noqa: E731
+    layers, layer_input = [], input_size
+    for kind in kinds:
+        rows = GATE_COUNTS[kind] * hidden_size
+        cell = CellWeights(uniform(rows, layer_input), uniform(rows, hidden_size), uniform(rows) + uniform(rows),
+                           candidate_bias=uniform(hidden_size) if kind == "gru" else None)
+        layers.append(RecurrentLayer(layer_input, hidden_size, (cell,), kind=kind))
+        layer_input = hidden_size
+    return ModelSpec(tuple(layers)).validate()

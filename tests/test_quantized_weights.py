@@ -4,14 +4,17 @@ NumPy reference, the error bound against float32, and the native file's 8-bit sc
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fastlstm
+import fastlstm.backends
+import fastlstm.backends.base
 from fastlstm import InvalidInputError, ModelFormatError
 from fastlstm.quantize import stored_weights
-from quantized_models import as_imported_int8
+from quantized_models import as_imported_int8, torch_init_stack
 from random_models import random_spec, random_stack
 from test_native_format import as_version_2, rewrite_manifest
 
@@ -136,3 +139,174 @@ def test_native_scales_of_the_wrong_shape_are_refused(tmp_path):
     rewrite_manifest(path, bad, lambda m: m["layers"][0]["cells"][0].update(w_ih_scale="layers/0/cells/0/w_ih"))
     with pytest.raises(ModelFormatError, match=r"w_ih_scale: array 'layers/0/cells/0/w_ih' has shape \(16, 3\)"):
         fastlstm.load(bad)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The compiled kernels against the NumPy reference (which runs the dequantized weights)
+
+COMPILED = [pytest.param(name, marks=pytest.mark.skipif(name not in fastlstm.backends.available_backends(),
+                                                        reason=f"backend {name} unavailable"))
+            for name in ("cython", "numba")]
+FORMATS = ("bfloat16", "int8")
+# float32 accumulation in another order than NumPy's: the kernels' tolerance against the reference.
+KERNEL_TOLERANCE = 1e-5
+
+
+def kernel_cases():
+    rng = np.random.default_rng(10)
+    plain = {
+        "lstm stack": torch_init_stack(rng, ["lstm", "lstm"], 6, 20),
+        "lstm projection bidirectional": random_spec(rng, input_size=5, hidden_size=9, proj_size=4,
+                                                     direction="bidirectional", scale=0.2),
+        "lstm gru rnn": random_stack(rng, ["lstm", "gru", "rnn"], [7, 10, 5], input_size=6, scale=0.2),
+        "gru reset first": random_stack(rng, ["gru", "gru"], [7, 10], input_size=6, linear_before_reset=False,
+                                        scale=0.2),
+        "lstm peepholes clip": random_spec(rng, input_size=5, hidden_size=8, peepholes=True, clip=1.5, scale=0.2),
+        # Large enough for the threaded split by hidden units (at least 256K gate weights per step).
+        "threaded lstm": torch_init_stack(rng, ["lstm"], 64, 224),
+        "threaded gru reset first": torch_init_stack(rng, ["gru"], 64, 288),
+    }
+    gru = plain["threaded gru reset first"]
+    plain["threaded gru reset first"] = dataclasses.replace(
+        gru, layers=(dataclasses.replace(gru.layers[0], linear_before_reset=False),))
+    plain["imported 8-bit"] = as_imported_int8(plain["lstm gru rnn"], rng)
+    return plain
+
+
+CASES = kernel_cases()
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("weights", FORMATS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiled_kernels_match_the_reference(backend, weights, case):
+    spec = CASES[case]
+    rng = np.random.default_rng(11)
+    reference = fastlstm.Model(spec, backend="numpy", weights=weights)
+    for threads in (1, 2):
+        model = fastlstm.Model(spec, backend=backend, weights=weights, num_threads=threads)
+        assert model.weights == weights
+        for batch in (1, 3):
+            x = rng.normal(size=(batch, 12, spec.input_size)).astype(np.float32)
+            lengths = np.array([12, 7, 1][:batch])
+            np.testing.assert_allclose(model.predict(x), reference.predict(x), atol=KERNEL_TOLERANCE, rtol=0)
+            np.testing.assert_allclose(model.predict(x, lengths=lengths), reference.predict(x, lengths=lengths),
+                                       atol=KERNEL_TOLERANCE, rtol=0)
+            if not spec.is_unidirectional_forward:
+                continue
+            stream, expected = model.stream(batch), reference.stream(batch)
+            for t in range(12):
+                np.testing.assert_allclose(stream.step(x[:, t]), expected.step(x[:, t]), atol=KERNEL_TOLERANCE,
+                                           rtol=0)
+
+
+def test_cython_batch_1_reads_the_narrow_weights():
+    """With the float copies of the weights zeroed, batch-1 steps and sequences still compute the model: they
+    read the 8- and 16-bit weights (and the int8 scales of the right rows), not the float values."""
+    pytest.importorskip("fastlstm.backends._cykernels")
+    from fastlstm.backends import _cykernels
+    from fastlstm.backends._cells import plan_cells
+    from fastlstm.backends.cython_backend import pack_for_extension
+
+    spec = CASES["lstm gru rnn"]
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(1, 9, spec.input_size)).astype(np.float32)
+    for weights in FORMATS:
+        cells = [pack_for_extension(plan, np.dtype(np.float32)) for plan in plan_cells(spec, weights)]
+        for cell in cells:
+            cell["weights"][:] = 0
+        kernels = _cykernels.LSTMKernels(np.float32, 1, cells)
+        reference = fastlstm.Model(spec, backend="numpy", weights=weights)
+        h, c = (np.zeros(n, np.float32) for n in fastlstm.backends.base.flat_state_sizes(spec, 1))
+        workspace = kernels.new_workspace(1)
+        expected = reference.stream(1)
+        for t in range(9):
+            kernels.step(np.ascontiguousarray(x[:, t]), h, c, workspace)
+            np.testing.assert_allclose(h[-5:], expected.step(x[:, t])[0], atol=KERNEL_TOLERANCE, rtol=0)
+
+
+def test_numba_batch_1_reads_the_narrow_weights():
+    """As above for the Numba packing: the float segments of the gate weights zeroed, a batch-1 step still
+    computes the model."""
+    from fastlstm.backends import _numba_kernels as kernels
+    from fastlstm.backends._cells import plan_cells
+    from fastlstm.backends.numba_backend import pack_cells
+
+    spec = CASES["gru reset first"]
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(1, 9, spec.input_size)).astype(np.float32)
+    for weights in FORMATS:
+        packed, table = pack_cells(plan_cells(spec, weights), np.float32, 1)
+        for row in table:
+            I, H, G = row[kernels.COL_INPUT_SIZE], row[kernels.COL_HIDDEN_SIZE], row[kernels.COL_GATES]
+            packed[row[kernels.COL_INPUT]:row[kernels.COL_INPUT] + I * G * H] = 0
+            packed[row[kernels.COL_RECURRENT]:row[kernels.COL_RECURRENT] + H * 2 * H] = 0
+            packed[row[kernels.COL_RECURRENT_N]:row[kernels.COL_RECURRENT_N] + H * H] = 0
+        h, c = (np.zeros(n, np.float32) for n in fastlstm.backends.base.flat_state_sizes(spec, 1))
+        scratch = np.zeros(kernels.step_scratch_size(table, 1), np.float32)
+        expected = fastlstm.Model(spec, backend="numpy", weights=weights).stream(1)
+        for t in range(9):
+            kernels.step_stack(np.ascontiguousarray(x[:, t]), h, c, scratch, packed, table)
+            np.testing.assert_allclose(h[-10:], expected.step(x[:, t])[0], atol=KERNEL_TOLERANCE, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The error bound against float32 (README, "8- and 16-bit weights"), on 1,000 steps of realistic models
+
+ERROR_BOUND = {"bfloat16": 5e-3, "int8": 1.5e-2}
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
+STEPS = 1000
+
+
+def realistic_models():
+    rng = np.random.default_rng(14)
+    models = [
+        ("keyword_spotter.pt", fastlstm.load(EXAMPLES / "keyword_spotter.pt", backend="numpy",
+                                             head_activations=["softmax"]).spec, rng.normal(size=(2, STEPS, 32))),
+        ("sensor_forecaster.pt", fastlstm.load(EXAMPLES / "sensor_forecaster.pt", backend="numpy").spec,
+         rng.normal(size=(2, STEPS, 64))),
+        ("intent_tagger.pt", fastlstm.load(EXAMPLES / "intent_tagger.pt", backend="numpy").spec,
+         rng.integers(0, 200, size=(2, STEPS))),
+    ]
+    for kinds, input_size, hidden in ((["lstm"], 32, 64), (["lstm", "lstm"], 64, 128), (["gru"], 64, 128),
+                                      (["rnn"], 64, 128), (["lstm"], 256, 512)):
+        models.append((f"PyTorch-initialised {'+'.join(kinds)} {input_size}->{hidden}",
+                       torch_init_stack(rng, kinds, input_size, hidden), rng.normal(size=(2, STEPS, input_size))))
+    return models
+
+
+@pytest.fixture(scope="module")
+def float32_outputs():
+    return [(name, spec, x, fastlstm.Model(spec, backend="numpy").predict(x)) for name, spec, x in realistic_models()]
+
+
+@pytest.mark.parametrize("weights", FORMATS)
+def test_error_against_float32_stays_within_the_documented_bound(float32_outputs, weights):
+    for name, spec, x, expected in float32_outputs:
+        error = np.abs(fastlstm.Model(spec, weights=weights).predict(x) - expected).max()
+        assert error <= ERROR_BOUND[weights], f"{name}: {weights} differs from float32 by {error:.2e}"
+        assert error > 0, f"{name}: {weights} gave float32's outputs exactly: the weights were not narrowed"
+
+
+def test_per_tensor_int8_would_break_the_bound():
+    """Gate rows of very different magnitudes (as trained models have): one scale per row keeps the bound,
+    one scale for the whole matrix (what this test guards against) does not."""
+    rng = np.random.default_rng(15)
+    spec = torch_init_stack(rng, ["lstm"], 32, 64)
+    cell = spec.layers[0].cells[0]
+    row_sizes = np.exp(rng.uniform(np.log(0.01), np.log(8.0), (256, 1)))
+    layer = dataclasses.replace(spec.layers[0], cells=(dataclasses.replace(
+        cell, w_ih=cell.w_ih * row_sizes, w_hh=cell.w_hh * row_sizes),))
+    spec = dataclasses.replace(spec, layers=(layer,)).validate()
+    x = rng.normal(size=(2, STEPS, 32))
+    expected = fastlstm.Model(spec, backend="numpy").predict(x)
+    per_row = np.abs(fastlstm.Model(spec, weights="int8").predict(x) - expected).max()
+    assert per_row <= ERROR_BOUND["int8"]
+
+    def per_tensor(weights):
+        scale = np.abs(weights).max() / 127
+        return (np.rint(weights / scale) * scale).astype(np.float32)
+
+    coarse = dataclasses.replace(spec, layers=(dataclasses.replace(layer, cells=(dataclasses.replace(
+        layer.cells[0], w_ih=per_tensor(layer.cells[0].w_ih), w_hh=per_tensor(layer.cells[0].w_hh)),)),))
+    assert np.abs(fastlstm.Model(coarse, backend="numpy").predict(x) - expected).max() > ERROR_BOUND["int8"]
