@@ -28,10 +28,10 @@ Packed layout, built once per model by ``numba_backend.pack_cells`` from the pla
     ``recurrent_narrow`` (and a reset-first GRU's ``candidate_narrow``), the same matrices as the format
     stores them, bfloat16 bit patterns (uint16) or int8, their bytes packed into float32 items of the flat
     array and read back through a view; for int8 also ``input_scale`` and ``recurrent_scale`` ``(G*H,)``,
-    each gate row's scale (one per column of the transposed matrices). The hand loop (stream steps, and the
-    time loops of batches up to HAND_MATMUL_MAX_ROWS) reads these, widened to float32 as they load; the
-    float segments then hold the values they represent, exactly, for BLAS (the input projection of whole
-    sequences and batches above HAND_MATMUL_MAX_ROWS: GEMMs bound by arithmetic, not bytes).
+    each gate row's scale (one per column of the transposed matrices). Products at batch 1 (stream steps and
+    the time loops of whole sequences) read these, widened to float32 as they load; the float segments then
+    hold the values they represent, exactly, for every product of more rows and for the input projection of
+    whole sequences (bound by arithmetic more than by bytes).
 
 * ``cells`` is an int64 table with one row per cell, in state order (layer by layer, forward direction
   first); its columns are the ``COL_*`` constants below, among them where the cell's blocks of the flat
@@ -461,14 +461,15 @@ def _add_gate_product(v, weights, cell, which, out):
 @njit(**_HELPER_OPTIONS)
 def _gate_matmul(a, weights, cell, which, init, out, by_hand):
     """out = init + a @ W for a (B, K), out (B, N), init (N,) or None (zeros), W as in ``_add_gate_product``:
-    the hand loop in the cell's weight format, or BLAS on the float values of the weights."""
-    if by_hand and cell[COL_WEIGHT_FORMAT] != _FORMAT_FLOAT:
-        for b in range(out.shape[0]):
-            if init is None:
-                out[b] = 0
-            else:
-                out[b] = init
-            _add_gate_product(a[b], weights, cell, which, out[b])
+    at batch 1 by the hand loop in the cell's weight format; above, on the float values of the weights (the
+    hand loop's pairs of rows, or BLAS): a pair reads each float weight once for two rows, which was faster
+    at batch 8 than reading the narrow weights once per row."""
+    if by_hand and a.shape[0] == 1 and cell[COL_WEIGHT_FORMAT] != _FORMAT_FLOAT:
+        if init is None:
+            out[0] = 0
+        else:
+            out[0] = init
+        _add_gate_product(a[0], weights, cell, which, out[0])
         return
     if which == _INPUT:
         m = _input_weights(weights, cell)
