@@ -2,7 +2,9 @@
 
 A *cell* is one direction of one layer (of any kind: LSTM, GRU, simple RNN). ``plan_cells`` turns each into
 a ``CellPlan``: its sizes, the integer codes and parameters of its activations, its clip bound, its flags and
-its weights in the spec's layout. Each compiled backend then packs the plans into its own memory layout
+its weights in the spec's layout, and its gate weights as the run's weight format stores them
+(``fastlstm.quantize``: float, bfloat16 or int8 with per-row scales) beside the float values they represent.
+Each compiled backend then packs the plans into its own memory layout
 (``numba_backend.pack_cells``, ``cython_backend.pack_for_extension``) and its kernels read nothing of the spec: a new cell option is
 decided here once, and the compiled extension receives arrays and numbers only.
 
@@ -90,9 +92,10 @@ def plan_cells(spec: ModelSpec, weights: str = "float32") -> tuple[CellPlan, ...
     for n, layer in enumerate(spec.layers):
         acts = (layer.gate_activation, layer.cell_activation, layer.output_activation)
         for direction, cell in enumerate(layer.cells):
-            w_ih, w_hh = cell_gate_weights(cell, weights, f"layers[{n}].cells[{direction}]")
-            if weights == "float32":  # the spec's own arrays, in whatever float dtype the run takes
-                w_ih, w_hh = (StoredWeights("float32", cell.w_ih), StoredWeights("float32", cell.w_hh))
+            if weights == "float32":  # the spec's own arrays: the packers cast them to the run dtype (float64 too)
+                w_ih, w_hh = StoredWeights("float32", cell.w_ih), StoredWeights("float32", cell.w_hh)
+            else:
+                w_ih, w_hh = cell_gate_weights(cell, weights, f"layers[{n}].cells[{direction}]")
             plans.append(CellPlan(
                 kind=layer.kind,
                 num_gates=layer.num_gates,
