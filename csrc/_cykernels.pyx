@@ -100,8 +100,8 @@ cdef extern from *:
 
 cdef extern from "narrow_weights.h" nogil:
     void dot_rows_int8 "fastlstm_dot_rows_int8"(
-        const signed char* q, long ldq, long rows, const float* scale, const float* x, long ldx, long batch,
-        long n, float* y, long ldy, int accumulate)
+        const signed char* q, long ldq, long rows, const float* scale_in, const float* scale_rec, long split,
+        const float* x, long ldx, long batch, long n, float* y, long ldy)
     void dot_rows_bf16 "fastlstm_dot_rows_bf16"(
         const unsigned short* w, long ldw, long rows, const float* x, long ldx, long batch, long n, float* y,
         long ldy)
@@ -177,19 +177,15 @@ cdef inline void rows_product(const CellDesc* d, Py_ssize_t batch, const floatin
     Every hand-loop product of the gate weights goes through here, in the cell's weight format: float
     weights by ``matmul_nt`` (``dot_rows`` when ``in_thread``: never BLAS inside a thread), 8- and 16-bit
     weights by the widening loops of narrow_weights.h. An int8 row's input and recurrent blocks have scales
-    of their own, so a product spanning both takes them in two passes (each weight is still read once).
+    of their own: the product splits its sum where the recurrent block starts.
     """
-    cdef Py_ssize_t K = d.row_stride, split, end = k_offset + n
-    cdef const signed char* q
+    cdef Py_ssize_t K = d.row_stride
+    cdef Py_ssize_t split = min(max(d.input_stride, k_offset), k_offset + n) - k_offset
     if floating is float:
         if d.weight_format == WEIGHTS_INT8:
-            q = <const signed char*>d.narrow_weights + first_row * K
-            split = min(max(d.input_stride, k_offset), end)
-            if split > k_offset:
-                dot_rows_int8(q + k_offset, K, rows, d.scales + first_row, x, ldx, batch, split - k_offset, z, ldz, 0)
-            if end > split:
-                dot_rows_int8(q + split, K, rows, d.scales + d.gate_rows + first_row, x + (split - k_offset), ldx,
-                              batch, end - split, z, ldz, split > k_offset)
+            dot_rows_int8(<const signed char*>d.narrow_weights + first_row * K + k_offset, K, rows,
+                          d.scales + first_row, d.scales + d.gate_rows + first_row, split, x, ldx, batch, n, z,
+                          ldz)
             return
         if d.weight_format == WEIGHTS_BFLOAT16:
             dot_rows_bf16(<const unsigned short*>d.narrow_weights + first_row * K + k_offset, K, rows, x, ldx,

@@ -102,10 +102,13 @@ static inline void fastlstm_bf16_sums4(const uint16_t* r0, const uint16_t* r1, c
     *s0 = t0; *s1 = t1; *s2 = t2; *s3 = t3;
 }
 
-/* y[b*ldy + r] (+ y[b*ldy + r] when accumulate) = scale[r] * sum_k q[r*ldq + k] * x[b*ldx + k], for
-   r < rows, b < batch, k < n. */
-static void fastlstm_dot_rows_int8(const int8_t* q, long ldq, long rows, const float* scale, const float* x,
-                                   long ldx, long batch, long n, float* y, long ldy, int accumulate) {
+/* y[b*ldy + r] = scale_in[r] * sum_{k < split} q[r*ldq + k] * x[b*ldx + k]
+                + scale_rec[r] * sum_{split <= k < n} q[r*ldq + k] * x[b*ldx + k], for r < rows, b < batch:
+   a row whose two blocks (a gate row's input and recurrent weights) have scales of their own, in one pass
+   along each row. A scale whose block is empty is not read (it may be NULL). */
+static void fastlstm_dot_rows_int8(const int8_t* q, long ldq, long rows, const float* scale_in,
+                                   const float* scale_rec, long split, const float* x, long ldx, long batch,
+                                   long n, float* y, long ldy) {
     long r = 0, b, k;
     for (; r + 4 <= rows; r += 4) {
         const int8_t* r0 = q + r * ldq;
@@ -114,26 +117,30 @@ static void fastlstm_dot_rows_int8(const int8_t* q, long ldq, long rows, const f
         const int8_t* r3 = r2 + ldq;
         for (b = 0; b < batch; b++) {
             const float* xb = x + b * ldx;
-            float s0, s1, s2, s3;
-            fastlstm_int8_sums4(r0, r1, r2, r3, xb, n, &s0, &s1, &s2, &s3);
+            float i0 = 0, i1 = 0, i2 = 0, i3 = 0, h0 = 0, h1 = 0, h2 = 0, h3 = 0;
             float* yb = y + b * ldy + r;
-            if (accumulate) {
-                yb[0] += scale[r] * s0; yb[1] += scale[r + 1] * s1;
-                yb[2] += scale[r + 2] * s2; yb[3] += scale[r + 3] * s3;
-            } else {
-                yb[0] = scale[r] * s0; yb[1] = scale[r + 1] * s1;
-                yb[2] = scale[r + 2] * s2; yb[3] = scale[r + 3] * s3;
+            if (split > 0) {
+                fastlstm_int8_sums4(r0, r1, r2, r3, xb, split, &i0, &i1, &i2, &i3);
+                i0 *= scale_in[r]; i1 *= scale_in[r + 1]; i2 *= scale_in[r + 2]; i3 *= scale_in[r + 3];
             }
+            if (split < n) {
+                fastlstm_int8_sums4(r0 + split, r1 + split, r2 + split, r3 + split, xb + split, n - split,
+                                    &h0, &h1, &h2, &h3);
+                h0 *= scale_rec[r]; h1 *= scale_rec[r + 1]; h2 *= scale_rec[r + 2]; h3 *= scale_rec[r + 3];
+            }
+            yb[0] = i0 + h0; yb[1] = i1 + h1; yb[2] = i2 + h2; yb[3] = i3 + h3;
         }
     }
     for (; r < rows; r++) {
         const int8_t* r0 = q + r * ldq;
         for (b = 0; b < batch; b++) {
             const float* xb = x + b * ldx;
-            float s0 = 0;
-            for (k = 0; k < n; k++)
-                s0 += (float)r0[k] * xb[k];
-            y[b * ldy + r] = (accumulate ? y[b * ldy + r] : 0.0f) + scale[r] * s0;
+            float s_in = 0, s_rec = 0;
+            for (k = 0; k < split; k++)
+                s_in += (float)r0[k] * xb[k];
+            for (k = split; k < n; k++)
+                s_rec += (float)r0[k] * xb[k];
+            y[b * ldy + r] = (split > 0 ? scale_in[r] * s_in : 0.0f) + (split < n ? scale_rec[r] * s_rec : 0.0f);
         }
     }
 }
