@@ -310,3 +310,14 @@ def test_per_tensor_int8_would_break_the_bound():
     coarse = dataclasses.replace(spec, layers=(dataclasses.replace(layer, cells=(dataclasses.replace(
         layer.cells[0], w_ih=per_tensor(layer.cells[0].w_ih), w_hh=per_tensor(layer.cells[0].w_hh)),)),))
     assert np.abs(fastlstm.Model(coarse, backend="numpy").predict(x) - expected).max() > ERROR_BOUND["int8"]
+
+
+def test_native_scales_that_do_not_fit_the_weights_are_refused(tmp_path):
+    """Scales of the right shape whose products are not the stored weights: the spec's check refuses them."""
+    rng = np.random.default_rng(7)
+    spec = as_imported_int8(random_spec(rng, input_size=3, hidden_size=4), rng)
+    path, bad = tmp_path / "q.fastlstm", tmp_path / "bad.fastlstm"
+    fastlstm.Model(spec, backend="numpy").save(path)
+    rewrite_manifest(path, bad, lambda m: m["layers"][0]["cells"][0].update(w_hh_scale="layers/0/cells/0/w_ih_scale"))
+    with pytest.raises(fastlstm.InvalidModelError, match=r"layers\[0\].cells\[0\].w_hh: weights (are not|divided by)"):
+        fastlstm.load(bad)
