@@ -8,8 +8,8 @@
    loop that gcc vectorises with its own widening conversions (SSE2: unpack and shift). Whichever the build
    targets is compiled; nothing assumes a level the compiler was not told of.
 
-   int8: row r of the matrix holds integers q with w[r, k] = scale[r] * q[r, k]; the row's scale multiplies
-   its finished sum. bfloat16: each weight is the upper half of a float32's bits, widened by a 16-bit shift. */
+   int8: row r of the matrix holds integers q with w[r, k] = scale[r] * q[r, k], where a gate row's input and
+   recurrent blocks have scales of their own; each block's scale multiplies its finished sum. bfloat16: each weight is the upper half of a float32's bits, widened by a 16-bit shift. */
 #ifndef FASTLSTM_NARROW_WEIGHTS_H
 #define FASTLSTM_NARROW_WEIGHTS_H
 
