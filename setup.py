@@ -65,7 +65,7 @@ directives = {
 }
 
 kernel_sources = ["csrc/_cykernels.pyx", "csrc/lstm_parallel.h", "csrc/activations.pxd", "csrc/blas.pxd",
-                  "csrc/cell.pxd", "csrc/head.pxd"]
+                  "csrc/cell.pxd", "csrc/head.pxd", "csrc/narrow_weights.h"]
 extensions = [
     Extension(
         f"fastlstm.backends._cykernels.{level}",

@@ -21,6 +21,14 @@ from the planner's cells and handed over as arrays and numbers (this module read
   lstm_parallel.h), which the float32 products of 2 rows or more stream instead of BLAS: BLAS would pack
   the weights anew on every call of a time loop. A GRU with the reset first has its candidate rows as
   panels of their own too (``candidate_packed``): they multiply r * h', apart from the other rows.
+* ``narrow_weights`` (float32 cells with 8- or 16-bit weights, fastlstm.quantize) is ``weights`` again in
+  bfloat16 (uint16) or int8, same layout, with ``scales`` (2, G*H) for int8: each row's scale of its input
+  block, then of its recurrent block. Every product at batch 1 and in the hand loop (stream steps, the
+  time loops of whole sequences, the threaded split by hidden units) reads them, widened to float32 as they
+  load (csrc/narrow_weights.h): those products stream the weights from memory on every step, and that is
+  what shrinks. ``weights`` and ``packed`` then hold the float32 values they represent, exactly, for the
+  products of 2 rows or more and the input projection of whole sequences (GEMM tiles, bound by arithmetic,
+  not bytes).
 * ``projection`` (LSTMP) is ``w_hr`` ``(P, H_pad)`` with each row zero-padded the same way.
 * ``candidate_bias`` (GRU) is ``b_hn`` ``(H,)``.
 * the dense head (``cython_backend.pack_head_for_extension``) is one entry per stage: the head's input
@@ -52,7 +60,8 @@ cimport numpy as cnp
 from activations cimport D0, D1, D2, D3, N0, N1, N2, N3, N4, N5, N6, TANH_CLAMP_C, activation, fast_tanh, sigmoid
 from blas cimport HAND_MATMUL_MAX_ROWS, dot_rows, gemm_nt, matmul_nt
 from head cimport HeadStage, run_head
-from cell cimport (CELL_GRU, CELL_GRU_RESET_FIRST, CELL_LSTM, CELL_RNN, CellDesc, gru_reset_gates, pointwise,
+from cell cimport (CELL_GRU, CELL_GRU_RESET_FIRST, CELL_LSTM, CELL_RNN, WEIGHTS_BFLOAT16, WEIGHTS_FLOAT, WEIGHTS_INT8,
+                   CellDesc, gru_reset_gates, pointwise,
                    pointwise_gru_general, pointwise_gru_reset_first, pointwise_gru_standard, pointwise_lstm_general,
                    pointwise_lstm_standard, pointwise_rnn_general, pointwise_rnn_standard)
 
@@ -93,6 +102,14 @@ cdef extern from *:
     unsigned int flush_denormals "fastlstm_flush_denormals"() noexcept nogil
     void restore_fp_mode "fastlstm_restore_fp_mode"(unsigned int saved) noexcept nogil
     unsigned int current_fp_mode "fastlstm_fp_mode"() noexcept nogil
+
+cdef extern from "narrow_weights.h" nogil:
+    void dot_rows_int8 "fastlstm_dot_rows_int8"(
+        const signed char* q, long ldq, long rows, const float* scale_in, const float* scale_rec, long split,
+        const float* x, long ldx, long batch, long n, float* y, long ldy)
+    void dot_rows_bf16 "fastlstm_dot_rows_bf16"(
+        const unsigned short* w, long ldw, long rows, const float* x, long ldx, long batch, long n, float* y,
+        long ldy)
 
 cdef extern from "lstm_parallel.h" nogil:
     ctypedef struct Barrier "fastlstm_barrier":
@@ -157,6 +174,34 @@ cdef enum:
 # The stacked streaming step and one direction of one layer over whole sequences, each single-threaded on
 # a range of batch rows, or split by hidden units over a team of threads at batch 1.
 
+cdef inline void rows_product(const CellDesc* d, Py_ssize_t batch, const floating* x, Py_ssize_t ldx,
+                              Py_ssize_t first_row, Py_ssize_t rows, Py_ssize_t k_offset, Py_ssize_t n,
+                              floating* z, Py_ssize_t ldz, bint in_thread) noexcept nogil:
+    """z (batch, rows) = x (batch, n) @ weights[first_row : first_row + rows, k_offset : k_offset + n].T.
+
+    Every hand-loop product of the gate weights goes through here, in the cell's weight format: float
+    weights by ``matmul_nt`` (``dot_rows`` when ``in_thread``: never BLAS inside a thread), 8- and 16-bit
+    weights by the widening loops of narrow_weights.h. An int8 row's input and recurrent blocks have scales
+    of their own: the product splits its sum where the recurrent block starts.
+    """
+    cdef Py_ssize_t K = d.row_stride
+    cdef Py_ssize_t split = min(max(d.input_stride, k_offset), k_offset + n) - k_offset
+    if floating is float:
+        if d.weight_format == WEIGHTS_INT8:
+            dot_rows_int8(<const signed char*>d.narrow_weights + first_row * K + k_offset, K, rows,
+                          d.scales + first_row, d.scales + d.gate_rows + first_row, split, x, ldx, batch, n, z,
+                          ldz)
+            return
+        if d.weight_format == WEIGHTS_BFLOAT16:
+            dot_rows_bf16(<const unsigned short*>d.narrow_weights + first_row * K + k_offset, K, rows, x, ldx,
+                          batch, n, z, ldz)
+            return
+    if in_thread:
+        dot_rows(<const floating*>d.weights + first_row * K + k_offset, K, rows, x, ldx, batch, n, z, ldz)
+    else:
+        matmul_nt(batch, rows, <const floating*>d.weights + first_row * K + k_offset, K, x, ldx, n, z, ldz)
+
+
 cdef inline void gate_product(const CellDesc* d, Py_ssize_t batch, const floating* x, Py_ssize_t ldx,
                               Py_ssize_t k_offset, Py_ssize_t n, Py_ssize_t rows, floating* z,
                               Py_ssize_t ldz) noexcept nogil:
@@ -168,7 +213,7 @@ cdef inline void gate_product(const CellDesc* d, Py_ssize_t batch, const floatin
         if d.packed != NULL and batch >= PACKED_MIN_BATCH:
             packed_gemm(batch, rows, n, x, ldx, d.packed, d.row_stride, k_offset, NULL, z, ldz)
             return
-    matmul_nt(batch, rows, <const floating*>d.weights + k_offset, d.row_stride, x, ldx, n, z, ldz)
+    rows_product(d, batch, x, ldx, 0, rows, k_offset, n, z, ldz, False)
 
 
 cdef inline void candidate_product(const CellDesc* d, Py_ssize_t batch, const floating* reset_h,
@@ -181,8 +226,7 @@ cdef inline void candidate_product(const CellDesc* d, Py_ssize_t batch, const fl
             packed_gemm(batch, H, d.rec_stride, reset_h, ld_reset_h, d.candidate_packed, d.row_stride,
                         d.input_stride, NULL, z + 2 * H, G)
             return
-    matmul_nt(batch, H, <const floating*>d.weights + 2 * H * d.row_stride + d.input_stride, d.row_stride,
-              reset_h, ld_reset_h, d.rec_stride, z + 2 * H, G)
+    rows_product(d, batch, reset_h, ld_reset_h, 2 * H, H, d.input_stride, d.rec_stride, z + 2 * H, G, False)
 
 
 cdef inline void split_range(Py_ssize_t size, Py_ssize_t grain, int part, int parts, Py_ssize_t* first,
@@ -210,7 +254,6 @@ cdef inline void cell_step(const CellDesc* d, Py_ssize_t rows, const floating* x
     cdef Py_ssize_t H = d.hidden_size, R = d.rec_size, C = d.state_size, G = d.gate_rows, K = d.row_stride
     cdef Py_ssize_t Ip = d.input_stride, Rs = d.rec_stride, Hs = d.hidden_stride, b, j
     cdef const floating* bias = <const floating*>d.bias
-    cdef const floating* candidate = <const floating*>d.weights + 2 * H * K
     cdef bint tiles = False
     if d.kind == CELL_LSTM or d.kind == CELL_RNN:
         gate_product(d, rows, xh, K, 0, K, G, z, G)
@@ -228,10 +271,10 @@ cdef inline void cell_step(const CellDesc* d, Py_ssize_t rows, const floating* x
             for j in range(G):
                 zx[b * G + j] += bias[j]
     else:
-        matmul_nt(rows, 2 * H, <const floating*>d.weights, K, xh, K, K, z, G)
-        matmul_nt(rows, H, candidate, K, xh, K, Ip, zx + 2 * H, G)
+        rows_product(d, rows, xh, K, 0, 2 * H, 0, K, z, G, False)
+        rows_product(d, rows, xh, K, 2 * H, H, 0, Ip, zx + 2 * H, G, False)
         if d.kind == CELL_GRU:
-            matmul_nt(rows, H, candidate + Ip, K, xh + Ip, K, Rs, z + 2 * H, G)
+            rows_product(d, rows, xh + Ip, K, 2 * H, H, Ip, Rs, z + 2 * H, G, False)
         for b in range(rows):
             memcpy(zx + b * G, bias, 2 * H * sizeof(floating))
             for j in range(2 * H, G):
@@ -282,9 +325,9 @@ cdef void units_product(const CellDesc* d, const floating* x, Py_ssize_t k_offse
     """z[g*H + u] = weights[g*H + u, k_offset : k_offset + n] . x for gates g of first_gate ..
     first_gate+gates-1 and units u of first .. stop-1: a thread's share of a batch-1 product."""
     cdef Py_ssize_t H = d.hidden_size, K = d.row_stride, gate
-    cdef const floating* weights = <const floating*>d.weights + k_offset
     for gate in range(first_gate, first_gate + gates):
-        dot_rows(weights + (gate * H + first) * K, K, stop - first, x, K, 1, n, z + gate * H + first, d.gate_rows)
+        rows_product(d, 1, x, K, gate * H + first, stop - first, k_offset, n, z + gate * H + first, d.gate_rows,
+                     True)
 
 
 cdef void cell_step_units(const CellDesc* d, const floating* xh, floating* z, floating* zx, floating* hidden,
@@ -809,6 +852,7 @@ cdef class LSTMKernels:
         else:
             raise ValueError(f"LSTMKernels: num_gates must be 4 (LSTM), 3 (GRU) or 1 (RNN), got {num_gates}")
         d.weights = cnp.PyArray_DATA(cell["weights"])
+        self._describe_weight_format(d, cell)
         d.bias = cnp.PyArray_DATA(cell["bias"])
         d.packed = NULL if cell["packed"] is None else <const float*>cnp.PyArray_DATA(cell["packed"])
         d.candidate_packed = (NULL if cell["candidate_packed"] is None
@@ -843,6 +887,40 @@ cdef class LSTMKernels:
             d.pointwise_float, d.pointwise_double = pointwise_rnn_standard[float], pointwise_rnn_standard[double]
         else:
             d.pointwise_float, d.pointwise_double = pointwise_rnn_general[float], pointwise_rnn_general[double]
+
+    cdef _describe_weight_format(self, CellDesc* d, dict cell):
+        """Point ``d`` at a cell's 8- or 16-bit gate weights and int8 scales, after checking their layout."""
+        formats = {"float32": WEIGHTS_FLOAT, "bfloat16": WEIGHTS_BFLOAT16, "int8": WEIGHTS_INT8}
+        storage = {"bfloat16": np.uint16, "int8": np.int8}
+        name = cell["weight_format"]
+        if name not in formats:
+            raise ValueError(f"LSTMKernels: weight_format must be one of {tuple(formats)}, got {name!r}")
+        d.weight_format = formats[name]
+        d.narrow_weights = d.scales = NULL
+        if name == "float32":
+            if cell["narrow_weights"] is not None or cell["scales"] is not None:
+                raise ValueError("LSTMKernels: float32 weights come without narrow_weights or scales")
+            return
+        if self.is_double:
+            raise ValueError(f"LSTMKernels: {name} weights run in float32 only")
+        narrow, scales = cell["narrow_weights"], cell["scales"]
+        weights = cell["weights"]
+        if (not isinstance(narrow, np.ndarray) or narrow.dtype != storage[name] or narrow.shape != weights.shape
+                or not narrow.flags.c_contiguous):
+            raise ValueError(f"LSTMKernels: narrow_weights must be C-contiguous {np.dtype(storage[name])} of shape "
+                             f"{weights.shape}")
+        if (scales is None) != (name != "int8"):
+            raise ValueError("LSTMKernels: int8 weights need their scales, bfloat16 weights have none")
+        if scales is not None and (not isinstance(scales, np.ndarray) or scales.dtype != np.float32
+                                   or scales.shape != (2, weights.shape[0]) or not scales.flags.c_contiguous):
+            raise ValueError(f"LSTMKernels: scales must be C-contiguous float32 of shape (2, {weights.shape[0]})")
+        for array in (narrow, scales):
+            if array is not None:
+                array.flags.writeable = False
+                self.arrays.append(array)
+        d.narrow_weights = cnp.PyArray_DATA(narrow)
+        if scales is not None:
+            d.scales = <const float*>cnp.PyArray_DATA(scales)
 
     cdef inline bint _state_fits(self, cnp.ndarray h, cnp.ndarray c, Py_ssize_t batch) noexcept:
         """Whether h and c are C-contiguous, writeable arrays of this dtype holding the flat state of ``batch`` rows."""

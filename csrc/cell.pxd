@@ -18,9 +18,19 @@ cdef enum CellKind:
     CELL_GRU_RESET_FIRST     # reset before linear: n = g(W_n x + b_n + R_n (r * h') + b_hn)
     CELL_RNN
 
+# How a float32 cell's gate weights are stored (fastlstm.quantize): the products at batch 1 and in the hand
+# loop read ``narrow_weights`` in this format; float64 cells are always WEIGHTS_FLOAT.
+cdef enum WeightFormat:
+    WEIGHTS_FLOAT
+    WEIGHTS_BFLOAT16
+    WEIGHTS_INT8
+
 cdef struct CellDesc:
     CellKind kind
-    void* weights        # (G*H, row_stride): [w_ih | 0 | w_hh | 0] per row
+    void* weights        # (G*H, row_stride): [w_ih | 0 | w_hh | 0] per row (with narrow weights: their float32 values)
+    WeightFormat weight_format
+    const void* narrow_weights  # bfloat16 (uint16) or int8 weights in the layout of ``weights``, else NULL
+    const float* scales  # int8: (2, G*H), each row's scale of its input block, then of its recurrent block
     void* bias           # (G*H,)
     void* peephole       # (3, H) in order i, f, o, or NULL
     void* projection     # (P, hidden_stride), or NULL

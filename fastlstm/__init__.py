@@ -29,16 +29,21 @@ __all__ = [
 logging.getLogger("fastlstm").addHandler(logging.NullHandler())
 
 
-def load(source, *, backend: str = "auto", dtype="float32", num_threads: int | None = None, **options) -> Model:
+def load(source, *, backend: str = "auto", dtype="float32", num_threads: int | None = None,
+         weights: str | None = None, **options) -> Model:
     """Load a model from a file path or an in-memory object, ready to run.
 
     ``backend`` is ``"auto"`` (the fastest available; see ``Model.backend``), ``"cython"``, ``"numba"`` or
     ``"numpy"``; ``dtype`` is ``"float32"`` or ``"float64"``; ``num_threads`` caps the threads one call may
     use (default: the cores this process may run on; 1 suits a service stepping many streams in parallel
-    threads). Importer options (e.g. which parameters form
-    the head of a PyTorch state_dict) are passed as further keywords; see the README.
+    threads). ``weights`` stores the recurrent gate weights as ``"float32"``, ``"bfloat16"`` or ``"int8"``
+    (one scale per gate row; activations, state and sums stay float32; see ``fastlstm.quantize``); the default
+    is ``"int8"`` for a model imported already quantized to 8 bits, else ``"float32"``. Importer options
+    (e.g. which parameters form the head of a PyTorch state_dict) are passed as further keywords; see the
+    README.
     Loading never executes code from the file.
     """
     from .importers import read_model
 
-    return Model(read_model(source, **options), backend=backend, dtype=dtype, num_threads=num_threads)
+    return Model(read_model(source, **options), backend=backend, dtype=dtype, num_threads=num_threads,
+                 weights=weights)

@@ -31,6 +31,7 @@ from .errors import InvalidInputError, ModelFormatError
 from .head import has_head, head_buffer_sizes
 from .limits import check_allocation
 from .native import native_bytes, save_native, spec_from_native_bytes
+from .quantize import weight_format
 from .spec import ModelSpec
 from .state import StateCodec
 
@@ -43,23 +44,31 @@ _INTEGER_DTYPES = frozenset(np.dtype(t) for t in "bBhHiIlLqQ")
 class Model:
     """A recurrent network ready to run. Build one with ``fastlstm.load``."""
 
-    def __init__(self, spec: ModelSpec, *, backend: str = "auto", dtype="float32", num_threads: int | None = None):
+    def __init__(self, spec: ModelSpec, *, backend: str = "auto", dtype="float32", num_threads: int | None = None,
+                 weights: str | None = None):
         self.dtype = _run_dtype(dtype)
         self.spec = spec.validate()
-        self._lstm = prepare(spec, backend, self.dtype, num_threads)
+        self._lstm = prepare(spec, backend, self.dtype, num_threads, weight_format(weights, spec, self.dtype))
         self._has_head = has_head(spec)
         self._state = StateCodec(spec, self.dtype)
         self._embedding = None if spec.embedding is None else np.ascontiguousarray(spec.embedding, dtype=self.dtype)
         # The keyword arguments that prepare this model again from its spec, sent with it when it is pickled:
-        # the backend as chosen (every process runs the same kernels), the threads as given (None: the cores
-        # each receiving process may run on).
-        self._options = {"backend": self._lstm.backend, "dtype": self.dtype.name, "num_threads": num_threads}
+        # the backend and weight format as chosen (every process runs the same kernels), the threads as given
+        # (None: the cores each receiving process may run on).
+        self._options = {"backend": self._lstm.backend, "dtype": self.dtype.name, "num_threads": num_threads,
+                         "weights": self._lstm.weights}
         self._native: bytes | None = None  # the native file's bytes, made on first pickling
 
     @property
     def backend(self) -> str:
         """The backend that runs this model (what ``backend="auto"`` chose)."""
         return self._lstm.backend
+
+    @property
+    def weights(self) -> str:
+        """How the recurrent gate weights are stored: ``"float32"`` (the run dtype's own), ``"bfloat16"`` or
+        ``"int8"`` (``fastlstm.quantize``)."""
+        return self._lstm.weights
 
     @property
     def num_threads(self) -> int:
@@ -93,7 +102,8 @@ class Model:
         embedding = f"embedding {self.spec.embedding.shape}, " if self.takes_token_ids else ""
         head = f", head {[d.out_features for d in self.spec.head]}" if self.spec.head else ""
         return (f"<fastlstm.Model {embedding}{len(self.spec.layers)} layer(s) [{desc}]{head}, "
-                f"output={self.spec.output!r}, backend={self.backend!r}, dtype={self.dtype}>")
+                f"output={self.spec.output!r}, backend={self.backend!r}, dtype={self.dtype}"
+                + ("" if self.weights == "float32" else f", weights={self.weights!r}") + ">")
 
     # ------------------------------------------------------------------ whole sequences
     def predict(self, x, state=None, *, lengths=None, return_state: bool = False):

@@ -27,16 +27,21 @@ from .spec import GATE_COUNTS, CellWeights, DenseLayer, ModelSpec, RecurrentLaye
 MANIFEST = "fastlstm.json"
 FORMAT_NAME = "fastlstm"
 # Version 2 added ``head_input_activation``, each layer's ``kind`` and ``linear_before_reset``, each GRU cell's
-# ``candidate_bias`` and the ``embedding`` table; version 1 files (LSTM stacks, none of these) still load.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-_CELL_ARRAYS = ("w_ih", "w_hh", "bias", "w_hr", "peephole", "candidate_bias")
+# ``candidate_bias`` and the ``embedding`` table; version 3 each cell's ``w_ih_scale`` and ``w_hh_scale`` (the
+# per-row scales of weights imported from an 8-bit model). Files of earlier versions (none of the fields a
+# later version added) still load.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+_CELL_ARRAYS = ("w_ih", "w_hh", "bias", "w_hr", "peephole", "candidate_bias", "w_ih_scale", "w_hh_scale")
 _MAX_MANIFEST_BYTES = 1 << 20
 # How much larger than the whole file on disk its arrays may be once inflated. fastlstm writes arrays
 # stored (1x); weights deflate by less than 2x, so only a crafted file comes near this.
 MAX_INFLATION = 16
 # The fields version 2 added; a version 1 file has none of them.
 _VERSION_2_KEYS = {"head_input_activation", "embedding", "kind", "linear_before_reset", "candidate_bias"}
+_VERSION_3_KEYS = {"w_ih_scale", "w_hh_scale"}
+# The fields each readable version does not know.
+_LATER_KEYS = {1: _VERSION_2_KEYS | _VERSION_3_KEYS, 2: _VERSION_3_KEYS, 3: set()}
 _MODEL_KEYS = {"format", "version", "output", "mask_value", "source", "layers", "head", "head_input_activation",
                "embedding"}
 _LAYER_KEYS = {"input_size", "hidden_size", "proj_size", "direction", "gate_activation", "cell_activation",
@@ -246,7 +251,7 @@ class _ManifestReader:
         version = manifest.get("version")
         if version not in READABLE_VERSIONS:
             self.fail("version", f"this fastlstm reads versions {READABLE_VERSIONS}, the file is version {version!r}")
-        known = (lambda keys: keys) if version >= 2 else (lambda keys: keys - _VERSION_2_KEYS)
+        known = lambda keys: keys - _LATER_KEYS[version]  # noqa: E731
         self.keys(manifest, known(_MODEL_KEYS), "model")
         layers = []
         expected_input = None
@@ -264,7 +269,8 @@ class _ManifestReader:
             recurrent = proj_size or hidden_size
             shapes = {"w_ih": (gates * hidden_size, input_size), "w_hh": (gates * hidden_size, recurrent),
                       "bias": (gates * hidden_size,), "w_hr": (proj_size, hidden_size), "peephole": (3, hidden_size),
-                      "candidate_bias": (hidden_size,)}
+                      "candidate_bias": (hidden_size,), "w_ih_scale": (gates * hidden_size,),
+                      "w_hh_scale": (gates * hidden_size,)}
             cells = []
             cell_entries = self.field(layer, "cells", list, where)
             if len(cell_entries) > 2:

@@ -70,7 +70,7 @@ def rewrite_manifest(src, dst, change):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda m: m.update(version=99), "this fastlstm reads versions \\(1, 2\\)"),
+        (lambda m: m.update(version=99), "this fastlstm reads versions \\(1, 2, 3\\)"),
         (lambda m: m["layers"][0].update(hidden_size="5"), r"layers\[0\].hidden_size: expected int"),
         (lambda m: m["layers"][0]["cells"][0].update(w_ih="nowhere"), "which the file does not contain"),
         (lambda m: m["layers"][0].update(gate_activation=["swish", 0, 0]), "known name"),
@@ -108,8 +108,17 @@ def test_pickled_array_is_refused(saved, tmp_path):
         fastlstm.load(bad)
 
 
+def as_version_2(manifest):
+    """A manifest rewritten as version 2 wrote it: without the fields version 3 added."""
+    manifest["version"] = 2
+    for layer in manifest["layers"]:
+        for cell in layer["cells"]:
+            del cell["w_ih_scale"], cell["w_hh_scale"]
+
+
 def as_version_1(manifest):
-    """A version 2 manifest of an LSTM stack rewritten as version 1 wrote it: without the fields 2 added."""
+    """A manifest of an LSTM stack rewritten as version 1 wrote it: without the fields 2 and 3 added."""
+    as_version_2(manifest)
     manifest["version"] = 1
     for key in ("head_input_activation", "embedding"):
         del manifest[key]

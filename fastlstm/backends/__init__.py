@@ -97,8 +97,10 @@ def default_num_threads() -> int:
     return cores
 
 
-def prepare(spec: ModelSpec, backend: str, dtype: np.dtype, num_threads: int | None = None) -> PreparedLSTM:
-    """Prepare ``spec`` on ``backend`` (a name from ``BACKENDS`` or ``"auto"``) for up to ``num_threads``."""
+def prepare(spec: ModelSpec, backend: str, dtype: np.dtype, num_threads: int | None = None,
+            weights: str = "float32") -> PreparedLSTM:
+    """Prepare ``spec`` on ``backend`` (a name from ``BACKENDS`` or ``"auto"``) for up to ``num_threads``, its
+    gate weights stored as ``weights`` (a format of ``fastlstm.quantize``, already checked)."""
     if num_threads is None:
         num_threads = default_num_threads()
     if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
@@ -117,7 +119,7 @@ def prepare(spec: ModelSpec, backend: str, dtype: np.dtype, num_threads: int | N
                 logger.info("backend %r cannot run this model: %s", name, reason)
                 continue
             logger.info("backend 'auto' chose %r", name)
-            return cls(spec, dtype, int(num_threads))
+            return cls(spec, dtype, int(num_threads), weights)
         raise ImportError("no fastlstm backend could be imported")  # unreachable: numpy always imports
     if backend not in BACKENDS:
         raise InvalidInputError(f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
@@ -125,4 +127,4 @@ def prepare(spec: ModelSpec, backend: str, dtype: np.dtype, num_threads: int | N
     reason = cls.unsupported(spec)
     if reason:
         raise UnsupportedModelError([f"backend {backend!r}: {reason}"], hint="backend='auto' picks one that can")
-    return cls(spec, dtype, int(num_threads))
+    return cls(spec, dtype, int(num_threads), weights)

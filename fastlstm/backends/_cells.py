@@ -2,10 +2,12 @@
 
 A *cell* is one direction of one layer (of any kind: LSTM, GRU, simple RNN). ``plan_cells`` turns each into
 a ``CellPlan``: its sizes, the integer codes and parameters of its activations, its clip bound, its flags and
-its weights in the spec's layout. ``plan_head`` does the same for the dense head: one ``HeadStagePlan`` per
-stage (the head's input activation, then each dense layer with its activation). Each compiled backend then
-packs the plans into its own memory layout (``numba_backend.pack_cells``, ``cython_backend.pack_for_extension``
-and ``pack_head_for_extension``) and its kernels read nothing of the spec: a new cell or head option is
+its weights in the spec's layout, and its gate weights as the run's weight format stores them
+(``fastlstm.quantize``: float, bfloat16 or int8 with per-row scales) beside the float values they represent.
+``plan_head`` does the same for the dense head: one ``HeadStagePlan`` per stage (the head's input
+activation, then each dense layer with its activation). Each compiled backend then packs the plans into its
+own memory layout (``numba_backend.pack_cells``, ``cython_backend.pack_for_extension`` and
+``pack_head_for_extension``) and its kernels read nothing of the spec: a new cell or head option is
 decided here once, and the compiled extension receives arrays and numbers only.
 
 Thresholds both compiled backends apply, under one vocabulary. Their values were measured per backend and
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..activations import ACTIVATION_CODES
+from ..quantize import StoredWeights, cell_gate_weights
 from ..spec import ModelSpec
 
 # Every packed segment and scratch region starts on a 64-byte boundary (one AVX-512 vector, a cache line).
@@ -54,12 +57,19 @@ class CellPlan:
     input_forget: bool        # LSTM: coupled input and forget gates
     linear_before_reset: bool  # GRU: the variant (True for every other kind)
     standard: bool            # the kind's plain activations without clip, peepholes or coupled gates: the fast path
-    w_ih: np.ndarray          # (G*H, I)
-    w_hh: np.ndarray          # (G*H, R)
+    w_ih: np.ndarray          # (G*H, I): the values the weight format stores, as floats (dequantized)
+    w_hh: np.ndarray          # (G*H, R): likewise
     bias: np.ndarray          # (G*H,)
     w_hr: np.ndarray | None   # LSTM: (P, H)
     peephole: np.ndarray | None  # LSTM: (3, H), gates i, f, o
     candidate_bias: np.ndarray | None  # GRU: (H,), b_hn
+    w_ih_stored: StoredWeights  # w_ih as the weight format stores it (fastlstm.quantize)
+    w_hh_stored: StoredWeights
+
+    @property
+    def weight_format(self) -> str:
+        """``"float32"`` (the run dtype's own weights), ``"bfloat16"`` or ``"int8"``."""
+        return self.w_ih_stored.format
 
     @property
     def recurrent_size(self) -> int:
@@ -78,12 +88,17 @@ class CellPlan:
         return (self.input_size + self.recurrent_size) * G * self.hidden_size + self.hidden_size * self.proj_size
 
 
-def plan_cells(spec: ModelSpec) -> tuple[CellPlan, ...]:
-    """Every cell of ``spec``, in state order: layer by layer, the forward direction first."""
+def plan_cells(spec: ModelSpec, weights: str = "float32") -> tuple[CellPlan, ...]:
+    """Every cell of ``spec``, in state order: layer by layer, the forward direction first, its gate weights
+    stored as ``weights`` (a format of ``fastlstm.quantize``)."""
     plans = []
     for n, layer in enumerate(spec.layers):
         acts = (layer.gate_activation, layer.cell_activation, layer.output_activation)
         for direction, cell in enumerate(layer.cells):
+            if weights == "float32":  # the spec's own arrays: the packers cast them to the run dtype (float64 too)
+                w_ih, w_hh = StoredWeights("float32", cell.w_ih), StoredWeights("float32", cell.w_hh)
+            else:
+                w_ih, w_hh = cell_gate_weights(cell, weights, f"layers[{n}].cells[{direction}]")
             plans.append(CellPlan(
                 kind=layer.kind,
                 num_gates=layer.num_gates,
@@ -100,8 +115,8 @@ def plan_cells(spec: ModelSpec) -> tuple[CellPlan, ...]:
                 input_forget=bool(layer.input_forget),
                 linear_before_reset=bool(layer.linear_before_reset),
                 standard=bool(layer.is_standard),
-                w_ih=cell.w_ih, w_hh=cell.w_hh, bias=cell.bias, w_hr=cell.w_hr, peephole=cell.peephole,
-                candidate_bias=cell.candidate_bias,
+                w_ih=w_ih.dequantized(), w_hh=w_hh.dequantized(), bias=cell.bias, w_hr=cell.w_hr,
+                peephole=cell.peephole, candidate_bias=cell.candidate_bias, w_ih_stored=w_ih, w_hh_stored=w_hh,
             ))
     return tuple(plans)
 

@@ -23,6 +23,14 @@ Packed layout, built once per model by ``numba_backend.pack_cells`` from the pla
     start; ``peephole`` ``(3, H)`` (i, f, o), when present; ``projection`` ``w_hr.T`` ``(H, P)``, when present;
   - ``params`` ``(7,)``: the clip bound (+inf without clip) and alpha, beta of the gate, cell and output
     activations, cast to the run dtype as the NumPy reference casts them.
+  - with 8- or 16-bit gate weights (float32 only, ``fastlstm.quantize``): ``input_narrow``,
+    ``recurrent_narrow`` (and a reset-first GRU's ``candidate_narrow``), the same matrices as the format
+    stores them, bfloat16 bit patterns (uint16) or int8, their bytes packed into float32 items of the flat
+    array and read back through a view; for int8 also ``input_scale`` and ``recurrent_scale`` ``(G*H,)``,
+    each gate row's scale (one per column of the transposed matrices). Products at batch 1 (stream steps and
+    the time loops of whole sequences) read these, widened to float32 as they load; the float segments then
+    hold the values they represent, exactly, for every product of more rows and for the input projection of
+    whole sequences (bound by arithmetic more than by bytes).
 
 * the dense head, when the model has one, owns segments of ``weights`` too: per dense layer ``head_weight``
   ``(in, out)`` (``weight.T``), ``head_bias`` ``(out,)`` (zeros for a layer without bias), and per stage
@@ -108,7 +116,7 @@ BLAS_GEMV_MIN_BYTES = 2 * 1024 * 1024
 # ------------------------------------------------------------------------------------------------------
 # The cell table.
 
-NUM_COLUMNS = 22
+NUM_COLUMNS = 28
 (
     COL_KIND,                 # KIND_CODES of the cell's kind
     COL_GATES,                # G: 4 (LSTM), 3 (GRU) or 1 (RNN)
@@ -133,6 +141,12 @@ NUM_COLUMNS = 22
     COL_BLAS_GEMV,            # 1 when its batch-1 products go to BLAS (see BLAS_GEMV_MIN_BYTES)
     COL_H_START,              # items of one batch row of h held by the cells before this one: the cell's
     COL_C_START,              # (B, R) block of the flat h starts at B * COL_H_START; likewise its c block
+    COL_WEIGHT_FORMAT,        # WEIGHT_FORMAT_CODES of the gate weights' format
+    COL_INPUT_NARROW,         # offsets of the narrow (bfloat16 or int8) input, recurrent and candidate
+    COL_RECURRENT_NARROW,     # matrices (shapes as COL_INPUT, COL_RECURRENT, COL_RECURRENT_N); -1 when the
+    COL_RECURRENT_N_NARROW,   # weights are float (or the cell has no candidate segment)
+    COL_INPUT_SCALE,          # int8: offsets of the (G*H,) scales of the input and recurrent weights' gate rows;
+    COL_RECURRENT_SCALE,      # -1 for other formats
 ) = range(NUM_COLUMNS)
 
 HEAD_NUM_COLUMNS = 6
@@ -144,6 +158,10 @@ HEAD_NUM_COLUMNS = 6
     HEAD_ACTIVATION,          # ``Activation.code``; softmax acts on each row as a whole
     HEAD_PARAMS,              # offset of (alpha, beta) of the activation
 ) = range(HEAD_NUM_COLUMNS)
+WEIGHT_FORMAT_CODES = {"float32": 0, "bfloat16": 1, "int8": 2}
+_FORMAT_FLOAT, _FORMAT_BFLOAT16, _FORMAT_INT8 = (WEIGHT_FORMAT_CODES[f] for f in ("float32", "bfloat16", "int8"))
+# Which of a cell's gate matrices a product reads.
+_INPUT, _RECURRENT, _CANDIDATE = 0, 1, 2
 
 KIND_CODES = {"lstm": 0, "gru": 1, "rnn": 2}
 _KIND_LSTM, _KIND_GRU, _KIND_RNN = KIND_CODES["lstm"], KIND_CODES["gru"], KIND_CODES["rnn"]
@@ -378,6 +396,108 @@ def _add_two_vector_matrix_products(v0, v1, m, out0, out1):
         for n in range(cols):
             out0[n] += a * mk[n]
             out1[n] += b * mk[n]
+
+
+@intrinsic
+def _bfloat16_value(typingctx, bits):
+    """The float32 whose upper 16 bits are ``bits`` (uint16) and whose lower 16 are zero."""
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@njit(**_HELPER_OPTIONS)
+def _add_vector_bfloat16_product(v, m, out):
+    """out += v @ m for m (K, N) of bfloat16 bit patterns, each widened to float32 as it loads (as
+    ``_add_vector_matrix_product``)."""
+    rows, cols = m.shape
+    full = rows - rows % 4
+    for k in range(0, full, 4):
+        v0, v1, v2, v3 = v[k], v[k + 1], v[k + 2], v[k + 3]
+        m0, m1, m2, m3 = m[k], m[k + 1], m[k + 2], m[k + 3]
+        for n in range(cols):
+            out[n] += (v0 * _bfloat16_value(m0[n]) + v1 * _bfloat16_value(m1[n]) + v2 * _bfloat16_value(m2[n])
+                       + v3 * _bfloat16_value(m3[n]))
+    for k in range(full, rows):
+        vk = v[k]
+        mk = m[k]
+        for n in range(cols):
+            out[n] += vk * _bfloat16_value(mk[n])
+
+
+@njit(**_HELPER_OPTIONS)
+def _add_vector_int8_product(v, q, scale, out):
+    """out += v @ (q * scale) for q (K, N) int8 and scale (N,): each integer widened to float32 as it loads;
+    four rows' sum of a column is scaled once."""
+    rows, cols = q.shape
+    full = rows - rows % 4
+    for k in range(0, full, 4):
+        v0, v1, v2, v3 = v[k], v[k + 1], v[k + 2], v[k + 3]
+        q0, q1, q2, q3 = q[k], q[k + 1], q[k + 2], q[k + 3]
+        for n in range(cols):
+            out[n] += scale[n] * (v0 * _F32(q0[n]) + v1 * _F32(q1[n]) + v2 * _F32(q2[n]) + v3 * _F32(q3[n]))
+    for k in range(full, rows):
+        vk = v[k]
+        qk = q[k]
+        for n in range(cols):
+            out[n] += scale[n] * (vk * _F32(qk[n]))
+
+
+@njit(**_HELPER_OPTIONS)
+def _add_gate_product(v, weights, cell, which, out):
+    """out += v @ W for one row v (K,) and out (N,), W the cell's ``which`` matrix (_INPUT, _RECURRENT or
+    _CANDIDATE, transposed as packed) read in the cell's weight format, by the hand loop."""
+    I, H, _, R, GH = _sizes(cell)
+    fmt = cell[COL_WEIGHT_FORMAT]
+    if which == _INPUT:
+        rows, cols, column, scale_column = I, GH, COL_INPUT_NARROW, COL_INPUT_SCALE
+    elif which == _RECURRENT:
+        rows, cols = R, (GH if cell[COL_LINEAR_BEFORE_RESET] else 2 * H)
+        column, scale_column = COL_RECURRENT_NARROW, COL_RECURRENT_SCALE
+    else:
+        rows, cols, column, scale_column = R, H, COL_RECURRENT_N_NARROW, COL_RECURRENT_SCALE
+    if fmt == _FORMAT_FLOAT:
+        if which == _INPUT:
+            _add_vector_matrix_product(v, _input_weights(weights, cell), out)
+        elif which == _RECURRENT:
+            _add_vector_matrix_product(v, _recurrent_weights(weights, cell), out)
+        else:
+            _add_vector_matrix_product(v, _candidate_weights(weights, cell), out)
+        return
+    start = cell[column]
+    if fmt == _FORMAT_BFLOAT16:
+        bits = weights[start:start + (rows * cols + 1) // 2].view(np.uint16)[:rows * cols].reshape(rows, cols)
+        _add_vector_bfloat16_product(v, bits, out)
+        return
+    q = weights[start:start + (rows * cols + 3) // 4].view(np.int8)[:rows * cols].reshape(rows, cols)
+    scale_start = cell[scale_column] + (2 * H if which == _CANDIDATE else 0)
+    _add_vector_int8_product(v, q, weights[scale_start:scale_start + cols], out)
+
+
+@njit(**_HELPER_OPTIONS)
+def _gate_matmul(a, weights, cell, which, init, out, by_hand):
+    """out = init + a @ W for a (B, K), out (B, N), init (N,) or None (zeros), W as in ``_add_gate_product``:
+    at batch 1 by the hand loop in the cell's weight format; above, on the float values of the weights (the
+    hand loop's pairs of rows, or BLAS): a pair reads each float weight once for two rows, which was faster
+    at batch 8 than reading the narrow weights once per row."""
+    if by_hand and a.shape[0] == 1 and cell[COL_WEIGHT_FORMAT] != _FORMAT_FLOAT:
+        if init is None:
+            out[0] = 0
+        else:
+            out[0] = init
+        _add_gate_product(a[0], weights, cell, which, out[0])
+        return
+    if which == _INPUT:
+        m = _input_weights(weights, cell)
+    elif which == _RECURRENT:
+        m = _recurrent_weights(weights, cell)
+    else:
+        m = _candidate_weights(weights, cell)
+    if init is None:
+        _matmul(a, m, out, by_hand)
+    else:
+        _matmul_onto(a, m, init, out, by_hand)
 
 
 @njit(**_HELPER_OPTIONS)
@@ -721,7 +841,7 @@ def _cell_step(x_part, h, c, lengths, s, weights, cell, scratch, layout, by_hand
     if kind == _KIND_LSTM:
         z = scratch[z_start:z_start + batch * GH].reshape(batch, GH)
         hidden = scratch[hidden_start:hidden_start + batch * H].reshape(batch, H)
-        _matmul(h, _recurrent_weights(weights, cell), z, by_hand)
+        _gate_matmul(h, weights, cell, _RECURRENT, None, z, by_hand)
         for b in range(batch):
             if _row_runs(lengths, b, s):
                 _lstm_pointwise(z[b], x_part[b, _time_index(lengths, b, s, reverse)], c[b],
@@ -734,13 +854,13 @@ def _cell_step(x_part, h, c, lengths, s, weights, cell, scratch, layout, by_hand
                     h[b] = projected[b]
     elif kind == _KIND_RNN:
         z = scratch[z_start:z_start + batch * H].reshape(batch, H)
-        _matmul(h, _recurrent_weights(weights, cell), z, by_hand)
+        _gate_matmul(h, weights, cell, _RECURRENT, None, z, by_hand)
         for b in range(batch):
             if _row_runs(lengths, b, s):
                 _rnn_pointwise(z[b], x_part[b, _time_index(lengths, b, s, reverse)], h[b], weights, cell)
     elif cell[COL_LINEAR_BEFORE_RESET]:
         zh = scratch[z_start:z_start + batch * GH].reshape(batch, GH)
-        _matmul_onto(h, _recurrent_weights(weights, cell), _recurrent_bias(weights, cell), zh, by_hand)
+        _gate_matmul(h, weights, cell, _RECURRENT, _recurrent_bias(weights, cell), zh, by_hand)
         for b in range(batch):
             if _row_runs(lengths, b, s):
                 _gru_pointwise(x_part[b, _time_index(lengths, b, s, reverse)], zh[b], h[b], weights, cell)
@@ -748,12 +868,11 @@ def _cell_step(x_part, h, c, lengths, s, weights, cell, scratch, layout, by_hand
         zh_rz = scratch[z_start:z_start + batch * 2 * H].reshape(batch, 2 * H)
         reset_h = scratch[hidden_start:hidden_start + batch * H].reshape(batch, H)
         zh_n = scratch[auxiliary_start:auxiliary_start + batch * H].reshape(batch, H)
-        _matmul(h, _recurrent_weights(weights, cell), zh_rz, by_hand)
+        _gate_matmul(h, weights, cell, _RECURRENT, None, zh_rz, by_hand)
         for b in range(batch):
             if _row_runs(lengths, b, s):
                 _gru_reset(x_part[b, _time_index(lengths, b, s, reverse)], zh_rz[b], h[b], reset_h[b], weights, cell)
-        _matmul_onto(reset_h, _candidate_weights(weights, cell), _recurrent_bias(weights, cell)[2 * H:], zh_n,
-                     by_hand)
+        _gate_matmul(reset_h, weights, cell, _CANDIDATE, _recurrent_bias(weights, cell)[2 * H:], zh_n, by_hand)
         for b in range(batch):
             if _row_runs(lengths, b, s):
                 _gru_update(x_part[b, _time_index(lengths, b, s, reverse)], zh_rz[b], zh_n[b], h[b], weights, cell)
@@ -772,7 +891,7 @@ def _layer_step(inputs, h, c, weights, cell, scratch, layout):
     GH = cell[COL_GATES] * cell[COL_HIDDEN_SIZE]
     by_hand = _uses_hand_loop(cell, batch)
     x_part = scratch[:batch * GH].reshape(batch, GH)
-    _matmul_onto(inputs, _input_weights(weights, cell), _bias(weights, cell), x_part, by_hand)
+    _gate_matmul(inputs, weights, cell, _INPUT, _bias(weights, cell), x_part, by_hand)
     _cell_step(x_part.reshape(batch, 1, GH), h, c, None, 0, weights, cell, scratch, layout, by_hand)
 
 
@@ -790,28 +909,28 @@ def _layer_step_one_row(inputs, h, c, weights, cell, scratch, layout):
     if kind == _KIND_GRU:
         zx = scratch[:GH]
         zx[:] = _bias(weights, cell)
-        _add_vector_matrix_product(inputs, _input_weights(weights, cell), zx)
+        _add_gate_product(inputs, weights, cell, _INPUT, zx)
         recurrent_bias = _recurrent_bias(weights, cell)
         zh = scratch[z_start:z_start + GH]
         if cell[COL_LINEAR_BEFORE_RESET]:
             zh[:] = recurrent_bias
-            _add_vector_matrix_product(h, _recurrent_weights(weights, cell), zh)
+            _add_gate_product(h, weights, cell, _RECURRENT, zh)
             _gru_pointwise(zx, zh, h, weights, cell)
         else:
             zh_rz = zh[:2 * H]
             zh_rz[:] = 0
-            _add_vector_matrix_product(h, _recurrent_weights(weights, cell), zh_rz)
+            _add_gate_product(h, weights, cell, _RECURRENT, zh_rz)
             reset_h = scratch[hidden_start:hidden_start + H]
             _gru_reset(zx, zh_rz, h, reset_h, weights, cell)
             zh_n = scratch[auxiliary_start:auxiliary_start + H]
             zh_n[:] = recurrent_bias[2 * H:]
-            _add_vector_matrix_product(reset_h, _candidate_weights(weights, cell), zh_n)
+            _add_gate_product(reset_h, weights, cell, _CANDIDATE, zh_n)
             _gru_update(zx, zh_rz, zh_n, h, weights, cell)
         return
     z = scratch[:GH]
     z[:] = 0
-    _add_vector_matrix_product(inputs, _input_weights(weights, cell), z)
-    _add_vector_matrix_product(h, _recurrent_weights(weights, cell), z)
+    _add_gate_product(inputs, weights, cell, _INPUT, z)
+    _add_gate_product(h, weights, cell, _RECURRENT, z)
     if kind == _KIND_RNN:
         _rnn_pointwise(z, _bias(weights, cell), h, weights, cell)
         return

@@ -57,9 +57,12 @@ class PreparedLSTM(ABC):
     #: backend name, as accepted by ``fastlstm.load(..., backend=...)``
     backend: str = ""
 
-    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
+    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1, weights: str = "float32"):
         self.spec = spec
         self.dtype = np.dtype(dtype)
+        #: how the gate weights are stored (``fastlstm.quantize.WEIGHT_FORMATS``, already checked against
+        #: ``dtype``); every backend takes them from ``fastlstm.quantize.stored_weights``
+        self.weights = weights
         #: the most threads a call may use; a backend uses fewer where more would not pay (small weights)
         self.num_threads = num_threads
 

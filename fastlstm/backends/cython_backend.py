@@ -29,8 +29,9 @@ except ImportError as exc:  # not compiled in this checkout
 
 def pack_for_extension(plan: CellPlan, dtype: np.dtype) -> dict:
     """One cell in the extension's layout: padded ``[w_ih | 0 | w_hh | 0]`` rows (G*H of them), float32 GEMM
-    panels (and those of a reset-first GRU's candidate rows alone), bias, peepholes, the GRU candidate bias and
-    the padded projection, with the sizes, strides, codes and flags ``LSTMKernels`` reads."""
+    panels (and those of a reset-first GRU's candidate rows alone), with 8- or 16-bit weights the same rows
+    as the format stores them (and the int8 rows' scales), bias, peepholes, the GRU candidate bias and the
+    padded projection, with the sizes, strides, codes and flags ``LSTMKernels`` reads."""
     H, I, P, R = plan.hidden_size, plan.input_size, plan.proj_size, plan.recurrent_size
     G = plan.num_gates * H
     Ip, Rp, Hp = padded(I, dtype), padded(R, dtype), padded(H, dtype)
@@ -51,6 +52,15 @@ def pack_for_extension(plan: CellPlan, dtype: np.dtype) -> dict:
         projection = aligned_zeros(P * Hp, dtype).reshape(P, Hp)
         projection[:, :H] = plan.w_hr
 
+    narrow_weights = scales = None
+    if plan.weight_format != "float32":
+        stored_ih, stored_hh = plan.w_ih_stored, plan.w_hh_stored
+        narrow_weights = aligned_zeros(G * K, stored_ih.values.dtype).reshape(G, K)
+        narrow_weights[:, :I] = stored_ih.values
+        narrow_weights[:, Ip:Ip + R] = stored_hh.values
+        if plan.weight_format == "int8":
+            scales = np.ascontiguousarray(np.stack([stored_ih.scale, stored_hh.scale]), dtype=np.float32)
+
     def contiguous(array):  # a copy: the extension marks what it holds read-only, the spec's arrays stay as given
         return None if array is None else np.array(array, dtype=dtype, order="C", copy=True)
 
@@ -60,7 +70,8 @@ def pack_for_extension(plan: CellPlan, dtype: np.dtype) -> dict:
         input_size=I, hidden_size=H, proj_size=P, input_stride=Ip, rec_stride=Rp, hidden_stride=Hp,
         activation_codes=plan.activation_codes, activation_params=plan.activation_params, clip=plan.clip,
         input_forget=plan.input_forget, standard=plan.standard,
-        weights=weights, packed=packed, candidate_packed=candidate_packed, bias=bias, projection=projection,
+        weights=weights, weight_format=plan.weight_format, narrow_weights=narrow_weights, scales=scales,
+        packed=packed, candidate_packed=candidate_packed, bias=bias, projection=projection,
         peephole=contiguous(plan.peephole), candidate_bias=contiguous(plan.candidate_bias),
     )
 
@@ -95,9 +106,9 @@ def _panels(rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
 class CythonLSTM(PreparedLSTM):
     backend = "cython"
 
-    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
-        super().__init__(spec, dtype, num_threads)
-        cells = [pack_for_extension(plan, self.dtype) for plan in plan_cells(spec)]
+    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1, weights: str = "float32"):
+        super().__init__(spec, dtype, num_threads, weights)
+        cells = [pack_for_extension(plan, self.dtype) for plan in plan_cells(spec, weights)]
         head = pack_head_for_extension(plan_head(spec), self.dtype)
         self._kernels = _cykernels.LSTMKernels(self.dtype, num_threads, cells, head)
         # The bound compiled method shadows the class's `step` below: one call layer less per stream step.

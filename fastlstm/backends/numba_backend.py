@@ -33,6 +33,12 @@ def pack_cells(plans: tuple[CellPlan, ...], head_stages: tuple[HeadStagePlan, ..
         end = start + padded(np.size(array), dtype)
         return start
 
+    def place_narrow(values) -> int:
+        """``values`` (uint16 or int8) as their bytes, in float32 items (the kernels view them back)."""
+        raw = np.ascontiguousarray(values).tobytes()
+        raw += bytes(-len(raw) % dtype.itemsize)
+        return place(np.frombuffer(raw, dtype=dtype))
+
     rows = []
     h_start = c_start = 0
     for plan in plans:
@@ -62,7 +68,23 @@ def pack_cells(plans: tuple[CellPlan, ...], head_stages: tuple[HeadStagePlan, ..
         row[kernels.COL_REVERSE] = plan.reverse
         row[kernels.COL_DIRECTIONS] = plan.num_directions
         gate_weights = np.size(plan.w_ih) + np.size(plan.w_hh)
-        row[kernels.COL_BLAS_GEMV] = num_threads > 1 and gate_weights * dtype.itemsize >= kernels.BLAS_GEMV_MIN_BYTES
+        narrow = plan.weight_format != "float32"
+        # Narrow weights stay in the hand loop at batch 1: BLAS would read their float values, 2 or 4x the bytes.
+        row[kernels.COL_BLAS_GEMV] = (not narrow and num_threads > 1
+                                      and gate_weights * dtype.itemsize >= kernels.BLAS_GEMV_MIN_BYTES)
+        row[kernels.COL_WEIGHT_FORMAT] = kernels.WEIGHT_FORMAT_CODES[plan.weight_format]
+        row[kernels.COL_INPUT_NARROW] = row[kernels.COL_RECURRENT_NARROW] = row[kernels.COL_RECURRENT_N_NARROW] = -1
+        row[kernels.COL_INPUT_SCALE] = row[kernels.COL_RECURRENT_SCALE] = -1
+        if narrow:
+            narrow_recurrent = plan.w_hh_stored.values.T
+            row[kernels.COL_INPUT_NARROW] = place_narrow(plan.w_ih_stored.values.T)
+            row[kernels.COL_RECURRENT_NARROW] = place_narrow(
+                narrow_recurrent[:, :2 * H] if reset_before_linear else narrow_recurrent)
+            if reset_before_linear:
+                row[kernels.COL_RECURRENT_N_NARROW] = place_narrow(narrow_recurrent[:, 2 * H:])
+            if plan.weight_format == "int8":
+                row[kernels.COL_INPUT_SCALE] = place(plan.w_ih_stored.scale)
+                row[kernels.COL_RECURRENT_SCALE] = place(plan.w_hh_stored.scale)
         row[kernels.COL_H_START] = h_start
         row[kernels.COL_C_START] = c_start
         h_start += plan.recurrent_size
@@ -122,11 +144,11 @@ class NumbaLSTM(PreparedLSTM):
 
     backend = "numba"
 
-    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
-        super().__init__(spec, dtype, num_threads)
+    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1, weights: str = "float32"):
+        super().__init__(spec, dtype, num_threads, weights)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype: expected float32 or float64, got {self.dtype}")
-        self._plans, self._head_stages = plan_cells(spec), plan_head(spec)
+        self._plans, self._head_stages = plan_cells(spec, weights), plan_head(spec)
         self._weights, self._cells, self._head = pack_cells(self._plans, self._head_stages, self.dtype, num_threads)
         self._streamable = spec.is_unidirectional_forward
 

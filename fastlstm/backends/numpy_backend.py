@@ -3,7 +3,9 @@
 It follows the equations of ``fastlstm.spec`` line by line, for every kind and option (LSTM activations,
 clip, peepholes, coupled gates, projection; both GRU variants; the simple RNN; directions; stacks of any
 sizes), with no concern for speed beyond hoisting the input projection of all time steps into one matrix
-product. The dense head is ``fastlstm.head.PreparedHead``.
+product. With 8- or 16-bit gate weights (``fastlstm.quantize``) it runs the float32 values they represent:
+the reference the compiled backends' 8- and 16-bit kernels are tested against. The dense head is
+``fastlstm.head.PreparedHead``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 
 from ..activations import apply_activation
 from ..head import PreparedHead
+from ..quantize import dequantized_spec
 from ..spec import CellWeights, ModelSpec, RecurrentLayer
 from .base import PreparedLSTM, state_views
 
@@ -30,9 +33,10 @@ class StepWorkspace:
 class NumpyLSTM(PreparedLSTM):
     backend = "numpy"
 
-    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1):
-        super().__init__(spec, dtype, num_threads)
-        # Weights cast once to the run dtype; the spec's own arrays are left untouched.
+    def __init__(self, spec: ModelSpec, dtype: np.dtype, num_threads: int = 1, weights: str = "float32"):
+        super().__init__(spec, dtype, num_threads, weights)
+        # Weights cast once to the run dtype (the gate weights as their format stores them, widened to
+        # float32); the spec's own arrays are left untouched.
         self._cells = [
             [
                 CellWeights(
@@ -41,7 +45,7 @@ class NumpyLSTM(PreparedLSTM):
                 )
                 for cell in layer.cells
             ]
-            for layer in spec.layers
+            for layer in dequantized_spec(spec, weights).layers
         ]
         self._head = PreparedHead(spec, self.dtype)
 
