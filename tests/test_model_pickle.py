@@ -57,7 +57,7 @@ def test_pickle_holds_native_bytes_and_options_only():
     assert strings[:2] == ["fastlstm.model", "restore_model"]
     function, (blob, options) = model.__reduce__()
     assert function is model_module.restore_model
-    assert options == {"backend": "numba", "dtype": "float32", "num_threads": 1}
+    assert options == {"backend": "numba", "dtype": "float32", "num_threads": 1, "weights": "float32"}
     assert blob == native_bytes(model.spec)
     assert blob in data
 
@@ -123,7 +123,7 @@ def test_corrupt_bytes_raise_model_format_error(corruption):
 
 @pytest.mark.parametrize("data,options,message", [
     (None, {}, "expected the bytes of a fastlstm native file, got NoneType"),
-    (b"", {"weights": "int8"}, r"load options \{'weights': 'int8'\} are not a dict of"),
+    (b"", {"colour": "red"}, r"load options \{'colour': 'red'\} are not a dict of"),
     (b"", ["backend"], "load options"),
 ])
 def test_malformed_pickle_arguments_raise_model_format_error(data, options, message):
@@ -190,3 +190,14 @@ def test_default_threads_are_the_process_share_given_in_omp_num_threads(monkeypa
     assert default_num_threads() == (cores if expected is None else min(expected, cores))
     model = fastlstm.Model(random_spec(np.random.default_rng(0), 4, 8), backend="numpy")
     assert model.num_threads == default_num_threads()
+
+
+def test_a_model_with_narrow_weights_pickles_with_its_weight_format():
+    """The receiving process runs the same 8-bit kernels, with the same outputs, not the float32 model."""
+    spec = SPECS["lstm stack, head"]
+    model = fastlstm.Model(spec, backend="cython", weights="int8")
+    restored = pickle.loads(pickle.dumps(model))
+    assert restored.weights == "int8"
+    x = np.random.default_rng(3).normal(size=(2, 7, spec.input_size))
+    np.testing.assert_array_equal(restored.predict(x), model.predict(x))
+    assert not np.array_equal(fastlstm.Model(spec, backend="cython").predict(x), model.predict(x))

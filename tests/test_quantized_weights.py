@@ -229,25 +229,26 @@ def test_numba_batch_1_reads_the_narrow_weights():
     """As above for the Numba packing: the float segments of the gate weights zeroed, a batch-1 step still
     computes the model."""
     from fastlstm.backends import _numba_kernels as kernels
-    from fastlstm.backends._cells import plan_cells
+    from fastlstm.backends._cells import plan_cells, plan_head
     from fastlstm.backends.numba_backend import pack_cells
 
     spec = CASES["gru reset first"]
     rng = np.random.default_rng(13)
     x = rng.normal(size=(1, 9, spec.input_size)).astype(np.float32)
     for weights in FORMATS:
-        packed, table = pack_cells(plan_cells(spec, weights), np.float32, 1)
+        packed, table, head = pack_cells(plan_cells(spec, weights), plan_head(spec), np.float32, 1)
         for row in table:
             I, H, G = row[kernels.COL_INPUT_SIZE], row[kernels.COL_HIDDEN_SIZE], row[kernels.COL_GATES]
             packed[row[kernels.COL_INPUT]:row[kernels.COL_INPUT] + I * G * H] = 0
             packed[row[kernels.COL_RECURRENT]:row[kernels.COL_RECURRENT] + H * 2 * H] = 0
             packed[row[kernels.COL_RECURRENT_N]:row[kernels.COL_RECURRENT_N] + H * H] = 0
         h, c = (np.zeros(n, np.float32) for n in fastlstm.backends.base.flat_state_sizes(spec, 1))
-        scratch = np.zeros(kernels.step_scratch_size(table, 1), np.float32)
+        scratch = np.zeros(kernels.step_scratch_size(table, head, 1), np.float32)
+        y = np.zeros((1, spec.output_size), np.float32)
         expected = fastlstm.Model(spec, backend="numpy", weights=weights).stream(1)
         for t in range(9):
-            kernels.step_stack(np.ascontiguousarray(x[:, t]), h, c, scratch, packed, table)
-            np.testing.assert_allclose(h[-10:], expected.step(x[:, t])[0], atol=KERNEL_TOLERANCE, rtol=0)
+            kernels.step_stack(np.ascontiguousarray(x[:, t]), h, c, y, scratch, packed, table, head)
+            np.testing.assert_allclose(y, expected.step(x[:, t]), atol=KERNEL_TOLERANCE, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------------
