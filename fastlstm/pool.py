@@ -20,6 +20,8 @@ What the pool needs of ``Model`` and ``Stream`` beyond their public methods goes
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -123,8 +125,14 @@ class StreamPool:
         self._lock = threading.RLock()
         self._in_on_evict = False
         self._closed = False
-        # The batcher: pending (key, x_t, future, submitted at) in submission order, guarded by _pending_ready.
-        self._pending: deque = deque()
+        # The batcher's queue, guarded by _pending_ready: per key its pending steps in submission order, each
+        # (sequence number, x_t, future, submitted at); a heap of (sequence number of its first step, key) over
+        # the keys with pending steps, so a batch takes the earliest step of each of the earliest keys without
+        # reading the steps of keys it cannot take (one client's many steps do not make each batch slower).
+        self._queued: dict = {}
+        self._due: list = []
+        self._waiting = 0                            # steps pending
+        self._sequence = itertools.count()
         self._pending_ready = threading.Condition(threading.Lock())
         self._batcher: threading.Thread | None = None
         self._stopping = False
@@ -524,13 +532,24 @@ class StreamPool:
             if self._stopping or self._closed:
                 future.set_exception(InvalidInputError("submit(): the stream pool is closed"))
                 return future
-            self._pending.append((key, x_t, future, time.perf_counter()))
+            self._enqueue(key, x_t, future)
             if self._batcher is None:
                 self._batcher = threading.Thread(target=self._batch_loop, name="fastlstm-pool-batcher", daemon=True)
                 self._batcher.start()
-            if len(self._pending) == 1 or len(self._pending) >= self.max_batch:
+            if self._waiting == 1 or self._waiting >= self.max_batch:
                 self._pending_ready.notify()
         return future
+
+    def _enqueue(self, key, x_t, future) -> None:
+        """Queue one checked step (``_pending_ready`` held)."""
+        step = (next(self._sequence), x_t, future, time.perf_counter())
+        steps = self._queued.get(key)
+        if steps is None:
+            self._queued[key] = deque((step,))
+            heapq.heappush(self._due, (step[0], key))
+        else:
+            steps.append(step)
+        self._waiting += 1
 
     def _batch_loop(self) -> None:
         """The batcher thread: wait for a batch to be due, take it, run it; after ``close()``, run what is
@@ -539,12 +558,13 @@ class StreamPool:
         ready = self._pending_ready
         while True:
             with ready:
-                while not self._pending and not self._stopping:
+                while not self._waiting and not self._stopping:
                     ready.wait()
-                if not self._pending:
+                if not self._waiting:
                     break
-                while not self._stopping and len(self._pending) < self.max_batch:
-                    remaining = self._pending[0][3] + delay - time.perf_counter()
+                while not self._stopping and self._waiting < self.max_batch:
+                    oldest = self._queued[self._due[0][1]][0]  # the first step of the key due first
+                    remaining = oldest[3] + delay - time.perf_counter()
                     if remaining <= 0:
                         break
                     ready.wait(remaining)
@@ -553,19 +573,22 @@ class StreamPool:
         self._drop_streams()  # the loop ends only after close(), which may have been called from this thread
 
     def _take_batch(self) -> list:
-        """Up to ``max_batch`` pending steps of distinct keys, earliest first; a later step of a key already in
-        the batch stays pending (ahead of the steps submitted after it)."""
-        batch, taken, held = [], set(), deque()
-        pending = self._pending
-        while pending and len(batch) < self.max_batch:
-            item = pending.popleft()
-            if item[0] in taken:
-                held.append(item)
+        """Up to ``max_batch`` pending steps ``(key, x_t, future, submitted at)`` of distinct keys, earliest
+        first; a later step of a key in the batch stays pending, due by its own submission order. The work is
+        the batch's (a heap pop and push per step), whatever else waits."""
+        batch = []
+        due, queued = self._due, self._queued
+        while due and len(batch) < self.max_batch:
+            key = heapq.heappop(due)[1]
+            _, x_t, future, submitted_at = queued[key].popleft()
+            batch.append((key, x_t, future, submitted_at))
+        for item in batch:
+            steps = queued[item[0]]
+            if steps:
+                heapq.heappush(due, (steps[0][0], item[0]))
             else:
-                taken.add(item[0])
-                batch.append(item)
-        held.extend(pending)
-        self._pending = held
+                del queued[item[0]]
+        self._waiting -= len(batch)
         return batch
 
     def _run_batch(self, batch: list) -> None:

@@ -390,11 +390,31 @@ def test_a_batch_never_holds_two_steps_of_one_key_and_keeps_their_order():
     pool = model.stream_pool(capacity=4, max_batch=4)
     with pool._pending_ready:  # queue without the batcher running
         for t, key in enumerate(["a", "a", "b", "a", "c", "b", "d", "e"]):
-            pool._pending.append((key, t, None, 0.0))
+            pool._enqueue(key, t, None)
         batches = []
-        while pool._pending:
+        while pool._waiting:
             batches.append([(key, t) for key, t, _, _ in pool._take_batch()])
     assert batches == [[("a", 0), ("b", 2), ("c", 4), ("d", 6)], [("a", 1), ("b", 5), ("e", 7)], [("a", 3)]]
+
+
+def test_taking_a_batch_does_not_read_the_queue_of_keys_it_cannot_take():
+    import time
+
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    pool = model.stream_pool(capacity=4, max_batch=4)
+    steps = 20_000  # one client's long message, queued at once: each batch can take one of its steps
+    with pool._pending_ready:
+        for t in range(steps):
+            pool._enqueue("long", t, None)
+        pool._enqueue("other", -1, None)
+        started = time.perf_counter()
+        first = pool._take_batch()
+        taken = [t for _ in range(steps - 1) for _, t, _, _ in pool._take_batch()]
+        elapsed = time.perf_counter() - started
+    assert [(key, t) for key, t, _, _ in first] == [("long", 0), ("other", -1)]
+    assert taken == list(range(1, steps)) and pool._waiting == 0
+    # Reading the whole queue per batch takes minutes here (20,000 batches x 20,000 steps); a heap, milliseconds.
+    assert elapsed < 5
 
 
 def test_an_error_reaches_only_its_callers_future_and_close_finishes_the_queue():
