@@ -485,7 +485,7 @@ class StreamPool:
         """Evict the streams not held that have been idle for ``max_idle_seconds`` or more, oldest first, handing
         each to ``on_evict`` first: a callback that raises keeps its stream and the exception propagates."""
         idle = self._idle
-        if not idle:
+        if not idle or self._in_on_evict:  # on_evict asking len(pool) or key in pool: the pool as it is
             return
         cutoff = _now() - self.max_idle_seconds
         slot_of = self._slot_of

@@ -639,3 +639,16 @@ def test_close_from_a_futures_callback_runs_the_queue_on_the_live_state():
     assert not pool._batcher.is_alive() and len(pool) == 0
     with pytest.raises(InvalidInputError, match="closed"):
         pool.step(["a"], x[:1])
+
+
+def test_on_evict_may_read_the_pool_without_evicting_again(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(fastlstm.pool, "_now", clock)
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    seen = []
+    pool = model.stream_pool(capacity=3, max_idle_seconds=1,
+                             on_evict=lambda key, blob: seen.append((key, len(pool), key in pool, pool.keys())))
+    pool.step(["a", "b"], np.ones((2, 4)))
+    clock.now += 5
+    assert len(pool) == 0  # each stream handed over once, the pool as it stood
+    assert seen == [("a", 2, True, ["a", "b"]), ("b", 1, True, ["b"])]
