@@ -36,6 +36,9 @@ from .limits import check_allocation
 from .model import Model, Stream, StreamInternals
 
 _FIRST_SLOTS = 16
+# The batcher thread ends after this long without a step to run (the next submit starts another), so a pool
+# dropped without close() leaves no thread behind, and no thread keeps it alive.
+_BATCHER_IDLE_SECONDS = 1.0
 
 _now = time.monotonic  # idle time; a test replaces it with a fake clock
 _log = logging.getLogger(__name__)
@@ -553,13 +556,16 @@ class StreamPool:
 
     def _batch_loop(self) -> None:
         """The batcher thread: wait for a batch to be due, take it, run it; after ``close()``, run what is
-        left without waiting, then end."""
+        left without waiting, then end. Idle for ``_BATCHER_IDLE_SECONDS``, it ends (the next submit starts
+        another)."""
         delay = self.max_delay_us * 1e-6
         ready = self._pending_ready
         while True:
             with ready:
                 while not self._waiting and not self._stopping:
-                    ready.wait()
+                    if not ready.wait(_BATCHER_IDLE_SECONDS) and not self._waiting and not self._stopping:
+                        self._batcher = None
+                        return
                 if not self._waiting:
                     break
                 while not self._stopping and self._waiting < self.max_batch:

@@ -652,3 +652,27 @@ def test_on_evict_may_read_the_pool_without_evicting_again(monkeypatch):
     clock.now += 5
     assert len(pool) == 0  # each stream handed over once, the pool as it stood
     assert seen == [("a", 2, True, ["a", "b"]), ("b", 1, True, ["b"])]
+
+
+def test_an_idle_batcher_ends_so_a_pool_dropped_without_close_leaves_no_thread(monkeypatch):
+    import gc
+    import time
+    import weakref
+
+    monkeypatch.setattr(fastlstm.pool, "_BATCHER_IDLE_SECONDS", 0.05)
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    reference = model.stream()
+    pool = model.stream_pool(capacity=2, max_delay_us=0)
+    for row in np.random.default_rng(15).normal(size=(2, 4)):
+        future = pool.submit("a", row)
+        batcher = pool._batcher  # the thread that runs this step
+        np.testing.assert_allclose(future.result(timeout=20), reference.step(row), atol=1e-6)
+        batcher.join(timeout=20)  # idle: the thread ends, and the next submit starts another on the same state
+        assert not batcher.is_alive() and pool._batcher is None
+    future = pool.submit("a", np.ones(4))
+    batcher, dropped = pool._batcher, weakref.ref(pool)
+    future.result(timeout=20)
+    del pool, future
+    batcher.join(timeout=20)
+    gc.collect()
+    assert not batcher.is_alive() and dropped() is None
