@@ -509,6 +509,41 @@ class Stream:
         self._h[...], self._c[...] = h, c
 
 
+class StreamInternals:
+    """Internal, not public API: what ``fastlstm.pool`` needs of a ``Model`` and its ``Stream``s beyond their
+    public methods, in one named place, so that coupling is visible here and changes with this module.
+
+    The pool keeps many streams' state in arrays of its own and runs batches through internal ``Stream``s: it
+    needs the model's state codec (snapshots), what a stream of a given batch size allocates (to check its
+    memory up front), the input checks ``Stream.step`` applies, and a stream's flat state arrays to gather rows
+    into and scatter them from.
+    """
+
+    __slots__ = ("model", "state_codec")
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.state_codec: StateCodec = model._state
+
+    @staticmethod
+    def flat_state(stream: "Stream") -> tuple[np.ndarray, np.ndarray]:
+        """The stream's flat ``(h, c)`` state (``fastlstm.backends.base``'s layout), the arrays it steps in place."""
+        return stream._h, stream._c
+
+    def stream_bytes(self, batch_size: int) -> int:
+        """An upper estimate of what a ``Stream`` of ``batch_size`` rows allocates."""
+        return _stream_bytes(self.model, batch_size)
+
+    @staticmethod
+    def checked_features(x, name: str) -> np.ndarray:
+        """``x`` as an array of a real dtype, without a copy when it is one already (``Stream.step``'s check)."""
+        return x if type(x) is np.ndarray and x.dtype in _REAL_DTYPES else as_real_array(x, name)
+
+    def checked_token_ids(self, x, name: str) -> np.ndarray:
+        """``x`` as int64 token ids, each checked to lie in the model's vocabulary."""
+        return _as_token_ids(x, name, self.model.spec.vocab_size)
+
+
 def _run_dtype(value) -> np.dtype:
     try:
         dtype = np.dtype(value)

@@ -8,13 +8,20 @@ A batch step gathers the chosen slots' rows into the flat state of an internal `
 stream's ``step`` (the same compiled step, mask handling and dense head as any stream) and scatters the
 state back. Internal streams exist for batch sizes rounded up to powers of two, at most ``max_batch``
 rows: rows past the batch are padding whose results are ignored. Nothing per step is proportional to the
-pool's size: the work is the batch's, and idle eviction reads only the oldest streams of an ordered dict.
+pool's size: the work is the batch's, and idle eviction reads only the oldest streams of an ordered dict
+that holds the streams no one holds (``hold``), least recently active first.
 
 ``submit`` hands one step to a batcher thread that gathers the steps of concurrent callers into batches.
+``on_batch(size, seconds)`` hears of every batch run, for a service's metrics.
+
+What the pool needs of ``Model`` and ``Stream`` beyond their public methods goes through
+``fastlstm.model.StreamInternals``.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -23,15 +30,17 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from ._arrays import as_real_array
 from .backends.base import state_views
 from .errors import InvalidInputError
 from .limits import check_allocation
-from .model import _REAL_DTYPES, Model, Stream, _as_token_ids, _stream_bytes
+from .model import Model, Stream, StreamInternals
 
 _FIRST_SLOTS = 16
+# The batcher thread ends after this long without a step to run (the next submit starts another), so a pool
+# dropped without close() leaves no thread behind, and no thread keeps it alive.
+_BATCHER_IDLE_SECONDS = 1.0
 
-_now = time.monotonic
+_now = time.monotonic  # idle time; a test replaces it with a fake clock
 _log = logging.getLogger(__name__)
 
 
@@ -47,8 +56,8 @@ class _BatchRunner:
         self.x = np.zeros(size, np.int64) if token_ids else np.zeros((size, model.input_size), model.dtype)
         self.out = np.zeros((size, model.output_size), model.dtype)
         # Same order as the pool's slot arrays: per state row its h block, then its c block if it has one.
-        self.state_views = [view for pair in state_views(model.spec, self.stream._h, self.stream._c, size)
-                            for view in pair if view.shape[1]]
+        h, c = StreamInternals.flat_state(self.stream)
+        self.state_views = [view for pair in state_views(model.spec, h, c, size) for view in pair if view.shape[1]]
 
     def run(self, slot_arrays: list[np.ndarray], slots: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         """Step the streams in ``slots`` (at most ``size``) on inputs ``x`` (checked), outputs into ``y``."""
@@ -68,11 +77,17 @@ class StreamPool:
 
     Build one with ``Model.stream_pool``. ``step(keys, x)`` steps exactly the streams of ``keys`` as one batch
     (an unknown key starts from zero state); ``submit(key, x_t)`` queues one step for the batcher thread and
-    returns a ``Future`` of its output. All methods may be called from any thread.
+    returns a ``Future`` of its output. ``hold(key)`` keeps a stream from idle eviction until ``release(key)``.
+    All methods may be called from any thread.
+
+    ``on_batch(size, seconds)``, when given, is called after every batch the pool runs (from ``step`` or the
+    batcher, without the pool's lock held): ``size`` streams stepped in ``seconds`` (gather, kernels, head and
+    scatter). It is for metrics: it should be quick, and if it raises the exception is logged (the batch has
+    run; its results are returned).
     """
 
     def __init__(self, model: Model, capacity: int = 10_000, max_idle_seconds: float | None = None,
-                 on_evict=None, *, max_batch: int = 64, max_delay_us: float = 200.0):
+                 on_evict=None, *, max_batch: int = 64, max_delay_us: float = 200.0, on_batch=None):
         if not model.spec.is_unidirectional_forward:
             Stream(model, 1)  # raises the error that names the layers a stream cannot run
         self.capacity = _positive_int(capacity, "capacity")
@@ -82,10 +97,15 @@ class StreamPool:
         if on_evict is not None and not callable(on_evict):
             raise InvalidInputError(
                 f"on_evict: expected a callable on_evict(key, snapshot), got {type(on_evict).__name__}")
+        if on_batch is not None and not callable(on_batch):
+            raise InvalidInputError(
+                f"on_batch: expected a callable on_batch(size, seconds), got {type(on_batch).__name__}")
         self.on_evict = on_evict
+        self.on_batch = on_batch
         self.model = model
         spec = model.spec
-        self._codec = model._state
+        self._internals = StreamInternals(model)
+        self._codec = self._internals.state_codec
         self._widths = [width for row in spec.state_rows() for width in (row.h_size, row.c_size) if width]
         self._in_c = [in_c for row in spec.state_rows() for in_c, width in ((False, row.h_size), (True, row.c_size))
                       if width]
@@ -97,15 +117,25 @@ class StreamPool:
         check_allocation(self.capacity * self.bytes_per_stream + self._runner_bytes(),
                          f"stream_pool(capacity={self.capacity}, max_batch={self.max_batch})")
         self._slot_arrays = [np.zeros((0, width), self._dtype) for width in self._widths]
-        self._slot_of: OrderedDict = OrderedDict()  # key -> slot; with max_idle_seconds, least recently stepped first
+        self._slots = 0                              # rows of each slot array
+        self._slot_of: dict = {}                     # key -> slot, for every live stream, in the order they started
         self._free: list[int] = []
-        self._last_step = np.zeros(0)                # per slot: when it last stepped (monotonic seconds)
+        # With max_idle_seconds: key -> when it was last active (stepped, restored or released; monotonic seconds)
+        # for every stream not held, least recently active first. Eviction reads its front only.
+        self._idle: OrderedDict = OrderedDict()
+        self._holds: dict = {}                       # key -> how many holds it has (at least 1)
         self._runners: dict[int, _BatchRunner] = {}  # rows -> the runner of their power-of-two size
         self._lock = threading.RLock()
         self._in_on_evict = False
         self._closed = False
-        # The batcher: pending (key, x_t, future, submitted at) in submission order, guarded by _pending_ready.
-        self._pending: deque = deque()
+        # The batcher's queue, guarded by _pending_ready: per key its pending steps in submission order, each
+        # (sequence number, x_t, future, submitted at); a heap of (sequence number of its first step, key) over
+        # the keys with pending steps, so a batch takes the earliest step of each of the earliest keys without
+        # reading the steps of keys it cannot take (one client's many steps do not make each batch slower).
+        self._queued: dict = {}
+        self._due: list = []
+        self._waiting = 0                            # steps pending
+        self._sequence = itertools.count()
         self._pending_ready = threading.Condition(threading.Lock())
         self._batcher: threading.Thread | None = None
         self._stopping = False
@@ -120,7 +150,7 @@ class StreamPool:
         """An upper estimate of the internal streams' buffers: batch sizes 1, 2, 4 ... up to ``max_batch``."""
         total, size = 0, 1
         while True:
-            total += _stream_bytes(self.model, size) + size * (self.model.input_size + self.model.output_size) * 8
+            total += self._internals.stream_bytes(size) + size * (self.model.input_size + self.model.output_size) * 8
             if size >= self.max_batch:
                 return total
             size = min(2 * size, self.max_batch)
@@ -140,7 +170,7 @@ class StreamPool:
                 return False
 
     def keys(self) -> list:
-        """The keys of the live streams (least recently stepped first when ``max_idle_seconds`` is set)."""
+        """The keys of the live streams, in the order they started."""
         with self._lock:
             self._evict_idle()
             return list(self._slot_of)
@@ -158,30 +188,62 @@ class StreamPool:
         before any state changes: a refused call leaves every stream as it was. More than ``max_batch`` keys
         run as several batches.
         """
+        batches = [] if self.on_batch is not None else None
         with self._lock:
             self._check_usable()
             keys = self._checked_keys(keys)
             x = self._checked_input(x, len(keys))
             self._evict_idle()
-            slots = self._slots_for(keys)
-            return self._run(keys, slots, x)
-
-    def _run(self, keys: list, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Step the (existing) ``slots`` on checked ``x``, in batches of at most ``max_batch`` rows."""
-        count = len(slots)
-        y = np.empty((count, self._output_size), self._dtype)
-        if count <= self.max_batch:
-            self._runner(count).run(self._slot_arrays, slots, x, y)
-        else:
-            for start in range(0, count, self.max_batch):
-                stop = min(start + self.max_batch, count)
-                self._runner(stop - start).run(self._slot_arrays, slots[start:stop], x[start:stop], y[start:stop])
-        if self.max_idle_seconds is not None:
-            self._last_step[slots] = _now()
-            move = self._slot_of.move_to_end
-            for key in keys:
-                move(key)
+            y = self._run(keys, x, batches)
+        if batches:
+            self._report_batches(batches)
         return y
+
+    def _run(self, keys: list, x: np.ndarray, batches: list | None) -> np.ndarray:
+        """Step the streams of checked ``keys`` (new ones from zero state) on checked ``x``, in batches of at
+        most ``max_batch`` rows; with ``batches`` a list, append ``(size, seconds)`` of each to it.
+
+        Everything that may be refused (a new key without room, memory for an internal stream or for more
+        slots) is settled before the first batch runs: a refused call changes nothing."""
+        count = len(keys)
+        step = self.max_batch
+        runners = [self._runner(min(step, count - start)) for start in range(0, count, step)]
+        slots = self._slots_for(keys)
+        y = np.empty((count, self._output_size), self._dtype)
+        if count <= step:
+            started = time.perf_counter() if batches is not None else 0.0
+            runners[0].run(self._slot_arrays, slots, x, y)
+            if batches is not None:
+                batches.append((count, time.perf_counter() - started))
+        else:
+            for runner, start in zip(runners, range(0, count, step)):
+                started = time.perf_counter() if batches is not None else 0.0
+                stop = min(start + step, count)
+                runner.run(self._slot_arrays, slots[start:stop], x[start:stop], y[start:stop])
+                if batches is not None:
+                    batches.append((stop - start, time.perf_counter() - started))
+        if self.max_idle_seconds is not None:
+            self._mark_active(keys)
+        return y
+
+    def _mark_active(self, keys) -> None:
+        """Restart the idle time of the streams of ``keys`` that are not held (they go to the back)."""
+        now, idle, holds = _now(), self._idle, self._holds
+        for key in keys:
+            if key not in holds:
+                idle[key] = now
+                idle.move_to_end(key)
+
+    def _report_batches(self, batches: list) -> None:
+        """Hand each ``(size, seconds)`` to ``on_batch``, logging what it raises (the batches have run)."""
+        on_batch = self.on_batch
+        if on_batch is None:
+            return
+        for size, seconds in batches:
+            try:
+                on_batch(size, seconds)
+            except Exception:  # noqa: BLE001 - a metrics callback's failure is not the step's
+                _log.exception("on_batch raised; the batch of %d step(s) has run and its results are returned", size)
 
     def _runner(self, rows: int) -> _BatchRunner:
         """The internal stream for ``rows`` (at most ``max_batch``): the next power of two, or ``max_batch``."""
@@ -218,9 +280,9 @@ class StreamPool:
     def _checked_input(self, x, rows: int) -> np.ndarray:
         """``x`` checked: ``(rows, F)`` of a real dtype, or ``(rows,)`` token ids in range."""
         if self._token_ids:
-            x = _as_token_ids(x, "x", self._vocab_size)
-        elif type(x) is not np.ndarray or x.dtype not in _REAL_DTYPES:
-            x = as_real_array(x, "x")
+            x = self._internals.checked_token_ids(x, "x")
+        else:
+            x = self._internals.checked_features(x, "x")
         expected = (rows,) + self._row_shape
         if x.shape != expected:
             raise InvalidInputError(f"x: expected shape {expected} (one row per key"
@@ -229,13 +291,14 @@ class StreamPool:
 
     def _slots_for(self, keys: list) -> np.ndarray:
         """The slot of each key, taking zeroed free slots for new keys; refused (nothing changed) if the new
-        keys do not fit in ``capacity``."""
+        keys do not fit in ``capacity`` or the slot arrays cannot grow to hold them."""
         slot_of = self._slot_of
         get = slot_of.get
         slots = [get(key) for key in keys]
         if None in slots:
             new_keys = [key for key, slot in zip(keys, slots) if slot is None]
             self._check_room(len(new_keys), new_keys)
+            self._reserve(len(new_keys))
             for key in new_keys:
                 slot_of[key] = self._take_slot()
             slots = [slot_of[key] for key in keys]
@@ -253,20 +316,24 @@ class StreamPool:
             f"({new_keys[:3]!r}{' ...' if count > 3 else ''}) do not fit. Close streams (pool.close(key)) or "
             "build the pool with a larger capacity; no existing stream is dropped to make room")
 
+    def _reserve(self, count: int) -> None:
+        """At least ``count`` free slots (``count`` fits in ``capacity``), growing the slot arrays once,
+        geometrically; refused before anything changes if the growth would exceed the allocation limit."""
+        if len(self._free) >= count:
+            return
+        used = self._slots
+        grown = min(self.capacity, max(_FIRST_SLOTS, 2 * used, used + count - len(self._free)))
+        check_allocation((grown - used) * self.bytes_per_stream, f"growing the stream pool to {grown} streams")
+        self._slot_arrays = [np.concatenate([array, np.zeros((grown - used, array.shape[1]), self._dtype)])
+                             for array in self._slot_arrays]
+        self._slots = grown
+        self._free[:0] = range(grown - 1, used - 1, -1)  # pop() hands out the lowest free slot first
+
     def _take_slot(self) -> int:
-        """A free slot with zero state, growing the slot arrays (geometrically, up to ``capacity``) if none is free."""
-        if not self._free:
-            used = len(self._last_step)
-            grown = min(self.capacity, max(_FIRST_SLOTS, 2 * used))
-            check_allocation((grown - used) * self.bytes_per_stream, f"growing the stream pool to {grown} streams")
-            self._slot_arrays = [np.concatenate([array, np.zeros((grown - used, array.shape[1]), self._dtype)])
-                                 for array in self._slot_arrays]
-            self._last_step = np.concatenate([self._last_step, np.zeros(grown - used)])
-            self._free.extend(range(grown - 1, used - 1, -1))  # pop() hands out the lowest first
+        """A free slot (``_reserve`` made sure there is one), with zero state."""
         slot = self._free.pop()
         for array in self._slot_arrays:
             array[slot] = 0
-        self._last_step[slot] = _now()
         return slot
 
     # ------------------------------------------------------------------ one stream
@@ -274,6 +341,7 @@ class StreamPool:
         """Zero the state of ``key``'s stream (a key not in the pool is at zero state already: nothing to do)."""
         with self._lock:
             self._check_usable()
+            key = _checked_key(key, "reset()")
             self._evict_idle()
             slot = self._slot_of.get(key)
             if slot is not None:
@@ -285,6 +353,7 @@ class StreamPool:
         here or in another process that loaded the same model; ``Stream.restore`` reads it too."""
         with self._lock:
             self._check_usable()
+            key = _checked_key(key, "snapshot()")
             self._evict_idle()
             slot = self._slot_of.get(key)
             if slot is None:
@@ -306,10 +375,7 @@ class StreamPool:
         with self._lock:
             self._check_usable()
             h, c = self._codec.from_blob(blob, 1, "restore()")
-            try:
-                hash(key)
-            except TypeError as exc:
-                raise InvalidInputError(f"key: must be hashable ({exc})") from None
+            key = _checked_key(key, "restore()")
             self._evict_idle()
             slot = self._slots_for([key])[0]
             h_at = c_at = 0
@@ -320,38 +386,89 @@ class StreamPool:
                 else:
                     array[slot], h_at = h[h_at:h_at + width], h_at + width
             if self.max_idle_seconds is not None:
-                self._last_step[slot] = _now()
-                self._slot_of.move_to_end(key)
+                self._mark_active([key])
+
+    def hold(self, key) -> None:
+        """Keep ``key``'s stream from idle eviction until a matching ``release(key)`` (holds are counted),
+        starting a stream from zero state if the key is new (refused, nothing changed, if there is no room).
+        A service holds the stream of each open connection, so that a connected but silent client keeps its
+        state; its idle time counts from its last step or its last release, whichever is later."""
+        with self._lock:
+            self._check_usable()
+            key = _checked_key(key, "hold()")
+            self._evict_idle()
+            self._slots_for([key])
+            self._holds[key] = self._holds.get(key, 0) + 1
+            self._idle.pop(key, None)
+
+    def release(self, key) -> None:
+        """Undo one ``hold(key)``; when none is left, the stream's idle time starts now. A key that is not
+        held is refused; after ``close()`` there is nothing to release and nothing is done."""
+        with self._lock:
+            if self._closed:
+                return
+            self._check_usable()
+            key = _checked_key(key, "release()")
+            count = self._holds.get(key)
+            if count is None:
+                raise InvalidInputError(f"release(): the stream {key!r} is not held (release once per hold)")
+            if count > 1:
+                self._holds[key] = count - 1
+                return
+            del self._holds[key]
+            if self.max_idle_seconds is not None:
+                self._idle[key] = _now()
+
+    def held(self, key) -> int:
+        """How many holds ``key``'s stream has (0 for a stream not held or a key not in the pool)."""
+        with self._lock:
+            try:
+                return self._holds.get(key, 0)
+            except TypeError:  # an unhashable key is in no pool
+                return 0
 
     def close(self, *key) -> None:
-        """``close(key)``: end that stream and free its slot (a key not in the pool: nothing to do; a step of
-        that key submitted and not yet run starts a new stream from zero state).
-        ``close()``: stop the batcher after it has run every submitted step, then drop every stream; the pool
-        refuses further calls. ``with model.stream_pool(...) as pool:`` calls it on leaving."""
+        """``close(key)``: end that stream and free its slot (a key not in the pool: nothing to do; a held
+        stream is refused; a step of that key submitted and not yet run starts a new stream from zero state).
+        ``close()``: refuse further calls, let the batcher run every step already submitted, then drop every
+        stream. ``with model.stream_pool(...) as pool:`` calls it on leaving."""
         if len(key) > 1:
             raise TypeError(f"close() takes at most one key, got {len(key)}")
-        with self._lock:
-            if self._in_on_evict:
-                self._check_usable()  # raises: on_evict may not call the pool
         if key:
             with self._lock:
                 self._check_usable()
-                slot = self._slot_of.pop(key[0], None)
+                key = _checked_key(key[0], "close()")
+                if key in self._holds:
+                    raise InvalidInputError(f"close(): the stream {key!r} is held ({self._holds[key]} hold(s)); "
+                                            "release it first")
+                slot = self._slot_of.pop(key, None)
                 if slot is not None:
+                    self._idle.pop(key, None)
                     self._free.append(slot)
             return
+        with self._lock:
+            if self._in_on_evict:
+                self._check_usable()  # raises: on_evict may not call the pool
+            self._closed = True  # new calls are refused from now on; the batcher still runs what was submitted
         with self._pending_ready:
             self._stopping = True
             self._pending_ready.notify_all()
             batcher = self._batcher
-        if batcher is not None and batcher is not threading.current_thread():
+        if batcher is threading.current_thread():
+            return  # called from a future's callback on the batcher: it drops the streams once the queue is run
+        if batcher is not None:
             batcher.join()
+        self._drop_streams()
+
+    def _drop_streams(self) -> None:
+        """Free every stream's state and the internal streams (the last step of ``close()``)."""
         with self._lock:
-            self._closed = True
             self._slot_of.clear()
+            self._idle.clear()
+            self._holds.clear()
             self._free.clear()
             self._slot_arrays = [array[:0] for array in self._slot_arrays]
-            self._last_step = self._last_step[:0]
+            self._slots = 0
             self._runners.clear()
 
     def __enter__(self) -> "StreamPool":
@@ -368,16 +485,18 @@ class StreamPool:
 
     # ------------------------------------------------------------------ idle eviction
     def _evict_idle(self) -> None:
-        """Evict the streams idle for ``max_idle_seconds`` or more, oldest first, handing each to ``on_evict``
-        first: a callback that raises keeps its stream and the exception propagates to the caller."""
-        if self.max_idle_seconds is None or not self._slot_of:
+        """Evict the streams not held that have been idle for ``max_idle_seconds`` or more, oldest first, handing
+        each to ``on_evict`` first: a callback that raises keeps its stream and the exception propagates."""
+        idle = self._idle
+        if not idle or self._in_on_evict:  # on_evict asking len(pool) or key in pool: the pool as it is
             return
         cutoff = _now() - self.max_idle_seconds
-        slot_of, last_step = self._slot_of, self._last_step
-        while slot_of:
-            key, slot = next(iter(slot_of.items()))
-            if last_step[slot] > cutoff:
+        slot_of = self._slot_of
+        while idle:
+            key, since = next(iter(idle.items()))
+            if since > cutoff:
                 return
+            slot = slot_of[key]
             if self.on_evict is not None:
                 blob = self._snapshot_slot(slot)
                 self._in_on_evict = True
@@ -385,6 +504,7 @@ class StreamPool:
                     self.on_evict(key, blob)
                 finally:
                     self._in_on_evict = False
+            del idle[key]
             del slot_of[key]
             self._free.append(slot)
 
@@ -399,18 +519,15 @@ class StreamPool:
         """
         future: Future = Future()
         try:
-            hash(key)
+            key = _checked_key(key, "submit()")
             if self._token_ids:
-                x_t = _as_token_ids(x_t, "x_t", self._vocab_size)
+                x_t = self._internals.checked_token_ids(x_t, "x_t")
             else:
-                x_t = as_real_array(x_t, "x_t")
+                x_t = self._internals.checked_features(x_t, "x_t")
             if x_t.shape != self._row_shape:
                 raise InvalidInputError(f"x_t: expected shape {self._row_shape}"
                                         + (" (one token id)" if self._token_ids else "") + f", got {x_t.shape}")
             x_t = np.array(x_t, np.int64 if self._token_ids else self._dtype)  # a copy: the caller may reuse its array
-        except TypeError as exc:
-            future.set_exception(InvalidInputError(f"key: must be hashable ({exc})"))
-            return future
         except InvalidInputError as exc:
             future.set_exception(exc)
             return future
@@ -418,47 +535,66 @@ class StreamPool:
             if self._stopping or self._closed:
                 future.set_exception(InvalidInputError("submit(): the stream pool is closed"))
                 return future
-            self._pending.append((key, x_t, future, time.perf_counter()))
+            self._enqueue(key, x_t, future)
             if self._batcher is None:
                 self._batcher = threading.Thread(target=self._batch_loop, name="fastlstm-pool-batcher", daemon=True)
                 self._batcher.start()
-            if len(self._pending) == 1 or len(self._pending) >= self.max_batch:
+            if self._waiting == 1 or self._waiting >= self.max_batch:
                 self._pending_ready.notify()
         return future
 
+    def _enqueue(self, key, x_t, future) -> None:
+        """Queue one checked step (``_pending_ready`` held)."""
+        step = (next(self._sequence), x_t, future, time.perf_counter())
+        steps = self._queued.get(key)
+        if steps is None:
+            self._queued[key] = deque((step,))
+            heapq.heappush(self._due, (step[0], key))
+        else:
+            steps.append(step)
+        self._waiting += 1
+
     def _batch_loop(self) -> None:
         """The batcher thread: wait for a batch to be due, take it, run it; after ``close()``, run what is
-        left without waiting, then end."""
+        left without waiting, then end. Idle for ``_BATCHER_IDLE_SECONDS``, it ends (the next submit starts
+        another)."""
         delay = self.max_delay_us * 1e-6
         ready = self._pending_ready
         while True:
             with ready:
-                while not self._pending and not self._stopping:
-                    ready.wait()
-                if not self._pending:
-                    return
-                while not self._stopping and len(self._pending) < self.max_batch:
-                    remaining = self._pending[0][3] + delay - time.perf_counter()
+                while not self._waiting and not self._stopping:
+                    if not ready.wait(_BATCHER_IDLE_SECONDS) and not self._waiting and not self._stopping:
+                        self._batcher = None
+                        return
+                if not self._waiting:
+                    break
+                while not self._stopping and self._waiting < self.max_batch:
+                    oldest = self._queued[self._due[0][1]][0]  # the first step of the key due first
+                    remaining = oldest[3] + delay - time.perf_counter()
                     if remaining <= 0:
                         break
                     ready.wait(remaining)
                 batch = self._take_batch()
             self._run_batch(batch)
+        self._drop_streams()  # the loop ends only after close(), which may have been called from this thread
 
     def _take_batch(self) -> list:
-        """Up to ``max_batch`` pending steps of distinct keys, earliest first; a later step of a key already in
-        the batch stays pending (ahead of the steps submitted after it)."""
-        batch, taken, held = [], set(), deque()
-        pending = self._pending
-        while pending and len(batch) < self.max_batch:
-            item = pending.popleft()
-            if item[0] in taken:
-                held.append(item)
+        """Up to ``max_batch`` pending steps ``(key, x_t, future, submitted at)`` of distinct keys, earliest
+        first; a later step of a key in the batch stays pending, due by its own submission order. The work is
+        the batch's (a heap pop and push per step), whatever else waits."""
+        batch = []
+        due, queued = self._due, self._queued
+        while due and len(batch) < self.max_batch:
+            key = heapq.heappop(due)[1]
+            _, x_t, future, submitted_at = queued[key].popleft()
+            batch.append((key, x_t, future, submitted_at))
+        for item in batch:
+            steps = queued[item[0]]
+            if steps:
+                heapq.heappush(due, (steps[0][0], item[0]))
             else:
-                taken.add(item[0])
-                batch.append(item)
-        held.extend(pending)
-        self._pending = held
+                del queued[item[0]]
+        self._waiting -= len(batch)
         return batch
 
     def _run_batch(self, batch: list) -> None:
@@ -466,6 +602,7 @@ class StreamPool:
         batch = [item for item in batch if item[2].set_running_or_notify_cancel()]
         if not batch:
             return
+        batches = [] if self.on_batch is not None else None
         try:
             with self._lock:
                 try:
@@ -486,14 +623,25 @@ class StreamPool:
                     return
                 keys = [item[0] for item in runnable]
                 x = np.stack([item[1] for item in runnable])
-                y = self._run(keys, self._slots_for(keys), x)
+                y = self._run(keys, x, batches)
         except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear of it
             for item in batch:
                 if not item[2].done():
                     item[2].set_exception(exc)
             return
+        if batches:
+            self._report_batches(batches)
         for item, row in zip(runnable, y):
             item[2].set_result(row)
+
+
+def _checked_key(key, what: str):
+    """``key`` if it is hashable, else an ``InvalidInputError`` naming the call."""
+    try:
+        hash(key)
+    except TypeError as exc:
+        raise InvalidInputError(f"{what}: the key must be hashable ({exc})") from None
+    return key
 
 
 def _positive_int(value, name: str) -> int:

@@ -12,7 +12,8 @@ Endpoints (needs the optional extra ``fastlstm[serve]``: Starlette on uvicorn, w
   all connections run as shared batches. A bad message is answered ``{"error": "..."}`` and changes no
   state; the connection stays open. A message over ``max_message_bytes`` closes the connection (1009).
 * After the socket closes, the stream's state stays for ``idle_timeout`` seconds: reconnecting with the same
-  id resumes it. A connected stream is never evicted. One connection per stream id at a time.
+  id resumes it. A connection holds its stream in the pool (``StreamPool.hold``) from the moment it opens, so a
+  connected stream is never evicted and keeps its room. One connection per stream id at a time.
 * ``DELETE /v1/streams/{id}`` ends a stream; ``GET /v1/streams/{id}/state`` returns its snapshot
   (``application/octet-stream``) and ``PUT`` restores one, e.g. a stream moving between replicas.
 * ``GET /healthz``; ``GET /metrics`` in Prometheus' text format.
@@ -53,6 +54,8 @@ CLOSE_NOT_STREAMING, CLOSE_IN_USE, CLOSE_NO_ROOM = 4400, 4409, 4429
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # A step takes microseconds to run and waits up to max_delay_us for its batch: buckets from 50 µs to 1 s.
 _LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
+# A batch runs in microseconds (one row) to milliseconds (a large batch of a large model).
+_BATCH_SECONDS_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 
 
 class _Metrics:
@@ -63,6 +66,8 @@ class _Metrics:
         self.steps = Counter("fastlstm_steps", "Stream steps run", registry=self.registry)
         self.batch_size = Histogram("fastlstm_batch_size", "Stream steps run per batch", registry=self.registry,
                                     buckets=_BATCH_BUCKETS)
+        self.batch_seconds = Histogram("fastlstm_batch_seconds", "Time to run one batch (gather, kernels, scatter)",
+                                       registry=self.registry, buckets=_BATCH_SECONDS_BUCKETS)
         self.step_latency = Histogram("fastlstm_step_latency_seconds", "From a step's submission to its output",
                                       registry=self.registry, buckets=_LATENCY_BUCKETS)
         self.predictions = Counter("fastlstm_predict_requests", "POST /v1/predict requests answered",
@@ -73,16 +78,6 @@ class _Metrics:
                                  registry=self.registry)
         self.refusals = Counter("fastlstm_refusals", "Requests and messages refused", ["reason"],
                                 registry=self.registry)
-
-
-class _MeasuredPool(StreamPool):
-    """A ``StreamPool`` that reports the size of every batch its batcher runs to the metrics."""
-
-    metrics: _Metrics
-
-    def _run_batch(self, batch: list) -> None:
-        self.metrics.batch_size.observe(len(batch))
-        super()._run_batch(batch)
 
 
 class StreamServer:
@@ -99,10 +94,9 @@ class StreamServer:
         self.pool = None
         self.metrics = _Metrics(lambda: len(self.pool) if self.pool is not None else 0)
         if self.streams:
-            self.pool = _MeasuredPool(model, capacity, None, max_batch=max_batch, max_delay_us=max_delay_us)
-            self.pool.metrics = self.metrics
+            self.pool = StreamPool(model, capacity, self.idle_timeout, self._evicted, max_batch=max_batch,
+                                   max_delay_us=max_delay_us, on_batch=self._batch_ran)
         self.connected: set[str] = set()
-        self.parked: dict[str, float] = {}   # stream id -> when its last connection closed (monotonic)
         self.in_flight = 0                   # stream steps submitted and not yet answered
         self.draining = False
         self._step_shape = () if model.takes_token_ids else (model.input_size,)
@@ -125,26 +119,22 @@ class StreamServer:
 
         class Lifespan:
             async def __aenter__(self):
-                self.sweeper = asyncio.create_task(server._sweep_parked())
+                pass
 
             async def __aexit__(self, *exc_info):
-                self.sweeper.cancel()
                 if server.pool is not None:
                     await run_in_threadpool(server.pool.close)  # runs every submitted step first
 
         return Lifespan()
 
-    async def _sweep_parked(self) -> None:
-        """End the streams whose connection closed more than ``idle_timeout`` seconds ago."""
-        period = min(1.0, self.idle_timeout / 4)
-        while True:
-            await asyncio.sleep(period)
-            cutoff = time.monotonic() - self.idle_timeout
-            for stream_id in [k for k, closed_at in self.parked.items() if closed_at <= cutoff]:
-                del self.parked[stream_id]
-                if stream_id in self.pool:
-                    self.pool.close(stream_id)
-                    self.metrics.evictions.inc()
+    def _evicted(self, stream_id: str, snapshot: bytes) -> None:
+        """The pool's ``on_evict``: a stream without a connection for ``idle_timeout`` seconds has ended."""
+        self.metrics.evictions.inc()
+
+    def _batch_ran(self, size: int, seconds: float) -> None:
+        """The pool's ``on_batch``."""
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_seconds.observe(seconds)
 
     def _refuse(self, reason: str, status: int, message: str) -> JSONResponse:
         self.metrics.refusals.labels(reason).inc()
@@ -172,6 +162,8 @@ class StreamServer:
         return JSONResponse({"status": "ok"})
 
     async def metrics_text(self, request: Request) -> Response:
+        if self.pool is not None:
+            len(self.pool)  # the pool evicts idle streams when called: count them before reporting
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def _body(self, request: Request) -> bytes | None:
@@ -221,17 +213,23 @@ class StreamServer:
         stream_id = request.path_params["stream_id"]
         if stream_id in self.connected:
             return self._refuse("in_use", 409, f"stream {stream_id!r} has a live connection")
-        self.parked.pop(stream_id, None)
         if self.pool is None or stream_id not in self.pool:
             return self._refuse("unknown_stream", 404, f"no stream {stream_id!r}")
-        self.pool.close(stream_id)
+        try:
+            self.pool.close(stream_id)
+        except InvalidInputError as exc:  # the pool is closed: the server is shutting down
+            return self._refuse("draining", 503, str(exc))
         return Response(status_code=204)
 
     async def get_state(self, request: Request) -> Response:
         stream_id = request.path_params["stream_id"]
-        if self.pool is None or stream_id not in self.pool:
+        if self.pool is None:
             return self._refuse("unknown_stream", 404, f"no stream {stream_id!r}")
-        return Response(self.pool.snapshot(stream_id), media_type="application/octet-stream")
+        try:
+            snapshot = self.pool.snapshot(stream_id)
+        except InvalidInputError:  # no such stream (evicted, ended or never started), or the pool is closed
+            return self._refuse("unknown_stream", 404, f"no stream {stream_id!r}")
+        return Response(snapshot, media_type="application/octet-stream")
 
     async def put_state(self, request: Request) -> Response:
         stream_id = request.path_params["stream_id"]
@@ -248,7 +246,6 @@ class StreamServer:
             self.pool.restore(stream_id, body)
         except InvalidInputError as exc:
             return self._refuse("bad_state", 400, str(exc))
-        self.parked[stream_id] = time.monotonic()
         return Response(status_code=204)
 
     # ------------------------------------------------------------------ WebSocket streams
@@ -262,7 +259,6 @@ class StreamServer:
             await websocket.close(code, message)
             return
         self.connected.add(stream_id)
-        self.parked.pop(stream_id, None)
         try:
             await websocket.accept()
             while True:
@@ -289,20 +285,21 @@ class StreamServer:
             return
         finally:
             self.connected.discard(stream_id)
-            self.parked[stream_id] = time.monotonic()
+            self.pool.release(stream_id)  # its idle time starts now (nothing to do once the pool is closed)
 
     def _connection_refusal(self, stream_id: str):
-        """``(close code, metric reason, message)`` when a connection to ``stream_id`` is refused, else None."""
+        """``(close code, metric reason, message)`` when a connection to ``stream_id`` is refused, else None;
+        when it is accepted, its stream (a new one from zero state) is held in the pool until it closes."""
         if self.draining:
             return CLOSE_TRY_LATER, "draining", "the server is shutting down"
         if self.pool is None:
             return CLOSE_NOT_STREAMING, "not_streaming", "this model does not stream (it has a reverse direction)"
         if stream_id in self.connected:
             return CLOSE_IN_USE, "in_use", f"stream {stream_id!r} already has a live connection"
-        if stream_id not in self.pool:
-            live = len(self.pool) + sum(1 for k in self.connected if k not in self.pool)
-            if live >= self.capacity:
-                return CLOSE_NO_ROOM, "capacity", f"the server holds its capacity of {self.capacity} streams"
+        try:
+            self.pool.hold(stream_id)
+        except InvalidInputError:  # no room for a new stream (or the pool has closed: shutting down)
+            return CLOSE_NO_ROOM, "capacity", f"the server holds its capacity of {self.capacity} streams"
         return None
 
     def _steps(self, data: bytes) -> tuple[np.ndarray, bool]:

@@ -47,7 +47,7 @@ def test_info_describes_layers_head_and_what_was_inferred():
     out = run_cli("info", SPOTTER).stdout
     assert "input: 32 features per step" in out
     assert "0: LSTM forward, input 32, hidden 64" in out
-    assert "0: 64 -> 12, activation identity" in out
+    assert "head: 1 dense layer(s), found by shape" in out and "0: fc: 64 -> 12, activation identity" in out
     assert "output: sequence, every step: (batch, time, 12)" in out
     assert "state: form 'h_c', (h, c) of shapes (1, batch, 64) and (1, batch, 64)" in out
     assert "streams one step at a time: yes" in out
@@ -75,6 +75,32 @@ def test_info_shows_warnings_of_the_load(tmp_path):
     torch.save(module.state_dict(), path)
     out = run_cli("info", path).stdout
     assert "warning:" in out and "no activations are known for the head" in out
+
+
+def test_info_names_the_head_the_importer_found_by_shape_and_what_it_assumed(tmp_path, caplog):
+    torch = pytest.importorskip("torch")
+    module = torch.nn.ModuleDict({"rnn": torch.nn.GRU(3, 4, batch_first=True), "proj": torch.nn.Linear(4, 5),
+                                  "out": torch.nn.Linear(5, 2)})
+    torch.save(module.state_dict(), tmp_path / "gru.pt")
+    out = run_cli("info", tmp_path / "gru.pt", "--head-activations", "relu,softmax").stdout
+    assert "head: 2 dense layer(s), found by shape" in out
+    assert "0: proj: 4 -> 5, activation relu" in out and "1: out: 5 -> 2, activation softmax" in out
+    assert "the head (2 Linear layer(s): proj, out) was found by shape" in out
+    assert ("info: PyTorch state_dict gru.pt: head found by shape: proj (4->5), out (5->2), the Linear layers after "
+            "the recurrent module 'rnn' in the file's order") in out
+    assert "with the activations given (relu, softmax), and nothing between the recurrent output and the head" in out
+    # The importer says it at INFO to any logging setup; a head named by the caller is not inferred: no record.
+    with caplog.at_level("INFO", logger="fastlstm"):
+        with pytest.warns(UserWarning, match="no activations are known for the head"):
+            fastlstm.load(tmp_path / "gru.pt")
+        fastlstm.load(tmp_path / "gru.pt", head=["proj", "out"], head_activations=["relu", "softmax"])
+    inferred = [r for r in caplog.records if r.name == "fastlstm.importers.pytorch.state_dict"]
+    assert len(inferred) == 1 and inferred[0].levelname == "INFO" and inferred[0].inferred_head == ("proj", "out")
+    assert "with no activation between or after them (identity, identity" in inferred[0].getMessage()
+    torch.save({"rnn." + k: v for k, v in torch.nn.GRU(3, 4).state_dict().items()}, tmp_path / "bare.pt")
+    out = run_cli("info", tmp_path / "bare.pt").stdout
+    assert "head: none, found by shape" in out
+    assert "no head: no Linear layer after the recurrent module 'rnn' in the file's order takes its output size 4" in out
 
 
 def test_info_of_an_onnx_file_shows_what_the_importer_bound(tmp_path):

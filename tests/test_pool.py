@@ -390,11 +390,31 @@ def test_a_batch_never_holds_two_steps_of_one_key_and_keeps_their_order():
     pool = model.stream_pool(capacity=4, max_batch=4)
     with pool._pending_ready:  # queue without the batcher running
         for t, key in enumerate(["a", "a", "b", "a", "c", "b", "d", "e"]):
-            pool._pending.append((key, t, None, 0.0))
+            pool._enqueue(key, t, None)
         batches = []
-        while pool._pending:
+        while pool._waiting:
             batches.append([(key, t) for key, t, _, _ in pool._take_batch()])
     assert batches == [[("a", 0), ("b", 2), ("c", 4), ("d", 6)], [("a", 1), ("b", 5), ("e", 7)], [("a", 3)]]
+
+
+def test_taking_a_batch_does_not_read_the_queue_of_keys_it_cannot_take():
+    import time
+
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    pool = model.stream_pool(capacity=4, max_batch=4)
+    steps = 20_000  # one client's long message, queued at once: each batch can take one of its steps
+    with pool._pending_ready:
+        for t in range(steps):
+            pool._enqueue("long", t, None)
+        pool._enqueue("other", -1, None)
+        started = time.perf_counter()
+        first = pool._take_batch()
+        taken = [t for _ in range(steps - 1) for _, t, _, _ in pool._take_batch()]
+        elapsed = time.perf_counter() - started
+    assert [(key, t) for key, t, _, _ in first] == [("long", 0), ("other", -1)]
+    assert taken == list(range(1, steps)) and pool._waiting == 0
+    # Reading the whole queue per batch takes minutes here (20,000 batches x 20,000 steps); a heap, milliseconds.
+    assert elapsed < 5
 
 
 def test_an_error_reaches_only_its_callers_future_and_close_finishes_the_queue():
@@ -491,3 +511,168 @@ def test_a_step_allocates_nothing_proportional_to_the_live_streams():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 8_000  # the output, the slot indices and small temporaries
+
+
+# ---------------------------------------------------------------------------- on_batch: observing the batches
+def test_on_batch_hears_every_batch_of_step_and_of_the_batcher():
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    heard = []
+    pool = fastlstm.StreamPool(model, capacity=100, max_batch=8, on_batch=lambda size, seconds: heard.append(
+        (size, seconds)))
+    pool.step(list(range(37)), np.ones((37, 4)))
+    assert [size for size, _ in heard] == [8, 8, 8, 8, 5]  # one call per kernel batch, its real row count
+    assert all(0 < seconds < 10 for _, seconds in heard)
+    heard.clear()
+    with pool:
+        futures = [pool.submit(key, np.ones(4)) for key in ("a", "b", "a")]
+        [future.result(timeout=20) for future in futures]
+    assert sum(size for size, _ in heard) == 3 and all(size <= 2 for size, _ in heard)  # a's two steps: two batches
+    with pytest.raises(InvalidInputError, match="on_batch: expected a callable"):
+        fastlstm.StreamPool(model, on_batch=3)
+
+
+def test_an_on_batch_that_raises_is_logged_and_the_step_stands(caplog):
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    reference = model.stream()
+
+    def broken(size, seconds):
+        raise RuntimeError("metrics down")
+
+    pool = fastlstm.StreamPool(model, capacity=4, on_batch=broken)
+    x = np.random.default_rng(13).normal(size=(3, 4))
+    with caplog.at_level("ERROR", logger="fastlstm.pool"):
+        for row in x:  # each step's result is returned and its state kept, once
+            np.testing.assert_allclose(pool.step(["a"], row[None])[0], reference.step(row), atol=1e-6)
+        with pool:
+            np.testing.assert_allclose(pool.submit("a", x[0]).result(timeout=20), reference.step(x[0]), atol=1e-6)
+    assert sum("on_batch raised" in record.getMessage() for record in caplog.records) == 4
+
+
+# ---------------------------------------------------------------------------- hold and release
+def test_a_held_stream_is_never_evicted_and_its_idle_time_counts_from_release(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(fastlstm.pool, "_now", clock)
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    evicted = []
+    pool = model.stream_pool(capacity=3, max_idle_seconds=10, on_evict=lambda key, blob: evicted.append(key))
+    pool.hold("silent")  # a new key: a stream from zero state, held before its first step
+    assert "silent" in pool and pool.held("silent") == 1
+    pool.step(["silent", "busy"], np.ones((2, 4)))
+    clock.now += 100  # far past max_idle_seconds: only the stream no one holds goes
+    assert pool.keys() == ["silent"] and evicted == ["busy"]
+    pool.hold("silent")  # holds are counted: one release leaves it held
+    pool.release("silent")
+    clock.now += 100
+    assert "silent" in pool and pool.held("silent") == 1
+    pool.release("silent")  # idle from now, not from its last step 200 s ago
+    clock.now += 9
+    assert "silent" in pool
+    pool.step(["silent"], np.ones((1, 4)))  # a step after the release restarts the idle time
+    clock.now += 9
+    assert "silent" in pool and evicted == ["busy"]
+    clock.now += 1
+    assert "silent" not in pool and evicted == ["busy", "silent"] and pool.held("silent") == 0
+
+
+def test_hold_and_release_refusals_change_nothing(monkeypatch):
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    pool = model.stream_pool(capacity=2, max_idle_seconds=10)
+    pool.step(["a", "b"], np.ones((2, 4)))
+    pool.hold("a")
+    before = _pool_state(pool)
+    with pytest.raises(InvalidInputError, match="capacity 2"):
+        pool.hold("c")
+    with pytest.raises(InvalidInputError, match="not held"):
+        pool.release("b")
+    with pytest.raises(InvalidInputError, match="is held \\(1 hold\\(s\\)\\); release it first"):
+        pool.close("a")
+    assert _pool_state(pool) == before and pool.held("a") == 1 and pool.held("b") == 0
+    pool.release("a")
+    pool.close("a")
+    assert pool.keys() == ["b"]
+    pool.close()
+    pool.release("b")  # after close() nothing is held: nothing to do
+
+
+# ---------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("call", ["reset", "snapshot", "close", "hold", "release", "restore"])
+def test_an_unhashable_key_is_an_invalid_input_error(filled_pool, call):
+    before = _pool_state(filled_pool)
+    arguments = (["unhashable"], filled_pool.snapshot("a")) if call == "restore" else (["unhashable"],)
+    with pytest.raises(InvalidInputError, match="must be hashable"):
+        getattr(filled_pool, call)(*arguments)
+    assert _pool_state(filled_pool) == before
+
+
+def test_a_step_refused_for_memory_adds_no_stream():
+    model = fastlstm.Model(MODELS["lstm2_head"], backend="numpy")
+    pool = model.stream_pool(capacity=1000, max_batch=8)
+    pool.step(list(range(8)), np.ones((8, 4)))  # 16 slots, the internal stream of 8 rows
+    pool.step([0, 1, 2], np.ones((3, 4)))       # the internal stream of 4 rows
+    before = _pool_state(pool)
+    previous = fastlstm.set_allocation_limit(300)
+    try:
+        # 20 new keys: 8 free slots, then the slot arrays must grow (16 x 96 bytes), which the limit refuses.
+        with pytest.raises(InvalidInputError, match="growing the stream pool to 32 streams"):
+            pool.step(list(range(100, 120)), np.ones((20, 4)))
+        # A new key fits in a free slot, but a batch of 2 rows needs an internal stream of its own.
+        with pytest.raises(InvalidInputError, match="stream\\(batch_size=2\\)"):
+            pool.step([0, 200], np.ones((2, 4)))
+    finally:
+        fastlstm.set_allocation_limit(previous)
+    assert _pool_state(pool) == before and len(pool) == 8
+    pool.step(list(range(100, 120)), np.ones((20, 4)))  # with memory, the same call runs
+    assert len(pool) == 28
+
+
+def test_close_from_a_futures_callback_runs_the_queue_on_the_live_state():
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    x = np.random.default_rng(14).normal(size=(3, 4))
+    reference = model.stream()
+    expected = [reference.step(row) for row in x]
+    pool = model.stream_pool(capacity=2, max_batch=4, max_delay_us=50_000)
+    futures = [pool.submit("a", row) for row in x]  # three steps of one key: three batches
+    futures[0].add_done_callback(lambda future: pool.close())  # runs on the batcher thread
+    got = [future.result(timeout=20) for future in futures]
+    np.testing.assert_allclose(got, expected, atol=1e-6)  # the queued steps continued the stream, not zero state
+    pool._batcher.join(timeout=20)
+    assert not pool._batcher.is_alive() and len(pool) == 0
+    with pytest.raises(InvalidInputError, match="closed"):
+        pool.step(["a"], x[:1])
+
+
+def test_on_evict_may_read_the_pool_without_evicting_again(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(fastlstm.pool, "_now", clock)
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    seen = []
+    pool = model.stream_pool(capacity=3, max_idle_seconds=1,
+                             on_evict=lambda key, blob: seen.append((key, len(pool), key in pool, pool.keys())))
+    pool.step(["a", "b"], np.ones((2, 4)))
+    clock.now += 5
+    assert len(pool) == 0  # each stream handed over once, the pool as it stood
+    assert seen == [("a", 2, True, ["a", "b"]), ("b", 1, True, ["b"])]
+
+
+def test_an_idle_batcher_ends_so_a_pool_dropped_without_close_leaves_no_thread(monkeypatch):
+    import gc
+    import time
+    import weakref
+
+    monkeypatch.setattr(fastlstm.pool, "_BATCHER_IDLE_SECONDS", 0.05)
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    reference = model.stream()
+    pool = model.stream_pool(capacity=2, max_delay_us=0)
+    for row in np.random.default_rng(15).normal(size=(2, 4)):
+        future = pool.submit("a", row)
+        batcher = pool._batcher  # the thread that runs this step
+        np.testing.assert_allclose(future.result(timeout=20), reference.step(row), atol=1e-6)
+        batcher.join(timeout=20)  # idle: the thread ends, and the next submit starts another on the same state
+        assert not batcher.is_alive() and pool._batcher is None
+    future = pool.submit("a", np.ones(4))
+    batcher, dropped = pool._batcher, weakref.ref(pool)
+    future.result(timeout=20)
+    del pool, future
+    batcher.join(timeout=20)
+    gc.collect()
+    assert not batcher.is_alive() and dropped() is None

@@ -311,6 +311,26 @@ def test_capacity_and_idle_timeout(servers, x):
     assert server.metric("fastlstm_live_streams") == 2
 
 
+def test_a_connection_keeps_its_room_before_its_first_step(servers, x):
+    server = servers["small"]  # --capacity 2 --idle-timeout 1
+    deadline = time.monotonic() + 10
+    while server.metric("fastlstm_live_streams") and time.monotonic() < deadline:  # earlier tests' streams end
+        time.sleep(0.2)
+    with server.connect("quiet-1") as one, server.connect("quiet-2") as two:
+        one.send(json.dumps({"z": 0}))  # a refused message: the connection is open and no step has run
+        assert "error" in json.loads(one.recv(timeout=30))
+        two.send(json.dumps({"z": 0}))
+        assert "error" in json.loads(two.recv(timeout=30))
+        assert server.metric("fastlstm_live_streams") == 2
+        state = server.get("/v1/streams/quiet-1/state")[1]
+        status, reply = server.request("PUT", "/v1/streams/thief/state", state, "application/octet-stream")
+        assert status == 400 and "capacity 2" in json.loads(reply)["error"]
+        steps_binary(one, x[0, :1])  # both connected streams still have their room
+        steps_binary(two, x[0, :1])
+        time.sleep(1.5)  # silent past the idle timeout, but connected: kept
+        assert server.get("/v1/streams/quiet-1/state")[0] == 200
+
+
 def test_metrics_count_steps_and_batches(servers, x):
     server = servers["replica"]
     before_steps, before_batches = server.metric("fastlstm_steps_total"), server.metric("fastlstm_batch_size_count")
@@ -322,6 +342,7 @@ def test_metrics_count_steps_and_batches(servers, x):
     for name in ("fastlstm_step_latency_seconds_bucket", "fastlstm_live_streams", "fastlstm_evictions_total",
                  "fastlstm_refusals_total"):
         assert name in text
+    assert server.metric("fastlstm_batch_seconds_count") - before_batches == 6  # each batch timed by on_batch
 
 
 def test_sigterm_finishes_queued_steps_then_exits(spotter, x):

@@ -22,12 +22,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    model, notes = load_with_notes(args)
-    print(describe(model, args, notes))
+    model, notes, inferred_head = load_with_notes(args)
+    print(describe(model, args, notes, inferred_head))
 
 
 def load_with_notes(args):
-    """The model, and what its loading said: ``(level, message)`` of every warning and ``fastlstm`` log record."""
+    """The model, what its loading said (``(level, message)`` of every warning and ``fastlstm`` log record),
+    and the names of the layers an importer took as the head by shape (None when nothing was inferred)."""
     from . import load_model
 
     records: list[logging.LogRecord] = []
@@ -45,7 +46,8 @@ def load_with_notes(args):
         logger.setLevel(previous_level)
     notes = [("warning", str(w.message)) for w in caught]
     notes += [(record.levelname.lower(), record.getMessage()) for record in records]
-    return model, notes
+    inferred_head = next((record.inferred_head for record in records if hasattr(record, "inferred_head")), None)
+    return model, notes, inferred_head
 
 
 class _Collect(logging.Handler):
@@ -57,7 +59,7 @@ class _Collect(logging.Handler):
         self.records.append(record)
 
 
-def describe(model, args, notes) -> str:
+def describe(model, args, notes, inferred_head=None) -> str:
     spec = model.spec
     lines = [f"file: {args.model}", f"read as: {spec.source or 'a fastlstm model'}"]
     if spec.takes_token_ids:
@@ -73,13 +75,16 @@ def describe(model, args, notes) -> str:
         lines.append(f"  {n}: {_layer_text(layer)}")
     if spec.head_input_activation.name != "identity":
         lines.append(f"before the head: {spec.head_input_activation}")
+    found = ", found by shape" if inferred_head is not None else ""
     if spec.head:
-        lines.append(f"head: {len(spec.head)} dense layer(s)")
+        lines.append(f"head: {len(spec.head)} dense layer(s){found}")
+        names = inferred_head if inferred_head is not None and len(inferred_head) == len(spec.head) else None
         for n, dense in enumerate(spec.head):
             bias = "" if dense.bias is not None else ", no bias"
-            lines.append(f"  {n}: {dense.in_features} -> {dense.out_features}, activation {dense.activation}{bias}")
+            name = f"{names[n]}: " if names else ""
+            lines.append(f"  {n}: {name}{dense.in_features} -> {dense.out_features}, activation {dense.activation}{bias}")
     else:
-        lines.append("head: none")
+        lines.append(f"head: none{found}")
     per = {"sequence": "every step: (batch, time, {0})", "last_step": "the last step: (batch, {0})",
            "final_state": "the final hidden state of each direction: (batch, {0})"}[spec.output]
     lines.append(f"output: {spec.output}, {per.format(spec.output_size)}")
@@ -88,7 +93,7 @@ def describe(model, args, notes) -> str:
     lines.append(f"streams one step at a time: {streams}")
     lines.append(f"parameters: {parameter_count(spec):,}")
     lines.append(f"runs on: backend {model.backend}, {model.dtype}, up to {model.num_threads} thread(s)")
-    said = _what_the_format_cannot_say(spec, args)
+    said = _what_the_format_cannot_say(spec, args, inferred_head)
     if said:
         lines.append("not recorded in the file (say it with a flag if it differs):")
         lines += [f"  - {text}" for text in said]
@@ -143,15 +148,16 @@ def _state_text(spec) -> str:
         for layer in spec.layers)
 
 
-def _what_the_format_cannot_say(spec, args) -> list[str]:
+def _what_the_format_cannot_say(spec, args, inferred_head=None) -> list[str]:
     """What a state_dict-like file leaves to the user, unless the command line said it."""
     source = spec.source
     if not (source.startswith("PyTorch state_dict") or source.startswith("safetensors")):
         return []
     said = []
     if spec.head and args.head is None:
-        said.append(f"the head ({len(spec.head)} Linear layer(s)) was found by shape: the Linear layers after the "
-                    "recurrent modules whose shapes chain from their output (--head names them, --head '' for none)")
+        named = f": {', '.join(inferred_head)}" if inferred_head else ""
+        said.append(f"the head ({len(spec.head)} Linear layer(s){named}) was found by shape: the Linear layers after "
+                    "the recurrent modules whose shapes chain from their output (--head names them, --head '' for none)")
     if spec.head and args.head_activations is None:
         said.append("no head activation is recorded, so none runs (e.g. --head-activations softmax)")
     if args.head_input_activation is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import logging
 import re
 import reprlib
 import warnings
@@ -23,6 +24,7 @@ _RECURRENT_NAME = re.compile(
 )
 _MAX_FLATTENED_ENTRIES = 1_000_000
 MAX_NESTING = 64
+_log = logging.getLogger(__name__)
 def ignore_hint(prefixes: list[str]) -> str:
     """What to do about refused parts: skip what is not on the path from input to output, or state the head."""
     skip = (f"If something listed is not on the path from the model's input to its output (an optimizer state, "
@@ -76,6 +78,8 @@ def translate(state: dict, opts: Options, source: str, module_paths: frozenset[s
     head_names = opts.head if opts.head is not None else _infer_head(state, last, lstm_output, source, ordered)
     head = _head_layers(head_names, state, lstm_output, source)
     activations = _head_activations(opts, head_names, source)
+    if opts.head is None:
+        _log_inferred_head(head_names, state, last, lstm_output, opts, source, ordered)
 
     used = {name for group in groups for name in group.names.values()}
     if embedding_name:
@@ -487,6 +491,34 @@ def _infer_head(state: dict, group: Recurrent, lstm_output: int, source: str, or
                 "with head=[...] (head=[] for none) and skip the others with ignore=[...]")
         size = state[f"{prefix}.weight"].shape[0]
     return tuple(after)
+
+
+def _log_inferred_head(head: tuple[str, ...], state: dict, group: Recurrent, lstm_output: int, opts: Options,
+                       source: str, ordered: bool) -> None:
+    """Say at INFO which layers were taken as the head by shape (names and shapes) and what that assumed, so
+    that ``fastlstm info`` and a user's logs show what a state_dict left unsaid. The record carries the names
+    as ``inferred_head`` for a reader that shows them beside the head."""
+    after = f"the recurrent module {group.display()}"
+    if not head:
+        how = (f"no Linear layer after {after} in the file's order takes its output size {lstm_output}" if ordered
+               else f"no Linear layer takes the output size {lstm_output} of {after}")
+        _log.info("%s: no head: %s, so the model outputs the recurrent output (head=[...] names a head)", source, how,
+                  extra={"inferred_head": ()})
+        return
+    if ordered:
+        how = (f"the Linear layers after {after} in the file's order (its modules' registration order), whose "
+               f"shapes chain from its output size {lstm_output}")
+    else:
+        how = f"the one Linear layer that takes the output size {lstm_output} of {after} (the file records no order)"
+    if opts.head_activations is None:
+        activations = (f"no activation between or after them ({', '.join(['identity'] * len(head))}; a state_dict "
+                       "records none: head_activations=[...] says otherwise)")
+    else:
+        activations = f"the activations given ({', '.join(str(a) for a in opts.head_activations)})"
+    before = ("nothing" if opts.head_input_activation is None else str(opts.head_input_activation))
+    _log.info("%s: head found by shape: %s, %s; assumed: they run in that order on the recurrent output, with %s, "
+              "and %s between the recurrent output and the head (head=[...] names the head, head=[] for none)",
+              source, describe_linears(head, state), how, activations, before, extra={"inferred_head": tuple(head)})
 
 
 def _head_layers(head: tuple[str, ...], state: dict, lstm_output: int, source: str):
