@@ -242,16 +242,18 @@ class Model:
         return Stream(self, batch_size)
 
     def stream_pool(self, capacity: int = 10_000, max_idle_seconds: float | None = None, on_evict=None, *,
-                    max_batch: int = 64, max_delay_us: float = 200.0) -> "StreamPool":
+                    max_batch: int = 64, max_delay_us: float = 200.0, on_batch=None) -> "StreamPool":
         """A ``StreamPool``: up to ``capacity`` live sequences, each under a key, stepped together as one batch.
 
         ``max_idle_seconds`` evicts a stream that has not stepped for that long, first handing
         ``on_evict(key, snapshot)`` its state; ``max_batch`` is the most rows one kernel call runs, and
         ``submit`` runs a batch once ``max_batch`` steps wait or the oldest has waited ``max_delay_us``.
+        ``on_batch(size, seconds)`` is called after every batch run (for metrics).
         """
         from .pool import StreamPool
 
-        return StreamPool(self, capacity, max_idle_seconds, on_evict, max_batch=max_batch, max_delay_us=max_delay_us)
+        return StreamPool(self, capacity, max_idle_seconds, on_evict, max_batch=max_batch, max_delay_us=max_delay_us,
+                          on_batch=on_batch)
 
     @cached_property
     def fingerprint(self) -> str:

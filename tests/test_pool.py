@@ -517,8 +517,7 @@ def test_a_step_allocates_nothing_proportional_to_the_live_streams():
 def test_on_batch_hears_every_batch_of_step_and_of_the_batcher():
     model = fastlstm.Model(MODELS["gru"], backend="numpy")
     heard = []
-    pool = fastlstm.StreamPool(model, capacity=100, max_batch=8, on_batch=lambda size, seconds: heard.append(
-        (size, seconds)))
+    pool = model.stream_pool(capacity=100, max_batch=8, on_batch=lambda size, seconds: heard.append((size, seconds)))
     pool.step(list(range(37)), np.ones((37, 4)))
     assert [size for size, _ in heard] == [8, 8, 8, 8, 5]  # one call per kernel batch, its real row count
     assert all(0 < seconds < 10 for _, seconds in heard)
