@@ -65,6 +65,7 @@ from . import quantized, safetensors, unpickler
 from .modules import numpy_state, spec_from_tree, tree_from_script_object, tree_from_torch_module
 from .options import OPTION_NAMES, Options
 from .state_dict import checkpoint_state_dict, flatten_state, is_entry, translate, under
+from .verify import verify_against_forward
 
 __all__ = ["OPTION_NAMES", "spec_from_file", "spec_from_module", "spec_from_safetensors", "spec_from_state_dict"]
 
@@ -131,7 +132,11 @@ def spec_from_module(module, **options) -> ModelSpec:
                         f"{type(module).__qualname__}")
     tree = tree_from_torch_module(module, torch)
     state, unusable = numpy_state(module.state_dict().items(), torch)
-    return spec_from_tree(tree, state, f"torch module {type(module).__name__}", opts, unusable)
+    source = f"torch module {type(module).__name__}"
+    spec = spec_from_tree(tree, state, source, opts, unusable)
+    if opts.verify:
+        verify_against_forward(module, spec, opts, source, torch)
+    return spec
 
 
 def spec_from_state_dict(state_dict: dict[str, np.ndarray], *, source: str, **options) -> ModelSpec:
