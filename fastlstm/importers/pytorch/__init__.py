@@ -62,10 +62,11 @@ import numpy as np
 from ...errors import ModelFormatError
 from ...spec import ModelSpec
 from . import quantized, safetensors, unpickler
-from .modules import numpy_state, spec_from_tree, tree_from_script_object, tree_from_torch_module
+from .modules import (activation_module_names, has_cell, numpy_state, spec_from_tree, tree_from_script_object,
+                      tree_from_torch_module)
 from .options import OPTION_NAMES, Options
 from .state_dict import checkpoint_state_dict, flatten_state, is_entry, translate, under
-from .verify import verify_against_forward
+from .verify import verify_against_forward, verify_script_code
 
 __all__ = ["OPTION_NAMES", "spec_from_file", "spec_from_module", "spec_from_safetensors", "spec_from_state_dict"]
 
@@ -89,7 +90,11 @@ def spec_from_file(path, **options) -> ModelSpec:
 def _spec_from_contents(contents: unpickler.TorchFile, opts: Options, name: str) -> ModelSpec:
     if contents.is_torchscript:
         tree, state = tree_from_script_object(contents.root, name)
-        return spec_from_tree(tree, state, f"TorchScript {name}", opts)
+        spec = spec_from_tree(tree, state, f"TorchScript {name}", opts)
+        if opts.verify:
+            verify_script_code(contents.root, activation_module_names(tree, opts), has_cell(tree), spec, opts,
+                               f"TorchScript {name}")
+        return spec
     if not isinstance(contents.root, dict):
         raise ModelFormatError(f"{name}: expected a state_dict (a dict of tensors), found a "
                                f"{type(contents.root).__name__}")

@@ -243,6 +243,17 @@ def spec_from_tree(tree: _Node | None, state: dict, source: str, opts: Options,
     return translate(state, inferred, source, module_paths)
 
 
+def activation_module_names(tree: _Node, opts: Options) -> list[str]:
+    """The fastlstm activation each activation module of ``tree`` computes (by name), outside ``ignore``."""
+    return [_ACTIVATION_NAMES[node.type_name.rpartition(".")[2]] for node in _nodes(tree)
+            if node.type_name in _ACTIVATIONS and not any(under(node.path, p) for p in opts.ignore)]
+
+
+def has_cell(tree: _Node) -> bool:
+    """Whether ``tree`` holds a recurrent cell (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``)."""
+    return any(node.type_name in _RECURRENT and node.type_name.endswith("Cell") for node in _nodes(tree))
+
+
 def _nodes(tree: _Node):
     yield tree
     for child in tree.children:

@@ -9,13 +9,16 @@ train/eval flags, its parameters and buffers and torch's random number generator
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
 
 from ...errors import UnsupportedModelError
 from ...spec import ModelSpec
+from . import unpickler
 from .options import Options
+from .state_dict import MAX_NESTING, under
 
 # float32 agreement with the source framework (the README's contract), relative to the output's magnitude.
 TOLERANCE = 1e-5
@@ -183,3 +186,192 @@ def _warn(source: str, why: str) -> None:
     warnings.warn(f"{source}: the loaded model could not be checked against the module's forward(): {why}; "
                   "make sure what forward() computes is said with the options (head_input_activation=, "
                   "head_activations=, output=)", stacklevel=5)
+
+
+# ----------------------------------------------------------------------------------------- TorchScript archives
+# A TorchScript archive holds forward()'s code as text (code/__torch__/....py); it is read, never run. The
+# classes of torch's own modules (nn.LSTM, nn.Linear, nn.Sequential ...) run torch's known code; the user's
+# classes are scanned for calls that change values in ways the module tree does not show.
+
+# Calls that change no value the model outputs: shapes and types looked at, errors raised, dropout (a no-op
+# in eval mode), zeros for an initial state (the loaded model's default).
+_NEUTRAL_CALLS = frozenset({
+    "torch.size", "torch.dim", "torch.len", "torch.eq", "torch.ne", "torch.lt", "torch.le", "torch.gt", "torch.ge",
+    "torch.__is__", "torch.__isnot__", "torch.__not__", "torch.__contains__", "torch.format", "torch.warn",
+    "torch.device", "torch.zeros", "torch.zeros_like", "torch.new_zeros", "torch.contiguous", "torch.detach", "torch.dropout",
+    "torch.feature_dropout", "torch.alpha_dropout", "torch.nn.functional.dropout", "ops.prim.NumToTensor",
+    "ops.prim.RaiseException", "ops.prim.dtype", "ops.prim.device", "ops.prim.unchecked_unwrap_optional",
+})
+# Functional activations -> the fastlstm activation computing them (by name: their settings are not read).
+_FUNCTIONAL_ACTIVATIONS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "softmax": "softmax",
+                           "softsign": "softsign", "hardsigmoid": "hard_sigmoid", "leaky_relu": "leaky_relu",
+                           "elu": "elu", "softplus": "softplus"}
+_TIME_STEP_CALLS = ("torch.select", "torch.slice")
+# What a loop calling a cell once per step does besides: its outputs collected and stacked.
+_CELL_LOOP_CALLS = frozenset({"torch.append", "torch.stack", *_TIME_STEP_CALLS})
+_FULL_SLICE_ARGUMENTS = ((), ("0",), ("0", "0"), ("0", "0", "9223372036854775807"),
+                         ("0", "0", "9223372036854775807", "1"))
+_CALL = re.compile(r"(?<![\w.)\]])((?:__torch__\.)?(?:torch|ops)(?:\.\w+)+)\(")
+
+
+def verify_script_code(root, tree_activations: list[str], cell_loop: bool, spec: ModelSpec, opts: Options,
+                       source: str) -> None:
+    """Read the forward() code of the user's classes in a TorchScript archive and refuse ``spec`` when it
+    calls what ``spec`` does not account for.
+
+    ``root``: the archive's root ``ScriptObject``; ``tree_activations``: the fastlstm names of the activation
+    modules in the tree (each accounts for one of the activations ``spec`` runs; a functional call needs one
+    more). A functional activation is accounted for by an activation of its name that ``spec`` runs; a choice
+    of time steps (``out[:, -1]``) by ``output='last_step'`` or ``'final_state'``; anything else that computes
+    (``torch.mul``, ``torch.cat``, ``torch.log_softmax`` ...) never. ``cell_loop``: the model runs a cell
+    (``nn.LSTMCell`` ...), which forward() calls in a loop over the steps, selecting, collecting and stacking
+    them: those calls are taken as the loop's, and a warning says the steps output were not checked. A branch
+    on a recorded bool attribute (``if self.last_step:``) is read as taken or not. Warns when the code cannot
+    be read.
+    """
+    blocks, unreadable = _user_code(root, opts)
+    if cell_loop and blocks:
+        _warn(source, "its recurrent cell runs in a loop whose choice of time steps is not read from its code")
+    if unreadable:
+        _warn(source, f"the code of {', '.join(unreadable)} is absent from the archive or too large to read")
+    if not blocks:
+        return
+    run = [a.name for a in (*(layer.activation for layer in spec.head), spec.head_input_activation)
+           if a.name != "identity"]
+    for name in tree_activations:
+        if name in run:
+            run.remove(name)
+    found, step_choices = [], []
+    for where, text in blocks:
+        for call, arguments in _calls(text):
+            short = call.removeprefix("__torch__.").rpartition(".")[2].rstrip("_")
+            is_torch_function = call.removeprefix("__torch__.").rpartition(".")[0] in ("torch", "torch.nn.functional")
+            if call.removeprefix("__torch__.") in _NEUTRAL_CALLS or (cell_loop and call in _CELL_LOOP_CALLS):
+                continue
+            if call in _TIME_STEP_CALLS:
+                if call == "torch.slice" and tuple(arguments[1:]) in _FULL_SLICE_ARGUMENTS:
+                    continue  # out[:] of a dimension: every step
+                step_choices.append(f"{where}: {call}({', '.join(arguments)}) (a choice of time steps, as "
+                                    "out[:, -1])")
+                continue
+            if is_torch_function and short in _FUNCTIONAL_ACTIVATIONS:
+                activation = _FUNCTIONAL_ACTIVATIONS[short]
+                if activation in run:
+                    run.remove(activation)
+                    continue
+                found.append(f"{where}: {call} (an activation the loaded model does not run: "
+                             f"head_activations=[...] or head_input_activation=... say where it applies)")
+                continue
+            found.append(f"{where}: {call} (fastlstm cannot run it)")
+    if cell_loop:
+        pass
+    elif spec.output == "sequence":
+        found += [f"{choice}; the loaded model outputs every step (output='sequence')" for choice in step_choices]
+    elif not step_choices:
+        found.append(f"output={spec.output!r}, but the forward() code chooses no time step (out[:, -1], h_n[-1]): "
+                     "it outputs every step")
+    if found:
+        raise UnsupportedModelError(found, f"{source}: forward()'s code computes what the loaded model does not; "
+                                           f"{_OPTIONS_HINT}")
+
+
+def _user_code(root, opts: Options) -> tuple[list[tuple[str, str]], list[str]]:
+    """``(where, code)`` of every user class in the module tree (its class block; the functions beside it
+    in its file, which its code may call), and the classes whose code cannot be read."""
+    blocks, unreadable, seen_classes = [], [], set()
+    stack = [("", root, 0)]
+    while stack:
+        path, obj, depth = stack.pop()
+        if path and any(under(path, p) for p in opts.ignore):
+            continue
+        cls = type(obj)
+        if cls not in seen_classes and not obj.type_name.startswith("torch."):
+            seen_classes.add(cls)
+            where = f"{obj.type_name.rpartition('.')[2]} ({path!r})" if path else obj.type_name.rpartition(".")[2]
+            code = _class_code(cls.code_lines, cls.qualified_name.rpartition(".")[2], obj.attributes)
+            if code is None:
+                unreadable.append(where)
+            else:
+                blocks.append((where, code))
+        if depth < MAX_NESTING:
+            stack += [(f"{path}.{name}" if path else name, value, depth + 1)
+                      for name, value in obj.attributes.items() if isinstance(value, unpickler.ScriptObject)]
+    return blocks, unreadable
+
+
+def _class_code(lines: list[str] | None, class_name: str, attributes: dict) -> str | None:
+    """The block of ``class <class_name>(Module):`` and the file's top-level functions, without the branches
+    a bool attribute of the object rules out; None if not found."""
+    if not lines:
+        return None
+    header = f"class {class_name}(Module):"
+    if header not in lines:
+        return None
+    kept, keeping = [], False
+    for line in lines:
+        if line and not line[0].isspace():
+            keeping = line == header or line.startswith("def ")
+        if keeping:
+            kept.append(line)
+    return "\n".join(_taken_branches(kept, attributes))
+
+
+_BOOL_READ = re.compile(r"^\s*(\w+) = self\.(\w+)$")
+_IF = re.compile(r"^(\s*)if (\w+):$")
+
+
+def _taken_branches(lines: list[str], attributes: dict) -> list[str]:
+    """``lines`` without the branch not taken of each ``if <local>:`` whose local reads a bool attribute
+    (TorchScript writes ``if self.last_step:`` as ``last_step = self.last_step`` then ``if last_step:``)."""
+    bools = {}  # local name -> the attribute's recorded value
+    kept, skip_indent, position = [], None, 0
+    while position < len(lines):
+        line = lines[position]
+        indent = len(line) - len(line.lstrip())
+        if skip_indent is not None:
+            if line.strip() and indent <= skip_indent:
+                skip_indent = None
+            else:
+                position += 1
+                continue
+        read = _BOOL_READ.match(line)
+        if read and isinstance(attributes.get(read.group(2)), bool):
+            bools[read.group(1)] = attributes[read.group(2)]
+        branch = _IF.match(line)
+        if branch and branch.group(2) in bools:
+            taken = bools[branch.group(2)]
+            end = position + 1
+            while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+                end += 1
+            body = lines[position + 1:end]
+            other = []
+            if end < len(lines) and lines[end] == " " * indent + "else:":
+                other_end = end + 1
+                while other_end < len(lines) and (not lines[other_end].strip()
+                                                  or len(lines[other_end]) - len(lines[other_end].lstrip()) > indent):
+                    other_end += 1
+                other, end = lines[end + 1:other_end], other_end
+            kept += body if taken else other
+            position = end
+            continue
+        kept.append(line)
+        position += 1
+    return kept
+
+
+def _calls(text: str):
+    """Each ``torch.*`` / ``ops.*`` call in ``text``: its dotted name and its top-level arguments as text."""
+    for match in _CALL.finditer(text):
+        depth, start, arguments = 1, match.end(), []
+        position = start
+        while position < len(text) and depth:
+            char = text[position]
+            if char in "([{":
+                depth += 1
+            elif char in ")]}":
+                depth -= 1
+            if (char == "," and depth == 1) or depth == 0:
+                arguments.append(text[start:position].strip())
+                start = position + 1
+            position += 1
+        yield match.group(1), [a for a in arguments if a]
