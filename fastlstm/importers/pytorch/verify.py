@@ -244,9 +244,11 @@ def verify_script_code(root, tree_activations: list[str], cell_loop: bool, spec:
     found, step_choices = [], []
     for where, text in blocks:
         for call, arguments in _calls(text):
-            short = call.removeprefix("__torch__.").rpartition(".")[2].rstrip("_")
-            is_torch_function = call.removeprefix("__torch__.").rpartition(".")[0] in ("torch", "torch.nn.functional")
-            if call.removeprefix("__torch__.") in _NEUTRAL_CALLS or (cell_loop and call in _CELL_LOOP_CALLS):
+            call = call.removeprefix("__torch__.")  # torch's own scripted functions: torch.nn.functional.relu
+            namespace, _, short = call.rpartition(".")
+            short = short.rstrip("_")  # in-place variants: relu_
+            is_torch_function = namespace in ("torch", "torch.nn.functional")
+            if call in _NEUTRAL_CALLS or (cell_loop and call in _CELL_LOOP_CALLS):
                 continue
             if call in _TIME_STEP_CALLS:
                 if call == "torch.slice" and tuple(arguments[1:]) in _FULL_SLICE_ARGUMENTS:
