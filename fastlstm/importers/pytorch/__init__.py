@@ -32,7 +32,10 @@ order by definition), give the head and its activations (an activation module be
 is applied to the LSTM's output); modules fastlstm cannot run (``nn.GRU``, ``nn.LayerNorm``, a custom module,
 ...) are listed and refused, and every activation module must be accounted for by an activation the loaded
 model runs, also when the options name the head. What ``forward()`` does with functional calls (``F.relu``,
-``out[:, -1]``) is invisible: say it with the options.
+``out * 2``, ``out[:, -1]``) is invisible in the tree, so the translation is then checked against
+``forward()`` itself (``verify``): an in-memory module is run once on a small probe and compared with the
+loaded model; a TorchScript archive's ``forward()`` code is read as text (never run) for calls the loaded
+model does not account for. A difference is refused naming it; a check that cannot be made warns.
 
 Options (keywords of ``fastlstm.load``), all optional:
 
@@ -46,6 +49,8 @@ Options (keywords of ``fastlstm.load``), all optional:
 * ``output``: ``"sequence"`` (default), ``"last_step"`` (a ``fc(out[:, -1])`` model) or ``"final_state"``.
 * ``ignore``: prefixes (or full names) of tensors or modules that are not part of the network to run.
 * ``state_dict_key``: the checkpoint entry holding the state_dict (nested keys joined by ``.``).
+* ``verify``: ``False`` skips the check against ``forward()`` of modules and TorchScript archives (for a user
+  who knows the loaded model computes what they need); default ``True``.
 
 Files are read by ``unpickler`` (torch.save, TorchScript) and ``safetensors``, never importing torch; torch
 itself is imported only for in-memory objects.

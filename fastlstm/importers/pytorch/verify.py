@@ -1,10 +1,14 @@
-"""Check a translated in-memory module against its own ``forward()``.
+"""Check a translated module against its own ``forward()``.
 
 The module tree shows the modules, not what ``forward()`` does with them: ``torch.softmax(...)``, ``F.relu``,
-``out * 2``, ``out[:, -1]`` or ``torch.cat`` leave no trace in it. The module is the user's own object, in
-their process, so running it is not running code from a file: ``forward()`` is called once on a small
-deterministic probe and its output compared with the translated model's. The module is left as found: its
-train/eval flags, its parameters and buffers and torch's random number generator are restored.
+``out * 2``, ``out[:, -1]`` or ``torch.cat`` leave no trace in it.
+
+* An in-memory module is the user's own object, in their process, so running it is not running code from a
+  file: ``forward()`` is called once on a small deterministic probe and its output compared with the
+  translated model's. The module is left as found: its train/eval flags, its parameters and buffers and
+  torch's random number generator are restored.
+* A TorchScript archive is never run: the code of its user classes is read as text and every call that
+  computes is accounted for by the translation or listed (``verify_script_code``).
 """
 
 from __future__ import annotations
