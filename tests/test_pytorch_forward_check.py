@@ -85,7 +85,8 @@ class ScriptableLastStep(ScriptableSoftmax):
 # The options that say what each forward() computes (None: fastlstm cannot run it).
 RIGHT_OPTIONS = {"softmax": {"head_activations": ["softmax"]}, "relu": {"head_input_activation": "relu"},
                  "scaled": None, "last_step": {"output": "last_step"}, "final_state": {"output": "final_state"}}
-SCRIPTABLE = {"softmax": (ScriptableSoftmax, r"torch\.softmax"), "relu": (ScriptableRelu, r"torch\.(nn\.functional\.)?relu"),
+SCRIPTABLE = {"softmax": (ScriptableSoftmax, r"torch\.softmax"),
+              "relu": (ScriptableRelu, r"torch\.(nn\.functional\.)?relu"),
               "scaled": (ScriptableScaled, r"torch\.mul"), "last_step": (ScriptableLastStep, r"torch\.select")}
 
 

@@ -48,7 +48,10 @@ def verify_against_forward(module, spec: ModelSpec, opts: Options, source: str, 
     ``forward()`` cannot be called with the probe or returns something other than a tensor.
     """
     recurrent = _first_recurrent(module, opts, torch)
-    if recurrent is None or recurrent is module and _is_cell(recurrent, torch):
+    if recurrent is None:
+        _warn(source, "no nn.LSTM, nn.GRU, nn.RNN or cell was found to shape the probe after")
+        return
+    if recurrent is module and _is_cell(recurrent, torch):
         return  # a bare cell: its forward() is torch's one step, which the model runs at every step
     dtype = _probe_dtype(recurrent, torch)
     if dtype is None:
@@ -346,16 +349,11 @@ def _taken_branches(lines: list[str], attributes: dict) -> list[str]:
         branch = _IF.match(line)
         if branch and branch.group(2) in bools:
             taken = bools[branch.group(2)]
-            end = position + 1
-            while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
-                end += 1
+            end = _block_end(lines, position + 1, indent)
             body = lines[position + 1:end]
             other = []
             if end < len(lines) and lines[end] == " " * indent + "else:":
-                other_end = end + 1
-                while other_end < len(lines) and (not lines[other_end].strip()
-                                                  or len(lines[other_end]) - len(lines[other_end].lstrip()) > indent):
-                    other_end += 1
+                other_end = _block_end(lines, end + 1, indent)
                 other, end = lines[end + 1:other_end], other_end
             kept += body if taken else other
             position = end
@@ -363,6 +361,14 @@ def _taken_branches(lines: list[str], attributes: dict) -> list[str]:
         kept.append(line)
         position += 1
     return kept
+
+
+def _block_end(lines: list[str], start: int, indent: int) -> int:
+    """The index of the first line from ``start`` indented no deeper than ``indent`` (blank lines belong)."""
+    end = start
+    while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+        end += 1
+    return end
 
 
 def _calls(text: str):
