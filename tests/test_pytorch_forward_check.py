@@ -157,6 +157,25 @@ def test_a_forward_needing_other_arguments_warns():
     assert model.output_size == 3
 
 
+def test_the_warning_points_at_the_callers_line():
+    class NeedsLengths(LstmThenLinear):
+        def forward(self, x, lengths):
+            return super().forward(x)
+
+    with pytest.warns(UserWarning, match="could not be checked") as record:
+        fastlstm.load(NeedsLengths(), backend="numpy")
+    assert [w.filename for w in record if "could not be checked" in str(w.message)] == [__file__]
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_in_memory_scripted_and_traced_modules_are_run_too(how):
+    net = ScriptableSoftmax().eval()
+    compiled = torch.jit.script(net) if how == "script" else torch.jit.trace(net, torch.from_numpy(inputs()))
+    with pytest.raises(UnsupportedModelError, match="differ by up to"):
+        fastlstm.load(compiled, backend="numpy")
+    load_quietly(compiled, head_activations=["softmax"])
+
+
 def test_a_forward_returning_no_tensor_warns():
     class ReturnsDict(LstmThenLinear):
         def forward(self, x):

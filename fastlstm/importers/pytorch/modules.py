@@ -64,15 +64,22 @@ class _Node:
 _NOT_RECORDED = object()
 
 
-def tree_from_torch_module(module, torch) -> _Node:
-    def type_name(m) -> str:
-        if isinstance(m, torch.jit.ScriptModule):
-            try:
-                return unpickler.script_type_name(m._c._type().qualified_name())
-            except Exception:
-                return getattr(m, "original_name", type(m).__name__)
-        return f"{type(m).__module__}.{type(m).__qualname__}"
+def torch_type_name(m, torch) -> str:
+    """An in-memory module's class by its full name (``torch.nn.modules.rnn.LSTM``), scripted or traced too."""
+    if isinstance(m, torch.jit.ScriptModule):
+        try:
+            return unpickler.script_type_name(m._c._type().qualified_name())
+        except Exception:
+            return getattr(m, "original_name", type(m).__name__)
+    return f"{type(m).__module__}.{type(m).__qualname__}"
 
+
+def is_recurrent_type(type_name: str) -> bool:
+    """Whether a module class (by full name) is one of torch's recurrent modules or cells."""
+    return type_name in _RECURRENT
+
+
+def tree_from_torch_module(module, torch) -> _Node:
     registered = {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
 
     def hidden_tensors(m, path: str) -> list[str]:
@@ -93,7 +100,7 @@ def tree_from_torch_module(module, torch) -> _Node:
 
     def build(m, path: str, seen: set[int]) -> _Node:
         own = any(True for _ in m.named_parameters(recurse=False)) or any(True for _ in m.named_buffers(recurse=False))
-        node = _Node(path, type_name(m), m, own, hidden_tensors=hidden_tensors(m, path))
+        node = _Node(path, torch_type_name(m, torch), m, own, hidden_tensors=hidden_tensors(m, path))
         seen = seen | {id(m)}
         for child_name, child in m.named_children():
             if id(child) not in seen:

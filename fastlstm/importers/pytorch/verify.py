@@ -13,7 +13,9 @@ The module tree shows the modules, not what ``forward()`` does with them: ``torc
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -21,6 +23,7 @@ import numpy as np
 from ...errors import UnsupportedModelError
 from ...spec import ModelSpec
 from . import unpickler
+from .modules import is_recurrent_type, torch_type_name
 from .options import Options
 from .state_dict import MAX_NESTING, under
 
@@ -59,8 +62,9 @@ def verify_against_forward(module, spec: ModelSpec, opts: Options, source: str, 
                       "precision than the loaded model")
         return
     probe = _probe(spec)
-    layouts = [True, False] if _is_cell(recurrent, torch) else [bool(getattr(recurrent, "batch_first", False))]
-    tolerance = QUANTIZED_TOLERANCE if _is_quantized(module) else TOLERANCE
+    batch_first = getattr(recurrent, "batch_first", None)  # a traced module bakes it into its code
+    layouts = [True, False] if _is_cell(recurrent, torch) or not isinstance(batch_first, bool) else [batch_first]
+    tolerance = QUANTIZED_TOLERANCE if _is_quantized(module, torch) else TOLERANCE
     expected = _spec_output(spec, probe)
     failure = None
     for batch_first in layouts:  # a cell's loop may take either layout: the check passes if one agrees
@@ -103,17 +107,15 @@ def _first_recurrent(module, opts: Options, torch):
 
 
 def _is_recurrent(m, torch) -> bool:
-    if isinstance(m, (torch.nn.RNNBase, torch.nn.RNNCellBase)):
-        return True
-    return type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") and type(m).__name__ in ("LSTM", "GRU")
+    return is_recurrent_type(torch_type_name(m, torch))
 
 
 def _is_cell(m, torch) -> bool:
-    return isinstance(m, torch.nn.RNNCellBase)
+    return _is_recurrent(m, torch) and torch_type_name(m, torch).endswith("Cell")
 
 
-def _is_quantized(module) -> bool:
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())
+def _is_quantized(module, torch) -> bool:
+    return any(torch_type_name(m, torch).startswith("torch.ao.nn.quantized") for m in module.modules())
 
 
 def _probe_dtype(recurrent, torch):
@@ -192,7 +194,16 @@ def _bare_output(output, spec: ModelSpec, batch_first: bool, torch) -> np.ndarra
 def _warn(source: str, why: str) -> None:
     warnings.warn(f"{source}: the loaded model could not be checked against the module's forward(): {why}; "
                   "make sure what forward() computes is said with the options (head_input_activation=, "
-                  "head_activations=, output=)", stacklevel=5)
+                  "head_activations=, output=)", stacklevel=_outside_fastlstm())
+
+
+def _outside_fastlstm() -> int:
+    """The ``stacklevel`` of the first caller outside the fastlstm package (the user's ``fastlstm.load``)."""
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    frame, level = sys._getframe(1), 1  # level 1: the function calling warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # ----------------------------------------------------------------------------------------- TorchScript archives
