@@ -82,6 +82,16 @@ class ScriptableLastStep(ScriptableSoftmax):
         return self.fc(y[:, -1])
 
 
+def scaled(y):
+    return y * 2
+
+
+class ScriptableHelper(ScriptableSoftmax):
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        return scaled(self.fc(y))
+
+
 # The options that say what each forward() computes (None: fastlstm cannot run it).
 RIGHT_OPTIONS = {"softmax": {"head_activations": ["softmax"]}, "relu": {"head_input_activation": "relu"},
                  "scaled": None, "last_step": {"output": "last_step"}, "final_state": {"output": "final_state"}}
@@ -287,6 +297,12 @@ def test_torchscript_last_step_option_needs_a_choice_of_steps(tmp_path, how):
     with pytest.raises(UnsupportedModelError, match="chooses no time step"):
         fastlstm.load(path, backend="numpy", output="last_step",
                       **({} if how == "trace" else {"head_input_activation": "relu"}))
+
+
+def test_torchscript_helper_functions_are_read_too(tmp_path):
+    path = save_compiled(ScriptableHelper(), tmp_path / "m.pt", "script")
+    with pytest.raises(UnsupportedModelError, match=r"torch\.mul"):
+        fastlstm.load(path, backend="numpy")
 
 
 def test_torchscript_verify_false_skips_the_code(tmp_path):

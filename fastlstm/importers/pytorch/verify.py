@@ -66,31 +66,31 @@ def verify_against_forward(module, spec: ModelSpec, opts: Options, source: str, 
     layouts = [True, False] if _is_cell(recurrent, torch) or not isinstance(batch_first, bool) else [batch_first]
     tolerance = QUANTIZED_TOLERANCE if _is_quantized(module, torch) else TOLERANCE
     expected = _spec_output(spec, probe)
-    failure = None
+    differences, not_run = [], []
     for batch_first in layouts:  # a cell's loop may take either layout: the check passes if one agrees
         outcome = _forward_output(module, probe, batch_first, dtype, torch, spec if recurrent is module else None)
         if isinstance(outcome, str):
-            failure = failure or ("could not run", outcome)
+            not_run.append(outcome)
             continue
         time_first = not batch_first and outcome.ndim == 3 and recurrent is not module  # a bare one's is swapped
         actual = outcome if not time_first else np.swapaxes(outcome, 0, 1)  # (T, B, O) -> (B, T, O)
         if actual.shape != expected.shape:
-            failure = ("differs", f"forward() returns shape {tuple(outcome.shape)} for the probe of shape "
-                                  f"{probe.shape if batch_first else np.swapaxes(probe, 0, 1).shape}, the loaded "
-                                  f"model (output={spec.output!r}) {expected.shape}")
+            differences.append(f"forward() returns shape {tuple(outcome.shape)} for the probe of shape "
+                               f"{probe.shape if batch_first else np.swapaxes(probe, 0, 1).shape}, the loaded "
+                               f"model (output={spec.output!r}) {expected.shape}")
             continue
         difference = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
         scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
         if np.isfinite(difference) and difference <= tolerance * scale:
             return
-        failure = ("differs", f"forward() and the loaded model differ by up to {difference:.3g} on a probe input "
-                              f"(tolerance {tolerance * scale:.3g})")
-    kind, why = failure
-    if kind == "could not run":
-        _warn(source, why)
+        differences.append(f"forward() and the loaded model differ by up to {difference:.3g} on a probe input "
+                           f"(tolerance {tolerance * scale:.3g})")
+    if not differences:
+        _warn(source, not_run[0])
         return
-    raise UnsupportedModelError([why, _HIDDEN_CALLS], f"{source}: the loaded model does not compute what the "
-                                                      f"module's forward() computes; {_OPTIONS_HINT}")
+    raise UnsupportedModelError([differences[0], _HIDDEN_CALLS],
+                                f"{source}: the loaded model does not compute what the module's forward() "
+                                f"computes; {_OPTIONS_HINT}")
 
 
 def _first_recurrent(module, opts: Options, torch):
@@ -148,7 +148,7 @@ def _forward_output(module, probe: np.ndarray, batch_first: bool, dtype, torch, 
     ``bare``: the spec when ``module`` is itself an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, whose forward() is
     torch's: the output mode then says which of its outputs the model takes (``out``, ``out``'s last step, or
     the last layer's ``h_n``)."""
-    x = torch.from_numpy(probe if batch_first else np.ascontiguousarray(np.swapaxes(probe, 0, 1)))
+    x = torch.from_numpy(np.array(probe if batch_first else np.swapaxes(probe, 0, 1)))  # a copy forward() may change
     x = x if probe.dtype.kind in "iu" else x.to(dtype)
     training = [(m, m.training) for m in module.modules()]
     tensors = list(module.parameters()) + list(module.buffers())
@@ -216,7 +216,8 @@ def _outside_fastlstm() -> int:
 _NEUTRAL_CALLS = frozenset({
     "torch.size", "torch.dim", "torch.len", "torch.eq", "torch.ne", "torch.lt", "torch.le", "torch.gt", "torch.ge",
     "torch.__is__", "torch.__isnot__", "torch.__not__", "torch.__contains__", "torch.format", "torch.warn",
-    "torch.device", "torch.zeros", "torch.zeros_like", "torch.new_zeros", "torch.contiguous", "torch.detach", "torch.dropout",
+    "torch.device", "torch.zeros", "torch.zeros_like", "torch.new_zeros", "torch.contiguous", "torch.detach",
+    "torch.dropout",
     "torch.feature_dropout", "torch.alpha_dropout", "torch.nn.functional.dropout", "ops.prim.NumToTensor",
     "ops.prim.RaiseException", "ops.prim.dtype", "ops.prim.device", "ops.prim.unchecked_unwrap_optional",
 })
@@ -230,6 +231,7 @@ _CELL_LOOP_CALLS = frozenset({"torch.append", "torch.stack", *_TIME_STEP_CALLS})
 _FULL_SLICE_ARGUMENTS = ((), ("0",), ("0", "0"), ("0", "0", "9223372036854775807"),
                          ("0", "0", "9223372036854775807", "1"))
 _CALL = re.compile(r"(?<![\w.)\]])((?:__torch__\.)?(?:torch|ops)(?:\.\w+)+)\(")
+_USER_FUNCTION_CALL = re.compile(r"(?<![\w.])(__torch__\.(?!torch\.)[\w.]+)\(")
 
 
 def verify_script_code(root, tree_activations: list[str], cell_loop: bool, spec: ModelSpec, opts: Options,
@@ -283,8 +285,13 @@ def verify_script_code(root, tree_activations: list[str], cell_loop: bool, spec:
                              f"head_activations=[...] or head_input_activation=... say where it applies)")
                 continue
             found.append(f"{where}: {call} (fastlstm cannot run it)")
+    scanned = "\n".join(text for _, text in blocks)
+    for where, text in blocks:  # functions of the user's other code files: their code is not read here
+        found += [f"{where}: {name} (a function whose code is in another file, not read)"
+                  for name in dict.fromkeys(_USER_FUNCTION_CALL.findall(text))
+                  if f"def {name.rpartition('.')[2]}(" not in scanned]
     if cell_loop:
-        pass
+        pass  # the loop's selections and stacking are its nature, not a choice of steps
     elif spec.output == "sequence":
         found += [f"{choice}; the loaded model outputs every step (output='sequence')" for choice in step_choices]
     elif not step_choices:
