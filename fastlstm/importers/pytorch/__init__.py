@@ -32,7 +32,10 @@ order by definition), give the head and its activations (an activation module be
 is applied to the LSTM's output); modules fastlstm cannot run (``nn.GRU``, ``nn.LayerNorm``, a custom module,
 ...) are listed and refused, and every activation module must be accounted for by an activation the loaded
 model runs, also when the options name the head. What ``forward()`` does with functional calls (``F.relu``,
-``out[:, -1]``) is invisible: say it with the options.
+``out * 2``, ``out[:, -1]``) is invisible in the tree, so the translation is then checked against
+``forward()`` itself (``verify``): an in-memory module is run once on a small probe and compared with the
+loaded model; a TorchScript archive's ``forward()`` code is read as text (never run) for calls the loaded
+model does not account for. A difference is refused naming it; a check that cannot be made warns.
 
 Options (keywords of ``fastlstm.load``), all optional:
 
@@ -46,6 +49,8 @@ Options (keywords of ``fastlstm.load``), all optional:
 * ``output``: ``"sequence"`` (default), ``"last_step"`` (a ``fc(out[:, -1])`` model) or ``"final_state"``.
 * ``ignore``: prefixes (or full names) of tensors or modules that are not part of the network to run.
 * ``state_dict_key``: the checkpoint entry holding the state_dict (nested keys joined by ``.``).
+* ``verify``: ``False`` skips the check against ``forward()`` of modules and TorchScript archives (for a user
+  who knows the loaded model computes what they need); default ``True``.
 
 Files are read by ``unpickler`` (torch.save, TorchScript) and ``safetensors``, never importing torch; torch
 itself is imported only for in-memory objects.
@@ -62,9 +67,11 @@ import numpy as np
 from ...errors import ModelFormatError
 from ...spec import ModelSpec
 from . import quantized, safetensors, unpickler
-from .modules import numpy_state, spec_from_tree, tree_from_script_object, tree_from_torch_module
+from .modules import (activation_module_names, has_cell, numpy_state, spec_from_tree, tree_from_script_object,
+                      tree_from_torch_module)
 from .options import OPTION_NAMES, Options
 from .state_dict import checkpoint_state_dict, flatten_state, is_entry, translate, under
+from .verify import verify_against_forward, verify_script_code
 
 __all__ = ["OPTION_NAMES", "spec_from_file", "spec_from_module", "spec_from_safetensors", "spec_from_state_dict"]
 
@@ -88,7 +95,11 @@ def spec_from_file(path, **options) -> ModelSpec:
 def _spec_from_contents(contents: unpickler.TorchFile, opts: Options, name: str) -> ModelSpec:
     if contents.is_torchscript:
         tree, state = tree_from_script_object(contents.root, name)
-        return spec_from_tree(tree, state, f"TorchScript {name}", opts)
+        spec = spec_from_tree(tree, state, f"TorchScript {name}", opts)
+        if opts.verify:
+            verify_script_code(contents.root, activation_module_names(tree, opts), has_cell(tree), spec, opts,
+                               f"TorchScript {name}")
+        return spec
     if not isinstance(contents.root, dict):
         raise ModelFormatError(f"{name}: expected a state_dict (a dict of tensors), found a "
                                f"{type(contents.root).__name__}")
@@ -131,7 +142,11 @@ def spec_from_module(module, **options) -> ModelSpec:
                         f"{type(module).__qualname__}")
     tree = tree_from_torch_module(module, torch)
     state, unusable = numpy_state(module.state_dict().items(), torch)
-    return spec_from_tree(tree, state, f"torch module {type(module).__name__}", opts, unusable)
+    source = f"torch module {type(module).__name__}"
+    spec = spec_from_tree(tree, state, source, opts, unusable)
+    if opts.verify:
+        verify_against_forward(module, spec, opts, source, torch)
+    return spec
 
 
 def spec_from_state_dict(state_dict: dict[str, np.ndarray], *, source: str, **options) -> ModelSpec:

@@ -64,15 +64,22 @@ class _Node:
 _NOT_RECORDED = object()
 
 
-def tree_from_torch_module(module, torch) -> _Node:
-    def type_name(m) -> str:
-        if isinstance(m, torch.jit.ScriptModule):
-            try:
-                return unpickler.script_type_name(m._c._type().qualified_name())
-            except Exception:
-                return getattr(m, "original_name", type(m).__name__)
-        return f"{type(m).__module__}.{type(m).__qualname__}"
+def torch_type_name(m, torch) -> str:
+    """An in-memory module's class by its full name (``torch.nn.modules.rnn.LSTM``), scripted or traced too."""
+    if isinstance(m, torch.jit.ScriptModule):
+        try:
+            return unpickler.script_type_name(m._c._type().qualified_name())
+        except Exception:
+            return getattr(m, "original_name", type(m).__name__)
+    return f"{type(m).__module__}.{type(m).__qualname__}"
 
+
+def is_recurrent_type(type_name: str) -> bool:
+    """Whether a module class (by full name) is one of torch's recurrent modules or cells."""
+    return type_name in _RECURRENT
+
+
+def tree_from_torch_module(module, torch) -> _Node:
     registered = {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
 
     def hidden_tensors(m, path: str) -> list[str]:
@@ -93,7 +100,7 @@ def tree_from_torch_module(module, torch) -> _Node:
 
     def build(m, path: str, seen: set[int]) -> _Node:
         own = any(True for _ in m.named_parameters(recurse=False)) or any(True for _ in m.named_buffers(recurse=False))
-        node = _Node(path, type_name(m), m, own, hidden_tensors=hidden_tensors(m, path))
+        node = _Node(path, torch_type_name(m, torch), m, own, hidden_tensors=hidden_tensors(m, path))
         seen = seen | {id(m)}
         for child_name, child in m.named_children():
             if id(child) not in seen:
@@ -241,6 +248,17 @@ def spec_from_tree(tree: _Node | None, state: dict, source: str, opts: Options,
     inferred = opts.with_inferred(head, activations, head_input, embedding=analysis.embedding,
                                   rnn_nonlinearities=analysis.rnn_nonlinearities)
     return translate(state, inferred, source, module_paths)
+
+
+def activation_module_names(tree: _Node, opts: Options) -> list[str]:
+    """The fastlstm activation each activation module of ``tree`` computes (by name), outside ``ignore``."""
+    return [_ACTIVATION_NAMES[node.type_name.rpartition(".")[2]] for node in _nodes(tree)
+            if node.type_name in _ACTIVATIONS and not any(under(node.path, p) for p in opts.ignore)]
+
+
+def has_cell(tree: _Node) -> bool:
+    """Whether ``tree`` holds a recurrent cell (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``)."""
+    return any(node.type_name in _RECURRENT and node.type_name.endswith("Cell") for node in _nodes(tree))
 
 
 def _nodes(tree: _Node):

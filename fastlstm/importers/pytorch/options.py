@@ -9,7 +9,7 @@ from ...errors import InvalidInputError
 from ...spec import OUTPUT_MODES
 
 OPTION_NAMES = ("lstm", "head", "head_activations", "head_input_activation", "output", "ignore", "state_dict_key",
-                "embedding", "rnn_nonlinearity")
+                "embedding", "rnn_nonlinearity", "verify")
 RNN_NONLINEARITIES = ("tanh", "relu")
 
 
@@ -29,6 +29,9 @@ class Options:
     output: str = "sequence"
     ignore: tuple[str, ...] = ()
     state_dict_key: str | None = None
+    # Check the translation against what forward() computes (an in-memory module's forward() run on a probe,
+    # a TorchScript archive's forward() code read); False: the user vouches for the options.
+    verify: bool = True
 
     @classmethod
     def parse(cls, options: dict) -> "Options":
@@ -73,10 +76,14 @@ class Options:
         if state_dict_key is not None and not isinstance(state_dict_key, str):
             raise TypeError(f"state_dict_key: expected the checkpoint entry holding the state_dict as a str "
                             f"(nested keys joined by '.'), got {state_dict_key!r}")
+        verify = options.get("verify", True)
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify: expected True or False, got {verify!r}")
         return cls(lstm=None if lstm is None else tuple(p.strip(".") for p in lstm),
                    embedding=None if embedding is None else embedding.strip("."), rnn_nonlinearity=nonlinearity,
                    head=head, head_activations=activations,
-                   head_input_activation=head_input, output=output, ignore=ignore, state_dict_key=state_dict_key)
+                   head_input_activation=head_input, output=output, ignore=ignore, state_dict_key=state_dict_key,
+                   verify=verify)
 
     def with_inferred(self, head, head_activations, head_input_activation, embedding=None,
                       rnn_nonlinearities=()) -> "Options":

@@ -132,6 +132,9 @@ class ScriptObject:
     # Set on the class made for each qualified name (see ``_RestrictedUnpickler._script_class``).
     qualified_name = ""
     declared_constants: dict = {}
+    # The lines of the archive's code file declaring the class (read as text, never run); None when the
+    # file is absent or larger than the budget.
+    code_lines: list[str] | None = None
 
     def __new__(cls, *args, **kwargs):
         if args or kwargs:
@@ -705,7 +708,8 @@ _FINAL_CONSTANT = re.compile(r"^  (\w+) : Final\[(?:int|float|bool|str)\] = (.+)
 
 
 def _attach_script_constants(archive, members, prefix: str, classes, name: str) -> None:
-    """Give each TorchScript class its ``Final`` constants (``negative_slope : Final[float] = 0.3``) as literals.
+    """Give each TorchScript class its ``Final`` constants (``negative_slope : Final[float] = 0.3``) as literals,
+    and the lines of the code file declaring it (``code_lines``, for ``verify`` to read).
 
     Scripted modules declare their ``__constants__`` this way in ``code/<module path>.py``; the lines are
     parsed with ``ast.literal_eval`` (numbers, booleans, strings only) and nothing else of the code is read.
@@ -723,6 +727,7 @@ def _attach_script_constants(archive, members, prefix: str, classes, name: str) 
                 sources[member] = _read_member(archive, info, name, _MAX_CODE_FILE_BYTES).decode(
                     "utf-8", "replace").splitlines()
         lines = sources[member]
+        cls.code_lines = lines
         if not lines:
             continue
         try:
