@@ -69,6 +69,7 @@ import numpy as np
 
 from fastlstm.backends._cells import ALIGN_BYTES as _PACKER_ALIGN_BYTES
 from fastlstm.backends._cells import aligned_zeros
+from fastlstm.backends.blas_threads import available_cores, thread_query_address
 
 cnp.import_array()
 
@@ -139,6 +140,25 @@ if _PACKER_ALIGN_BYTES != VECTOR_BYTES:
     raise ImportError(f"fastlstm.backends._cells.ALIGN_BYTES ({_PACKER_ALIGN_BYTES}) differs from the extension's "
                       f"VECTOR_BYTES ({VECTOR_BYTES}): rebuild the extension")
 
+# BLAS's thread count, asked before every call that could go to BLAS (fastlstm.backends.blas_threads): BLAS
+# runs only where it takes no more threads than the call may use, the hand loops everywhere else.
+ctypedef int (*ThreadQuery)() noexcept nogil
+cdef ThreadQuery blas_thread_query = <ThreadQuery><size_t>thread_query_address()
+cdef int blas_cores = available_cores()
+
+
+cdef inline bint blas_within(int num_threads) noexcept nogil:
+    """Whether BLAS would run a call on at most ``num_threads`` threads."""
+    if blas_thread_query == NULL:
+        return blas_cores <= num_threads
+    return blas_thread_query() <= num_threads
+
+
+def blas_allowed(int num_threads):
+    """Whether the kernels of a model limited to ``num_threads`` threads call BLAS now."""
+    return blas_within(num_threads)
+
+
 # A stream step reading fewer weights than this keeps the GIL (see LSTMKernels.step).
 cdef enum:
     RELEASE_GIL_MIN_WEIGHTS = 1 << 16
@@ -176,11 +196,11 @@ cdef enum:
 
 cdef inline void rows_product(const CellDesc* d, Py_ssize_t batch, const floating* x, Py_ssize_t ldx,
                               Py_ssize_t first_row, Py_ssize_t rows, Py_ssize_t k_offset, Py_ssize_t n,
-                              floating* z, Py_ssize_t ldz, bint in_thread) noexcept nogil:
+                              floating* z, Py_ssize_t ldz, bint use_blas) noexcept nogil:
     """z (batch, rows) = x (batch, n) @ weights[first_row : first_row + rows, k_offset : k_offset + n].T.
 
     Every hand-loop product of the gate weights goes through here, in the cell's weight format: float
-    weights by ``matmul_nt`` (``dot_rows`` when ``in_thread``: never BLAS inside a thread), 8- and 16-bit
+    weights by ``matmul_nt`` (BLAS only if ``use_blas``: never inside a thread), 8- and 16-bit
     weights by the widening loops of narrow_weights.h. An int8 row's input and recurrent blocks have scales
     of their own: the product splits its sum where the recurrent block starts.
     """
@@ -196,15 +216,12 @@ cdef inline void rows_product(const CellDesc* d, Py_ssize_t batch, const floatin
             dot_rows_bf16(<const unsigned short*>d.narrow_weights + first_row * K + k_offset, K, rows, x, ldx,
                           batch, n, z, ldz)
             return
-    if in_thread:
-        dot_rows(<const floating*>d.weights + first_row * K + k_offset, K, rows, x, ldx, batch, n, z, ldz)
-    else:
-        matmul_nt(batch, rows, <const floating*>d.weights + first_row * K + k_offset, K, x, ldx, n, z, ldz)
+    matmul_nt(batch, rows, <const floating*>d.weights + first_row * K + k_offset, K, x, ldx, n, z, ldz, use_blas)
 
 
 cdef inline void gate_product(const CellDesc* d, Py_ssize_t batch, const floating* x, Py_ssize_t ldx,
                               Py_ssize_t k_offset, Py_ssize_t n, Py_ssize_t rows, floating* z,
-                              Py_ssize_t ldz) noexcept nogil:
+                              Py_ssize_t ldz, bint use_blas) noexcept nogil:
     """z (batch, rows) = x (batch, n) @ weights[:rows, k_offset : k_offset + n].T, on one thread.
 
     Float32 from PACKED_MIN_BATCH rows: the tiles over prepacked panels; otherwise ``matmul_nt``.
@@ -213,11 +230,11 @@ cdef inline void gate_product(const CellDesc* d, Py_ssize_t batch, const floatin
         if d.packed != NULL and batch >= PACKED_MIN_BATCH:
             packed_gemm(batch, rows, n, x, ldx, d.packed, d.row_stride, k_offset, NULL, z, ldz)
             return
-    rows_product(d, batch, x, ldx, 0, rows, k_offset, n, z, ldz, False)
+    rows_product(d, batch, x, ldx, 0, rows, k_offset, n, z, ldz, use_blas)
 
 
 cdef inline void candidate_product(const CellDesc* d, Py_ssize_t batch, const floating* reset_h,
-                                   Py_ssize_t ld_reset_h, floating* z) noexcept nogil:
+                                   Py_ssize_t ld_reset_h, floating* z, bint use_blas) noexcept nogil:
     """z[:, 2H:3H] (ld G*H) = reset_h (batch, R_pad) @ R_n.T: the candidate rows of a GRU with the reset first,
     on one thread; on their own tiles in float32 (``CellDesc.candidate_packed``) as ``gate_product``."""
     cdef Py_ssize_t H = d.hidden_size, G = d.gate_rows
@@ -226,7 +243,8 @@ cdef inline void candidate_product(const CellDesc* d, Py_ssize_t batch, const fl
             packed_gemm(batch, H, d.rec_stride, reset_h, ld_reset_h, d.candidate_packed, d.row_stride,
                         d.input_stride, NULL, z + 2 * H, G)
             return
-    rows_product(d, batch, reset_h, ld_reset_h, 2 * H, H, d.input_stride, d.rec_stride, z + 2 * H, G, False)
+    rows_product(d, batch, reset_h, ld_reset_h, 2 * H, H, d.input_stride, d.rec_stride, z + 2 * H, G,
+                 use_blas)
 
 
 cdef inline void split_range(Py_ssize_t size, Py_ssize_t grain, int part, int parts, Py_ssize_t* first,
@@ -239,7 +257,7 @@ cdef inline void split_range(Py_ssize_t size, Py_ssize_t grain, int part, int pa
 
 
 cdef inline void cell_step(const CellDesc* d, Py_ssize_t rows, const floating* xh, floating* z, floating* zx,
-                           floating* hidden, floating* h, floating* c) noexcept nogil:
+                           floating* hidden, floating* h, floating* c, bint use_blas) noexcept nogil:
     """One time step of one cell for ``rows`` batch rows, on one thread: h (rows, R) and c (rows, C) in place.
 
     xh (rows, K) holds each row's padded [x | 0 | h' | 0]. An LSTM or RNN takes all its gates from one
@@ -256,25 +274,25 @@ cdef inline void cell_step(const CellDesc* d, Py_ssize_t rows, const floating* x
     cdef const floating* bias = <const floating*>d.bias
     cdef bint tiles = False
     if d.kind == CELL_LSTM or d.kind == CELL_RNN:
-        gate_product(d, rows, xh, K, 0, K, G, z, G)
+        gate_product(d, rows, xh, K, 0, K, G, z, G, use_blas)
         for b in range(rows):
             pointwise(d, z + b * G, bias, c + b * C, h + b * R, hidden + b * Hs if d.proj_size else h + b * R)
         if d.proj_size:
-            matmul_nt(rows, d.proj_size, <const floating*>d.projection, Hs, hidden, Hs, Hs, h, R)
+            matmul_nt(rows, d.proj_size, <const floating*>d.projection, Hs, hidden, Hs, Hs, h, R, use_blas)
         return
     if floating is float:
         tiles = d.packed != NULL and rows >= PACKED_MIN_BATCH
     if tiles:
-        gate_product(d, rows, xh, K, 0, Ip, G, zx, G)
-        gate_product(d, rows, xh + Ip, K, Ip, Rs, G if d.kind == CELL_GRU else 2 * H, z, G)
+        gate_product(d, rows, xh, K, 0, Ip, G, zx, G, use_blas)
+        gate_product(d, rows, xh + Ip, K, Ip, Rs, G if d.kind == CELL_GRU else 2 * H, z, G, use_blas)
         for b in range(rows):
             for j in range(G):
                 zx[b * G + j] += bias[j]
     else:
-        rows_product(d, rows, xh, K, 0, 2 * H, 0, K, z, G, False)
-        rows_product(d, rows, xh, K, 2 * H, H, 0, Ip, zx + 2 * H, G, False)
+        rows_product(d, rows, xh, K, 0, 2 * H, 0, K, z, G, use_blas)
+        rows_product(d, rows, xh, K, 2 * H, H, 0, Ip, zx + 2 * H, G, use_blas)
         if d.kind == CELL_GRU:
-            rows_product(d, rows, xh + Ip, K, 2 * H, H, Ip, Rs, z + 2 * H, G, False)
+            rows_product(d, rows, xh + Ip, K, 2 * H, H, Ip, Rs, z + 2 * H, G, use_blas)
         for b in range(rows):
             memcpy(zx + b * G, bias, 2 * H * sizeof(floating))
             for j in range(2 * H, G):
@@ -282,16 +300,16 @@ cdef inline void cell_step(const CellDesc* d, Py_ssize_t rows, const floating* x
     if d.kind == CELL_GRU_RESET_FIRST:
         for b in range(rows):
             gru_reset_gates(d, z + b * G, zx + b * G, h + b * R, hidden + b * Hs, 0, H)
-        candidate_product(d, rows, hidden, Hs, z)
+        candidate_product(d, rows, hidden, Hs, z, use_blas)
     for b in range(rows):
         pointwise(d, z + b * G, zx + b * G, c, h + b * R, h + b * R)
 
 
 cdef void step_stack(const CellDesc* cells, Py_ssize_t num_layers, Py_ssize_t batch, Py_ssize_t row0,
                      Py_ssize_t rows, const floating* x, floating* h, floating* c, floating* scratch,
-                     const Py_ssize_t* offsets) noexcept nogil:
+                     const Py_ssize_t* offsets, bint use_blas) noexcept nogil:
     """One time step of a forward stack for batch rows row0 .. row0+rows-1: the flat h and c in place
-    (layout in fastlstm.backends.base), x (B, I).
+    (layout in fastlstm.backends.base), x (B, I). BLAS only if ``use_blas`` (never inside a thread).
 
     Per layer: [x | h] is copied into its padded scratch rows, then ``cell_step``. Scratch offsets come from
     ``StepWorkspace``; rows use only their own scratch rows, so threads may run disjoint row ranges at once.
@@ -314,7 +332,7 @@ cdef void step_stack(const CellDesc* cells, Py_ssize_t num_layers, Py_ssize_t ba
             memcpy(xh + b * K + d.input_stride, h_layer + b * R, R * sizeof(floating))
         cell_step(d, rows, xh, scratch + regions[WS_Z] + row0 * G, scratch + regions[WS_ZX] + row0 * G,
                   scratch + regions[WS_HIDDEN] + row0 * d.hidden_stride, h_layer,
-                  c + batch * d.c_start + row0 * d.state_size)
+                  c + batch * d.c_start + row0 * d.state_size, use_blas)
         layer_input = h_layer
         input_stride = R
 
@@ -327,7 +345,7 @@ cdef void units_product(const CellDesc* d, const floating* x, Py_ssize_t k_offse
     cdef Py_ssize_t H = d.hidden_size, K = d.row_stride, gate
     for gate in range(first_gate, first_gate + gates):
         rows_product(d, 1, x, K, gate * H + first, stop - first, k_offset, n, z + gate * H + first, d.gate_rows,
-                     True)
+                     False)
 
 
 cdef void cell_step_units(const CellDesc* d, const floating* xh, floating* z, floating* zx, floating* hidden,
@@ -427,7 +445,7 @@ cdef void step_part(StepJob* job, const floating* x, int part, int parts) noexce
         split_range(job.batch, TILE_ROWS, part, parts, &first, &stop)
         if stop > first:
             step_stack(job.cells, job.num_layers, job.batch, first, stop - first, x, <floating*>job.h,
-                       <floating*>job.c, <floating*>job.scratch, job.offsets)
+                       <floating*>job.c, <floating*>job.scratch, job.offsets, False)
     restore_fp_mode(saved_mode)
 
 
@@ -439,19 +457,26 @@ cdef void step_job_double(void* job, int part, int parts) noexcept nogil:
     step_part(<StepJob*>job, <const double*>(<StepJob*>job).x, part, parts)
 
 
-cdef void input_projection(const CellDesc* d, Py_ssize_t rows, const floating* x,
-                           floating* x_proj) noexcept nogil:
+cdef void input_projection(const CellDesc* d, Py_ssize_t rows, const floating* x, floating* x_proj,
+                           bint use_blas) noexcept nogil:
     """x_proj (rows, G*H) = bias + x (rows, I) @ w_ih.T: the input part of every step, before the time loop.
 
-    Float32 on the packed tiles, on the calling thread alone; float64 by BLAS, which may take threads of its
-    own, so never call it for float64 inside a parallel region.
+    Float32 on the packed tiles, on the calling thread alone; float64 by BLAS if ``use_blas`` (BLAS may take
+    threads of its own: never inside a parallel region), else by the hand loop.
     """
-    cdef Py_ssize_t G = d.gate_rows, n
+    cdef Py_ssize_t G = d.gate_rows, n, j
+    cdef const floating* bias = <const floating*>d.bias
     if floating is float:
         if d.packed != NULL:
             packed_gemm(rows, G, d.input_size, x, d.input_size, d.packed, d.row_stride, 0, <const float*>d.bias,
                         x_proj, G)
             return
+    if not use_blas:
+        dot_rows(<const floating*>d.weights, d.row_stride, G, x, d.input_size, rows, d.input_size, x_proj, G)
+        for n in range(rows):
+            for j in range(G):
+                x_proj[n * G + j] += bias[j]
+        return
     for n in range(rows):
         memcpy(x_proj + n * G, d.bias, G * sizeof(floating))
     gemm_nt(rows, G, d.input_size, x, d.input_size, <const floating*>d.weights, d.row_stride, 1, x_proj, G)
@@ -459,8 +484,10 @@ cdef void input_projection(const CellDesc* d, Py_ssize_t rows, const floating* x
 
 cdef void recurrence(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, floating* h, floating* c,
                      floating* y, Py_ssize_t y_stride, bint reverse, const int64_t* lengths,
-                     const floating* x_proj, floating* z, floating* hidden, floating* h_pad) noexcept nogil:
-    """The time loop of ``run_cell`` for ``batch`` rows, on one thread (arguments as there).
+                     const floating* x_proj, floating* z, floating* hidden, floating* h_pad,
+                     bint use_blas) noexcept nogil:
+    """The time loop of ``run_cell`` for ``batch`` rows, on one thread (arguments as there; BLAS only if
+    ``use_blas``).
 
     Every pointer may start at some row of the caller's arrays: the rows touch nothing of other rows, so
     threads may run disjoint row ranges at once.
@@ -483,7 +510,8 @@ cdef void recurrence(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, floa
         memcpy(h_pad, h, R * sizeof(floating))
 
     for s in range(active_steps):
-        gate_product(d, batch, state, ld_state, d.input_stride, ld_state, 2 * H if reset_first else G, z, G)
+        gate_product(d, batch, state, ld_state, d.input_stride, ld_state, 2 * H if reset_first else G, z, G,
+                     use_blas)
         if reset_first:
             for b in range(batch):
                 n = steps if lengths == NULL else lengths[b]
@@ -491,7 +519,7 @@ cdef void recurrence(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, floa
                     t = n - 1 - s if reverse else s
                     gru_reset_gates(d, z + b * G, x_proj + (b * steps + t) * G, state + b * R, hidden + b * Hs,
                                     0, H)
-            candidate_product(d, batch, hidden, Hs, z)
+            candidate_product(d, batch, hidden, Hs, z, use_blas)
         for b in range(batch):
             n = steps if lengths == NULL else lengths[b]
             if s >= n:
@@ -505,7 +533,7 @@ cdef void recurrence(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, floa
         if P:
             # All rows at once (Hs columns: the padding is zero), then only the rows still running take
             # their new state.
-            matmul_nt(batch, P, <const floating*>d.projection, Hs, hidden, Hs, Hs, h_pad, Rs)
+            matmul_nt(batch, P, <const floating*>d.projection, Hs, hidden, Hs, Hs, h_pad, Rs, use_blas)
             if batch > 1:
                 for b in range(batch):
                     n = steps if lengths == NULL else lengths[b]
@@ -600,7 +628,7 @@ cdef void sequence_part(SequenceJob* job, const floating* x, int part, int parts
     if job.batch == 1:
         if floating is float:
             split_range(steps, 1, part, parts, &first, &stop)
-            input_projection(d, stop - first, x + first * I, x_proj + first * G)
+            input_projection(d, stop - first, x + first * I, x_proj + first * G, False)
         recurrence_units(d, steps if job.lengths == NULL else job.lengths[0], <floating*>job.h,
                          <floating*>job.c, <floating*>job.y, job.y_stride, job.reverse, x_proj,
                          <floating*>job.z, <floating*>job.hidden, <floating*>job.h_pad, part, parts,
@@ -609,13 +637,14 @@ cdef void sequence_part(SequenceJob* job, const floating* x, int part, int parts
         split_range(job.batch, TILE_ROWS, part, parts, &first, &stop)
         if stop > first:
             if floating is float:
-                input_projection(d, (stop - first) * steps, x + first * steps * I, x_proj + first * steps * G)
+                input_projection(d, (stop - first) * steps, x + first * steps * I, x_proj + first * steps * G,
+                                 False)
             recurrence(d, stop - first, steps, <floating*>job.h + first * d.rec_size,
                        <floating*>job.c + first * d.state_size,
                        <floating*>job.y + first * steps * job.y_stride, job.y_stride, job.reverse,
                        NULL if job.lengths == NULL else job.lengths + first, x_proj + first * steps * G,
                        <floating*>job.z + first * G, <floating*>job.hidden + first * d.hidden_stride,
-                       <floating*>job.h_pad + first * d.rec_stride)
+                       <floating*>job.h_pad + first * d.rec_stride, False)
     restore_fp_mode(saved_mode)
 
 
@@ -636,14 +665,16 @@ cdef void run_cell(const CellDesc* d, Py_ssize_t batch, Py_ssize_t steps, const 
     y points at this direction's first column and advances y_stride per time step. Row b runs its own
     steps 0 .. lengths[b]-1 (all T without lengths), backwards when reverse; other outputs are left alone.
     Scratch: x_proj (B*T, G*H), z (B, G*H), hidden (B, H_pad), h_pad (max(B, 2), R_pad), the last two zero
-    on entry. The time loop runs on up to ``num_threads`` threads (``sequence_team``, ``sequence_part``).
+    on entry. The time loop runs on up to ``num_threads`` threads (``sequence_team``, ``sequence_part``);
+    BLAS (on the calling thread) only where it keeps to ``num_threads`` too.
     """
     cdef int team = sequence_team(d, batch, num_threads)
+    cdef bint use_blas = blas_within(num_threads)
     cdef SequenceJob job
     if team == 1 or floating is double:
-        input_projection(d, batch * steps, x, x_proj)
+        input_projection(d, batch * steps, x, x_proj, use_blas)
     if team == 1:
-        recurrence(d, batch, steps, h, c, y, y_stride, reverse, lengths, x_proj, z, hidden, h_pad)
+        recurrence(d, batch, steps, h, c, y, y_stride, reverse, lengths, x_proj, z, hidden, h_pad, use_blas)
         return
     job.cell, job.batch, job.steps, job.y_stride = d, batch, steps, y_stride
     job.x, job.h, job.c, job.y, job.x_proj = x, h, c, y, x_proj
@@ -1008,6 +1039,7 @@ cdef class LSTMKernels:
         cdef unsigned int saved_mode = flush_denormals()
         cdef StepJob job
         cdef const CellDesc* top = &self.cells[self.num_cells - 1]
+        cdef bint use_blas = blas_within(self.num_threads)
         if ws.threads > 1:
             job.cells, job.num_layers, job.batch, job.offsets = self.cells, self.num_layers, batch, ws.offsets
             job.x, job.h, job.c, job.scratch = x, h, c, ws.scratch
@@ -1015,19 +1047,19 @@ cdef class LSTMKernels:
             run_parallel(step_job_double if self.is_double else step_job_float, &job, ws.threads)
         elif self.is_double:
             step_stack[double](self.cells, self.num_layers, batch, 0, batch, <double*>x, <double*>h,
-                               <double*>c, <double*>ws.scratch, ws.offsets)
+                               <double*>c, <double*>ws.scratch, ws.offsets, use_blas)
         else:
             step_stack[float](self.cells, self.num_layers, batch, 0, batch, <float*>x, <float*>h, <float*>c,
-                              <float*>ws.scratch, ws.offsets)
+                              <float*>ws.scratch, ws.offsets, use_blas)
         # The head, on the calling thread (its products may go to BLAS), from the top layer's (B, R) block of h.
         if self.is_double:
             run_head[double](self.head_stages, self.num_head_stages, batch, <double*>h + batch * top.h_start,
                              top.rec_size, <double*>ws.output_data,
-                             <double*>ws.scratch + ws.head_offset, ws.head_items)
+                             <double*>ws.scratch + ws.head_offset, ws.head_items, use_blas)
         else:
             run_head[float](self.head_stages, self.num_head_stages, batch, <float*>h + batch * top.h_start,
                             top.rec_size, <float*>ws.output_data,
-                            <float*>ws.scratch + ws.head_offset, ws.head_items)
+                            <float*>ws.scratch + ws.head_offset, ws.head_items, use_blas)
         restore_fp_mode(saved_mode)
 
     cdef int _stream_threads(self, Py_ssize_t batch):
@@ -1131,6 +1163,7 @@ cdef class LSTMKernels:
         cdef Py_ssize_t half = padded(rows * self.head_width, self.itemsize)
         cdef cnp.ndarray scratch = aligned_zeros(2 * half + 1, self.dtype)
         cdef unsigned int saved_mode
+        cdef bint use_blas = blas_within(self.num_threads)
         if rows == 0:
             return y
         with nogil:
@@ -1138,11 +1171,11 @@ cdef class LSTMKernels:
             if self.is_double:
                 run_head[double](self.head_stages, self.num_head_stages, rows, <const double*>cnp.PyArray_DATA(x),
                                  self.head_input_size, <double*>cnp.PyArray_DATA(y),
-                                 <double*>cnp.PyArray_DATA(scratch), half)
+                                 <double*>cnp.PyArray_DATA(scratch), half, use_blas)
             else:
                 run_head[float](self.head_stages, self.num_head_stages, rows, <const float*>cnp.PyArray_DATA(x),
                                 self.head_input_size, <float*>cnp.PyArray_DATA(y),
-                                <float*>cnp.PyArray_DATA(scratch), half)
+                                <float*>cnp.PyArray_DATA(scratch), half, use_blas)
             restore_fp_mode(saved_mode)
         return y
 

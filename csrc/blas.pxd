@@ -81,7 +81,9 @@ cdef inline void dot_rows(const floating* a, Py_ssize_t lda, Py_ssize_t rows, co
 
 
 # When the hand-written loop beats BLAS in matmul_nt (float64 products and projections; float32 gate products
-# take the tiles from PACKED_MIN_BATCH rows). Medians over whole sequences, one or two OpenBLAS threads:
+# take the tiles from PACKED_MIN_BATCH rows), where BLAS may run at all (``use_blas``: BLAS runs on as many
+# threads as it is configured for, so a call that must keep to fewer threads takes the hand loop whatever
+# the size). Medians over whole sequences, one or two OpenBLAS threads:
 # * at batch 1 it is as fast as OpenBLAS gemv or faster (by 0-12%) on one thread at every size measured;
 #   from about 2 MiB of weights OpenBLAS splits its gemv over threads and wins with two cores (1.8x at
 #   2 MiB), so larger matrices go to BLAS;
@@ -94,14 +96,15 @@ cdef enum:
 
 cdef inline void matmul_nt(Py_ssize_t batch, Py_ssize_t rows, const floating* a, Py_ssize_t lda,
                            const floating* x, Py_ssize_t ldx, Py_ssize_t n, floating* y,
-                           Py_ssize_t ldy) noexcept nogil:
-    """Row-major y (batch, rows) = x (batch, n) @ A (rows, n).T: hand loop or BLAS, whichever is faster."""
+                           Py_ssize_t ldy, bint use_blas) noexcept nogil:
+    """Row-major y (batch, rows) = x (batch, n) @ A (rows, n).T: hand loop or BLAS, whichever is faster;
+    the hand loop alone unless ``use_blas``."""
     if batch == 1:
-        if rows * n * <Py_ssize_t>sizeof(floating) < BLAS_GEMV_MIN_BYTES:
+        if not use_blas or rows * n * <Py_ssize_t>sizeof(floating) < BLAS_GEMV_MIN_BYTES:
             dot_rows(a, lda, rows, x, ldx, 1, n, y, ldy)  # a constant batch: gcc drops the batch loop
         else:
             gemv_n(rows, n, a, lda, x, 0, y)
-    elif batch <= HAND_MATMUL_MAX_ROWS:
+    elif batch <= HAND_MATMUL_MAX_ROWS or not use_blas:
         dot_rows(a, lda, rows, x, ldx, batch, n, y, ldy)
     else:
         gemm_nt(batch, rows, n, x, ldx, a, lda, 0, y, ldy)

@@ -61,13 +61,13 @@ cdef inline void activate(floating* y, Py_ssize_t n, int code, floating alpha, f
 
 cdef inline void run_head(const HeadStage* stages, Py_ssize_t num_stages, Py_ssize_t rows, const floating* x,
                           Py_ssize_t in_features, floating* y, floating* scratch,
-                          Py_ssize_t scratch_items) noexcept nogil:
+                          Py_ssize_t scratch_items, bint use_blas) noexcept nogil:
     """y (rows, O) = the head's stages, in order, over x (rows, in_features); both C-contiguous.
 
     Intermediate stages alternate between the two halves of ``scratch`` (2 * scratch_items items, each half
     at least rows times the widest intermediate stage); the last stage writes y. Without stages, y = x.
-    Products of up to HAND_MATMUL_MAX_ROWS rows run in the hand loop, larger ones in BLAS (``matmul_nt``),
-    so never call it with more rows inside the threads of lstm_parallel.h.
+    Products of up to HAND_MATMUL_MAX_ROWS rows run in the hand loop, larger ones in BLAS (``matmul_nt``) if
+    ``use_blas``, so never call it with more rows and ``use_blas`` inside the threads of lstm_parallel.h.
     """
     cdef Py_ssize_t n, r, j, out
     cdef const HeadStage* stage
@@ -85,7 +85,7 @@ cdef inline void run_head(const HeadStage* stages, Py_ssize_t num_stages, Py_ssi
             memcpy(target, source, rows * out * sizeof(floating))
         else:
             matmul_nt(rows, out, <const floating*>stage.weight, stage.in_features, source, stage.in_features,
-                      stage.in_features, target, out)
+                      stage.in_features, target, out, use_blas)
             if stage.bias != NULL:
                 bias = <const floating*>stage.bias
                 for r in range(rows):

@@ -95,8 +95,10 @@ _ACTIVATION_OPTIONS = dict(fastmath=False, error_model="numpy", boundscheck=Fals
 # Threads. Every kernel runs on the calling thread only: a stream step is too short to split, and on the
 # 2 cores measured, splitting a batched step's small products made it slower. BLAS (SciPy's OpenBLAS,
 # through np.dot) runs the GEMMs of batches above HAND_MATMUL_MAX_ROWS and the input projection of whole
-# sequences, with the threads OpenBLAS is configured for; the model's num_threads only decides whether a
-# batch-1 product may go to BLAS (BLAS_GEMV_MIN_BYTES).
+# sequences, with the threads OpenBLAS is configured for: so only while that is no more than the model's
+# num_threads (asked of the BLAS library before each such product, fastlstm.backends.blas_threads), and
+# the hand loops otherwise. num_threads also decides whether a batch-1 product may go to BLAS
+# (BLAS_GEMV_MIN_BYTES).
 # The kernels release the GIL, except the stream step of a small model (step_stack_holding_gil): releasing
 # and re-taking it costs about 40 ns, a few percent of a small step, which no other thread could use.
 RELEASE_GIL_MIN_WEIGHTS = 1 << 16  # weights a stream step reads (all layers, all batch rows)
@@ -116,7 +118,7 @@ BLAS_GEMV_MIN_BYTES = 2 * 1024 * 1024
 # ------------------------------------------------------------------------------------------------------
 # The cell table.
 
-NUM_COLUMNS = 28
+NUM_COLUMNS = 31
 (
     COL_KIND,                 # KIND_CODES of the cell's kind
     COL_GATES,                # G: 4 (LSTM), 3 (GRU) or 1 (RNN)
@@ -147,6 +149,9 @@ NUM_COLUMNS = 28
     COL_RECURRENT_N_NARROW,   # weights are float (or the cell has no candidate segment)
     COL_INPUT_SCALE,          # int8: offsets of the (G*H,) scales of the input and recurrent weights' gate rows;
     COL_RECURRENT_SCALE,      # -1 for other formats
+    COL_NUM_THREADS,          # the model's num_threads: BLAS runs a product only on as many threads or fewer
+    COL_BLAS_THREAD_QUERY,    # address of BLAS's ``int query(void)`` thread count (blas_threads), 0 if unknown
+    COL_BLAS_CORES,           # the threads BLAS is taken to use when there is no query: the process's cores
 ) = range(NUM_COLUMNS)
 
 HEAD_NUM_COLUMNS = 6
@@ -228,6 +233,16 @@ def _flush_denormals():
     if FLUSHES_DENORMALS:
         _set_fp_mode(saved | np.uint32(_FLUSH_DENORMALS_BITS))
     return saved
+
+
+@intrinsic
+def _call_thread_query(typingctx, address):
+    """The int that the C function ``int f(void)`` at ``address`` (int64) returns."""
+    def codegen(context, builder, signature, args):
+        function_type = ir.FunctionType(ir.IntType(32), [])
+        function = builder.inttoptr(args[0], function_type.as_pointer())
+        return builder.sext(builder.call(function, []), ir.IntType(64))
+    return types.int64(types.int64), codegen
 
 
 @njit(cache=True)
@@ -536,8 +551,19 @@ def _matmul_onto(a, m, init, out, by_hand):
 
 
 @njit(**_HELPER_OPTIONS)
+def _blas_allowed(cell):
+    """Whether BLAS runs a product now on no more threads than the model's num_threads."""
+    query = cell[COL_BLAS_THREAD_QUERY]
+    threads = _call_thread_query(query) if query != 0 else cell[COL_BLAS_CORES]
+    return threads <= cell[COL_NUM_THREADS]
+
+
+@njit(**_HELPER_OPTIONS)
 def _uses_hand_loop(cell, batch):
-    return batch <= HAND_MATMUL_MAX_ROWS and not (batch == 1 and cell[COL_BLAS_GEMV])
+    """Whether the cell's products of ``batch`` rows run in the hand loop (else in BLAS)."""
+    if batch <= HAND_MATMUL_MAX_ROWS and not (batch == 1 and cell[COL_BLAS_GEMV]):
+        return True
+    return not _blas_allowed(cell)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -980,7 +1006,7 @@ def step_stack(x, h, c, y, scratch, weights, cells, head):
             cell_h, cell_c = _cell_state(h, c, cells[n], batch)
             _layer_step(inputs, cell_h, cell_c, weights, cells[n], scratch, layout)
     top_h = _cell_state(h, c, cells[num_cells - 1], batch)[0]
-    _run_head(top_h, y.reshape(batch, output_size), weights, head, scratch[layout[3]:], head_half)
+    _run_head(top_h, y.reshape(batch, output_size), weights, cells[0], head, scratch[layout[3]:], head_half)
     _set_fp_mode(saved_mode)
 
 
@@ -1005,13 +1031,10 @@ def _run_cell(inputs, h, c, lengths, weights, cell, y, column, x_proj, scratch, 
     reverse = cell[COL_REVERSE] != 0
     bias = _bias(weights, cell)
 
-    # The input projection of every step in one GEMM, then the bias folded in.
+    # The input projection of every step in one product (a GEMM where BLAS may run), the bias folded in.
     x_part = x_proj[:batch * steps * GH].reshape(batch * steps, GH)
-    np.dot(inputs.reshape(batch * steps, I), _input_weights(weights, cell), x_part)
-    for n in range(batch * steps):
-        row = x_part[n]
-        for g in range(GH):
-            row[g] += bias[g]
+    _matmul_onto(inputs.reshape(batch * steps, I), _input_weights(weights, cell), bias, x_part,
+                 _uses_hand_loop(cell, batch * steps))
     x_part_steps = x_part.reshape(batch, steps, GH)
 
     by_hand = _uses_hand_loop(cell, batch)
@@ -1116,19 +1139,19 @@ def _activate(y, code, alpha, beta):
 
 
 @njit(**_HELPER_OPTIONS)
-def _run_head(x, y, weights, head, scratch, half):
+def _run_head(x, y, weights, cell, head, scratch, half):
     """y (N, O) = the head's stages, in order, over x (N, F); without stages y = x.
 
     Intermediate stages alternate between scratch[:half] and scratch[half:2 * half] (each at least N times
     the widest intermediate stage); the last stage writes y. Products of up to HAND_MATMUL_MAX_ROWS rows run
-    in the hand loop, larger ones in BLAS.
+    in the hand loop, larger ones in BLAS where ``cell`` (the model's first) lets it run.
     """
     rows = x.shape[0]
     num_stages = head.shape[0]
     if num_stages == 0:
         y[:] = x
         return
-    by_hand = rows <= HAND_MATMUL_MAX_ROWS
+    by_hand = rows <= HAND_MATMUL_MAX_ROWS or not _blas_allowed(cell)
     source = x
     for n in range(num_stages):
         stage = head[n]
@@ -1163,6 +1186,6 @@ def run_head(x, weights, cells, head):
     half = _aligned(rows * widest)
     scratch = np.empty(2 * half, dtype=x.dtype)
     saved_mode = _flush_denormals()
-    _run_head(x, y, weights, head, scratch, half)
+    _run_head(x, y, weights, cells[0], head, scratch, half)
     _set_fp_mode(saved_mode)
     return y

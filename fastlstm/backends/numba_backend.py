@@ -14,6 +14,7 @@ import numpy as np
 
 from ..spec import ModelSpec
 from . import _numba_kernels as kernels
+from .blas_threads import available_cores, thread_query_address
 from ._cells import CellPlan, HeadStagePlan, aligned_zeros, padded, plan_cells, plan_head
 from .base import PreparedLSTM
 
@@ -72,6 +73,9 @@ def pack_cells(plans: tuple[CellPlan, ...], head_stages: tuple[HeadStagePlan, ..
         # Narrow weights stay in the hand loop at batch 1: BLAS would read their float values, 2 or 4x the bytes.
         row[kernels.COL_BLAS_GEMV] = (not narrow and num_threads > 1
                                       and gate_weights * dtype.itemsize >= kernels.BLAS_GEMV_MIN_BYTES)
+        row[kernels.COL_NUM_THREADS] = num_threads
+        row[kernels.COL_BLAS_THREAD_QUERY] = thread_query_address()
+        row[kernels.COL_BLAS_CORES] = available_cores()
         row[kernels.COL_WEIGHT_FORMAT] = kernels.WEIGHT_FORMAT_CODES[plan.weight_format]
         row[kernels.COL_INPUT_NARROW] = row[kernels.COL_RECURRENT_NARROW] = row[kernels.COL_RECURRENT_N_NARROW] = -1
         row[kernels.COL_INPUT_SCALE] = row[kernels.COL_RECURRENT_SCALE] = -1
@@ -137,9 +141,10 @@ class NumbaLSTM(PreparedLSTM):
     immutable after construction, shared by every stream.
 
     Kernels compile on first use per dtype and per rank of the state arrays (about 10 s each for the stream
-    step and for whole sequences) and load from the on-disk cache afterwards. Threads: the kernels run on the calling thread; BLAS runs
-    batched GEMMs with its own threads; ``num_threads > 1`` also lets batch-1 products of large matrices go
-    to BLAS (see ``_numba_kernels``).
+    step and for whole sequences) and load from the on-disk cache afterwards. Threads: the kernels run on the
+    calling thread; BLAS runs batched GEMMs on its own threads, so only while it is set to no more threads
+    than ``num_threads`` (the hand loops otherwise); ``num_threads > 1`` also lets batch-1 products of large
+    matrices go to BLAS (see ``_numba_kernels``).
     """
 
     backend = "numba"
