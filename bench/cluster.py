@@ -87,11 +87,13 @@ def _ray(model, x, want, chunk, workers, repeats, tasks) -> dict:
 
     from fastlstm.integrations.ray import Predictor
 
-    dataset = ray.data.from_numpy(x).materialize()  # column "data": one (T, F) sequence per row
+    # Column "data": one (T, F) sequence per row, in blocks of ``chunk`` rows (one block would feed one actor only).
+    dataset = ray.data.from_numpy([x[i:i + chunk] for i in range(0, len(x), chunk)]).materialize()
 
     def run(data, batch_size):
         return data.map_batches(Predictor, fn_constructor_kwargs={"model": model, "input_column": "data"},
-                                concurrency=workers, num_cpus=1, batch_size=batch_size).take_all()
+                                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+                                batch_size=batch_size).take_all()
 
     rows = run(dataset, chunk)
     np.testing.assert_allclose(np.stack([row["y"] for row in rows]), want, rtol=0, atol=1e-5)
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for cluster.json and cluster.md")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    sequences, steps, chunk, tasks = (400, 20, 50, 20) if args.quick else (20_000, 100, 500, 200)
+    sequences, steps, chunk, tasks = (400, 20, 50, 20) if args.quick else (10_000, 100, 500, 200)
 
     model = fastlstm.load(MODEL).warmup()
     x = np.random.default_rng(0).normal(size=(sequences, steps, model.input_size)).astype(np.float32)

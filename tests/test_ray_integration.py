@@ -123,7 +123,8 @@ def test_dataset_results_equal_predict_and_each_actor_prepares_once(ray_session,
     lengths = rng.integers(1, 9, 48) if ragged else np.full(48, 6)
     sequences = _sequences(model, rng, 48, lengths)
     dataset = ray_session.data.from_items([{"id": i, "x": s} for i, s in enumerate(sequences)], override_num_blocks=12)
-    rows = dataset.map_batches(CountingPredictor, fn_constructor_kwargs={"model": model}, concurrency=2, num_cpus=1,
+    rows = dataset.map_batches(CountingPredictor, fn_constructor_kwargs={"model": model},
+                               compute=ray_session.data.ActorPoolStrategy(size=2), num_cpus=1,
                                batch_size=4).take_all()
     assert sorted(row["id"] for row in rows) == list(range(48))
     for row in rows:
@@ -144,5 +145,5 @@ def test_a_corrupt_model_fails_the_job_with_a_format_error(ray_session, models):
     # fastlstm's error and message inside.
     with pytest.raises(ray_session.exceptions.RayActorError,
                        match=r"ModelFormatError: pickled fastlstm model: array .* Bad CRC-32"):
-        dataset.map_batches(Predictor, fn_constructor_kwargs={"model": bytes(blob)}, concurrency=1,
-                            num_cpus=1).take_all()
+        dataset.map_batches(Predictor, fn_constructor_kwargs={"model": bytes(blob)},
+                            compute=ray_session.data.ActorPoolStrategy(size=1), num_cpus=1).take_all()

@@ -2,8 +2,8 @@
 
 ``Predictor`` is the callable class ``ray.data.Dataset.map_batches`` runs in a pool of actors::
 
-    dataset.map_batches(Predictor, fn_constructor_kwargs={"model": model}, concurrency=2, num_cpus=1,
-                        batch_size=256)
+    dataset.map_batches(Predictor, fn_constructor_kwargs={"model": model},
+                        compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1, batch_size=256)
 
 ``model`` is a ``fastlstm.Model`` (Ray pickles it as its native file's bytes and load options) or the bytes
 of a native file (``Model.save``), with ``backend``, ``dtype`` and ``num_threads`` given beside them. Each
