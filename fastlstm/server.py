@@ -68,7 +68,8 @@ class _Metrics:
                                     buckets=_BATCH_BUCKETS)
         self.batch_seconds = Histogram("fastlstm_batch_seconds", "Time to run one batch (gather, kernels, scatter)",
                                        registry=self.registry, buckets=_BATCH_SECONDS_BUCKETS)
-        self.step_latency = Histogram("fastlstm_step_latency_seconds", "From a step's submission to its output",
+        self.step_latency = Histogram("fastlstm_step_latency_seconds",
+                                      "From a WebSocket message's arrival to the output of its last step",
                                       registry=self.registry, buckets=_LATENCY_BUCKETS)
         self.predictions = Counter("fastlstm_predict_requests", "POST /v1/predict requests answered",
                                    registry=self.registry)
@@ -132,7 +133,8 @@ class StreamServer:
         self.metrics.evictions.inc()
 
     def _batch_ran(self, size: int, seconds: float) -> None:
-        """The pool's ``on_batch``."""
+        """The pool's ``on_batch``: the step metrics are counted per batch, not per step."""
+        self.metrics.steps.inc(size)
         self.metrics.batch_size.observe(size)
         self.metrics.batch_seconds.observe(seconds)
 
@@ -341,20 +343,24 @@ class StreamServer:
         return steps
 
     async def _run_steps(self, stream_id: str, steps: np.ndarray) -> np.ndarray:
-        """The outputs ``(k, O)`` of ``steps`` run in order on ``stream_id``'s stream, each through the batcher."""
+        """The outputs ``(k, O)`` of ``steps`` run in order on ``stream_id``'s stream, each through the batcher
+        (``StreamPool.submit_async``: a batch's outputs reach the event loop in one call)."""
         started = time.perf_counter()
-        futures = [self.pool.submit(stream_id, x_t) for x_t in steps]
+        futures = [self.pool.submit_async(stream_id, x_t) for x_t in steps]
         self.in_flight += len(futures)
-        latency = self.metrics.step_latency
-        for future in futures:
-            future.add_done_callback(lambda f: latency.observe(time.perf_counter() - started))
         try:
-            outputs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+            if len(futures) == 1:
+                outputs = [await futures[0]]
+            else:
+                outputs = await asyncio.gather(*futures, return_exceptions=True)
+        except FastLSTMError as exc:  # the one step of the message
+            outputs = [exc]
         finally:
             self.in_flight -= len(futures)
         failed = [o for o in outputs if isinstance(o, BaseException)]
         done = len(outputs) - len(failed)
-        self.metrics.steps.inc(done)
+        if done:
+            self.metrics.step_latency.observe(time.perf_counter() - started)  # one per message: its slowest step
         if failed:
             error = failed[0]
             if isinstance(error, FastLSTMError):
