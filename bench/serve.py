@@ -146,16 +146,19 @@ def measure(model: Path, clients: int, max_batch: int, rate: float, seconds: flo
         frame = np.random.default_rng(1).standard_normal(input_size).astype("<f4").tobytes()
         ids = [f"c{n}" for n in range(clients)]
         processes = max(1, min(client_processes, clients))
+        batches_before, steps_before = server.batches()
         measure_from = time.monotonic() + 2 + 0.2 * processes  # the clients start and connect meanwhile
         until = measure_from + seconds
         with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as executor:
             runs = [executor.submit(client_process, server.port, ids[n::processes], frame, rate, measure_from, until)
                     for n in range(processes)]
+            # The server's CPU from /proc (an HTTP request would queue behind the load for seconds).
             time.sleep(max(0.0, measure_from - time.monotonic()))
-            batches_before, steps_before = server.batches()
             cpu_server = server.cpu_seconds()
+            time.sleep(max(0.0, until - time.monotonic()))
+            cpu_server = server.cpu_seconds() - cpu_server
             results = [run.result() for run in runs]
-        cpu_server = server.cpu_seconds() - cpu_server
+        # The batches of the whole run, connecting included (one step per frame all along).
         batches, steps = (a - b for a, b in zip(server.batches(), (batches_before, steps_before)))
     finally:
         server.stop()
