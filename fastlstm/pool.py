@@ -561,7 +561,9 @@ class StreamPool:
             if self._batcher is None:
                 self._batcher = threading.Thread(target=self._batch_loop, name="fastlstm-pool-batcher", daemon=True)
                 self._batcher.start()
-            if self._waiting == 1 or self._waiting >= self.max_batch:
+            # The batcher waits for a first step, or for a batch to fill: wake it as either happens (steps come
+            # one at a time, so a queue that fills passes max_batch exactly; past it the batcher does not wait).
+            if self._waiting == 1 or self._waiting == self.max_batch:
                 self._pending_ready.notify()
 
     def _enqueue(self, key, x_t, future) -> None:

@@ -367,7 +367,7 @@ class StreamServer:
             if isinstance(error, FastLSTMError):
                 raise type(error)(f"{done} of {len(steps)} step(s) ran; then: {error}") if done else error
             raise error
-        return np.stack(outputs)
+        return outputs[0][None] if len(outputs) == 1 else np.stack(outputs)
 
 
 class _DrainingServer(uvicorn.Server):
