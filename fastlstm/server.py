@@ -10,8 +10,9 @@ uvicorn's speed-ups uvloop and httptools, used when installed):
   k*F values (int32 token ids, k values, for a model that takes them); the reply is the k outputs, float32,
   k*O values. A text message ``{"x": [...]}`` (one step, or a list of k steps) is answered ``{"y": [...]}``
   of the same nesting. Every step goes through the pool's batcher (``StreamPool.submit_async``), so the
-  steps of all connections run as shared batches, and each batch's outputs reach the event loop in one call. A bad message is answered ``{"error": "..."}`` and changes no
-  state; the connection stays open. A message over ``max_message_bytes`` closes the connection (1009).
+  steps of all connections run as shared batches, and each batch's outputs reach the event loop in one call.
+  A bad message is answered ``{"error": "..."}`` and changes no state; the connection stays open. A message
+  over ``max_message_bytes`` closes the connection (1009).
 * After the socket closes, the stream's state stays for ``idle_timeout`` seconds: reconnecting with the same
   id resumes it. A connection holds its stream in the pool (``StreamPool.hold``) from the moment it opens, so a
   connected stream is never evicted and keeps its room. One connection per stream id at a time.
