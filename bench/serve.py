@@ -2,12 +2,12 @@
 
 For each client count K and each ``--max-batch`` (batching on, and off with 1), a ``fastlstm serve`` process
 is started on loopback with a model of ``--input-size``/``--hidden-size`` (one LSTM layer and a Linear head,
-fixed random weights). K WebSocket clients in this process each send one frame at ``--rate`` Hz for
-``--seconds`` (paced: a client whose reply comes late sends its next frame at once) and time every round
-trip. Reported: achieved steps/s, round-trip p50/p99, the mean batch the server ran (from its /metrics), and
-CPU use of the server and of the clients (percent of one core). The clients share one event loop, so at
-large K they may be what limits the rate: their CPU column says so. Prints a Markdown table; ``--out``
-also writes JSON.
+fixed random weights). K WebSocket clients, spread over ``--client-processes`` processes (one event loop
+each, uvloop when installed), each send one frame at ``--rate`` Hz for ``--seconds`` (paced: a client whose
+reply comes late sends its next frame at once) and time every round trip. Reported: achieved steps/s,
+round-trip p50/p99, the mean batch the server ran (from its /metrics), and CPU use of the server and of all
+the client processes together (percent of one core): on a machine with few cores the clients compete with
+the server, and their column says how much. Prints a Markdown table; ``--out`` also writes JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import resource
 import socket
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -93,62 +95,86 @@ class ServerProcess:
                 self.process.wait()
 
 
-async def client(port: int, stream_id: str, frame: bytes, rate: float, until: float, round_trips: list) -> None:
+async def client(port: int, stream_id: str, frame: bytes, rate: float, measure_from: float, until: float,
+                 round_trips: list) -> None:
     from websockets.asyncio.client import connect
 
     period = 1 / rate
     async with connect(f"ws://127.0.0.1:{port}/v1/streams/{stream_id}", proxy=None, compression=None,
                        open_timeout=60, ping_interval=None) as ws:
-        next_send = time.perf_counter() + np.random.default_rng(hash(stream_id) % 2**32).uniform(0, period)
+        next_send = time.monotonic() + np.random.default_rng(hash(stream_id) % 2**32).uniform(0, period)
         while True:
-            delay = next_send - time.perf_counter()
+            delay = next_send - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            start = time.perf_counter()
+            start = time.monotonic()
             if start >= until:
                 return
             await ws.send(frame)
             await ws.recv()
-            round_trips.append(time.perf_counter() - start)
+            if start >= measure_from:
+                round_trips.append(time.monotonic() - start)
             next_send += period
 
 
-async def load(port: int, clients: int, frame: bytes, rate: float, seconds: float) -> tuple[list, float]:
-    """Run ``clients`` clients for ``seconds`` after 2 s in which they connect; returns the round trips of
-    the measured time and its length."""
+async def load(port: int, stream_ids: list, frame: bytes, rate: float, measure_from: float, until: float) -> list:
+    """Run one client per stream id until ``until``; the round trips of the frames sent from ``measure_from``."""
     round_trips: list[float] = []
-    until = time.perf_counter() + 2 + seconds
-    tasks = [asyncio.create_task(client(port, f"c{n}", frame, rate, until, round_trips)) for n in range(clients)]
-    await asyncio.sleep(2)
-    round_trips.clear()
-    measured_from = time.perf_counter()
-    await asyncio.gather(*tasks)
-    return round_trips, time.perf_counter() - measured_from
+    await asyncio.gather(*(client(port, stream_id, frame, rate, measure_from, until, round_trips)
+                           for stream_id in stream_ids))
+    return round_trips
+
+
+def client_process(port: int, stream_ids: list, frame: bytes, rate: float, measure_from: float,
+                   until: float) -> tuple[list, float]:
+    """One client process (on uvloop when it is installed): its round trips and the CPU seconds it used."""
+    try:
+        import uvloop
+    except ImportError:
+        run = asyncio.run
+    else:
+        run = uvloop.run
+    cpu = time.process_time()
+    round_trips = run(load(port, stream_ids, frame, rate, measure_from, until))
+    return round_trips, time.process_time() - cpu
 
 
 def measure(model: Path, clients: int, max_batch: int, rate: float, seconds: float, input_size: int,
-            threads: int) -> dict:
+            threads: int, client_processes: int) -> dict:
     server = ServerProcess(model, max_batch, capacity=clients + 10, threads=threads)
     try:
         frame = np.random.default_rng(1).standard_normal(input_size).astype("<f4").tobytes()
+        ids = [f"c{n}" for n in range(clients)]
+        processes = max(1, min(client_processes, clients))
         batches_before, steps_before = server.batches()
-        cpu_server, cpu_clients, wall = server.cpu_seconds(), time.process_time(), time.perf_counter()
-        round_trips, measured = asyncio.run(load(server.port, clients, frame, rate, seconds))
-        wall = time.perf_counter() - wall
-        cpu_server, cpu_clients = server.cpu_seconds() - cpu_server, time.process_time() - cpu_clients
+        measure_from = time.monotonic() + 2 + 0.2 * processes  # the clients start and connect meanwhile
+        until = measure_from + seconds
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as executor:
+            runs = [executor.submit(client_process, server.port, ids[n::processes], frame, rate, measure_from, until)
+                    for n in range(processes)]
+            # The server's CPU from /proc (an HTTP request would queue behind the load for seconds).
+            time.sleep(max(0.0, measure_from - time.monotonic()))
+            cpu_server = server.cpu_seconds()
+            time.sleep(max(0.0, until - time.monotonic()))
+            cpu_server = server.cpu_seconds() - cpu_server
+            results = [run.result() for run in runs]
+        # The batches of the whole run, connecting included (one step per frame all along).
         batches, steps = (a - b for a, b in zip(server.batches(), (batches_before, steps_before)))
     finally:
         server.stop()
-    trips = np.array(round_trips) * 1e3
+    trips = np.array([trip for round_trips, _ in results for trip in round_trips]) * 1e3
+    # The clients' CPU includes the 2 s in which they connect; per second of their whole run.
+    client_cpu = sum(cpu for _, cpu in results) / (until - measure_from + 2 + 0.2 * processes)
     return {
         "clients": clients, "rate_hz": rate, "max_batch": max_batch, "seconds": seconds,
+        "client_processes": processes,
         "offered_steps_per_s": clients * rate,
-        "steps_per_s": len(trips) / measured,
+        "steps_per_s": len(trips) / seconds,
         "round_trip_p50_ms": float(np.percentile(trips, 50)) if len(trips) else None,
         "round_trip_p99_ms": float(np.percentile(trips, 99)) if len(trips) else None,
         "mean_batch": steps / batches if batches else None,
-        "server_cpu_percent": 100 * cpu_server / wall,
-        "client_cpu_percent": 100 * cpu_clients / wall,
+        "server_cpu_percent": 100 * cpu_server / seconds,
+        "client_cpu_percent": 100 * client_cpu,
     }
 
 
@@ -174,6 +200,8 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--outputs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="the server's --threads")
+    parser.add_argument("--client-processes", type=int, default=4,
+                        help="processes the clients are spread over (each one event loop; default 4)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -185,7 +213,7 @@ def main(argv=None) -> None:
         for clients in (int(n) for n in args.clients.split(",")):
             for max_batch in (int(n) for n in args.max_batch.split(",")):
                 results.append(measure(model, clients, max_batch, args.rate, args.seconds, args.input_size,
-                                       args.threads))
+                                       args.threads, args.client_processes))
                 print(table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(f"model: LSTM I={args.input_size}, H={args.hidden_size}, 1 layer, Linear head ({args.outputs} outputs); "
           f"server --threads {args.threads}")

@@ -11,7 +11,9 @@ rows: rows past the batch are padding whose results are ignored. Nothing per ste
 pool's size: the work is the batch's, and idle eviction reads only the oldest streams of an ordered dict
 that holds the streams no one holds (``hold``), least recently active first.
 
-``submit`` hands one step to a batcher thread that gathers the steps of concurrent callers into batches.
+``submit`` hands one step to a batcher thread that gathers the steps of concurrent callers into batches;
+``submit_async`` does the same for a coroutine on an asyncio event loop, and its outputs reach the loop once
+per batch (one wake-up of the loop for the whole batch, not one per step).
 ``on_batch(size, seconds)`` hears of every batch run, for a service's metrics.
 
 What the pool needs of ``Model`` and ``Stream`` beyond their public methods goes through
@@ -20,6 +22,7 @@ What the pool needs of ``Model`` and ``Stream`` beyond their public methods goes
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import logging
@@ -77,7 +80,8 @@ class StreamPool:
 
     Build one with ``Model.stream_pool``. ``step(keys, x)`` steps exactly the streams of ``keys`` as one batch
     (an unknown key starts from zero state); ``submit(key, x_t)`` queues one step for the batcher thread and
-    returns a ``Future`` of its output. ``hold(key)`` keeps a stream from idle eviction until ``release(key)``.
+    returns a ``Future`` of its output; ``submit_async(key, x_t)``, called on an event loop, returns an
+    ``asyncio.Future`` of it. ``hold(key)`` keeps a stream from idle eviction until ``release(key)``.
     All methods may be called from any thread.
 
     ``on_batch(size, seconds)``, when given, is called after every batch the pool runs (from ``step`` or the
@@ -518,8 +522,26 @@ class StreamPool:
         (a bad ``x_t``, no room for a new key) is set on that step's future only.
         """
         future: Future = Future()
+        self._submit(key, x_t, future, "submit()")
+        return future
+
+    def submit_async(self, key, x_t) -> asyncio.Future:
+        """``submit`` for code on an asyncio event loop: call it on the loop's thread and ``await`` what it
+        returns, an ``asyncio.Future`` of the step's output ``(O,)`` (or of its error, as ``submit``).
+
+        The steps join the same queue and batches as ``submit``'s, with the same guarantees. The batcher hands
+        a batch's outputs to each loop with one ``call_soon_threadsafe`` (one wake-up per batch, not per
+        step), which is what lets one event loop serve thousands of streams. Cancelling the future before its
+        batch starts withdraws the step; once the batch has started the step runs and its output is dropped.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._submit(key, x_t, future, "submit_async()")
+        return future
+
+    def _submit(self, key, x_t, future, what: str) -> None:
+        """Check one step and queue it, or set its error on ``future`` (either kind of future)."""
         try:
-            key = _checked_key(key, "submit()")
+            key = _checked_key(key, what)
             if self._token_ids:
                 x_t = self._internals.checked_token_ids(x_t, "x_t")
             else:
@@ -530,18 +552,19 @@ class StreamPool:
             x_t = np.array(x_t, np.int64 if self._token_ids else self._dtype)  # a copy: the caller may reuse its array
         except InvalidInputError as exc:
             future.set_exception(exc)
-            return future
+            return
         with self._pending_ready:
             if self._stopping or self._closed:
-                future.set_exception(InvalidInputError("submit(): the stream pool is closed"))
-                return future
+                future.set_exception(InvalidInputError(f"{what}: the stream pool is closed"))
+                return
             self._enqueue(key, x_t, future)
             if self._batcher is None:
                 self._batcher = threading.Thread(target=self._batch_loop, name="fastlstm-pool-batcher", daemon=True)
                 self._batcher.start()
-            if self._waiting == 1 or self._waiting >= self.max_batch:
+            # The batcher waits for a first step, or for a batch to fill: wake it as either happens (steps come
+            # one at a time, so a queue that fills passes max_batch exactly; past it the batcher does not wait).
+            if self._waiting == 1 or self._waiting == self.max_batch:
                 self._pending_ready.notify()
-        return future
 
     def _enqueue(self, key, x_t, future) -> None:
         """Queue one checked step (``_pending_ready`` held)."""
@@ -598,10 +621,12 @@ class StreamPool:
         return batch
 
     def _run_batch(self, batch: list) -> None:
-        """Run one batch of submitted steps, each result (or error) to its own future."""
-        batch = [item for item in batch if item[2].set_running_or_notify_cancel()]
+        """Run one batch of submitted steps, each result (or error) to its own future: a ``submit`` future at
+        once, the ``submit_async`` futures of each event loop in one call on that loop."""
+        batch = [item for item in batch if _start(item[2])]
         if not batch:
             return
+        outcomes = []  # (future, output, error) of the steps that ran or were refused
         batches = [] if self.on_batch is not None else None
         try:
             with self._lock:
@@ -618,21 +643,57 @@ class StreamPool:
                         free -= 1
                         runnable.append(item)
                     else:
-                        item[2].set_exception(self._no_room(self.capacity, [item[0]]))
-                if not runnable:
-                    return
-                keys = [item[0] for item in runnable]
-                x = np.stack([item[1] for item in runnable])
-                y = self._run(keys, x, batches)
+                        outcomes.append((item[2], None, self._no_room(self.capacity, [item[0]])))
+                if runnable:
+                    keys = [item[0] for item in runnable]
+                    x = np.stack([item[1] for item in runnable])
+                    y = self._run(keys, x, batches)
+                    outcomes.extend((item[2], row, None) for item, row in zip(runnable, y))
         except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear of it
-            for item in batch:
-                if not item[2].done():
-                    item[2].set_exception(exc)
+            answered = {id(outcome[0]) for outcome in outcomes}
+            outcomes.extend((item[2], None, exc) for item in batch if id(item[2]) not in answered)
+            _settle(outcomes)
             return
         if batches:
             self._report_batches(batches)
-        for item, row in zip(runnable, y):
-            item[2].set_result(row)
+        _settle(outcomes)
+
+
+def _start(future) -> bool:
+    """Whether a queued step's future still wants its step (a ``submit`` future is marked running)."""
+    if isinstance(future, Future):
+        return future.set_running_or_notify_cancel()
+    return not future.done()  # an asyncio future cancelled while it waited: the step is withdrawn
+
+
+def _settle(outcomes: list) -> None:
+    """Hand each ``(future, output, error)`` to its future: ``submit`` futures here, ``submit_async`` futures
+    grouped by event loop, one ``call_soon_threadsafe`` per loop."""
+    by_loop: dict = {}
+    for outcome in outcomes:
+        future = outcome[0]
+        if isinstance(future, Future):
+            if outcome[2] is None:
+                future.set_result(outcome[1])
+            else:
+                future.set_exception(outcome[2])
+        else:
+            by_loop.setdefault(future.get_loop(), []).append(outcome)
+    for loop, loop_outcomes in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_on_loop, loop_outcomes)
+        except RuntimeError:  # the loop has closed: no one is left to await these futures
+            _log.debug("an event loop closed before %d step output(s) reached it", len(loop_outcomes))
+
+
+def _settle_on_loop(outcomes: list) -> None:
+    """On the event loop: set each asyncio future that is still waiting (its awaiter may have been cancelled)."""
+    for future, output, error in outcomes:
+        if not future.done():
+            if error is None:
+                future.set_result(output)
+            else:
+                future.set_exception(error)
 
 
 def _checked_key(key, what: str):

@@ -1,6 +1,7 @@
 """``fastlstm serve``: a model over HTTP and WebSocket, live streams batched across clients by a ``StreamPool``.
 
-Endpoints (needs the optional extra ``fastlstm[serve]``: Starlette on uvicorn, websockets, prometheus_client):
+Endpoints (needs the optional extra ``fastlstm[serve]``: Starlette on uvicorn, websockets, prometheus_client, and
+uvicorn's speed-ups uvloop and httptools, used when installed):
 
 * ``GET /v1/model``: JSON: input and output sizes, dtype, input kind, whether the model streams.
 * ``POST /v1/predict``: whole sequences, JSON ``{"x": [[[...]]], "lengths": [...]}`` answered ``{"y": ...}``,
@@ -8,9 +9,10 @@ Endpoints (needs the optional extra ``fastlstm[serve]``: Starlette on uvicorn, w
 * ``WS /v1/streams/{stream_id}``: a live stream. A binary message is k >= 1 time steps, little-endian float32,
   k*F values (int32 token ids, k values, for a model that takes them); the reply is the k outputs, float32,
   k*O values. A text message ``{"x": [...]}`` (one step, or a list of k steps) is answered ``{"y": [...]}``
-  of the same nesting. Every step goes through the pool's batcher (``StreamPool.submit``), so the steps of
-  all connections run as shared batches. A bad message is answered ``{"error": "..."}`` and changes no
-  state; the connection stays open. A message over ``max_message_bytes`` closes the connection (1009).
+  of the same nesting. Every step goes through the pool's batcher (``StreamPool.submit_async``), so the
+  steps of all connections run as shared batches, and each batch's outputs reach the event loop in one call.
+  A bad message is answered ``{"error": "..."}`` and changes no state; the connection stays open. A message
+  over ``max_message_bytes`` closes the connection (1009).
 * After the socket closes, the stream's state stays for ``idle_timeout`` seconds: reconnecting with the same
   id resumes it. A connection holds its stream in the pool (``StreamPool.hold``) from the moment it opens, so a
   connected stream is never evicted and keeps its room. One connection per stream id at a time.
@@ -68,7 +70,8 @@ class _Metrics:
                                     buckets=_BATCH_BUCKETS)
         self.batch_seconds = Histogram("fastlstm_batch_seconds", "Time to run one batch (gather, kernels, scatter)",
                                        registry=self.registry, buckets=_BATCH_SECONDS_BUCKETS)
-        self.step_latency = Histogram("fastlstm_step_latency_seconds", "From a step's submission to its output",
+        self.step_latency = Histogram("fastlstm_step_latency_seconds",
+                                      "From a WebSocket message's arrival to the output of its last step",
                                       registry=self.registry, buckets=_LATENCY_BUCKETS)
         self.predictions = Counter("fastlstm_predict_requests", "POST /v1/predict requests answered",
                                    registry=self.registry)
@@ -132,7 +135,8 @@ class StreamServer:
         self.metrics.evictions.inc()
 
     def _batch_ran(self, size: int, seconds: float) -> None:
-        """The pool's ``on_batch``."""
+        """The pool's ``on_batch``: the step metrics are counted per batch, not per step."""
+        self.metrics.steps.inc(size)
         self.metrics.batch_size.observe(size)
         self.metrics.batch_seconds.observe(seconds)
 
@@ -341,26 +345,30 @@ class StreamServer:
         return steps
 
     async def _run_steps(self, stream_id: str, steps: np.ndarray) -> np.ndarray:
-        """The outputs ``(k, O)`` of ``steps`` run in order on ``stream_id``'s stream, each through the batcher."""
+        """The outputs ``(k, O)`` of ``steps`` run in order on ``stream_id``'s stream, each through the batcher
+        (``StreamPool.submit_async``: a batch's outputs reach the event loop in one call)."""
         started = time.perf_counter()
-        futures = [self.pool.submit(stream_id, x_t) for x_t in steps]
+        futures = [self.pool.submit_async(stream_id, x_t) for x_t in steps]
         self.in_flight += len(futures)
-        latency = self.metrics.step_latency
-        for future in futures:
-            future.add_done_callback(lambda f: latency.observe(time.perf_counter() - started))
         try:
-            outputs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+            if len(futures) == 1:
+                outputs = [await futures[0]]
+            else:
+                outputs = await asyncio.gather(*futures, return_exceptions=True)
+        except FastLSTMError as exc:  # the one step of the message
+            outputs = [exc]
         finally:
             self.in_flight -= len(futures)
         failed = [o for o in outputs if isinstance(o, BaseException)]
         done = len(outputs) - len(failed)
-        self.metrics.steps.inc(done)
+        if done:
+            self.metrics.step_latency.observe(time.perf_counter() - started)  # one per message: its slowest step
         if failed:
             error = failed[0]
             if isinstance(error, FastLSTMError):
                 raise type(error)(f"{done} of {len(steps)} step(s) ran; then: {error}") if done else error
             raise error
-        return np.stack(outputs)
+        return outputs[0][None] if len(outputs) == 1 else np.stack(outputs)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -395,9 +403,10 @@ def serve(model, *, source: str = "", host: str = "127.0.0.1", port: int = 8000,
     """Serve ``model`` until SIGTERM or Ctrl-C (see the module docstring for the endpoints)."""
     server = StreamServer(model, source=source, max_batch=max_batch, max_delay_us=max_delay_us, capacity=capacity,
                           idle_timeout=idle_timeout, max_message_bytes=max_message_bytes)
-    config = uvicorn.Config(server.app, host=host, port=port, ws="websockets-sansio", ws_max_size=max_message_bytes,
-                            log_level=log_level,
-                            access_log=False, lifespan="on")
+    # "auto": uvloop and httptools when installed (the serve extra has them), else asyncio's loop and h11. Of
+    # uvicorn's WebSocket implementations, websockets' sans-I/O one measured fastest here.
+    config = uvicorn.Config(server.app, host=host, port=port, loop="auto", http="auto", ws="websockets-sansio",
+                            ws_max_size=max_message_bytes, log_level=log_level, access_log=False, lifespan="on")
     _DrainingServer(config, server).run()
 
 

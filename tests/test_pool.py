@@ -675,3 +675,88 @@ def test_an_idle_batcher_ends_so_a_pool_dropped_without_close_leaves_no_thread(m
     batcher.join(timeout=20)
     gc.collect()
     assert not batcher.is_alive() and dropped() is None
+
+
+# ---------------------------------------------------------------------------- submit_async
+def test_submit_async_from_many_coroutines_equals_one_stream_per_key_and_shares_batches_with_submit():
+    import asyncio
+
+    model = fastlstm.Model(MODELS["lstm2_head"], backend="numba")
+    rng = np.random.default_rng(16)
+    keys, steps = 12, 6
+    x = rng.normal(size=(keys + 1, steps, model.input_size))
+    expected = model.predict(x)
+    sizes = []
+    pool = model.stream_pool(capacity=keys + 1, max_batch=8, max_delay_us=2000,
+                             on_batch=lambda size, seconds: sizes.append(size))
+
+    async def one_key(key):
+        # Every step of a key queued before the one before it has run: order is the pool's job.
+        futures = [pool.submit_async(key, x[key, t]) for t in range(steps)]
+        return await asyncio.gather(*futures)
+
+    async def main():
+        from_thread = [pool.submit(keys, x[keys, t]) for t in range(steps)]  # a thread's key in the same queue
+        got = await asyncio.gather(*(one_key(key) for key in range(keys)))
+        return got + [[future.result(timeout=60) for future in from_thread]]
+
+    with pool:
+        got = np.array(asyncio.run(main()))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    assert sum(sizes) == (keys + 1) * steps and max(sizes) > 1  # batched: (13 keys x 6 steps) in shared batches
+
+
+def test_submit_async_errors_reach_only_their_awaiter_and_leave_the_state():
+    import asyncio
+
+    model = fastlstm.Model(MODELS["tokens"], backend="numpy")
+    reference = model.stream()
+    expected = [reference.step(np.array(t)) for t in (3, 4)]
+
+    async def main(pool):
+        good = pool.submit_async("a", 3)
+        out_of_range = pool.submit_async("a", 11)        # refused: "a"'s state does not move
+        unhashable = pool.submit_async(["a"], 3)
+        no_room = [pool.submit_async(key, 1) for key in ("b", "c")]  # capacity 2: "a" and "b" only
+        results = await asyncio.gather(good, out_of_range, unhashable, *no_room, return_exceptions=True)
+        return results + [await pool.submit_async("a", 4)]
+
+    with model.stream_pool(capacity=2, max_batch=4, max_delay_us=1000) as pool:
+        first, out_of_range, unhashable, b, c, second = asyncio.run(main(pool))
+    np.testing.assert_allclose([first, second], expected, atol=1e-6)
+    assert isinstance(out_of_range, InvalidInputError) and "token ids must lie in 0..10" in str(out_of_range)
+    assert isinstance(unhashable, InvalidInputError) and "submit_async(): the key must be hashable" in str(unhashable)
+    assert b.shape == (3,) and isinstance(c, InvalidInputError) and "capacity 2" in str(c)
+
+
+def test_a_cancelled_submit_async_step_waiting_for_its_batch_is_withdrawn():
+    import asyncio
+
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    reference = model.stream()
+    x = np.random.default_rng(17).normal(size=(2, 4))
+
+    async def main(pool):
+        withdrawn = pool.submit_async("a", x[0])
+        withdrawn.cancel()  # long before the 50 ms the batch waits for
+        return await pool.submit_async("a", x[1])
+
+    with model.stream_pool(capacity=2, max_batch=8, max_delay_us=50_000) as pool:
+        got = asyncio.run(main(pool))
+    np.testing.assert_allclose(got, reference.step(x[1]), atol=1e-6)  # from zero state: x[0] never ran
+
+
+def test_submit_async_needs_a_running_loop_and_an_open_pool():
+    import asyncio
+
+    model = fastlstm.Model(MODELS["gru"], backend="numpy")
+    pool = model.stream_pool(capacity=2)
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        pool.submit_async("a", np.ones(4))
+    pool.close()
+
+    async def main():
+        return await pool.submit_async("a", np.ones(4))
+
+    with pytest.raises(InvalidInputError, match="submit_async\\(\\): the stream pool is closed"):
+        asyncio.run(main())

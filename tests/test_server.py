@@ -366,3 +366,35 @@ def test_sigterm_finishes_queued_steps_then_exits(spotter, x):
         assert server.process.wait(30) in (0, -signal.SIGTERM)
     finally:
         server.stop()
+
+
+def test_concurrent_clients_share_batches_and_each_gets_its_own_streams_outputs(spotter):
+    import threading
+
+    clients, steps = 16, 6
+    x = np.random.default_rng(8).standard_normal((clients, steps, 32)).astype(np.float32)
+    expected = spotter.predict(x)
+    # A batch runs once 8 steps wait or the oldest has waited 50 ms: the clients' steps meet in shared batches.
+    server = Server(SPOTTER, "--max-batch", "8", "--max-delay-us", "50000").wait_ready()
+    got, errors = {}, []
+    try:
+        def client(n):
+            try:
+                with server.connect(f"c{n}") as ws:
+                    got[n] = np.concatenate([steps_binary(ws, x[n, t:t + 1]) for t in range(steps)])
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        for n in range(clients):
+            np.testing.assert_allclose(got[n], expected[n], atol=STREAM_TOLERANCE, rtol=0)
+        batches, batched_steps = server.metric("fastlstm_batch_size_count"), server.metric("fastlstm_batch_size_sum")
+        assert server.metric("fastlstm_steps_total") == batched_steps == clients * steps
+        assert batches <= clients * steps / 2  # shared: two or more streams per batch on average
+    finally:
+        server.stop()

@@ -1,7 +1,7 @@
 """Serve a model over HTTP and WebSocket: whole sequences, live streams batched across clients, metrics.
 
-Needs the optional extra ``fastlstm[serve]`` (Starlette, uvicorn, websockets, prometheus_client). The
-endpoints are described in ``fastlstm.server``.
+Needs the optional extra ``fastlstm[serve]`` (Starlette, uvicorn with uvloop and httptools, websockets,
+prometheus_client). The endpoints are described in ``fastlstm.server``.
 """
 
 from __future__ import annotations
