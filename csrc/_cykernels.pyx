@@ -141,17 +141,21 @@ if _PACKER_ALIGN_BYTES != VECTOR_BYTES:
                       f"VECTOR_BYTES ({VECTOR_BYTES}): rebuild the extension")
 
 # BLAS's thread count, asked before every call that could go to BLAS (fastlstm.backends.blas_threads): BLAS
-# runs only where it takes no more threads than the call may use, the hand loops everywhere else.
+# runs only where it takes one thread, the hand loops everywhere else. One thread, not "no more than the
+# model's num_threads": after a call, BLAS's own threads spin for a while, and they then take the cores this
+# extension's pool needs for its next job, which it reads as contention and runs on one thread (measured:
+# a 2-thread whole sequence at (64, 100, 256, 256) with a Linear head took 77 ms, as on one thread, against
+# 42 ms when the head's product stayed off a 2-thread BLAS).
 ctypedef int (*ThreadQuery)() noexcept nogil
 cdef ThreadQuery blas_thread_query = <ThreadQuery><size_t>thread_query_address()
 cdef int blas_cores = available_cores()
 
 
 cdef inline bint blas_within(int num_threads) noexcept nogil:
-    """Whether BLAS would run a call on at most ``num_threads`` threads."""
+    """Whether BLAS would run a call on one thread (and so on at most ``num_threads``, which is >= 1)."""
     if blas_thread_query == NULL:
-        return blas_cores <= num_threads
-    return blas_thread_query() <= num_threads
+        return blas_cores <= 1
+    return blas_thread_query() <= 1
 
 
 def blas_allowed(int num_threads):
