@@ -153,6 +153,17 @@ def test_predict_with_lengths_and_load_options(tmp_path, spotter_x):
     assert expected.shape == (2, 12)
 
 
+def test_weights_flag_runs_narrow_weights_and_info_names_them_and_the_kernels(tmp_path, spotter_x):
+    np.save(tmp_path / "x.npy", spotter_x)
+    run_cli("predict", SPOTTER, tmp_path / "x.npy", "--weights", "int8", "-o", tmp_path / "y.npy")
+    expected = fastlstm.load(SPOTTER, weights="int8").predict(spotter_x)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
+    assert not np.array_equal(expected, fastlstm.load(SPOTTER).predict(spotter_x))
+    out = run_cli("info", SPOTTER, "--weights", "bfloat16").stdout
+    assert "bfloat16 gate weights" in out
+    assert f"this CPU runs the {fastlstm.kernel_info()['level']} build of the Cython kernels" in out
+
+
 def test_predict_npz_lengths_and_token_ids_from_csv(tmp_path):
     ids = np.load(MODELS / "intent_tagger_reference.npz")["x"]
     model = fastlstm.load(TAGGER)

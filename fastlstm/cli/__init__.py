@@ -41,6 +41,9 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
                      help="the precision of the computation (default: float32)")
     run.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                      help="the most threads one call may use (default: the cores available)")
+    run.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default=None,
+                     help="how the recurrent gate weights are stored (default: int8 for a model imported "
+                          "already quantized, else float32)")
     read = parser.add_argument_group(
         "what a PyTorch file cannot say (Keras, ONNX and native files take none of these)")
     read.add_argument("--lstm", metavar="PREFIX[,PREFIX...]",
@@ -62,7 +65,7 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
 def load_keywords(args: argparse.Namespace) -> dict:
     """The keywords of ``fastlstm.load`` the command line gave: the run options always, importer options only
     when given (a format that takes none refuses any)."""
-    keywords = {"backend": args.backend, "dtype": args.dtype, "num_threads": args.threads}
+    keywords = {"backend": args.backend, "dtype": args.dtype, "num_threads": args.threads, "weights": args.weights}
     if args.lstm is not None:
         keywords["lstm"] = args.lstm if "," not in args.lstm else _names(args.lstm)
     for name in ("embedding", "rnn_nonlinearity", "head_input_activation", "output", "state_dict_key"):

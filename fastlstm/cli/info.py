@@ -13,6 +13,8 @@ import warnings
 
 import numpy as np
 
+from ..backends import kernel_info
+
 NAME = "info"
 HELP = "what a model file holds and how it loads"
 
@@ -92,7 +94,10 @@ def describe(model, args, notes, inferred_head=None) -> str:
     streams = "yes" if spec.is_unidirectional_forward else "no (a reverse direction needs the whole sequence)"
     lines.append(f"streams one step at a time: {streams}")
     lines.append(f"parameters: {parameter_count(spec):,}")
-    lines.append(f"runs on: backend {model.backend}, {model.dtype}, up to {model.num_threads} thread(s)")
+    kernels = kernel_info()
+    level = f"the {kernels['level']} build of the Cython kernels" + (" (forced)" if kernels["forced"] else "")
+    lines.append(f"runs on: backend {model.backend}, {model.dtype}, {model.weights} gate weights, up to "
+                 f"{model.num_threads} thread(s); this CPU runs {level}")
     said = _what_the_format_cannot_say(spec, args, inferred_head)
     if said:
         lines.append("not recorded in the file (say it with a flag if it differs):")
