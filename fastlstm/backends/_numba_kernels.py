@@ -425,7 +425,8 @@ def _bfloat16_value(typingctx, bits):
 @njit(**_HELPER_OPTIONS)
 def _add_vector_bfloat16_product(v, m, out):
     """out += v @ m for m (K, N) of bfloat16 bit patterns, each widened to float32 as it loads (as
-    ``_add_vector_matrix_product``)."""
+    ``_add_vector_matrix_product``, written apart because a load passed in as a function would not be inlined
+    into the vectorised inner loop)."""
     rows, cols = m.shape
     full = rows - rows % 4
     for k in range(0, full, 4):

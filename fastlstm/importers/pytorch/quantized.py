@@ -243,6 +243,24 @@ def _directions(cells: list, where: str, source: str) -> int:
 def _int8_rows(tensor: QuantizedTensor, where: str, problems: list[str],
                unsupported: list[str]) -> QuantizedWeight | None:
     """A recurrent weight as float32 ``scale * q`` with one scale per row, if it is qint8 with zero point 0."""
+    parameters = _row_parameters(tensor, where, problems, unsupported)
+    if parameters is None:
+        return None
+    values, scale, zero = parameters
+    if values.dtype != np.int8 or np.any(zero != 0):
+        points = sorted({int(z) for z in zero})
+        kind = {"int8": "qint8", "uint8": "quint8", "int32": "qint32"}.get(values.dtype.name, values.dtype.name)
+        unsupported.append(f"{where}: {kind} weights with zero point(s) "
+                           f"{', '.join(map(str, points[:5]))}; fastlstm holds 8-bit weights as int8 values times a "
+                           "scale, without zero points (qint8, zero point 0)")
+        return None
+    row_scale = scale.astype(np.float32)
+    return QuantizedWeight(row_scale[:, None] * values.astype(np.float32), row_scale)
+
+
+def _row_parameters(tensor: QuantizedTensor, where: str, problems: list[str], unsupported: list[str]):
+    """``(values, scale, zero_point)`` of a quantized 2-D ``(rows, in)`` weight, one scale and zero point per
+    row (a per-tensor pair repeated), checked; None after reporting what is wrong."""
     values = tensor.values
     if values.ndim != 2 or 0 in values.shape:
         problems.append(f"{where}: expected a 2-D weight, got shape {values.shape}")
@@ -261,15 +279,7 @@ def _int8_rows(tensor: QuantizedTensor, where: str, problems: list[str],
         return None
     if not _valid_scales(scale, where, problems):
         return None
-    if values.dtype != np.int8 or np.any(zero != 0):
-        points = sorted({int(z) for z in zero})
-        kind = {"int8": "qint8", "uint8": "quint8", "int32": "qint32"}.get(values.dtype.name, values.dtype.name)
-        unsupported.append(f"{where}: {kind} weights with zero point(s) "
-                           f"{', '.join(map(str, points[:5]))}; fastlstm holds 8-bit weights as int8 values times a "
-                           "scale, without zero points (qint8, zero point 0)")
-        return None
-    row_scale = scale.astype(np.float32)
-    return QuantizedWeight(row_scale[:, None] * values.astype(np.float32), row_scale)
+    return values, scale, zero
 
 
 def _channel_parameters(tensor: QuantizedTensor, rows: int, where: str, problems: list[str]):
@@ -326,23 +336,10 @@ def _linear_names(prefix: str, state: dict, problems: list[str], unsupported: li
 def _dequantized_matrix(tensor: QuantizedTensor, where: str, problems: list[str],
                         unsupported: list[str]) -> np.ndarray | None:
     """float32 ``scale * (q - zero_point)`` of a quantized ``(out, in)`` weight, per tensor or per output row."""
-    values = tensor.values
-    if values.ndim != 2 or 0 in values.shape:
-        problems.append(f"{where}: expected a 2-D weight, got shape {values.shape}")
+    parameters = _row_parameters(tensor, where, problems, unsupported)
+    if parameters is None:
         return None
-    rows = values.shape[0]
-    if tensor.qscheme == "per_tensor_affine":
-        scale, zero = np.full(rows, tensor.scale, np.float64), np.full(rows, tensor.zero_point, np.int64)
-    elif tensor.qscheme == "per_channel_affine" and tensor.axis == 0:
-        scale, zero = _channel_parameters(tensor, rows, where, problems)
-        if scale is None:
-            return None
-    else:
-        unsupported.append(f"{where}: quantization scheme {tensor.qscheme}; fastlstm reads per_tensor_affine and "
-                           "per_channel_affine along the output rows (axis 0)")
-        return None
-    if not _valid_scales(scale, where, problems):
-        return None
+    values, scale, zero = parameters
     integers = values.astype(np.int64) - zero[:, None]
     return scale.astype(np.float32)[:, None] * integers.astype(np.float32)
 
