@@ -85,3 +85,17 @@ def random_spec(
         ))
         layer_input = out_features
     return ModelSpec(tuple(layers), tuple(dense_layers), output, mask_value).validate()
+
+
+def scoring_models(rng: np.random.Generator) -> dict:
+    """Three small models the cluster integrations score: every-step output with a head, a mixed stack with a
+    bidirectional layer that outputs its last step, and a token-id model."""
+    import fastlstm
+
+    return {
+        "sequence": fastlstm.Model(random_spec(rng, input_size=4, hidden_size=6, num_layers=2, head=[(3, "tanh")])),
+        "last_step": fastlstm.Model(random_stack(rng, ["gru", "lstm"], [5, 4], input_size=4,
+                                                 directions=["bidirectional", "forward"], output="last_step")),
+        "tokens": fastlstm.Model(random_stack(rng, ["lstm"], [6], input_size=3, vocab_size=13,
+                                              head=[(2, "identity")])),
+    }

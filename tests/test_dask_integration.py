@@ -16,7 +16,7 @@ import fastlstm  # noqa: E402
 from fastlstm import InvalidInputError, ModelFormatError  # noqa: E402
 from fastlstm.integrations.dask import predict_array, predict_dataframe  # noqa: E402
 from fastlstm.model import preparation_count  # noqa: E402
-from random_models import random_spec, random_stack  # noqa: E402
+from random_models import random_spec, scoring_models  # noqa: E402
 
 FEATURES = ["a", "b", "c", "d"]
 
@@ -30,14 +30,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def models():
-    rng = np.random.default_rng(5)
-    return {
-        "sequence": fastlstm.Model(random_spec(rng, input_size=4, hidden_size=6, num_layers=2, head=[(3, "tanh")])),
-        "last_step": fastlstm.Model(random_stack(rng, ["gru", "lstm"], [5, 4], input_size=4,
-                                                 directions=["bidirectional", "forward"], output="last_step")),
-        "tokens": fastlstm.Model(random_stack(rng, ["lstm"], [6], input_size=3, vocab_size=13,
-                                              head=[(2, "identity")])),
-    }
+    return scoring_models(np.random.default_rng(5))
 
 
 def _long_frame(x: np.ndarray, lengths: np.ndarray, rng) -> "pd.DataFrame":

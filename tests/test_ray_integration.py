@@ -12,19 +12,12 @@ import fastlstm
 from fastlstm import InvalidInputError, ModelFormatError
 from fastlstm.integrations.ray import Predictor
 from fastlstm.model import preparation_count
-from random_models import random_spec, random_stack
+from random_models import scoring_models
 
 
 @pytest.fixture(scope="module")
 def models():
-    rng = np.random.default_rng(6)
-    return {
-        "sequence": fastlstm.Model(random_spec(rng, input_size=4, hidden_size=6, num_layers=2, head=[(3, "tanh")])),
-        "last_step": fastlstm.Model(random_stack(rng, ["gru", "lstm"], [5, 4], input_size=4,
-                                                 directions=["bidirectional", "forward"], output="last_step")),
-        "tokens": fastlstm.Model(random_stack(rng, ["lstm"], [6], input_size=3, vocab_size=13,
-                                              head=[(2, "identity")])),
-    }
+    return scoring_models(np.random.default_rng(6))
 
 
 def _sequences(model, rng, count, lengths):
